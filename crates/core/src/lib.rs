@@ -1,0 +1,44 @@
+//! # portcullis-core
+//!
+//! The sans-IO heart of Portcullis: everything the gate decides, with no sockets, no async
+//! runtime, and no hidden clock or randomness (a [`Clock`] and a [`Random`] source are passed
+//! in), so that every rule runs with a fixed clock in microseconds.
+//!
+//! - [`codec`]: the PCS1 frames (Prefix and Verdict), strict in what they accept;
+//! - [`Gate`]: the ordered decision of PROTOCOL.md section 5 (binding, clock skew, device
+//!   binding, lockout, nonce, factor);
+//! - [`TotpConfig`]: RFC 6238 codes on top of `totp-rs`, single use per time step through the
+//!   [`Registry`];
+//! - [`NonceStore`]: the replay-nonce store (expiring entries, a hard cap, fail closed);
+//! - [`TicketKey`]: session tickets sealed with AES-256-GCM;
+//! - [`LockoutPolicy`]: 5 failed codes lock a user out, with doubling waits;
+//! - [`Registry`]: users and device bindings, with [`MemoryRegistry`] for tests;
+//! - [`RejectCode`]: the stable reasons a client can act on.
+//!
+//! The I/O lives elsewhere: `portcullis-tls` (rustls), `portcullis-server` (the acceptor in front
+//! of tonic), `portcullis-client` (the tonic connector), `portcullis-store` (SQLite).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+mod decision;
+mod env;
+mod fingerprint;
+mod lockout;
+mod nonce;
+mod registry;
+mod reject;
+mod ticket;
+mod totp;
+
+pub use decision::{
+    AuthMethod, Cause, ConnectionFacts, Decision, Gate, GateConfig, Identity, Ref, Rejection,
+};
+pub use env::{Clock, ManualClock, OffsetClock, Random, RandomError, SystemClock, SystemRandom};
+pub use fingerprint::{DeviceFingerprint, FingerprintParseError};
+pub use lockout::{LockState, LockoutPolicy};
+pub use nonce::{NonceError, NonceStore};
+pub use registry::{DeviceRecord, MemoryRegistry, Registry, RegistryError, UserRecord, check_name};
+pub use reject::RejectCode;
+pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};
+pub use totp::{TotpAlgorithm, TotpConfig, TotpError};

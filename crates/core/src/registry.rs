@@ -1,0 +1,337 @@
+//! The registry: who the users are, which device certificates are bound to them, and the state
+//! the gate must keep per user (last accepted TOTP step, lockout).
+//!
+//! The gate only needs the [`Registry`] trait. [`MemoryRegistry`] keeps everything in memory
+//! (tests, examples); `portcullis-store` implements the same trait on SQLite.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::{DeviceFingerprint, LockState, SessionId, TotpConfig};
+
+/// A user known to the registry.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    /// The user name, 1..=128 bytes of UTF-8.
+    pub name: String,
+    /// The user's TOTP parameters; `None` means the user has no second factor yet, and every
+    /// code is refused.
+    pub totp: Option<TotpConfig>,
+    /// When the user was added, Unix ms.
+    pub created_ms: u64,
+}
+
+/// A device certificate bound to a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// The device name, unique among devices that are not revoked.
+    pub name: String,
+    /// The user it is bound to.
+    pub user: String,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo.
+    pub fingerprint: DeviceFingerprint,
+    /// When it was bound, Unix ms. Session tickets earned before this time do not work.
+    pub created_ms: u64,
+    /// When it was revoked, Unix ms.
+    pub revoked_ms: Option<u64>,
+}
+
+impl DeviceRecord {
+    /// Whether the binding was revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_ms.is_some()
+    }
+}
+
+/// What went wrong in a registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The named user or device does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The user, device name or fingerprint is already taken.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// A name or value the registry does not take.
+    #[error("invalid {0}")]
+    Invalid(String),
+    /// The backend failed (I/O, a corrupt or foreign database, ...).
+    #[error("registry: {0}")]
+    Backend(String),
+}
+
+/// Checks a user or device name: 1..=128 bytes of UTF-8 without control characters.
+pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(RegistryError::Invalid(format!(
+            "{kind} name: use 1 to 128 bytes of UTF-8 without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Users, devices and per-user gate state.
+///
+/// Implementations must be safe to share between connections: the gate calls these methods from
+/// many tasks at once. Every method that changes state must be atomic, in particular
+/// [`Registry::advance_totp_step`], which decides that a code is used once.
+pub trait Registry: Send + Sync {
+    /// The device bound with this fingerprint: the active binding if there is one, else the most
+    /// recently revoked one, else `None`.
+    fn device_by_fingerprint(
+        &self,
+        fingerprint: &DeviceFingerprint,
+    ) -> Result<Option<DeviceRecord>, RegistryError>;
+
+    /// The active device with this name, else the most recently revoked one with it.
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError>;
+
+    /// The user with this name.
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError>;
+
+    /// Records `step` as the user's last accepted TOTP step if it is later than the one stored,
+    /// atomically. Returns `true` when it was recorded (the code is accepted), `false` when the
+    /// stored step is the same or later (the code was already used).
+    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError>;
+
+    /// The user's lockout state.
+    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError>;
+
+    /// Replaces the user's lockout state by `update(current)`, atomically, and returns the new
+    /// state.
+    fn update_lock_state(
+        &self,
+        user: &str,
+        update: &mut dyn FnMut(LockState) -> LockState,
+    ) -> Result<LockState, RegistryError>;
+
+    /// Whether the session with this id was revoked.
+    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError>;
+
+    /// Revokes one session until `expires_ms` (after which the ticket is dead anyway).
+    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError>;
+
+    /// Adds a user with TOTP parameters.
+    fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError>;
+
+    /// Binds a device certificate (by fingerprint) to a user under a name.
+    fn bind_device(
+        &self,
+        name: &str,
+        user: &str,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<DeviceRecord, RegistryError>;
+
+    /// Revokes the active device with this name.
+    fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError>;
+
+    /// All users, by name.
+    fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError>;
+
+    /// All device bindings, active and revoked, by name then binding time.
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>, RegistryError>;
+}
+
+#[derive(Default)]
+struct MemoryState {
+    users: HashMap<String, (UserRecord, Option<u64>, LockState)>,
+    devices: Vec<DeviceRecord>,
+    revoked_sessions: HashMap<SessionId, u64>,
+}
+
+/// A registry held in memory: for tests, examples and embedding without a database.
+///
+/// ```
+/// use portcullis_core::{DeviceFingerprint, MemoryRegistry, Registry, TotpAlgorithm, TotpConfig};
+/// let registry = MemoryRegistry::new();
+/// let totp = TotpConfig::new(vec![7; 20], 6, TotpAlgorithm::Sha1, 30).unwrap();
+/// registry.add_user("alice", totp, 0).unwrap();
+/// let fp = DeviceFingerprint::from_bytes([1; 32]);
+/// registry.bind_device("laptop", "alice", &fp, 0).unwrap();
+/// assert_eq!(registry.device_by_fingerprint(&fp).unwrap().unwrap().user, "alice");
+/// assert!(registry.advance_totp_step("alice", 10).unwrap());
+/// assert!(!registry.advance_totp_step("alice", 10).unwrap());
+/// ```
+#[derive(Default)]
+pub struct MemoryRegistry {
+    state: Mutex<MemoryState>,
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut MemoryState) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| RegistryError::Backend("memory registry lock poisoned".into()))?;
+        f(&mut guard)
+    }
+}
+
+fn newest<'a>(mut it: impl Iterator<Item = &'a DeviceRecord>) -> Option<DeviceRecord> {
+    let mut best: Option<&DeviceRecord> = None;
+    for d in it.by_ref() {
+        best = match best {
+            None => Some(d),
+            Some(b) if b.is_revoked() && !d.is_revoked() => Some(d),
+            Some(b) if b.is_revoked() == d.is_revoked() && d.created_ms >= b.created_ms => Some(d),
+            keep => keep,
+        };
+    }
+    best.cloned()
+}
+
+impl Registry for MemoryRegistry {
+    fn device_by_fingerprint(
+        &self,
+        fingerprint: &DeviceFingerprint,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.with(|s| {
+            Ok(newest(
+                s.devices.iter().filter(|d| &d.fingerprint == fingerprint),
+            ))
+        })
+    }
+
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.with(|s| Ok(newest(s.devices.iter().filter(|d| d.name == name))))
+    }
+
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
+        self.with(|s| Ok(s.users.get(name).map(|(u, _, _)| u.clone())))
+    }
+
+    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
+        self.with(|s| {
+            let (_, last, _) = s
+                .users
+                .get_mut(user)
+                .ok_or_else(|| RegistryError::NotFound(format!("user {user}")))?;
+            if last.is_some_and(|l| l >= step) {
+                return Ok(false);
+            }
+            *last = Some(step);
+            Ok(true)
+        })
+    }
+
+    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
+        self.with(|s| Ok(s.users.get(user).map(|(_, _, l)| *l).unwrap_or_default()))
+    }
+
+    fn update_lock_state(
+        &self,
+        user: &str,
+        update: &mut dyn FnMut(LockState) -> LockState,
+    ) -> Result<LockState, RegistryError> {
+        self.with(|s| {
+            let (_, _, lock) = s
+                .users
+                .get_mut(user)
+                .ok_or_else(|| RegistryError::NotFound(format!("user {user}")))?;
+            *lock = update(*lock);
+            Ok(*lock)
+        })
+    }
+
+    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
+        self.with(|s| Ok(s.revoked_sessions.contains_key(id)))
+    }
+
+    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
+        self.with(|s| {
+            s.revoked_sessions.insert(*id, expires_ms);
+            Ok(())
+        })
+    }
+
+    fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
+        check_name("user", name)?;
+        self.with(|s| {
+            if s.users.contains_key(name) {
+                return Err(RegistryError::AlreadyExists(format!("user {name}")));
+            }
+            let record = UserRecord {
+                name: name.to_owned(),
+                totp: Some(totp),
+                created_ms: now_ms,
+            };
+            s.users
+                .insert(name.to_owned(), (record, None, LockState::default()));
+            Ok(())
+        })
+    }
+
+    fn bind_device(
+        &self,
+        name: &str,
+        user: &str,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<DeviceRecord, RegistryError> {
+        check_name("device", name)?;
+        self.with(|s| {
+            if !s.users.contains_key(user) {
+                return Err(RegistryError::NotFound(format!("user {user}")));
+            }
+            if s.devices.iter().any(|d| !d.is_revoked() && d.name == name) {
+                return Err(RegistryError::AlreadyExists(format!("device {name}")));
+            }
+            if let Some(d) = s
+                .devices
+                .iter()
+                .find(|d| !d.is_revoked() && &d.fingerprint == fingerprint)
+            {
+                return Err(RegistryError::AlreadyExists(format!(
+                    "a device with fingerprint {fingerprint} (bound as {})",
+                    d.name
+                )));
+            }
+            let record = DeviceRecord {
+                name: name.to_owned(),
+                user: user.to_owned(),
+                fingerprint: *fingerprint,
+                created_ms: now_ms,
+                revoked_ms: None,
+            };
+            s.devices.push(record.clone());
+            Ok(record)
+        })
+    }
+
+    fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError> {
+        self.with(|s| {
+            let d = s
+                .devices
+                .iter_mut()
+                .find(|d| !d.is_revoked() && d.name == name)
+                .ok_or_else(|| RegistryError::NotFound(format!("active device {name}")))?;
+            d.revoked_ms = Some(now_ms);
+            Ok(d.clone())
+        })
+    }
+
+    fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError> {
+        self.with(|s| {
+            let mut users: Vec<_> = s.users.values().map(|(u, _, _)| u.clone()).collect();
+            users.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(users)
+        })
+    }
+
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.with(|s| {
+            let mut devices = s.devices.clone();
+            devices.sort_by(|a, b| a.name.cmp(&b.name).then(a.created_ms.cmp(&b.created_ms)));
+            Ok(devices)
+        })
+    }
+}
