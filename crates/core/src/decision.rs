@@ -120,6 +120,33 @@ pub struct Identity {
     pub session: Option<(SessionId, u64)>,
 }
 
+/// A rule applied to an authenticated identity before its connection is accepted: return
+/// `Err(hint)` to refuse it with POLICY_DENIED. The hint goes to the client after
+/// `policy_denied: `; it must not contain secrets.
+///
+/// Closures are policies:
+///
+/// ```
+/// use portcullis_core::{ConnectionPolicy, Identity};
+/// let only_alice = |id: &Identity| {
+///     if id.user == "alice" { Ok(()) } else { Err(format!("user {} may not connect", id.user)) }
+/// };
+/// let _: &dyn ConnectionPolicy = &only_alice;
+/// ```
+pub trait ConnectionPolicy: Send + Sync {
+    /// `Ok(())` lets the connection in; `Err(hint)` refuses it.
+    fn check(&self, identity: &Identity) -> Result<(), String>;
+}
+
+impl<F> ConnectionPolicy for F
+where
+    F: Fn(&Identity) -> Result<(), String> + Send + Sync,
+{
+    fn check(&self, identity: &Identity) -> Result<(), String> {
+        self(identity)
+    }
+}
+
 /// The precise internal cause of a refusal: for the audit record only, never sent to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cause {
@@ -159,6 +186,8 @@ pub enum Cause {
     TicketBeforeBinding,
     /// The session was revoked.
     TicketRevoked,
+    /// The connection policy refused the authenticated identity.
+    PolicyDenied,
     /// The registry failed; the connection is refused (fail closed).
     Registry(String),
     /// The random source failed while sealing a ticket.
@@ -190,6 +219,7 @@ impl Cause {
             Self::TicketNotForThisDevice => "ticket_not_for_this_device",
             Self::TicketBeforeBinding => "ticket_before_binding",
             Self::TicketRevoked => "ticket_revoked",
+            Self::PolicyDenied => "policy_denied",
             Self::Registry(_) => "registry_error",
             Self::Random => "random_failure",
             Self::Other(name) => name,
@@ -313,6 +343,7 @@ pub struct Gate {
     tickets: TicketKey,
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Random>,
+    policy: Option<Arc<dyn ConnectionPolicy>>,
 }
 
 impl fmt::Debug for Gate {
@@ -325,8 +356,10 @@ impl fmt::Debug for Gate {
 }
 
 impl Gate {
-    /// A gate. The nonce store keeps each nonce for twice the allowed skew (and at least one
-    /// minute).
+    /// A gate. The nonce store keeps each nonce one millisecond longer than twice the allowed
+    /// skew (and at least one minute): a frame first seen at `t` carries a TIME of at most
+    /// `t + skew`, so it passes the clock check until `t + 2 * skew` inclusive, and its nonce must
+    /// still be remembered at that instant.
     pub fn new(
         config: GateConfig,
         registry: Arc<dyn Registry>,
@@ -334,7 +367,11 @@ impl Gate {
         clock: Arc<dyn Clock>,
         rng: Arc<dyn Random>,
     ) -> Self {
-        let retention = config.clock_skew_ms.saturating_mul(2).max(60_000);
+        let retention = config
+            .clock_skew_ms
+            .saturating_mul(2)
+            .saturating_add(1)
+            .max(60_000);
         Self {
             nonces: NonceStore::new(config.nonce_capacity, retention),
             config,
@@ -342,7 +379,14 @@ impl Gate {
             tickets,
             clock,
             rng,
+            policy: None,
         }
+    }
+
+    /// Adds a connection policy, checked after every other step (POLICY_DENIED).
+    pub fn with_policy(mut self, policy: Arc<dyn ConnectionPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
     }
 
     /// The settings.
@@ -412,7 +456,19 @@ impl Gate {
         let now = self.clock.now_ms();
         let reference = Ref::generate(self.rng.as_ref(), now);
         let claimed_user = Some(prefix.user.clone());
-        match self.check(prefix, facts, now) {
+        let checked = self
+            .check(prefix, facts, now)
+            .and_then(|(identity, session)| {
+                match self.policy.as_ref().map(|p| p.check(&identity)) {
+                    Some(Err(hint)) => Err(Refusal::new(
+                        RejectCode::PolicyDenied,
+                        Cause::PolicyDenied,
+                        hint,
+                    )),
+                    _ => Ok((identity, session)),
+                }
+            });
+        match checked {
             Ok((identity, session)) => Decision {
                 verdict: Verdict::accept(now, reference.0, session),
                 reference,
@@ -450,7 +506,7 @@ impl Gate {
         // 4.3 clock skew.
         let diff = i128::from(prefix.time_ms) - i128::from(now);
         if diff.unsigned_abs() > u128::from(self.config.clock_skew_ms) {
-            let secs = (diff.unsigned_abs() + 500) / 1000;
+            let secs = diff.unsigned_abs().div_ceil(1000);
             let side = if diff > 0 { "ahead of" } else { "behind" };
             return Err(Refusal::new(
                 RejectCode::ClockSkew,

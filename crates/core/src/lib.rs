@@ -32,7 +32,8 @@ mod ticket;
 mod totp;
 
 pub use decision::{
-    AuthMethod, Cause, ConnectionFacts, Decision, Gate, GateConfig, Identity, Ref, Rejection,
+    AuthMethod, Cause, ConnectionFacts, ConnectionPolicy, Decision, Gate, GateConfig, Identity,
+    Ref, Rejection,
 };
 pub use env::{Clock, ManualClock, OffsetClock, Random, RandomError, SystemClock, SystemRandom};
 pub use fingerprint::{DeviceFingerprint, FingerprintParseError};

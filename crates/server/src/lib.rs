@@ -1,1 +1,286 @@
-//! placeholder
+//! # portcullis-server
+//!
+//! Puts the Portcullis gate in front of a tonic server. Every connection must complete a TLS 1.3
+//! handshake with a client certificate, negotiate ALPN `portcullis/1`, and send a Prefix that
+//! passes the ordered checks of PROTOCOL.md section 5 (channel binding, clock skew, device
+//! binding, lockout, nonce, TOTP code or session ticket). Connections that fail get a Verdict
+//! with a stable reason and are closed before one byte of HTTP/2 is parsed; the others are
+//! handed to tonic at the first byte after the Prefix, and every request on them carries an
+//! [`AuthContext`].
+//!
+//! A tonic server changes a few lines, not its services:
+//!
+//! ```no_run
+//! # async fn run(registry: std::sync::Arc<dyn portcullis_core::Registry>,
+//! #              tls: std::sync::Arc<rustls::ServerConfig>) -> Result<(), Box<dyn std::error::Error>> {
+//! # use tonic_health::server::health_reporter;
+//! # let (_, my_service) = health_reporter();
+//! use portcullis_server::PortcullisServer;
+//!
+//! let portcullis = PortcullisServer::builder()
+//!     .tls_config(tls)          // portcullis_tls::server_config(..), ALPN portcullis/1
+//!     .registry(registry)       // e.g. portcullis_store::SqliteRegistry
+//!     .build()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! portcullis
+//!     .server()                 // tonic's Server::builder() with the Portcullis layer
+//!     .add_service(my_service)
+//!     .serve_with_incoming(portcullis.incoming(listener))
+//!     .await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod acceptor;
+mod context;
+mod layer;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis_core::codec::ALPN_PCS1;
+use portcullis_core::{
+    Clock, ConnectionPolicy, Gate, GateConfig, Random, Registry, SystemClock, SystemRandom,
+    TicketKey,
+};
+use tokio::net::TcpListener;
+use tower::layer::util::{Identity, Stack};
+
+pub use acceptor::Incoming;
+pub use context::{AuthContext, PortcullisConnectInfo};
+pub use layer::{AuthLayer, AuthService};
+pub use stream::AuthenticatedStream;
+
+/// Why a server could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A required setting is missing or a setting is out of range.
+    #[error("server configuration: {0}")]
+    Config(String),
+    /// The TLS configuration could not be made.
+    #[error(transparent)]
+    Tls(#[from] portcullis_tls::TlsError),
+}
+
+/// The default absolute deadline for TLS handshake plus Prefix (PROTOCOL.md section 5).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Builds a [`PortcullisServer`].
+pub struct Builder {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    registry: Option<Arc<dyn Registry>>,
+    config: GateConfig,
+    deadline: Duration,
+    ticket_key: Option<TicketKey>,
+    clock: Arc<dyn Clock>,
+    rng: Arc<dyn Random>,
+    policy: Option<Arc<dyn ConnectionPolicy>>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    fn new() -> Self {
+        Self {
+            tls: None,
+            registry: None,
+            config: GateConfig::default(),
+            deadline: DEFAULT_DEADLINE,
+            ticket_key: None,
+            clock: Arc::new(SystemClock),
+            rng: Arc::new(SystemRandom::new()),
+            policy: None,
+        }
+    }
+
+    /// The rustls server configuration: TLS 1.3, client certificates required, ALPN
+    /// `portcullis/1` (as made by `portcullis_tls::server_config`). Required, or use
+    /// [`Builder::identity`].
+    pub fn tls_config(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Makes the TLS configuration from the server's certificate chain and key and the CA
+    /// certificates that device certificates must chain to.
+    pub fn identity(
+        mut self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        client_roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Self, ServerError> {
+        self.tls = Some(portcullis_tls::server_config(
+            chain,
+            key,
+            client_roots,
+            &[ALPN_PCS1],
+        )?);
+        Ok(self)
+    }
+
+    /// The registry of users and devices. Required.
+    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The largest allowed difference between client and server clocks (default 60 s).
+    pub fn clock_skew(mut self, skew: Duration) -> Self {
+        self.config.clock_skew_ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Lifetime of session tickets (default 1 hour); `None` turns sessions off.
+    pub fn session_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.config.session_ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The absolute deadline for TLS handshake and Prefix (default 10 s).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The most nonces remembered at once (default 1,000,000); a full store refuses new
+    /// connections with OVERLOADED.
+    pub fn nonce_capacity(mut self, capacity: usize) -> Self {
+        self.config.nonce_capacity = capacity;
+        self
+    }
+
+    /// All gate settings at once.
+    pub fn gate_config(mut self, config: GateConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The key that seals session tickets. Default: a new random key, so tickets do not
+    /// survive a restart.
+    pub fn ticket_key(mut self, key: TicketKey) -> Self {
+        self.ticket_key = Some(key);
+        self
+    }
+
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// A rule checked for every authenticated connection after the second factor: a refusal
+    /// answers POLICY_DENIED with the policy's hint.
+    ///
+    /// ```
+    /// # fn f(builder: portcullis_server::Builder) -> portcullis_server::Builder {
+    /// use std::sync::Arc;
+    /// builder.policy(Arc::new(|id: &portcullis_core::Identity| {
+    ///     if id.user == "mallory" { Err("user mallory is suspended".into()) } else { Ok(()) }
+    /// }))
+    /// # }
+    /// ```
+    pub fn policy(mut self, policy: Arc<dyn ConnectionPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Checks the settings and builds the server.
+    pub fn build(self) -> Result<PortcullisServer, ServerError> {
+        let tls = self
+            .tls
+            .ok_or_else(|| ServerError::Config("a TLS configuration is required".into()))?;
+        if !tls.alpn_protocols.iter().any(|p| p == ALPN_PCS1) {
+            return Err(ServerError::Config(
+                "the TLS configuration must offer ALPN portcullis/1".into(),
+            ));
+        }
+        if tls.max_early_data_size != 0 {
+            return Err(ServerError::Config("0-RTT early data must be off".into()));
+        }
+        let registry = self
+            .registry
+            .ok_or_else(|| ServerError::Config("a registry is required".into()))?;
+        if self.deadline.is_zero() {
+            return Err(ServerError::Config(
+                "the deadline must be above zero".into(),
+            ));
+        }
+        if self.config.nonce_capacity == 0 {
+            return Err(ServerError::Config(
+                "the nonce capacity must be above zero".into(),
+            ));
+        }
+        let ticket_key = match self.ticket_key {
+            Some(key) => key,
+            None => TicketKey::generate(self.rng.as_ref())
+                .map_err(|e| ServerError::Config(format!("ticket key: {e}")))?,
+        };
+        let mut gate = Gate::new(self.config, registry, ticket_key, self.clock, self.rng);
+        if let Some(policy) = self.policy {
+            gate = gate.with_policy(policy);
+        }
+        Ok(PortcullisServer {
+            state: Arc::new(acceptor::AcceptState {
+                gate: Arc::new(gate),
+                tls: tokio_rustls::TlsAcceptor::from(tls),
+                deadline: self.deadline,
+            }),
+        })
+    }
+}
+
+/// The gate in front of a tonic server: makes the stream of authenticated connections and the
+/// layer that gives requests their [`AuthContext`]. Cheap to clone.
+#[derive(Clone)]
+pub struct PortcullisServer {
+    state: Arc<acceptor::AcceptState>,
+}
+
+impl std::fmt::Debug for PortcullisServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortcullisServer")
+            .field("gate", &self.state.gate)
+            .field("deadline", &self.state.deadline)
+            .finish()
+    }
+}
+
+impl PortcullisServer {
+    /// A builder.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// The gate (registry, nonce store, settings).
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.state.gate
+    }
+
+    /// Starts accepting on `listener`: each connection is authenticated in a task of its own,
+    /// and those that pass come out of the returned stream, ready for tonic's
+    /// `serve_with_incoming` / `serve_with_incoming_shutdown`. Must be called within a tokio
+    /// runtime.
+    pub fn incoming(&self, listener: TcpListener) -> Incoming {
+        acceptor::spawn_accept_loop(self.state.clone(), listener)
+    }
+
+    /// The layer for tonic's `Server::layer` that gives every request its [`AuthContext`].
+    pub fn layer(&self) -> AuthLayer {
+        AuthLayer
+    }
+
+    /// `tonic::transport::Server::builder()` with [`PortcullisServer::layer`] in place: add
+    /// services and serve with [`PortcullisServer::incoming`].
+    pub fn server(&self) -> tonic::transport::Server<Stack<AuthLayer, Identity>> {
+        tonic::transport::Server::builder().layer(AuthLayer)
+    }
+}

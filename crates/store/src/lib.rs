@@ -1,1 +1,643 @@
-//! placeholder
+//! # portcullis-store
+//!
+//! The embedded registry of Portcullis: [`SqliteRegistry`] implements
+//! [`portcullis_core::Registry`] on a single SQLite file, with the same behaviour as
+//! [`portcullis_core::MemoryRegistry`].
+//!
+//! ```
+//! use portcullis_core::{DeviceFingerprint, Registry, TotpAlgorithm, TotpConfig};
+//! use portcullis_store::SqliteRegistry;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let registry = SqliteRegistry::create(&dir.path().join("portcullis.db")).unwrap();
+//! let totp = TotpConfig::new(vec![7; 20], 6, TotpAlgorithm::Sha1, 30).unwrap();
+//! registry.add_user("alice", totp, 0).unwrap();
+//! let fp = DeviceFingerprint::from_bytes([1; 32]);
+//! registry.bind_device("laptop", "alice", &fp, 0).unwrap();
+//! assert_eq!(registry.device_by_fingerprint(&fp).unwrap().unwrap().user, "alice");
+//! assert!(registry.advance_totp_step("alice", 10).unwrap());
+//! assert!(!registry.advance_totp_step("alice", 10).unwrap());
+//! ```
+//!
+//! ## Sharing the file
+//!
+//! Several processes may use one registry file at once: a running server, and the command line
+//! binding or revoking devices. Nothing is cached in memory, so a device revoked by another
+//! process is refused by the next connection. The database runs in WAL mode (readers do not wait
+//! for a writer), a connection waits up to 5 seconds for another one's write lock, and every
+//! change is one statement or one `BEGIN IMMEDIATE` transaction, so that
+//! [`Registry::advance_totp_step`] accepts a TOTP step once across all processes.
+//!
+//! ## The file
+//!
+//! The file is created readable and writable by its owner only (mode 0600 on Unix), since it
+//! holds the users' TOTP secrets; SQLite gives its `-wal` and `-shm` companions the same mode.
+//! It carries `PRAGMA application_id` = [`APPLICATION_ID`] and `PRAGMA user_version` =
+//! [`SCHEMA_VERSION`]: a database of another application, a registry written by a newer
+//! Portcullis, and a file that is not a SQLite database at all are refused with a one-line
+//! [`StoreError`] that names the file.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod schema;
+mod secret;
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use portcullis_core::{
+    Clock, DeviceFingerprint, DeviceRecord, LockState, Registry, RegistryError, SessionId,
+    SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name,
+};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+pub use error::StoreError;
+
+/// The version of the registry's schema that this build writes and reads
+/// (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The `PRAGMA application_id` of a registry file: `PCS1` in ASCII.
+pub const APPLICATION_ID: u32 = 0x5043_5331;
+
+/// A [`Registry`] kept in a SQLite file.
+///
+/// One connection, behind a mutex; open one `SqliteRegistry` per process and share it (it is
+/// `Send + Sync`). Other processes may open the same file at the same time.
+pub struct SqliteRegistry {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for SqliteRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteRegistry")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteRegistry {
+    /// Opens an existing registry file.
+    ///
+    /// An empty file is set up as a new registry; a file that does not exist is an error
+    /// ([`StoreError::Missing`]).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        match fs::metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => return Err(StoreError::io(path, e)),
+        }
+        Ok(Self::with_connection(path, schema::connect(path)?))
+    }
+
+    /// Creates a new registry file, readable by its owner only. Refuses a file that exists
+    /// ([`StoreError::AlreadyExists`]).
+    pub fn create(path: &Path) -> Result<Self, StoreError> {
+        let file = create_private_file(path)?;
+        drop(file);
+        match schema::connect(path) {
+            Ok(conn) => Ok(Self::with_connection(path, conn)),
+            Err(e) => {
+                remove_database_files(path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the registry file, creating it first if it does not exist.
+    pub fn open_or_create(path: &Path) -> Result<Self, StoreError> {
+        match Self::create(path) {
+            Err(StoreError::AlreadyExists { .. }) => Self::open(path),
+            other => other,
+        }
+    }
+
+    /// Replaces the clock that decides when a revoked session has expired and can be forgotten
+    /// (by default the system clock). Give it the gate's clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The registry file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with_connection(path: &Path, conn: Connection) -> Self {
+        Self {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The connection. A panic while it was held (in an [`Registry::update_lock_state`] closure,
+    /// say) rolled its transaction back when the transaction was dropped, so the connection is
+    /// still sound and is used on.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A SQLite failure. The message is SQLite's, which never contains bound values (secrets).
+    fn backend(&self, error: rusqlite::Error) -> RegistryError {
+        RegistryError::Backend(format!(
+            "{}: {}",
+            self.path.display(),
+            error::one_line(&error.to_string())
+        ))
+    }
+
+    /// A row whose content this build cannot make sense of.
+    fn damaged(&self, what: &str) -> RegistryError {
+        RegistryError::Backend(format!("{}: {what}", self.path.display()))
+    }
+
+    fn stored_u64(&self, value: i64, what: &str) -> Result<u64, RegistryError> {
+        u64::try_from(value).map_err(|_| self.damaged(&format!("{what} is negative")))
+    }
+
+    fn device_record(&self, row: DeviceRow) -> Result<DeviceRecord, RegistryError> {
+        let fingerprint: [u8; 32] = row.fingerprint.as_slice().try_into().map_err(|_| {
+            self.damaged(&format!("device {}: fingerprint is not 32 bytes", row.name))
+        })?;
+        let created_ms = self.stored_u64(row.created_ms, "device created_ms")?;
+        let revoked_ms = row
+            .revoked_ms
+            .map(|v| self.stored_u64(v, "device revoked_ms"))
+            .transpose()?;
+        Ok(DeviceRecord {
+            name: row.name,
+            user: row.user,
+            fingerprint: DeviceFingerprint::from_bytes(fingerprint),
+            created_ms,
+            revoked_ms,
+        })
+    }
+
+    fn user_record(&self, row: UserRow) -> Result<UserRecord, RegistryError> {
+        let created_ms = self.stored_u64(row.created_ms, "user created_ms")?;
+        let totp = match (row.secret, row.digits, row.algorithm, row.period) {
+            (None, None, None, None) => None,
+            (Some(stored), Some(digits), Some(algorithm), Some(period)) => {
+                let invalid = |detail: String| {
+                    self.damaged(&format!(
+                        "user {}: stored TOTP parameters are invalid ({detail})",
+                        row.name
+                    ))
+                };
+                let digits =
+                    u8::try_from(digits).map_err(|_| invalid(format!("digits {digits}")))?;
+                let algorithm: TotpAlgorithm =
+                    algorithm.parse().map_err(|e| invalid(format!("{e}")))?;
+                let period =
+                    u64::try_from(period).map_err(|_| invalid(format!("period {period}")))?;
+                let secret = secret::open(stored, &row.name)?;
+                let totp = TotpConfig::new(secret, digits, algorithm, period)
+                    .map_err(|e| invalid(e.to_string()))?;
+                Some(totp)
+            }
+            _ => {
+                return Err(self.damaged(&format!(
+                    "user {}: stored TOTP parameters are incomplete",
+                    row.name
+                )));
+            }
+        };
+        Ok(UserRecord {
+            name: row.name,
+            totp,
+            created_ms,
+        })
+    }
+}
+
+/// Creates `path`, refusing an existing file, readable and writable by the owner only.
+fn create_private_file(path: &Path) -> Result<File, StoreError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            StoreError::AlreadyExists {
+                path: path.to_owned(),
+            }
+        } else {
+            StoreError::io(path, e)
+        }
+    })
+}
+
+/// Removes a registry file that could not be set up, with SQLite's companion files. Best effort:
+/// the error that led here is the one reported.
+fn remove_database_files(path: &Path) {
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut companion = path.as_os_str().to_owned();
+        companion.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(companion));
+    }
+    let _ = fs::remove_file(path);
+}
+
+/// A time in Unix ms as SQLite stores it: times past `i64::MAX` ms (292 million years) are kept
+/// as `i64::MAX`.
+fn db_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// Whether `error` is a UNIQUE or PRIMARY KEY constraint failure.
+fn is_unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_extended_error_code(),
+        Some(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+    )
+}
+
+/// A `devices` row as read, before its values are checked.
+struct DeviceRow {
+    name: String,
+    user: String,
+    fingerprint: Vec<u8>,
+    created_ms: i64,
+    revoked_ms: Option<i64>,
+}
+
+impl DeviceRow {
+    /// Reads the columns `name, user, fingerprint, created_ms, revoked_ms`.
+    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            name: row.get(0)?,
+            user: row.get(1)?,
+            fingerprint: row.get(2)?,
+            created_ms: row.get(3)?,
+            revoked_ms: row.get(4)?,
+        })
+    }
+}
+
+/// A `users` row as read, before its values are checked.
+struct UserRow {
+    name: String,
+    secret: Option<zeroize::Zeroizing<Vec<u8>>>,
+    digits: Option<i64>,
+    algorithm: Option<String>,
+    period: Option<i64>,
+    created_ms: i64,
+}
+
+impl UserRow {
+    /// Reads the columns `name, totp_secret, digits, algorithm, period, created_ms`.
+    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            name: row.get(0)?,
+            secret: row
+                .get::<_, Option<Vec<u8>>>(1)?
+                .map(zeroize::Zeroizing::new),
+            digits: row.get(2)?,
+            algorithm: row.get(3)?,
+            period: row.get(4)?,
+            created_ms: row.get(5)?,
+        })
+    }
+}
+
+impl Registry for SqliteRegistry {
+    fn device_by_fingerprint(
+        &self,
+        fingerprint: &DeviceFingerprint,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached(
+                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
+                 WHERE fingerprint = ?1
+                 ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![fingerprint.as_bytes()], DeviceRow::read)
+                    .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.device_record(r)).transpose()
+    }
+
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached(
+                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
+                 WHERE name = ?1
+                 ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![name], DeviceRow::read).optional())
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.device_record(r)).transpose()
+    }
+
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached(
+                "SELECT name, totp_secret, digits, algorithm, period, created_ms FROM users
+                 WHERE name = ?1",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![name], UserRow::read).optional())
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.user_record(r)).transpose()
+    }
+
+    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
+        let step = i64::try_from(step).map_err(|_| {
+            RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
+        })?;
+        let conn = self.conn();
+        // One statement: SQLite's write lock makes the compare and the set one step, across
+        // connections and processes.
+        let changed = conn
+            .prepare_cached(
+                "UPDATE users SET last_step = ?2
+                 WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)",
+            )
+            .and_then(|mut stmt| stmt.execute(params![user, step]))
+            .map_err(|e| self.backend(e))?;
+        if changed > 0 {
+            return Ok(true);
+        }
+        let exists = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
+            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
+            .map_err(|e| self.backend(e))?;
+        if exists {
+            Ok(false)
+        } else {
+            Err(RegistryError::NotFound(format!("user {user}")))
+        }
+    }
+
+    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        match row {
+            None => Ok(LockState::default()),
+            Some((failures, locked_until_ms)) => {
+                self.lock_from_row(user, failures, locked_until_ms)
+            }
+        }
+    }
+
+    fn update_lock_state(
+        &self,
+        user: &str,
+        update: &mut dyn FnMut(LockState) -> LockState,
+    ) -> Result<LockState, RegistryError> {
+        let mut conn = self.conn();
+        // IMMEDIATE takes the write lock before the read, so no other connection changes the
+        // state between the read and the write.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        let row = tx
+            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        let Some((failures, locked_until_ms)) = row else {
+            return Err(RegistryError::NotFound(format!("user {user}")));
+        };
+        let current = self.lock_from_row(user, failures, locked_until_ms)?;
+        let wanted = update(current);
+        let stored = LockState {
+            failures: wanted.failures,
+            locked_until_ms: wanted.locked_until_ms.min(i64::MAX as u64),
+        };
+        tx.prepare_cached("UPDATE users SET failures = ?2, locked_until_ms = ?3 WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    user,
+                    i64::from(stored.failures),
+                    db_ms(stored.locked_until_ms)
+                ])
+            })
+            .map_err(|e| self.backend(e))?;
+        tx.commit().map_err(|e| self.backend(e))?;
+        Ok(stored)
+    }
+
+    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
+        let conn = self.conn();
+        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM revoked_sessions WHERE id = ?1)")
+            .and_then(|mut stmt| stmt.query_row(params![&id.0[..]], |r| r.get::<_, bool>(0)))
+            .map_err(|e| self.backend(e))
+    }
+
+    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
+        let now_ms = db_ms(self.clock.now_ms());
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        // Sessions past their expiry need no revocation any more: their tickets are refused
+        // anyway. Forgetting them here keeps the table small.
+        tx.prepare_cached("DELETE FROM revoked_sessions WHERE expires_ms < ?1")
+            .and_then(|mut stmt| stmt.execute(params![now_ms]))
+            .map_err(|e| self.backend(e))?;
+        tx.prepare_cached(
+            "INSERT INTO revoked_sessions (id, expires_ms) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET expires_ms = max(expires_ms, excluded.expires_ms)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![&id.0[..], db_ms(expires_ms)]))
+        .map_err(|e| self.backend(e))?;
+        tx.commit().map_err(|e| self.backend(e))
+    }
+
+    fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
+        check_name("user", name)?;
+        let period = i64::try_from(totp.period()).map_err(|_| {
+            RegistryError::Invalid(format!("TOTP period: at most {} seconds", i64::MAX))
+        })?;
+        let sealed = secret::seal(totp.secret())?;
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT INTO users (name, totp_secret, digits, algorithm, period, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                name,
+                sealed.as_slice(),
+                i64::from(totp.digits()),
+                totp.algorithm().name(),
+                period,
+                db_ms(now_ms)
+            ])
+        })
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                RegistryError::AlreadyExists(format!("user {name}"))
+            } else {
+                self.backend(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn bind_device(
+        &self,
+        name: &str,
+        user: &str,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<DeviceRecord, RegistryError> {
+        check_name("device", name)?;
+        let created_ms = db_ms(now_ms);
+        let mut conn = self.conn();
+        // The checks and the insert in one write transaction, so that the error names the
+        // conflict exactly; the partial unique indexes enforce the same rules underneath.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        let user_exists = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
+            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
+            .map_err(|e| self.backend(e))?;
+        if !user_exists {
+            return Err(RegistryError::NotFound(format!("user {user}")));
+        }
+        let name_taken = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE name = ?1 AND revoked_ms IS NULL)",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![name], |r| r.get::<_, bool>(0)))
+            .map_err(|e| self.backend(e))?;
+        if name_taken {
+            return Err(RegistryError::AlreadyExists(format!("device {name}")));
+        }
+        let holder = tx
+            .prepare_cached(
+                "SELECT name FROM devices WHERE fingerprint = ?1 AND revoked_ms IS NULL",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![fingerprint.as_bytes()], |r| r.get::<_, String>(0))
+                    .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        if let Some(holder) = holder {
+            return Err(RegistryError::AlreadyExists(format!(
+                "a device with fingerprint {fingerprint} (bound as {holder})"
+            )));
+        }
+        tx.prepare_cached(
+            "INSERT INTO devices (name, user, fingerprint, created_ms) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![name, user, fingerprint.as_bytes(), created_ms]))
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                RegistryError::AlreadyExists(format!(
+                    "device {name} or a device with fingerprint {fingerprint}"
+                ))
+            } else {
+                self.backend(e)
+            }
+        })?;
+        tx.commit().map_err(|e| self.backend(e))?;
+        Ok(DeviceRecord {
+            name: name.to_owned(),
+            user: user.to_owned(),
+            fingerprint: *fingerprint,
+            created_ms: created_ms as u64,
+            revoked_ms: None,
+        })
+    }
+
+    fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError> {
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached(
+                "UPDATE devices SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL
+                 RETURNING name, user, fingerprint, created_ms, revoked_ms",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map(params![name, db_ms(now_ms)], DeviceRow::read)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| self.backend(e))?;
+        // The partial unique index allows one active binding per name.
+        match rows.into_iter().next() {
+            Some(row) => self.device_record(row),
+            None => Err(RegistryError::NotFound(format!("active device {name}"))),
+        }
+    }
+
+    fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError> {
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached(
+                "SELECT name, totp_secret, digits, algorithm, period, created_ms FROM users
+                 ORDER BY name",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], UserRow::read)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| self.backend(e))?;
+        rows.into_iter().map(|r| self.user_record(r)).collect()
+    }
+
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached(
+                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
+                 ORDER BY name, created_ms, id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], DeviceRow::read)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| self.backend(e))?;
+        rows.into_iter().map(|r| self.device_record(r)).collect()
+    }
+}
+
+impl SqliteRegistry {
+    fn lock_from_row(
+        &self,
+        user: &str,
+        failures: i64,
+        locked_until_ms: i64,
+    ) -> Result<LockState, RegistryError> {
+        let failures = u32::try_from(failures)
+            .map_err(|_| self.damaged(&format!("user {user}: failure count {failures}")))?;
+        let locked_until_ms = self.stored_u64(locked_until_ms, "user locked_until_ms")?;
+        Ok(LockState {
+            failures,
+            locked_until_ms,
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! The accept path: TCP accept, then in one task per connection and under one absolute
+//! deadline the TLS 1.3 handshake, the ALPN check, exactly one Prefix frame and the gate's
+//! decision; accepted connections are yielded to tonic.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use portcullis_core::codec::{ALPN_PCS1, FrameHeader, FrameKind, HEADER_LEN};
+use portcullis_core::{Cause, ConnectionFacts, Decision, DeviceFingerprint, Gate, RejectCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout_at;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::Stream;
+
+use crate::context::AuthContext;
+use crate::stream::AuthenticatedStream;
+
+/// Time allowed to write a Verdict once the decision is made, or the TIMEOUT Verdict once the
+/// deadline has passed.
+const VERDICT_WRITE_LIMIT: Duration = Duration::from_secs(2);
+/// How often expired nonces are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(10);
+/// How many authenticated connections wait for tonic to take them.
+const HANDOFF_QUEUE: usize = 128;
+
+pub(crate) struct AcceptState {
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) tls: TlsAcceptor,
+    pub(crate) deadline: Duration,
+}
+
+/// The stream of authenticated connections for tonic's `serve_with_incoming`.
+///
+/// Made by [`crate::PortcullisServer::incoming`]. Dropping it (tonic does on shutdown) stops
+/// the accept loop and closes the listener.
+#[derive(Debug)]
+pub struct Incoming {
+    rx: mpsc::Receiver<AuthenticatedStream>,
+    local_addr: Option<SocketAddr>,
+    accept_loop: tokio::task::AbortHandle,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Stop accepting and close the listener now, not at the loop's next wake-up.
+        self.accept_loop.abort();
+    }
+}
+
+impl Incoming {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+impl Stream for Incoming {
+    type Item = Result<AuthenticatedStream, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|s| s.map(Ok))
+    }
+}
+
+pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) -> Incoming {
+    let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+    let local_addr = listener.local_addr().ok();
+    let accept_loop = tokio::spawn(async move {
+        let mut purge = tokio::time::interval(PURGE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tx.closed() => break,
+                _ = purge.tick() => {
+                    let gate = state.gate.clone();
+                    let _ = tokio::task::spawn_blocking(move || gate.purge_expired()).await;
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let state = state.clone();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            if let Some(stream) = authenticate(&state, tcp, peer).await {
+                                // The receiver is gone only when the server shuts down.
+                                let _ = tx.send(stream).await;
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors or a transient error: wait a little so the
+                        // loop does not spin, then go on accepting.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        tracing::debug!("accept loop stopped");
+    });
+    Incoming {
+        rx,
+        local_addr,
+        accept_loop: accept_loop.abort_handle(),
+    }
+}
+
+/// Runs steps 2 to 5 of PROTOCOL.md section 5 for one connection.
+async fn authenticate(
+    state: &AcceptState,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<AuthenticatedStream> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + state.deadline);
+    let _ = tcp.set_nodelay(true);
+
+    let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer, outcome = "rejected", cause = "tls_handshake_failed", error = %e, "connection refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer, outcome = "rejected", cause = "tls_handshake_timeout", "connection refused");
+            return None;
+        }
+    };
+
+    let (facts, alpn_ok) = {
+        let (_, conn) = tls.get_ref();
+        let alpn_ok = conn.alpn_protocol() == Some(ALPN_PCS1);
+        let fingerprint = conn
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| portcullis_tls::fingerprint(leaf.as_ref()).ok());
+        let exporter = portcullis_tls::exporter(conn).ok();
+        (fingerprint.zip(exporter), alpn_ok)
+    };
+    if !alpn_ok {
+        // Section 1: no ALPN or another id is closed right after the handshake, without a
+        // byte of application data.
+        let alpn = tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+        tracing::info!(peer = %peer, outcome = "rejected", cause = "alpn_refused", alpn = ?alpn, "connection refused");
+        let _ = timeout_at(deadline, tls.shutdown()).await;
+        return None;
+    }
+    let Some((fingerprint, exporter)) = facts else {
+        tracing::info!(peer = %peer, outcome = "rejected", cause = "no_usable_client_certificate", "connection refused");
+        let _ = timeout_at(deadline, tls.shutdown()).await;
+        return None;
+    };
+    let facts = ConnectionFacts {
+        exporter,
+        fingerprint,
+    };
+
+    let decision = match timeout_at(deadline, read_frame(&mut tls)).await {
+        Err(_) => state.gate.refuse(
+            RejectCode::Timeout,
+            Cause::Other("prefix_timeout"),
+            &format!(
+                "no complete Prefix within {} ms of the connection",
+                state.deadline.as_millis()
+            ),
+            None,
+        ),
+        Ok(Err(ReadError::Io(e))) => {
+            tracing::info!(peer = %peer, fingerprint = %fingerprint, outcome = "rejected", cause = "prefix_read_failed", error = %e, "connection refused");
+            return None;
+        }
+        Ok(Err(ReadError::Decode(e))) => state.gate.refuse_decode(e),
+        Ok(Ok(frame)) => {
+            let gate = state.gate.clone();
+            match tokio::task::spawn_blocking(move || gate.decide(&frame, &facts)).await {
+                Ok(decision) => decision,
+                // A panic in a check refuses the connection (fail closed).
+                Err(_) => state.gate.refuse(
+                    RejectCode::Overloaded,
+                    Cause::Other("gate_failed"),
+                    "the server could not check credentials; retry shortly",
+                    Some(5),
+                ),
+            }
+        }
+    };
+    audit(&decision, peer, &fingerprint, started.elapsed());
+
+    let verdict = match decision.verdict.encode() {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "verdict could not be encoded");
+            return None;
+        }
+    };
+    let write_deadline = tokio::time::Instant::now() + VERDICT_WRITE_LIMIT;
+    let written = timeout_at(write_deadline, async {
+        tls.write_all(&verdict).await?;
+        tls.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return None;
+    }
+    match decision.outcome {
+        Ok(identity) => Some(AuthenticatedStream::new(
+            tls,
+            AuthContext::new(identity, peer, decision.reference),
+        )),
+        Err(_) => {
+            // Bytes the client pipelined behind the Prefix are never read: they are dropped
+            // with the connection.
+            let _ = timeout_at(write_deadline, tls.shutdown()).await;
+            None
+        }
+    }
+}
+
+enum ReadError {
+    Io(io::Error),
+    Decode(portcullis_core::codec::DecodeError),
+}
+
+/// Reads exactly one Prefix frame: the header, then exactly the body it announces. A length
+/// over the limit is refused from the header alone.
+async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Vec<u8>, ReadError> {
+    let mut header = [0u8; HEADER_LEN];
+    tls.read_exact(&mut header).await.map_err(ReadError::Io)?;
+    let parsed = FrameHeader::parse(&header, FrameKind::Prefix).map_err(ReadError::Decode)?;
+    let mut frame = vec![0u8; HEADER_LEN + parsed.body_len];
+    frame[..HEADER_LEN].copy_from_slice(&header);
+    tls.read_exact(&mut frame[HEADER_LEN..])
+        .await
+        .map_err(ReadError::Io)?;
+    Ok(frame)
+}
+
+fn audit(decision: &Decision, peer: SocketAddr, fingerprint: &DeviceFingerprint, took: Duration) {
+    let user = decision.claimed_user.as_deref().unwrap_or("");
+    match &decision.outcome {
+        Ok(identity) => tracing::info!(
+            reference = %decision.reference,
+            peer = %peer,
+            fingerprint = %fingerprint,
+            user = user,
+            device = %identity.device_name,
+            method = %identity.method,
+            outcome = "accepted",
+            micros = took.as_micros() as u64,
+            "connection accepted"
+        ),
+        Err(rejection) => tracing::info!(
+            reference = %decision.reference,
+            peer = %peer,
+            fingerprint = %fingerprint,
+            user = user,
+            outcome = "rejected",
+            code = rejection.code.name(),
+            cause = %rejection.cause,
+            micros = took.as_micros() as u64,
+            "connection refused"
+        ),
+    }
+}

@@ -1,0 +1,85 @@
+//! What handlers learn about the connection a request came in on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use portcullis_core::{AuthMethod, DeviceFingerprint, Identity, Ref};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+/// The authenticated user and device of the connection a request came in on.
+///
+/// Every request that reaches a service behind Portcullis carries one in its extensions:
+///
+/// ```
+/// use portcullis_server::AuthContext;
+///
+/// fn whoami<T>(request: &tonic::Request<T>) -> Result<String, tonic::Status> {
+///     let auth = AuthContext::of(request)?;
+///     Ok(format!("{} on {} ({})", auth.user, auth.device_name, auth.method))
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthContext {
+    /// The authenticated user.
+    pub user: String,
+    /// The device's name in the registry.
+    pub device_name: String,
+    /// The device certificate's fingerprint (`sha256:...`).
+    pub fingerprint: DeviceFingerprint,
+    /// How the second factor was proven on this connection: `totp` or `session`.
+    pub method: AuthMethod,
+    /// When the TOTP check was made, Unix ms (for a session: the check that earned it).
+    pub totp_time_ms: u64,
+    /// When the connection's session ticket expires, Unix ms, if sessions are on.
+    pub session_expires_ms: Option<u64>,
+    /// The client's address.
+    pub peer_addr: SocketAddr,
+    /// The REF of the connection's Verdict and audit record.
+    pub reference: Ref,
+}
+
+impl AuthContext {
+    pub(crate) fn new(identity: Identity, peer_addr: SocketAddr, reference: Ref) -> Self {
+        Self {
+            user: identity.user,
+            device_name: identity.device_name,
+            fingerprint: identity.fingerprint,
+            method: identity.method,
+            totp_time_ms: identity.totp_time_ms,
+            session_expires_ms: identity.session.map(|(_, expires)| expires),
+            peer_addr,
+            reference,
+        }
+    }
+
+    /// The context of a request, or UNAUTHENTICATED when the request did not come through the
+    /// Portcullis layer (which should not happen behind [`crate::PortcullisServer`]).
+    #[allow(clippy::result_large_err)]
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<&AuthContext, tonic::Status> {
+        request.extensions().get::<AuthContext>().ok_or_else(|| {
+            tonic::Status::unauthenticated("no Portcullis authentication on this connection")
+        })
+    }
+}
+
+/// The connection information of an authenticated connection, as tonic's `Connected` reports
+/// it. The Portcullis layer ([`crate::AuthLayer`]) splits it into an [`AuthContext`] and tonic's
+/// own `TlsConnectInfo<TcpConnectInfo>`, so that `request.peer_certs()` and
+/// `request.remote_addr()` keep working.
+#[derive(Debug, Clone)]
+pub struct PortcullisConnectInfo {
+    pub(crate) tls: TlsConnectInfo<TcpConnectInfo>,
+    pub(crate) auth: Arc<AuthContext>,
+}
+
+impl PortcullisConnectInfo {
+    /// The authenticated identity.
+    pub fn auth(&self) -> &AuthContext {
+        &self.auth
+    }
+
+    /// tonic's TLS connection information (peer certificates, addresses).
+    pub fn tls(&self) -> &TlsConnectInfo<TcpConnectInfo> {
+        &self.tls
+    }
+}

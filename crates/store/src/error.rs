@@ -1,0 +1,141 @@
+//! Why a registry file could not be opened or created.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use portcullis_core::RegistryError;
+
+use crate::SCHEMA_VERSION;
+
+/// Why [`SqliteRegistry`](crate::SqliteRegistry) could not open or create a registry file.
+///
+/// Every message is one line that starts with the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// [`SqliteRegistry::open`](crate::SqliteRegistry::open) was given a file that does not exist.
+    #[error("{}: no registry file here (create one first)", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// [`SqliteRegistry::create`](crate::SqliteRegistry::create) was given a file that exists.
+    #[error("{}: already exists; refusing to overwrite it", path.display())]
+    AlreadyExists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not a SQLite database, or its pages are damaged.
+    #[error("{}: not a SQLite database or corrupt", path.display())]
+    NotSqlite {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is a SQLite database of some other application.
+    #[error(
+        "{}: not a Portcullis registry (application_id {application_id:#010x})",
+        path.display()
+    )]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// The `PRAGMA application_id` found in it.
+        application_id: u32,
+    },
+    /// The registry was written by a newer Portcullis.
+    #[error(
+        "{}: registry schema version {version} is newer than this portcullis ({})",
+        path.display(),
+        SCHEMA_VERSION
+    )]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// The schema version found in it.
+        version: i64,
+    },
+    /// The registry carries a schema version this Portcullis does not know how to read.
+    #[error(
+        "{}: registry schema version {version} is not supported by this portcullis ({})",
+        path.display(),
+        SCHEMA_VERSION
+    )]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// The schema version found in it.
+        version: i64,
+    },
+    /// The file can only be read, but the registry must write to it.
+    #[error("{}: registry is read-only; it must be writable", path.display())]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Creating the file or setting its permissions failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
+    /// SQLite refused an operation while opening or setting up the registry.
+    #[error("{}: {message}", path.display())]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Missing { path }
+            | Self::AlreadyExists { path }
+            | Self::NotSqlite { path }
+            | Self::Foreign { path, .. }
+            | Self::TooNew { path, .. }
+            | Self::Unsupported { path, .. }
+            | Self::ReadOnly { path }
+            | Self::Io { path, .. }
+            | Self::Sqlite { path, .. } => path,
+        }
+    }
+
+    /// Classifies a SQLite error met while opening `path`: a file that is not a database or is
+    /// damaged becomes [`StoreError::NotSqlite`], anything else [`StoreError::Sqlite`].
+    pub(crate) fn from_sqlite(path: &Path, error: &rusqlite::Error) -> Self {
+        use rusqlite::ffi::ErrorCode;
+        match error.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => Self::NotSqlite {
+                path: path.to_owned(),
+            },
+            _ => Self::Sqlite {
+                path: path.to_owned(),
+                message: one_line(&error.to_string()),
+            },
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(error: StoreError) -> Self {
+        RegistryError::Backend(error.to_string())
+    }
+}
+
+/// Folds a message onto one line.
+pub(crate) fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}

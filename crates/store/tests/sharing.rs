@@ -1,0 +1,272 @@
+//! Several connections on one registry file: what one changes, the others see at once, and
+//! every change is atomic across them.
+
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use portcullis_core::{
+    DeviceFingerprint, LockState, LockoutPolicy, ManualClock, Registry, RegistryError, SessionId,
+    TotpAlgorithm, TotpConfig,
+};
+use portcullis_store::SqliteRegistry;
+use rusqlite::Connection;
+
+fn fp(byte: u8) -> DeviceFingerprint {
+    DeviceFingerprint::from_bytes([byte; 32])
+}
+
+fn with_alice(path: &Path) -> SqliteRegistry {
+    let registry = SqliteRegistry::create(path).unwrap();
+    let totp = TotpConfig::new(vec![9; 20], 6, TotpAlgorithm::Sha1, 30).unwrap();
+    registry.add_user("alice", totp, 0).unwrap();
+    registry
+}
+
+fn instances(path: &Path, n: usize) -> Vec<Arc<SqliteRegistry>> {
+    (0..n)
+        .map(|_| Arc::new(SqliteRegistry::open(path).unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_revocation_by_another_connection_is_seen_by_the_next_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let a = with_alice(&path);
+    let b = SqliteRegistry::open(&path).unwrap();
+
+    a.bind_device("laptop", "alice", &fp(1), 10).unwrap();
+    a.bind_device("phone", "alice", &fp(2), 10).unwrap();
+    // B has read (and prepared its statements) while the bindings were active.
+    assert!(
+        !b.device_by_fingerprint(&fp(1))
+            .unwrap()
+            .unwrap()
+            .is_revoked()
+    );
+    assert!(!b.device_by_name("phone").unwrap().unwrap().is_revoked());
+
+    a.revoke_device("laptop", 20).unwrap();
+    let seen = b.device_by_fingerprint(&fp(1)).unwrap().unwrap();
+    assert_eq!(seen.revoked_ms, Some(20));
+
+    // A change made outside any registry (another program on the file) is seen as well.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute(
+        "UPDATE devices SET revoked_ms = 30 WHERE name = 'phone' AND revoked_ms IS NULL",
+        [],
+    )
+    .unwrap();
+    assert_eq!(
+        b.device_by_name("phone").unwrap().unwrap().revoked_ms,
+        Some(30)
+    );
+    assert_eq!(
+        a.device_by_fingerprint(&fp(2)).unwrap().unwrap().revoked_ms,
+        Some(30)
+    );
+
+    // And a binding made by B is seen by A.
+    b.bind_device("laptop", "alice", &fp(3), 40).unwrap();
+    assert_eq!(
+        a.device_by_name("laptop").unwrap().unwrap().fingerprint,
+        fp(3)
+    );
+}
+
+#[test]
+fn a_totp_step_is_accepted_once_among_twenty_threads_on_two_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    drop(with_alice(&path));
+    let registries = instances(&path, 2);
+    const THREADS: usize = 20;
+    const ROUNDS: u64 = 10;
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let registry = Arc::clone(&registries[i % registries.len()]);
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                let mut won = Vec::new();
+                for step in 1..=ROUNDS {
+                    barrier.wait();
+                    won.push(registry.advance_totp_step("alice", step).unwrap());
+                }
+                won
+            })
+        })
+        .collect();
+    let results: Vec<Vec<bool>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for round in 0..ROUNDS as usize {
+        let winners = results.iter().filter(|won| won[round]).count();
+        assert_eq!(winners, 1, "step {} accepted {winners} times", round + 1);
+    }
+    assert!(!registries[0].advance_totp_step("alice", ROUNDS).unwrap());
+}
+
+#[test]
+fn lock_state_updates_are_not_lost_between_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    drop(with_alice(&path));
+    let registries = instances(&path, 4);
+    const THREADS: usize = 8;
+    const UPDATES: u32 = 25;
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let registry = Arc::clone(&registries[i % registries.len()]);
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..UPDATES {
+                    registry
+                        .update_lock_state("alice", &mut |s: LockState| LockState {
+                            failures: s.failures + 1,
+                            locked_until_ms: s.locked_until_ms + 10,
+                        })
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let total = THREADS as u32 * UPDATES;
+    assert_eq!(
+        registries[1].lock_state("alice").unwrap(),
+        LockState {
+            failures: total,
+            locked_until_ms: u64::from(total) * 10
+        }
+    );
+}
+
+#[test]
+fn only_one_of_many_racing_bindings_of_a_name_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    drop(with_alice(&path));
+    let registries = instances(&path, 3);
+    const THREADS: usize = 9;
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let registry = Arc::clone(&registries[i % registries.len()]);
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                registry.bind_device("laptop", "alice", &fp(10 + i as u8), 1)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    for r in results.iter().filter(|r| r.is_err()) {
+        assert_eq!(
+            r,
+            &Err(RegistryError::AlreadyExists("device laptop".into()))
+        );
+    }
+    assert_eq!(registries[0].list_devices().unwrap().len(), 1);
+}
+
+#[test]
+fn expired_revoked_sessions_are_forgotten_when_another_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let clock = Arc::new(ManualClock::new(1_000));
+    let registry = SqliteRegistry::create(&path)
+        .unwrap()
+        .with_clock(clock.clone());
+    let (old, current, new) = (SessionId([1; 16]), SessionId([2; 16]), SessionId([3; 16]));
+    registry.revoke_session(&old, 5_000).unwrap();
+    registry.revoke_session(&current, 9_000).unwrap();
+    assert!(registry.is_session_revoked(&old).unwrap());
+
+    // Reading never forgets.
+    clock.set_ms(6_000);
+    assert!(registry.is_session_revoked(&old).unwrap());
+
+    // The next revocation forgets the sessions that expired, and only those.
+    registry.revoke_session(&new, 20_000).unwrap();
+    assert!(!registry.is_session_revoked(&old).unwrap());
+    assert!(registry.is_session_revoked(&current).unwrap());
+    assert!(registry.is_session_revoked(&new).unwrap());
+    let raw = Connection::open(&path).unwrap();
+    let rows: i64 = raw
+        .query_row("SELECT count(*) FROM revoked_sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 2);
+
+    // Revoking again never shortens a revocation.
+    registry.revoke_session(&current, 7_000).unwrap();
+    clock.set_ms(8_000);
+    registry
+        .revoke_session(&SessionId([4; 16]), 20_000)
+        .unwrap();
+    assert!(registry.is_session_revoked(&current).unwrap());
+}
+
+#[test]
+fn a_lock_that_never_ends_stays_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let registry = with_alice(&path);
+    let policy = LockoutPolicy::default();
+    let forever = LockState {
+        failures: u32::MAX - 1,
+        locked_until_ms: u64::MAX - 5,
+    };
+    let stored = registry
+        .update_lock_state("alice", &mut |_| {
+            policy.after_failure(forever, u64::MAX - 5)
+        })
+        .unwrap();
+    assert_eq!(stored.failures, u32::MAX);
+    assert_eq!(stored.locked_until_ms, i64::MAX as u64);
+    assert_eq!(registry.lock_state("alice").unwrap(), stored);
+    assert!(stored.remaining_ms(1_700_000_000_000).is_some());
+}
+
+#[test]
+fn a_step_beyond_the_stored_range_is_refused_without_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let registry = with_alice(&path);
+    assert!(registry.advance_totp_step("alice", 7).unwrap());
+    assert!(matches!(
+        registry.advance_totp_step("alice", u64::MAX),
+        Err(RegistryError::Invalid(_))
+    ));
+    assert!(registry.advance_totp_step("alice", 8).unwrap());
+}
+
+#[test]
+fn a_panicking_lock_update_changes_nothing_and_the_registry_works_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let registry = Arc::new(with_alice(&path));
+    let set = LockState {
+        failures: 2,
+        locked_until_ms: 0,
+    };
+    registry.update_lock_state("alice", &mut |_| set).unwrap();
+    let r = Arc::clone(&registry);
+    let panicked = thread::spawn(move || {
+        r.update_lock_state("alice", &mut |_| panic!("update closure fails"))
+    })
+    .join();
+    assert!(panicked.is_err());
+    assert_eq!(registry.lock_state("alice").unwrap(), set);
+    // The write lock was released: another connection can write.
+    let other = SqliteRegistry::open(&path).unwrap();
+    assert!(other.advance_totp_step("alice", 3).unwrap());
+    assert!(registry.advance_totp_step("alice", 4).unwrap());
+}
