@@ -1,1 +1,110 @@
-fn main() {}
+//! `portcullis`: set up a dev PKI and registry, enroll users and devices, run the demo Echo
+//! service behind the gate, and call it.
+//!
+//! Every command exits 0 on success, and non-zero with a one-line message on a bad argument, a
+//! missing file or a broken certificate.
+#![forbid(unsafe_code)]
+
+mod call;
+mod dir;
+mod enroll;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Multi-factor authentication in the transport layer of gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a dev CA, a server certificate and an empty registry in DIR.
+    Init(dir::InitArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage device certificates and their bindings to users.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Run the demo Echo service behind the gate.
+    Serve(serve::ServeArgs),
+    /// Make one Echo call through the gate.
+    Call(call::CallArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user with a new TOTP secret; prints the otpauth URI and a QR code.
+    Add(enroll::UserAddArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Issue a client certificate from the dev CA and bind it to a user.
+    Issue(enroll::DeviceIssueArgs),
+    /// Bind a certificate made elsewhere to a user.
+    Bind(enroll::DeviceBindArgs),
+    /// List device bindings.
+    List(enroll::DeviceListArgs),
+    /// Revoke a device binding.
+    Revoke(enroll::DeviceRevokeArgs),
+}
+
+/// The `--dir DIR` flag shared by every command.
+#[derive(Debug, Args)]
+pub(crate) struct DirArg {
+    /// The Portcullis directory made by `portcullis init`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: std::path::PathBuf,
+}
+
+/// A command's failure: one line for the person.
+pub(crate) type CliResult<T = ()> = Result<T, String>;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("portcullis: {line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Init(args) => dir::init(&args),
+        Command::User(UserCommand::Add(args)) => enroll::user_add(&args),
+        Command::Device(DeviceCommand::Issue(args)) => enroll::device_issue(&args),
+        Command::Device(DeviceCommand::Bind(args)) => enroll::device_bind(&args),
+        Command::Device(DeviceCommand::List(args)) => enroll::device_list(&args),
+        Command::Device(DeviceCommand::Revoke(args)) => enroll::device_revoke(&args),
+        Command::Serve(args) => serve::serve(&args),
+        Command::Call(args) => call::call(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("portcullis: {}", message.lines().next().unwrap_or("failed"));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,47 @@
-//! placeholder
+//! # portcullis-client
+//!
+//! The client side of PCS1 (PROTOCOL.md): a tonic channel whose every connection is TCP, TLS 1.3
+//! with the device's client certificate and ALPN `portcullis/1`, then a Prefix that names the
+//! user and proves the second factor, bound to the TLS connection.
+//!
+//! ```text
+//! Client::connect ──► connector: TCP ─► TLS 1.3 (mTLS) ─► Prefix written ─► stream to hyper
+//!                                                                 │ (HTTP/2 preface follows
+//!                                                                 │  at once: pipelining)
+//!                     PcsStream: first reads take exactly the Verdict, then HTTP/2 flows
+//! ```
+//!
+//! - **Pipelining.** The connector writes the Prefix and hands the stream to hyper without
+//!   waiting for the Verdict, so a connection costs no extra round trip. The stream's first
+//!   reads consume exactly one Verdict frame, never a byte of HTTP/2.
+//! - **Channel binding.** The Prefix carries the RFC 9266 `tls-exporter` value of its own
+//!   connection, so a Prefix cannot be replayed through another TLS connection.
+//! - **Codes and sessions.** The first connection uses a code from the [`CodeSource`]; an
+//!   accepting Verdict may carry a session ticket, which later connections send instead of a
+//!   code until it expires. When the server answers MFA_REQUIRED to a ticket, the connection
+//!   is reopened with a code and the bytes already written are replayed: the caller sees no
+//!   error.
+//! - **Errors a program can act on.** A refused connection surfaces as a `tonic::Status` with
+//!   the gRPC code of PROTOCOL.md section 4, the REASON as message (`mfa_failed: ...`) and the
+//!   metadata `portcullis-reject` and `portcullis-ref` — never as "transport error".
+//! - **Secrets stay secret.** Codes, TOTP secrets and tickets appear in no `Debug` output,
+//!   error or log line, and are wiped from memory when dropped.
+//!
+//! Start with [`Client::builder`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod channel;
+mod client;
+mod code;
+mod connector;
+mod error;
+mod log;
+mod session;
+mod stream;
+
+pub use channel::{PortcullisChannel, ResponseFuture};
+pub use client::{Client, ClientBuilder, DEFAULT_AGENT, DEFAULT_CONNECT_TIMEOUT};
+pub use code::{CodeCallback, CodeSource};
+pub use error::{ClientError, REF_METADATA, REJECT_METADATA, RETRY_AFTER_METADATA};
+pub use session::{SessionInfo, VerdictInfo};

@@ -25,6 +25,10 @@ use crate::stream::AuthenticatedStream;
 /// Time allowed to write a Verdict once the decision is made, or the TIMEOUT Verdict once the
 /// deadline has passed.
 const VERDICT_WRITE_LIMIT: Duration = Duration::from_secs(2);
+/// How long a refused connection is drained after its Verdict.
+const DRAIN_LIMIT: Duration = Duration::from_millis(500);
+/// The most bytes drained from a refused connection.
+const DRAIN_MAX_BYTES: usize = 256 * 1024;
 /// How often expired nonces are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(10);
 /// How many authenticated connections wait for tonic to take them.
@@ -217,10 +221,24 @@ async fn authenticate(
             AuthContext::new(identity, peer, decision.reference),
         )),
         Err(_) => {
-            // Bytes the client pipelined behind the Prefix are never read: they are dropped
-            // with the connection.
-            let _ = timeout_at(write_deadline, tls.shutdown()).await;
+            close_refused(tls).await;
             None
+        }
+    }
+}
+
+/// Closes a refused connection so that the Verdict arrives: close_notify, then whatever the
+/// client pipelined is read and thrown away (never parsed) for a short bounded time, so that
+/// unread bytes do not make the kernel reset the connection ahead of the Verdict.
+async fn close_refused(mut tls: TlsStream<TcpStream>) {
+    let limit = tokio::time::Instant::now() + DRAIN_LIMIT;
+    let _ = timeout_at(limit, tls.shutdown()).await;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0usize;
+    while drained < DRAIN_MAX_BYTES {
+        match timeout_at(limit, tls.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
         }
     }
 }

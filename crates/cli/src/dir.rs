@@ -1,0 +1,220 @@
+//! The Portcullis directory: where `init` puts the dev PKI and the registry, and where the
+//! other commands find them.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use portcullis_core::{Random, SystemRandom, TicketKey};
+use portcullis_store::SqliteRegistry;
+use portcullis_tls::devpki::DevCa;
+
+use crate::CliResult;
+
+/// The files of a Portcullis directory.
+pub(crate) struct Layout {
+    pub(crate) dir: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub(crate) fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub(crate) fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+
+    pub(crate) fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+
+    pub(crate) fn server_key(&self) -> PathBuf {
+        self.dir.join("server-key.pem")
+    }
+
+    pub(crate) fn registry(&self) -> PathBuf {
+        self.dir.join("portcullis.db")
+    }
+
+    pub(crate) fn ticket_key(&self) -> PathBuf {
+        self.dir.join("ticket.key")
+    }
+
+    pub(crate) fn devices(&self) -> PathBuf {
+        self.dir.join("devices")
+    }
+
+    pub(crate) fn device_cert(&self, name: &str) -> PathBuf {
+        self.devices().join(format!("{name}.pem"))
+    }
+
+    pub(crate) fn device_key(&self, name: &str) -> PathBuf {
+        self.devices().join(format!("{name}-key.pem"))
+    }
+
+    /// Checks that `dir` looks like a Portcullis directory before a command uses it.
+    pub(crate) fn existing(dir: &Path) -> CliResult<Self> {
+        let layout = Self::new(dir);
+        if !dir.is_dir() {
+            return Err(format!(
+                "{}: no such directory; create it with `portcullis init --dir {}`",
+                dir.display(),
+                dir.display()
+            ));
+        }
+        if !layout.registry().is_file() {
+            return Err(format!(
+                "{}: no registry (portcullis.db) in this directory; is it a Portcullis directory made by `portcullis init`?",
+                dir.display()
+            ));
+        }
+        Ok(layout)
+    }
+
+    /// Opens the registry.
+    pub(crate) fn open_registry(&self) -> CliResult<SqliteRegistry> {
+        SqliteRegistry::open(&self.registry()).map_err(|e| e.to_string())
+    }
+
+    /// Loads the dev CA (certificate and key).
+    pub(crate) fn load_ca(&self) -> CliResult<DevCa> {
+        let cert = read_text(&self.ca_cert())?;
+        let key = read_text(&self.ca_key())?;
+        DevCa::from_pem(&cert, &key).map_err(|e| format!("{}: {e}", self.ca_cert().display()))
+    }
+
+    /// Loads the ticket key, if `init` made one.
+    pub(crate) fn load_ticket_key(&self) -> CliResult<Option<TicketKey>> {
+        let path = self.ticket_key();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = zeroize::Zeroizing::new(
+            fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?,
+        );
+        TicketKey::from_bytes(&bytes).map(Some).map_err(|_| {
+            format!(
+                "{}: a ticket key file holds exactly 32 bytes",
+                path.display()
+            )
+        })
+    }
+}
+
+pub(crate) fn read_text(path: &Path) -> CliResult<String> {
+    fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// Writes a file that only the owner may read (keys).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    file.write_all(bytes)
+        .map_err(|e| format!("{}: cannot write: {e}", path.display()))
+}
+
+pub(crate) fn write_public(path: &Path, bytes: &[u8]) -> CliResult {
+    fs::write(path, bytes).map_err(|e| format!("{}: cannot write: {e}", path.display()))
+}
+
+/// `portcullis init`.
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// The directory to create.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Another name (DNS name or IP address) for the server certificate, besides localhost,
+    /// 127.0.0.1 and ::1. Repeatable.
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// Overwrite an existing directory's CA, server certificate, registry and ticket key.
+    #[arg(long)]
+    force: bool,
+}
+
+pub(crate) fn init(args: &InitArgs) -> CliResult {
+    let layout = Layout::new(&args.dir);
+    if args.dir.exists() && !args.force {
+        return Err(format!(
+            "{}: already exists; pass --force to overwrite its CA, server certificate and registry",
+            args.dir.display()
+        ));
+    }
+    for name in &args.server_names {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "--server-name `{name}`: not a DNS name or IP address"
+            ));
+        }
+    }
+    fs::create_dir_all(layout.devices())
+        .map_err(|e| format!("{}: cannot create: {e}", layout.devices().display()))?;
+
+    let ca = DevCa::generate("Portcullis dev CA").map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for name in &args.server_names {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    let server = ca.issue_server(&names).map_err(|e| e.to_string())?;
+
+    let db = layout.registry();
+    if db.exists() {
+        for path in [
+            db.clone(),
+            db.with_extension("db-wal"),
+            db.with_extension("db-shm"),
+        ] {
+            if path.exists() {
+                fs::remove_file(&path)
+                    .map_err(|e| format!("{}: cannot remove: {e}", path.display()))?;
+            }
+        }
+    }
+    SqliteRegistry::create(&db).map_err(|e| e.to_string())?;
+
+    write_public(&layout.ca_cert(), ca.cert_pem().as_bytes())?;
+    write_private(&layout.ca_key(), ca.key_pem().as_bytes())?;
+    server
+        .write(&layout.server_cert(), &layout.server_key())
+        .map_err(|e| e.to_string())?;
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    SystemRandom::new()
+        .fill(key.as_mut())
+        .map_err(|e| e.to_string())?;
+    write_private(&layout.ticket_key(), key.as_ref())?;
+
+    println!("initialised {}", args.dir.display());
+    println!("  CA              {}", layout.ca_cert().display());
+    println!(
+        "  server cert     {} (names: {})",
+        layout.server_cert().display(),
+        names.join(", ")
+    );
+    println!("  registry        {}", db.display());
+    println!(
+        "next: portcullis user add USER --dir {}",
+        args.dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! `portcullis user ...` and `portcullis device ...`: enrolling users and devices.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use portcullis_core::{
+    Clock, DeviceRecord, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
+};
+use portcullis_tls::DeviceIdentity;
+use serde_json::json;
+
+use crate::dir::Layout;
+use crate::{CliResult, DirArg};
+
+const ISSUER: &str = "Portcullis";
+
+fn now_ms() -> u64 {
+    SystemClock.now_ms()
+}
+
+/// `portcullis user add`.
+#[derive(Debug, Args)]
+pub(crate) struct UserAddArgs {
+    /// The user name.
+    user: String,
+    #[command(flatten)]
+    dir: DirArg,
+    /// Digits of a code: 6, 7 or 8.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u8).range(6..=8))]
+    digits: u8,
+    /// HMAC hash: SHA1, SHA256 or SHA512.
+    #[arg(long, default_value = "SHA1", value_parser = parse_algorithm)]
+    algorithm: TotpAlgorithm,
+    /// Print only a JSON object with the user, the secret and the otpauth URI.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_algorithm(s: &str) -> Result<TotpAlgorithm, String> {
+    s.parse()
+        .map_err(|e: portcullis_core::TotpError| e.to_string())
+}
+
+pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    let totp = TotpConfig::generate_secret(
+        &SystemRandom::new(),
+        args.digits,
+        args.algorithm,
+        TotpConfig::DEFAULT_PERIOD,
+    )
+    .map_err(|e| e.to_string())?;
+    let uri = totp.otpauth_uri(ISSUER, &args.user);
+    let secret = totp.secret_base32();
+    registry
+        .add_user(&args.user, totp.clone(), now_ms())
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        let out = json!({
+            "user": args.user,
+            "secret": secret,
+            "otpauth": uri,
+            "digits": totp.digits(),
+            "period": totp.period(),
+            "algorithm": totp.algorithm().name(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("added user {}", args.user);
+    println!("scan this with an authenticator app, or enter the secret by hand:");
+    println!();
+    if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
+        use qrcode::render::unicode::Dense1x2;
+        let image = code
+            .render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .quiet_zone(true)
+            .build();
+        println!("{image}");
+    }
+    println!("otpauth URI: {uri}");
+    println!(
+        "secret:      {secret}  ({} digits, {}, {} s)",
+        totp.digits(),
+        totp.algorithm(),
+        totp.period()
+    );
+    Ok(())
+}
+
+/// `portcullis device issue`.
+#[derive(Debug, Args)]
+pub(crate) struct DeviceIssueArgs {
+    /// The device name (also the certificate's common name).
+    name: String,
+    /// The user the device is bound to.
+    #[arg(long)]
+    user: String,
+    #[command(flatten)]
+    dir: DirArg,
+    /// Print only a JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn check_device_name(name: &str) -> CliResult {
+    portcullis_core::check_name("device", name).map_err(|e| e.to_string())?;
+    if name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "device name `{name}`: use letters, digits, `-`, `_` and `.` (it names files)"
+        ));
+    }
+    Ok(())
+}
+
+fn ensure_user(registry: &dyn Registry, user: &str) -> CliResult {
+    match registry.user(user).map_err(|e| e.to_string())? {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "no user {user}; add it first with `portcullis user add {user}`"
+        )),
+    }
+}
+
+fn ensure_device_name_free(registry: &dyn Registry, name: &str) -> CliResult {
+    match registry.device_by_name(name).map_err(|e| e.to_string())? {
+        Some(d) if !d.is_revoked() => Err(format!(
+            "device {name} already exists (bound to {})",
+            d.user
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn device_issue(args: &DeviceIssueArgs) -> CliResult {
+    check_device_name(&args.name)?;
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    ensure_user(&registry, &args.user)?;
+    ensure_device_name_free(&registry, &args.name)?;
+    let ca = layout.load_ca()?;
+    let issued = ca.issue_device(&args.name).map_err(|e| e.to_string())?;
+    let fingerprint =
+        portcullis_tls::fingerprint(issued.cert_der().as_ref()).map_err(|e| e.to_string())?;
+    let cert_path = layout.device_cert(&args.name);
+    let key_path = layout.device_key(&args.name);
+    std::fs::create_dir_all(layout.devices())
+        .map_err(|e| format!("{}: cannot create: {e}", layout.devices().display()))?;
+    issued
+        .write(&cert_path, &key_path)
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = registry.bind_device(&args.name, &args.user, &fingerprint, now_ms()) {
+        // Leave nothing half-made behind.
+        let _ = std::fs::remove_file(&cert_path);
+        let _ = std::fs::remove_file(&key_path);
+        return Err(e.to_string());
+    }
+    if args.json {
+        let out = json!({
+            "device": args.name,
+            "user": args.user,
+            "fingerprint": fingerprint.to_string(),
+            "cert": cert_path.display().to_string(),
+            "key": key_path.display().to_string(),
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "issued device {} for {}\n  fingerprint {}\n  certificate {}\n  key         {}",
+            args.name,
+            args.user,
+            fingerprint,
+            cert_path.display(),
+            key_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `portcullis device bind`.
+#[derive(Debug, Args)]
+pub(crate) struct DeviceBindArgs {
+    /// The device name.
+    name: String,
+    /// The user the device is bound to.
+    #[arg(long)]
+    user: String,
+    /// The device certificate (PEM); its first certificate is the leaf.
+    #[arg(long, value_name = "PEM")]
+    cert: PathBuf,
+    #[command(flatten)]
+    dir: DirArg,
+    /// Print only a JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn device_bind(args: &DeviceBindArgs) -> CliResult {
+    portcullis_core::check_name("device", &args.name).map_err(|e| e.to_string())?;
+    let certs = portcullis_tls::load_certs(&args.cert).map_err(|e| e.to_string())?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| format!("{}: no certificate", args.cert.display()))?;
+    let identity = DeviceIdentity::from_der(leaf.as_ref())
+        .map_err(|e| format!("{}: {e}", args.cert.display()))?;
+    if !identity.client_auth {
+        return Err(format!(
+            "{}: the certificate does not allow client authentication (extended key usage clientAuth)",
+            args.cert.display()
+        ));
+    }
+    let now_s = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+    .unwrap_or(i64::MAX);
+    if now_s > identity.not_after_unix {
+        return Err(format!(
+            "{}: the certificate has expired",
+            args.cert.display()
+        ));
+    }
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    ensure_user(&registry, &args.user)?;
+    let record = registry
+        .bind_device(&args.name, &args.user, &identity.fingerprint, now_ms())
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        let out = json!({
+            "device": record.name,
+            "user": record.user,
+            "fingerprint": record.fingerprint.to_string(),
+            "subject": identity.subject,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "bound device {} ({}) to {}\n  fingerprint {}",
+            record.name, identity.subject, record.user, record.fingerprint
+        );
+    }
+    Ok(())
+}
+
+/// `portcullis device list`.
+#[derive(Debug, Args)]
+pub(crate) struct DeviceListArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// Print a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+fn format_time(ms: u64) -> String {
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn device_json(d: &DeviceRecord) -> serde_json::Value {
+    json!({
+        "device": d.name,
+        "user": d.user,
+        "fingerprint": d.fingerprint.to_string(),
+        "created": format_time(d.created_ms),
+        "revoked": d.revoked_ms.map(format_time),
+    })
+}
+
+pub(crate) fn device_list(args: &DeviceListArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    let devices = registry.list_devices().map_err(|e| e.to_string())?;
+    if args.json {
+        let out: Vec<_> = devices.iter().map(device_json).collect();
+        println!("{}", serde_json::Value::Array(out));
+        return Ok(());
+    }
+    if devices.is_empty() {
+        println!("no devices");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<16} {:<71} {:<20} STATUS",
+        "DEVICE", "USER", "FINGERPRINT", "CREATED"
+    );
+    for d in &devices {
+        let status = match d.revoked_ms {
+            Some(ms) => format!("revoked {}", format_time(ms)),
+            None => "active".to_owned(),
+        };
+        println!(
+            "{:<16} {:<16} {:<71} {:<20} {status}",
+            d.name,
+            d.user,
+            d.fingerprint.to_string(),
+            format_time(d.created_ms)
+        );
+    }
+    Ok(())
+}
+
+/// `portcullis device revoke`.
+#[derive(Debug, Args)]
+pub(crate) struct DeviceRevokeArgs {
+    /// The device name.
+    name: String,
+    #[command(flatten)]
+    dir: DirArg,
+}
+
+pub(crate) fn device_revoke(args: &DeviceRevokeArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    let record = registry
+        .revoke_device(&args.name, now_ms())
+        .map_err(|e| e.to_string())?;
+    println!(
+        "revoked device {} ({}) of {}; running servers refuse it from their next connection",
+        record.name, record.fingerprint, record.user
+    );
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `portcullis serve`: the demo Echo service behind the gate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use portcullis::demo;
+use portcullis_core::Registry;
+use portcullis_server::PortcullisServer;
+
+use crate::dir::Layout;
+use crate::{CliResult, DirArg};
+
+/// `portcullis serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// The address to listen on, e.g. 127.0.0.1:50051 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Lifetime of session tickets in seconds; 0 turns sessions off.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    session_ttl: u64,
+    /// The largest allowed difference between client and server clocks, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    clock_skew: u64,
+}
+
+pub(crate) fn serve(args: &ServeArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let chain = portcullis_tls::load_certs(&layout.server_cert()).map_err(|e| e.to_string())?;
+    let key = portcullis_tls::load_key(&layout.server_key()).map_err(|e| e.to_string())?;
+    let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
+    let registry: Arc<dyn Registry> = Arc::new(layout.open_registry()?);
+    let ticket_key = layout.load_ticket_key()?;
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let mut builder = PortcullisServer::builder()
+        .identity(chain, key, &roots)
+        .map_err(|e| e.to_string())?
+        .registry(registry)
+        .clock_skew(Duration::from_secs(args.clock_skew))
+        .session_ttl((args.session_ttl > 0).then(|| Duration::from_secs(args.session_ttl)));
+    if let Some(key) = ticket_key {
+        builder = builder.ticket_key(key);
+    }
+    let portcullis = builder.build().map_err(|e| e.to_string())?;
+
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("{}: cannot listen: {e}", args.listen))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("{}: {e}", args.listen))?;
+        println!("listening on {local}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        portcullis
+            .server()
+            .add_service(demo::service())
+            .serve_with_incoming_shutdown(portcullis.incoming(listener), shutdown_signal())
+            .await
+            .map_err(|e| format!("server: {e}"))?;
+        tracing::info!("server stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,365 @@
+//! [`Client`] and its builder.
+
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use portcullis_core::codec::{ALPN_PCS1, Verdict};
+use portcullis_core::{Clock, SystemClock, SystemRandom};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tonic::transport::Endpoint;
+
+use crate::channel::PortcullisChannel;
+use crate::code::check_code;
+use crate::connector::{PcsConnector, Target};
+use crate::error::{chain_text, find_connect_failure, io_messages};
+use crate::log::{ConnLog, ConnState};
+use crate::session::{SessionInfo, TicketCache, VerdictInfo};
+use crate::{ClientError, CodeSource};
+
+/// The AGENT a client sends unless told otherwise.
+pub const DEFAULT_AGENT: &str = concat!("portcullis-client/", env!("CARGO_PKG_VERSION"));
+
+/// How long [`ClientBuilder::connect_timeout`] waits by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every channel of a client shares.
+pub(crate) struct ClientInner {
+    pub(crate) tls: TlsConnector,
+    pub(crate) server_name: Option<String>,
+    pub(crate) user: String,
+    pub(crate) codes: CodeSource,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) agent: String,
+    pub(crate) rng: SystemRandom,
+    pub(crate) tickets: TicketCache,
+    pub(crate) connect_timeout: Duration,
+    last_verdict: Mutex<Option<VerdictInfo>>,
+}
+
+impl ClientInner {
+    pub(crate) fn record_verdict(&self, verdict: &Verdict) {
+        *self.last_verdict.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(VerdictInfo::of(verdict));
+    }
+}
+
+/// A Portcullis client: one user, one device (the client certificate in the TLS config), one
+/// source of codes, and the session ticket they earn.
+///
+/// Cheap to clone; clones share the ticket cache. Each [`Client::connect`] or
+/// [`Client::connect_lazy`] makes a [`PortcullisChannel`] that tonic's generated clients take.
+///
+/// ```no_run
+/// # async fn run(tls: std::sync::Arc<rustls::ClientConfig>) -> Result<(), Box<dyn std::error::Error>> {
+/// use portcullis_client::{Client, CodeSource};
+/// use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+///
+/// let client = Client::builder()
+///     .tls_config(tls)
+///     .user("alice")
+///     .code_source(CodeSource::callback(|| Ok("287082".to_owned())))
+///     .build()?;
+/// let channel = client.connect("localhost:7443").await?;
+/// let reply = HealthClient::new(channel)
+///     .check(HealthCheckRequest { service: String::new() })
+///     .await?;
+/// println!("{reply:?}; session until {:?}", client.session().map(|s| s.expires_ms));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+/// Builds a [`Client`]; see [`Client::builder`].
+#[derive(Default)]
+pub struct ClientBuilder {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    server_name: Option<String>,
+    user: Option<String>,
+    codes: Option<CodeSource>,
+    clock: Option<Arc<dyn Clock>>,
+    agent: Option<String>,
+    connect_timeout: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// The rustls client config (required): trusted CAs and the device's client certificate.
+    /// PCS1 offers exactly the ALPN `portcullis/1`: a config with no ALPN gets it (on a
+    /// copy); one that offers anything else is refused. Early data is turned off.
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// The TLS server name to check the server certificate against; default: the host of the
+    /// address given to `connect`.
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// The user this client claims (required), 1 to 128 bytes.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Where codes come from (required).
+    pub fn code_source(mut self, source: CodeSource) -> Self {
+        self.codes = Some(source);
+        self
+    }
+
+    /// The clock for TIME, for [`CodeSource::Secret`] and for ticket expiry; default: the
+    /// system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The AGENT sent for the server's audit log, at most 64 bytes; default
+    /// [`DEFAULT_AGENT`].
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.agent = Some(agent.into());
+        self
+    }
+
+    /// How long to wait for TCP, TLS and the Prefix, and in [`Client::connect`] for the
+    /// Verdict; default [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Checks the settings and builds the client.
+    pub fn build(self) -> Result<Client, ClientError> {
+        let mut tls = self.tls.ok_or_else(|| {
+            ClientError::Config("a TLS client config is required (tls_config)".into())
+        })?;
+        let user = self
+            .user
+            .ok_or_else(|| ClientError::Config("a user is required (user)".into()))?;
+        if user.is_empty() || user.len() > 128 {
+            return Err(ClientError::Config(format!(
+                "the user must be 1 to 128 bytes, this one has {}",
+                user.len()
+            )));
+        }
+        let codes = self
+            .codes
+            .ok_or_else(|| ClientError::Config("a code source is required (code_source)".into()))?;
+        if let CodeSource::Fixed(code) = &codes {
+            check_code(code).map_err(|e| ClientError::Config(format!("fixed code: {e}")))?;
+        }
+        let agent = self.agent.unwrap_or_else(|| DEFAULT_AGENT.to_owned());
+        if agent.len() > 64 {
+            return Err(ClientError::Config(format!(
+                "the agent must be at most 64 bytes, this one has {}",
+                agent.len()
+            )));
+        }
+        if let Some(name) = &self.server_name {
+            ServerName::try_from(name.clone()).map_err(|_| {
+                ClientError::Config(format!("`{name}` is not a valid TLS server name"))
+            })?;
+        }
+        let alpn_ok = match tls.alpn_protocols.as_slice() {
+            [] => false,
+            [only] if only.as_slice() == ALPN_PCS1 => true,
+            _ => {
+                return Err(ClientError::Config(
+                    "the TLS config offers ALPN protocols other than portcullis/1".into(),
+                ));
+            }
+        };
+        if !alpn_ok || tls.enable_early_data {
+            let config = Arc::make_mut(&mut tls);
+            config.alpn_protocols = vec![ALPN_PCS1.to_vec()];
+            config.enable_early_data = false;
+        }
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                tls: TlsConnector::from(tls),
+                server_name: self.server_name,
+                user,
+                codes,
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+                agent,
+                rng: SystemRandom::new(),
+                tickets: TicketCache::default(),
+                connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                last_verdict: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("tls_config", &self.tls.as_ref().map(|_| ".."))
+            .field("server_name", &self.server_name)
+            .field("user", &self.user)
+            .field("code_source", &self.codes)
+            .field("agent", &self.agent)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host part of `host:port` (`[v6]:port` for IPv6).
+fn host_of(addr: &str) -> Result<&str, ClientError> {
+    let bad = || ClientError::Config(format!("`{addr}` is not host:port"));
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+        (host, port)
+    } else {
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        if host.contains(':') {
+            return Err(bad());
+        }
+        (host, port)
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(host)
+}
+
+impl Client {
+    /// A builder with no settings.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    fn target(&self, addr: &str) -> Result<(Arc<Target>, Endpoint), ClientError> {
+        let host = host_of(addr)?;
+        let name = self.inner.server_name.as_deref().unwrap_or(host).to_owned();
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|_| ClientError::Config(format!("`{name}` is not a valid TLS server name")))?;
+        // The connector does TLS itself: tonic sees plain `http://`.
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::Config(format!("`{addr}` is not a valid address: {e}")))?
+            .connect_timeout(self.inner.connect_timeout);
+        let target = Arc::new(Target {
+            client: self.inner.clone(),
+            addr: addr.to_owned(),
+            server_name,
+            log: ConnLog::default(),
+            calls: AtomicU64::new(0),
+        });
+        Ok((target, endpoint))
+    }
+
+    /// Connects to `addr` (`host:port`) now and waits for the server's Verdict.
+    ///
+    /// A refused connection is [`ClientError::Rejected`] carrying the `tonic::Status` an RPC
+    /// would report; TLS problems are [`ClientError::Tls`]. Later connections of the channel
+    /// (after a disconnect) are made on demand and use the session ticket when there is one.
+    pub async fn connect(&self, addr: &str) -> Result<PortcullisChannel, ClientError> {
+        let (target, endpoint) = self.target(addr)?;
+        let channel = endpoint
+            .connect_with_connector(PcsConnector {
+                target: target.clone(),
+            })
+            .await
+            .map_err(|e| {
+                // The connector's own error, or (when the HTTP/2 handshake already hit the
+                // refused connection) the failure recorded for it.
+                let failure = find_connect_failure(&e)
+                    .cloned()
+                    .or_else(|| target.log.attribute(0, &io_messages(&e)));
+                match failure {
+                    Some(failure) => failure.into_client_error(),
+                    None => ClientError::Transport(chain_text(&e)),
+                }
+            })?;
+        // The channel's first connection has id 1; its Verdict is read by the HTTP/2 task.
+        let timeout = self.inner.connect_timeout;
+        match tokio::time::timeout(timeout, target.log.wait_settled(1)).await {
+            Ok(Some(ConnState::Accepted)) => Ok(PortcullisChannel::new(channel, target)),
+            Ok(Some(ConnState::Failed(failure))) => Err(failure.into_client_error()),
+            Ok(Some(ConnState::Pending) | None) => Err(ClientError::Transport(
+                "the first connection was lost without a verdict".into(),
+            )),
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+
+    /// A channel to `addr` (`host:port`) that connects on its first RPC. Must be called
+    /// within a tokio runtime.
+    pub fn connect_lazy(&self, addr: &str) -> Result<PortcullisChannel, ClientError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ClientError::Config(
+                "connect_lazy must be called within a tokio runtime".into(),
+            ));
+        }
+        let (target, endpoint) = self.target(addr)?;
+        let channel = endpoint.connect_with_connector_lazy(PcsConnector {
+            target: target.clone(),
+        });
+        Ok(PortcullisChannel::new(channel, target))
+    }
+
+    /// The session ticket the client holds, if it has not expired by the client clock.
+    pub fn session(&self) -> Option<SessionInfo> {
+        self.inner.tickets.info(self.inner.clock.now_ms())
+    }
+
+    /// Drops (and wipes) the session ticket: the next connection asks for a code.
+    pub fn forget_session(&self) {
+        self.inner.tickets.forget();
+    }
+
+    /// The last Verdict any connection of this client received.
+    pub fn last_verdict(&self) -> Option<VerdictInfo> {
+        self.inner
+            .last_verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The user this client claims.
+    pub fn user(&self) -> &str {
+        &self.inner.user
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("user", &self.inner.user)
+            .field("server_name", &self.inner.server_name)
+            .field("agent", &self.inner.agent)
+            .field("code_source", &self.inner.codes)
+            .field("session", &self.session())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(host_of("localhost:443").unwrap(), "localhost");
+        assert_eq!(host_of("127.0.0.1:1").unwrap(), "127.0.0.1");
+        assert_eq!(host_of("[::1]:8443").unwrap(), "::1");
+        for bad in [
+            "localhost",
+            "::1:80",
+            ":80",
+            "host:port",
+            "[::1]",
+            "h:70000",
+        ] {
+            assert!(host_of(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The connector tonic calls for each new connection: TCP, TLS 1.3, the Prefix.
+//!
+//! The connector writes the Prefix and returns the stream at once, without waiting for the
+//! Verdict: hyper writes the HTTP/2 preface right behind the Prefix (pipelining, PROTOCOL.md
+//! section 3), and the [`PcsStream`] consumes the Verdict on its first reads.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use portcullis_core::Random;
+use portcullis_core::codec::{ALPN_PCS1, Factor, Prefix};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::CodeSource;
+use crate::client::ClientInner;
+use crate::code::check_code;
+use crate::error::{ConnectFailure, Failure};
+use crate::log::{ConnLog, ConnState};
+use crate::stream::PcsStream;
+
+/// The RFC 9266 exporter label.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+
+/// How long to look for a TLS alert after the Prefix could not be written.
+const ALERT_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One channel's server: where to connect, and the record of its connections.
+pub(crate) struct Target {
+    pub(crate) client: Arc<ClientInner>,
+    /// `host:port`, as the caller gave it.
+    pub(crate) addr: String,
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) log: ConnLog,
+    /// How many calls the channel has taken (see [`ConnLog::failed_since`]).
+    pub(crate) calls: AtomicU64,
+}
+
+/// Records the outcome of one connection; a connection dropped before its Verdict is recorded
+/// as failed, so nobody waits for it forever.
+pub(crate) struct ConnGuard {
+    pub(crate) target: Arc<Target>,
+    pub(crate) id: u64,
+    settled: bool,
+}
+
+impl ConnGuard {
+    pub(crate) fn begin(target: Arc<Target>, calls: u64) -> Self {
+        let id = target.log.begin(calls);
+        Self {
+            target,
+            id,
+            settled: false,
+        }
+    }
+
+    pub(crate) fn settle(&mut self, state: ConnState) {
+        self.settled = true;
+        self.target.log.settle(self.id, state);
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.target.log.settle(
+                self.id,
+                ConnState::Failed(Failure::Io {
+                    kind: std::io::ErrorKind::ConnectionAborted,
+                    detail: "the connection was closed before the server's verdict".into(),
+                }),
+            );
+        }
+    }
+}
+
+/// The `tower::Service<Uri>` tonic's endpoint calls to open a connection.
+#[derive(Clone)]
+pub(crate) struct PcsConnector {
+    pub(crate) target: Arc<Target>,
+}
+
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<TokioIo<PcsStream>, ConnectFailure>> + Send>>;
+
+impl tower::Service<http::Uri> for PcsConnector {
+    type Response = TokioIo<PcsStream>;
+    type Error = ConnectFailure;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        // The URI is the channel's own `http://addr`: the target already knows the address.
+        let calls = self.target.calls.load(Ordering::SeqCst);
+        if let Some(failure) = self.target.log.failed_since(calls) {
+            return Box::pin(async move { Err(ConnectFailure(failure)) });
+        }
+        let mut guard = ConnGuard::begin(self.target.clone(), calls);
+        Box::pin(async move {
+            match open_first(&guard.target).await {
+                Ok((tls, ticket)) => Ok(TokioIo::new(PcsStream::new(tls, guard, ticket))),
+                Err(failure) => {
+                    tracing::debug!(conn = guard.id, error = %failure.io_message(), "PCS1 connection failed");
+                    guard.settle(ConnState::Failed(failure.clone()));
+                    Err(ConnectFailure(failure))
+                }
+            }
+        })
+    }
+}
+
+/// The first connection of a [`PcsStream`]: with the session ticket when the cache has a live
+/// one for this server (returned, so that an MFA_REQUIRED can drop exactly that ticket), else
+/// with a code.
+async fn open_first(
+    target: &Target,
+) -> Result<(TlsStream<TcpStream>, Option<Zeroizing<Vec<u8>>>), Failure> {
+    let client = &target.client;
+    let ticket = client
+        .tickets
+        .valid_for(&target.addr, client.clock.now_ms());
+    let factor = match &ticket {
+        Some(t) => Factor::Session(t.to_vec()),
+        None => Factor::Totp(fetch_code(client).await?.to_string()),
+    };
+    let tls = open(target, factor, &[]).await?;
+    Ok((tls, ticket))
+}
+
+/// A replacement connection after MFA_REQUIRED: a fresh code, then the bytes hyper already
+/// wrote on the refused connection.
+pub(crate) async fn redial(
+    target: Arc<Target>,
+    replay: Zeroizing<Vec<u8>>,
+) -> Result<TlsStream<TcpStream>, Failure> {
+    let code = fetch_code(&target.client).await?;
+    open(&target, Factor::Totp(code.to_string()), &replay).await
+}
+
+/// Asks the code source for a code; a callback runs on the blocking pool.
+async fn fetch_code(client: &Arc<ClientInner>) -> Result<Zeroizing<String>, Failure> {
+    let now_ms = client.clock.now_ms();
+    let code = match &client.codes {
+        CodeSource::Callback(_) => {
+            let client = client.clone();
+            tokio::task::spawn_blocking(move || client.codes.raw_code(now_ms))
+                .await
+                .map_err(|_| Failure::Code("the code callback panicked".into()))?
+        }
+        other => other.raw_code(now_ms),
+    }
+    .map_err(Failure::Code)?;
+    check_code(&code).map_err(Failure::Code)?;
+    Ok(code)
+}
+
+/// TCP, TLS 1.3 with ALPN `portcullis/1`, then the Prefix (and `trailer`) written and flushed.
+async fn open(
+    target: &Target,
+    mut factor: Factor,
+    trailer: &[u8],
+) -> Result<TlsStream<TcpStream>, Failure> {
+    let result = open_inner(target, &factor, trailer).await;
+    match &mut factor {
+        Factor::Totp(code) => code.zeroize(),
+        Factor::Session(ticket) => ticket.zeroize(),
+    }
+    result
+}
+
+async fn open_inner(
+    target: &Target,
+    factor: &Factor,
+    trailer: &[u8],
+) -> Result<TlsStream<TcpStream>, Failure> {
+    let client = &target.client;
+    let tcp = TcpStream::connect(target.addr.as_str())
+        .await
+        .map_err(|e| Failure::Io {
+            kind: e.kind(),
+            detail: format!("could not connect to {}: {e}", target.addr),
+        })?;
+    tcp.set_nodelay(true).map_err(|e| Failure::Io {
+        kind: e.kind(),
+        detail: format!("could not set TCP_NODELAY: {e}"),
+    })?;
+    let mut tls = client
+        .tls
+        .connect(target.server_name.clone(), tcp)
+        .await
+        .map_err(|e| Failure::from_tls_io(&e, "the handshake failed"))?;
+
+    let (_, conn) = tls.get_ref();
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Err(Failure::Tls(format!(
+            "the server negotiated {:?}, PCS1 needs TLS 1.3",
+            conn.protocol_version()
+        )));
+    }
+    if conn.alpn_protocol() != Some(ALPN_PCS1) {
+        return Err(Failure::Tls(
+            "the server did not select ALPN portcullis/1 (is it a Portcullis server?)".into(),
+        ));
+    }
+    let binding = conn
+        .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+        .map_err(|e| Failure::Tls(format!("could not compute the channel binding: {e}")))?;
+
+    let mut nonce = [0u8; 16];
+    client.rng.fill(&mut nonce).map_err(|_| Failure::Random)?;
+    let prefix = Prefix {
+        user: client.user.clone(),
+        factor: factor.clone(),
+        nonce,
+        time_ms: client.clock.now_ms(),
+        binding,
+        agent: Some(client.agent.clone()),
+    };
+    let encoded = prefix.encode();
+    let Prefix { mut factor, .. } = prefix;
+    match &mut factor {
+        Factor::Totp(code) => code.zeroize(),
+        Factor::Session(ticket) => ticket.zeroize(),
+    }
+    let mut frame = Zeroizing::new(
+        encoded.map_err(|e| Failure::Protocol(format!("could not encode the Prefix: {e}")))?,
+    );
+    frame.extend_from_slice(trailer);
+    let written = async {
+        tls.write_all(&frame).await?;
+        tls.flush().await
+    }
+    .await;
+    if let Err(e) = written {
+        return Err(alert_after_write_error(&mut tls, &e).await);
+    }
+    tracing::debug!(
+        addr = %target.addr,
+        session = matches!(factor, Factor::Session(_)),
+        "PCS1 Prefix sent"
+    );
+    Ok(tls)
+}
+
+/// The failure of a connection whose Prefix could not be written. In TLS 1.3 the server judges
+/// the client certificate after the client's handshake is done, so a refused certificate may
+/// first show as a broken pipe; the server's alert is then waiting to be read, and names the
+/// real problem.
+async fn alert_after_write_error(tls: &mut TlsStream<TcpStream>, err: &std::io::Error) -> Failure {
+    let mut probe = [0u8; 1];
+    let read = tokio::time::timeout(ALERT_PROBE, tls.read(&mut probe)).await;
+    match read {
+        Ok(Err(e)) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
+            Failure::from_tls_io(&e, "the handshake failed")
+        }
+        _ => Failure::Io {
+            kind: err.kind(),
+            detail: format!("could not send the Prefix: {err}"),
+        },
+    }
+}

@@ -1,0 +1,307 @@
+//! A Portcullis server on loopback with a dev PKI, and clients for it: real TCP, real TLS.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use portcullis::AuthContext;
+use portcullis::client::{Client, CodeSource};
+use portcullis::core::codec::{
+    ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
+};
+use portcullis::core::{
+    Clock, DeviceFingerprint, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig,
+};
+use portcullis::demo::{Echo, EchoServer, SayReply, SayRequest};
+use portcullis::server::PortcullisServer;
+use portcullis::tls::devpki::{DevCa, Issued};
+use portcullis::tls::rustls;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
+
+/// The Echo service of the tests: counts the calls that reach it and reports what tonic tells
+/// a handler about the connection.
+#[derive(Clone, Default)]
+pub struct CountingEcho {
+    pub calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Echo for CountingEcho {
+    async fn say(
+        &self,
+        request: tonic::Request<SayRequest>,
+    ) -> Result<tonic::Response<SayReply>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let auth = AuthContext::of(&request)?.clone();
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "none".into());
+        let certs = request.peer_certs().map(|c| c.len()).unwrap_or(0);
+        let text = format!(
+            "{}|peer={peer}|certs={certs}|auth_peer={}|device_name={}",
+            request.get_ref().text,
+            auth.peer_addr,
+            auth.device_name
+        );
+        Ok(tonic::Response::new(SayReply {
+            text,
+            user: auth.user,
+            device: auth.fingerprint.to_string(),
+            auth_method: auth.method.as_str().to_owned(),
+        }))
+    }
+}
+
+/// Settings of a test server.
+pub struct Options {
+    pub deadline: Duration,
+    pub session_ttl: Option<Duration>,
+    pub clock_skew: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(10),
+            session_ttl: Some(Duration::from_secs(3600)),
+            clock_skew: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A device enrolled for a user.
+pub struct Enrolled {
+    pub user: String,
+    pub totp: TotpConfig,
+    pub device: Issued,
+    pub fingerprint: DeviceFingerprint,
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub registry: Arc<dyn Registry>,
+    pub ca: DevCa,
+    pub calls: Arc<AtomicUsize>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default(), Arc::new(MemoryRegistry::new())).await
+    }
+
+    pub async fn start_with(options: Options, registry: Arc<dyn Registry>) -> Self {
+        let ca = DevCa::generate("test CA").unwrap();
+        let server_cert = ca
+            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+        let portcullis = PortcullisServer::builder()
+            .identity(
+                vec![server_cert.cert_der()],
+                server_cert.key_der(),
+                &[ca.cert_der()],
+            )
+            .unwrap()
+            .registry(registry.clone())
+            .deadline(options.deadline)
+            .session_ttl(options.session_ttl)
+            .clock_skew(options.clock_skew)
+            .build()
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let echo = CountingEcho::default();
+        let calls = echo.calls.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let incoming = portcullis.incoming(listener);
+        let task = tokio::spawn(async move {
+            portcullis
+                .server()
+                .add_service(EchoServer::new(echo))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            registry,
+            ca,
+            calls,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops within 10 s")
+                .unwrap();
+        }
+    }
+
+    pub fn add_user(&self, user: &str) -> TotpConfig {
+        let totp = TotpConfig::new(
+            format!("secret-of-{user:0>12}").into_bytes(),
+            6,
+            TotpAlgorithm::Sha1,
+            30,
+        )
+        .unwrap();
+        self.registry
+            .add_user(user, totp.clone(), SystemClock.now_ms())
+            .unwrap();
+        totp
+    }
+
+    /// Issues a device certificate from the server's CA without binding it.
+    pub fn issue(&self, device: &str) -> (Issued, DeviceFingerprint) {
+        let issued = self.ca.issue_device(device).unwrap();
+        let fp = portcullis::tls::fingerprint(issued.cert_der().as_ref()).unwrap();
+        (issued, fp)
+    }
+
+    /// Adds `user` (when new) and binds a new device to it.
+    pub fn enroll(&self, user: &str, device: &str) -> Enrolled {
+        let totp = match self.registry.user(user).unwrap() {
+            Some(u) => u.totp.unwrap(),
+            None => self.add_user(user),
+        };
+        let (issued, fingerprint) = self.issue(device);
+        self.registry
+            .bind_device(device, user, &fingerprint, SystemClock.now_ms())
+            .unwrap();
+        Enrolled {
+            user: user.to_owned(),
+            totp,
+            device: issued,
+            fingerprint,
+        }
+    }
+
+    pub fn tls_config(&self, device: &Issued, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        portcullis::tls::client_config(
+            &[self.ca.cert_der()],
+            vec![device.cert_der()],
+            device.key_der(),
+            alpn,
+        )
+        .unwrap()
+    }
+
+    /// A Portcullis client for the device, as `user`.
+    pub fn client_as(&self, device: &Issued, user: &str, source: CodeSource) -> Client {
+        Client::builder()
+            .tls_config(self.tls_config(device, &[ALPN_PCS1]))
+            .server_name("localhost")
+            .user(user)
+            .code_source(source)
+            .build()
+            .unwrap()
+    }
+
+    pub fn client(&self, enrolled: &Enrolled, source: CodeSource) -> Client {
+        self.client_as(&enrolled.device, &enrolled.user, source)
+    }
+
+    /// A raw TLS connection with the device certificate and the given ALPN ids.
+    pub async fn raw_tls(&self, device: &Issued, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+        self.try_raw_tls(device, alpn).await.unwrap()
+    }
+
+    /// The same, returning a failed handshake.
+    pub async fn try_raw_tls(
+        &self,
+        device: &Issued,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let connector = tokio_rustls::TlsConnector::from(self.tls_config(device, alpn));
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        connector.connect(name, tcp).await
+    }
+
+    pub fn addr_str(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// The current code of a TOTP config.
+pub fn current_code(totp: &TotpConfig) -> String {
+    totp.generate(SystemClock.now_ms() / 1000)
+}
+
+/// A code that is certainly not accepted now: the current code's digits shifted by one.
+pub fn wrong_code(totp: &TotpConfig) -> String {
+    let now = SystemClock.now_ms() / 1000;
+    let valid: Vec<String> = (0..3).map(|i| totp.generate(now - 30 + i * 30)).collect();
+    (0u32..)
+        .map(|n| format!("{:06}", (n * 7919) % 1_000_000))
+        .find(|c| !valid.contains(c))
+        .unwrap()
+}
+
+/// The exporter of a client connection.
+pub fn exporter(tls: &TlsStream<TcpStream>) -> [u8; 32] {
+    portcullis::tls::exporter(tls.get_ref().1).unwrap()
+}
+
+/// A Prefix for a raw connection, with a fresh nonce and the connection's binding.
+pub fn prefix(tls: &TlsStream<TcpStream>, user: &str, factor: Factor) -> Prefix {
+    let mut nonce = [0u8; 16];
+    portcullis::core::Random::fill(&portcullis::core::SystemRandom::new(), &mut nonce).unwrap();
+    Prefix {
+        user: user.to_owned(),
+        factor,
+        nonce,
+        time_ms: SystemClock.now_ms(),
+        binding: exporter(tls),
+        agent: Some("portcullis-tests".into()),
+    }
+}
+
+/// Reads exactly one Verdict.
+pub async fn read_verdict(tls: &mut TlsStream<TcpStream>) -> Verdict {
+    let mut header = [0u8; HEADER_LEN];
+    tls.read_exact(&mut header).await.unwrap();
+    let h = FrameHeader::parse(&header, FrameKind::Verdict).unwrap();
+    let mut body = vec![0u8; h.body_len];
+    tls.read_exact(&mut body).await.unwrap();
+    Verdict::decode_body(&body).unwrap()
+}
+
+/// Sends raw bytes and returns the Verdict the server answers.
+pub async fn send_raw(tls: &mut TlsStream<TcpStream>, bytes: &[u8]) -> Verdict {
+    tls.write_all(bytes).await.unwrap();
+    tls.flush().await.unwrap();
+    read_verdict(tls).await
+}
+
+/// Reads until the server closes; returns how many bytes came (Ok) or the error.
+pub async fn read_to_close(tls: &mut TlsStream<TcpStream>) -> Result<usize, std::io::Error> {
+    let mut rest = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await {
+        Ok(Ok(_)) => Ok(rest.len()),
+        Ok(Err(e)) => {
+            if rest.is_empty() {
+                Err(e)
+            } else {
+                Ok(rest.len())
+            }
+        }
+        Err(_) => panic!("the server did not close the connection within 5 s"),
+    }
+}
