@@ -458,3 +458,79 @@ async fn graceful_shutdown_stops_accepting() {
     }
     assert!(closed, "the listener still accepts after shutdown");
 }
+
+#[tokio::test]
+async fn a_connection_policy_refuses_with_policy_denied() {
+    let options = Options {
+        policy: Some(Arc::new(|id: &portcullis::core::Identity| {
+            if id.user == "mallory" {
+                Err(format!("user {} is suspended", id.user))
+            } else {
+                Ok(())
+            }
+        })),
+        ..Options::default()
+    };
+    let server =
+        TestServer::start_with(options, Arc::new(portcullis::core::MemoryRegistry::new())).await;
+    let mallory = server.enroll("mallory", "tablet");
+    let client = server.client(&mallory, CodeSource::secret(mallory.totp.clone()));
+    let status = say(&client, &server, "x").await.unwrap_err();
+    assert_reject(
+        &status,
+        RejectCode::PolicyDenied,
+        tonic::Code::PermissionDenied,
+    );
+    assert_eq!(status.message(), "policy_denied: user mallory is suspended");
+
+    let alice = server.enroll("alice", "laptop");
+    let client = server.client(&alice, CodeSource::secret(alice.totp.clone()));
+    assert_eq!(say(&client, &server, "x").await.unwrap().user, "alice");
+    assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_session_ticket_falls_back_to_a_code_without_the_caller_noticing() {
+    let options = Options {
+        session_ttl: Some(Duration::from_secs(1)),
+        ..Options::default()
+    };
+    let server =
+        TestServer::start_with(options, Arc::new(portcullis::core::MemoryRegistry::new())).await;
+    let alice = server.enroll("alice", "laptop");
+    // Each code comes from a later time step than the one before, so none is a reuse.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let asked = asked.clone();
+        let totp = alice.totp.clone();
+        CodeSource::callback(move || {
+            let n = asked.fetch_add(1, Ordering::SeqCst) as u64;
+            Ok(totp.generate(SystemClock.now_ms() / 1000 + 30 * n))
+        })
+    };
+    // The client's clock is 30 s behind (within the allowed skew), so it still believes the
+    // ticket valid after the server has let it expire.
+    let client = portcullis::client::Client::builder()
+        .tls_config(server.tls_config(&alice.device, &[ALPN_PCS1]))
+        .server_name("localhost")
+        .user("alice")
+        .code_source(source)
+        .clock(Arc::new(OffsetClock::new(SystemClock, -30_000)))
+        .build()
+        .unwrap();
+    assert_eq!(
+        say(&client, &server, "x").await.unwrap().auth_method,
+        "totp"
+    );
+    assert!(client.session().is_some());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The next connection sends the expired ticket, gets MFA_REQUIRED, and the client retries
+    // with a code on its own: the call succeeds.
+    let reply = say(&client, &server, "y").await.unwrap();
+    assert_eq!(reply.auth_method, "totp");
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_eq!(server.calls.load(Ordering::SeqCst), 2);
+    server.stop().await;
+}

@@ -63,6 +63,7 @@ pub struct Options {
     pub deadline: Duration,
     pub session_ttl: Option<Duration>,
     pub clock_skew: Duration,
+    pub policy: Option<Arc<dyn portcullis::core::ConnectionPolicy>>,
 }
 
 impl Default for Options {
@@ -71,6 +72,7 @@ impl Default for Options {
             deadline: Duration::from_secs(10),
             session_ttl: Some(Duration::from_secs(3600)),
             clock_skew: Duration::from_secs(60),
+            policy: None,
         }
     }
 }
@@ -102,7 +104,7 @@ impl TestServer {
         let server_cert = ca
             .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
             .unwrap();
-        let portcullis = PortcullisServer::builder()
+        let mut builder = PortcullisServer::builder()
             .identity(
                 vec![server_cert.cert_der()],
                 server_cert.key_der(),
@@ -112,9 +114,11 @@ impl TestServer {
             .registry(registry.clone())
             .deadline(options.deadline)
             .session_ttl(options.session_ttl)
-            .clock_skew(options.clock_skew)
-            .build()
-            .unwrap();
+            .clock_skew(options.clock_skew);
+        if let Some(policy) = options.policy {
+            builder = builder.policy(policy);
+        }
+        let portcullis = builder.build().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let echo = CountingEcho::default();
