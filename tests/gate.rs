@@ -140,14 +140,11 @@ async fn refusals_surface_as_grpc_statuses_and_reach_no_service() {
     assert_reject(&status, RejectCode::MfaFailed, tonic::Code::Unauthenticated);
 
     // CLOCK_SKEW: the client's clock is 94 s ahead; the reason says by how much.
-    let skewed = portcullis::client::Client::builder()
-        .tls_config(server.tls_config(&alice.device, &[ALPN_PCS1]))
-        .server_name("localhost")
-        .user("alice")
-        .code_source(CodeSource::secret(alice.totp.clone()))
-        .clock(Arc::new(OffsetClock::new(SystemClock, 94_000)))
-        .build()
-        .unwrap();
+    let skewed = server.client_with_clock(
+        &alice,
+        CodeSource::secret(alice.totp.clone()),
+        Arc::new(OffsetClock::new(SystemClock, 94_000)),
+    );
     let status = say(&skewed, &server, "x").await.unwrap_err();
     assert_reject(&status, RejectCode::ClockSkew, tonic::Code::Unauthenticated);
     assert!(
@@ -511,14 +508,11 @@ async fn a_refused_session_ticket_falls_back_to_a_code_without_the_caller_notici
     };
     // The client's clock is 30 s behind (within the allowed skew), so it still believes the
     // ticket valid after the server has let it expire.
-    let client = portcullis::client::Client::builder()
-        .tls_config(server.tls_config(&alice.device, &[ALPN_PCS1]))
-        .server_name("localhost")
-        .user("alice")
-        .code_source(source)
-        .clock(Arc::new(OffsetClock::new(SystemClock, -30_000)))
-        .build()
-        .unwrap();
+    let client = server.client_with_clock(
+        &alice,
+        source,
+        Arc::new(OffsetClock::new(SystemClock, -30_000)),
+    );
     assert_eq!(
         say(&client, &server, "x").await.unwrap().auth_method,
         "totp"

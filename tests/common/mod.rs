@@ -206,13 +206,33 @@ impl TestServer {
         .unwrap()
     }
 
-    /// A Portcullis client for the device, as `user`.
-    pub fn client_as(&self, device: &Issued, user: &str, source: CodeSource) -> Client {
+    fn client_builder(
+        &self,
+        device: &Issued,
+        user: &str,
+        source: CodeSource,
+    ) -> portcullis::client::ClientBuilder {
         Client::builder()
             .tls_config(self.tls_config(device, &[ALPN_PCS1]))
             .server_name("localhost")
             .user(user)
             .code_source(source)
+    }
+
+    /// A Portcullis client for the device, as `user`.
+    pub fn client_as(&self, device: &Issued, user: &str, source: CodeSource) -> Client {
+        self.client_builder(device, user, source).build().unwrap()
+    }
+
+    /// A Portcullis client of an enrolled device whose clock is `clock`.
+    pub fn client_with_clock(
+        &self,
+        enrolled: &Enrolled,
+        source: CodeSource,
+        clock: Arc<dyn Clock>,
+    ) -> Client {
+        self.client_builder(&enrolled.device, &enrolled.user, source)
+            .clock(clock)
             .build()
             .unwrap()
     }

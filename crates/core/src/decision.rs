@@ -677,33 +677,27 @@ impl Gate {
         }
         let session = match self.config.session_ttl_ms {
             Some(ttl) => {
-                let mut id = [0u8; 16];
-                let claims = self
-                    .rng
-                    .fill(&mut id)
-                    .map(|()| SessionClaims {
-                        id: SessionId(id),
-                        user: prefix.user.clone(),
-                        fingerprint: device.fingerprint,
-                        totp_time_ms: now,
-                        expires_ms: now.saturating_add(ttl),
-                    })
-                    .map_err(|_| {
-                        Refusal::new(
-                            RejectCode::Overloaded,
-                            Cause::Random,
-                            "the server could not issue a session; retry shortly",
-                        )
-                        .retry_after(5)
-                    })?;
-                let ticket = self.tickets.seal(&claims, self.rng.as_ref()).map_err(|_| {
+                let cannot_issue = |_| {
                     Refusal::new(
                         RejectCode::Overloaded,
                         Cause::Random,
                         "the server could not issue a session; retry shortly",
                     )
                     .retry_after(5)
-                })?;
+                };
+                let mut id = [0u8; 16];
+                self.rng.fill(&mut id).map_err(|e| cannot_issue(e.into()))?;
+                let claims = SessionClaims {
+                    id: SessionId(id),
+                    user: prefix.user.clone(),
+                    fingerprint: device.fingerprint,
+                    totp_time_ms: now,
+                    expires_ms: now.saturating_add(ttl),
+                };
+                let ticket = self
+                    .tickets
+                    .seal(&claims, self.rng.as_ref())
+                    .map_err(cannot_issue)?;
                 Some((claims, ticket))
             }
             None => None,
