@@ -125,11 +125,14 @@ pub(crate) fn call(args: &CallArgs) -> CliResult {
                 "device": reply.device,
                 "auth_method": reply.auth_method,
             });
-            println!("{out}");
+            out!("{out}");
         } else {
-            println!(
+            out!(
                 "{}  (user {}, device {}, via {})",
-                reply.text, reply.user, reply.device, reply.auth_method
+                reply.text,
+                reply.user,
+                reply.device,
+                reply.auth_method
             );
         }
         Ok(())

@@ -76,6 +76,19 @@ impl Layout {
                 dir.display()
             ));
         }
+        // SQLite takes an empty file for an empty database; a registry file that lost its
+        // content must not turn silently into a new, empty registry.
+        let registry = layout.registry();
+        match fs::metadata(&registry) {
+            Ok(meta) if meta.len() == 0 => {
+                return Err(format!(
+                    "{}: the registry file is empty; not a registry made by `portcullis init`",
+                    registry.display()
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("{}: cannot read: {e}", registry.display())),
+        }
         Ok(layout)
     }
 
@@ -125,6 +138,13 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
     let mut file = options
         .open(path)
         .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    // `mode` applies only to a new file; `init --force` rewrites existing ones.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: cannot set permissions: {e}", path.display()))?;
+    }
     file.write_all(bytes)
         .map_err(|e| format!("{}: cannot write: {e}", path.display()))
 }
@@ -204,15 +224,15 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
         .map_err(|e| e.to_string())?;
     write_private(&layout.ticket_key(), key.as_ref())?;
 
-    println!("initialised {}", args.dir.display());
-    println!("  CA              {}", layout.ca_cert().display());
-    println!(
+    out!("initialised {}", args.dir.display());
+    out!("  CA              {}", layout.ca_cert().display());
+    out!(
         "  server cert     {} (names: {})",
         layout.server_cert().display(),
         names.join(", ")
     );
-    println!("  registry        {}", db.display());
-    println!(
+    out!("  registry        {}", db.display());
+    out!(
         "next: portcullis user add USER --dir {}",
         args.dir.display()
     );

@@ -66,12 +66,12 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
             "period": totp.period(),
             "algorithm": totp.algorithm().name(),
         });
-        println!("{out}");
+        out!("{out}");
         return Ok(());
     }
-    println!("added user {}", args.user);
-    println!("scan this with an authenticator app, or enter the secret by hand:");
-    println!();
+    out!("added user {}", args.user);
+    out!("scan this with an authenticator app, or enter the secret by hand:");
+    out!();
     if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
         use qrcode::render::unicode::Dense1x2;
         let image = code
@@ -80,10 +80,10 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
             .light_color(Dense1x2::Dark)
             .quiet_zone(true)
             .build();
-        println!("{image}");
+        out!("{image}");
     }
-    println!("otpauth URI: {uri}");
-    println!(
+    out!("otpauth URI: {uri}");
+    out!(
         "secret:      {secret}  ({} digits, {}, {} s)",
         totp.digits(),
         totp.algorithm(),
@@ -171,9 +171,9 @@ pub(crate) fn device_issue(args: &DeviceIssueArgs) -> CliResult {
             "cert": cert_path.display().to_string(),
             "key": key_path.display().to_string(),
         });
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!(
+        out!(
             "issued device {} for {}\n  fingerprint {}\n  certificate {}\n  key         {}",
             args.name,
             args.user,
@@ -243,11 +243,14 @@ pub(crate) fn device_bind(args: &DeviceBindArgs) -> CliResult {
             "fingerprint": record.fingerprint.to_string(),
             "subject": identity.subject,
         });
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!(
+        out!(
             "bound device {} ({}) to {}\n  fingerprint {}",
-            record.name, identity.subject, record.user, record.fingerprint
+            record.name,
+            identity.subject,
+            record.user,
+            record.fingerprint
         );
     }
     Ok(())
@@ -290,23 +293,26 @@ pub(crate) fn device_list(args: &DeviceListArgs) -> CliResult {
     let devices = registry.list_devices().map_err(|e| e.to_string())?;
     if args.json {
         let out: Vec<_> = devices.iter().map(device_json).collect();
-        println!("{}", serde_json::Value::Array(out));
+        out!("{}", serde_json::Value::Array(out));
         return Ok(());
     }
     if devices.is_empty() {
-        println!("no devices");
+        out!("no devices");
         return Ok(());
     }
-    println!(
+    out!(
         "{:<16} {:<16} {:<71} {:<20} STATUS",
-        "DEVICE", "USER", "FINGERPRINT", "CREATED"
+        "DEVICE",
+        "USER",
+        "FINGERPRINT",
+        "CREATED"
     );
     for d in &devices {
         let status = match d.revoked_ms {
             Some(ms) => format!("revoked {}", format_time(ms)),
             None => "active".to_owned(),
         };
-        println!(
+        out!(
             "{:<16} {:<16} {:<71} {:<20} {status}",
             d.name,
             d.user,
@@ -332,9 +338,11 @@ pub(crate) fn device_revoke(args: &DeviceRevokeArgs) -> CliResult {
     let record = registry
         .revoke_device(&args.name, now_ms())
         .map_err(|e| e.to_string())?;
-    println!(
+    out!(
         "revoked device {} ({}) of {}; running servers refuse it from their next connection",
-        record.name, record.fingerprint, record.user
+        record.name,
+        record.fingerprint,
+        record.user
     );
     Ok(())
 }

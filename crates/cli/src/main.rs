@@ -5,6 +5,15 @@
 //! missing file or a broken certificate.
 #![forbid(unsafe_code)]
 
+/// Prints a line to stdout. A stdout that was closed early (`portcullis device list | head -1`)
+/// ends the output quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod call;
 mod dir;
 mod enroll;
@@ -67,7 +76,50 @@ pub(crate) struct DirArg {
 /// A command's failure: one line for the person.
 pub(crate) type CliResult<T = ()> = Result<T, String>;
 
+/// One line for a command-line error: clap's first line, with the flags it lists below it
+/// (missing arguments) folded in.
+fn clap_error_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::MissingRequiredArgument
+        && let Some(ContextValue::Strings(args)) = e.get(ContextKind::InvalidArg)
+        && !args.is_empty()
+    {
+        let noun = if args.len() == 1 {
+            "argument"
+        } else {
+            "arguments"
+        };
+        return format!("missing required {noun} {}", args.join(", "));
+    }
+    let rendered = e.render().to_string();
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("error: invalid arguments");
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+/// A bug must still end in one line, not a panic message and a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".to_owned());
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = message.lines().next().unwrap_or("");
+        eprintln!("portcullis: internal error{location}: {message}");
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -80,13 +132,7 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(2);
             }
-            let rendered = e.render().to_string();
-            let line = rendered
-                .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
-            eprintln!("portcullis: {line} (see --help)");
+            eprintln!("portcullis: {} (see --help)", clap_error_line(&e));
             return ExitCode::from(2);
         }
     };

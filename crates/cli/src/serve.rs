@@ -37,8 +37,10 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     let registry: Arc<dyn Registry> = Arc::new(layout.open_registry()?);
     let ticket_key = layout.load_ticket_key()?;
 
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -64,7 +66,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         let local = listener
             .local_addr()
             .map_err(|e| format!("{}: {e}", args.listen))?;
-        println!("listening on {local}");
+        out!("listening on {local}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
         portcullis
