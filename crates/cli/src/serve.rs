@@ -12,6 +12,9 @@ use portcullis_server::PortcullisServer;
 use crate::dir::Layout;
 use crate::{CliResult, DirArg};
 
+/// How long open connections may finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// `portcullis serve`.
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -69,12 +72,31 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         out!("listening on {local}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        portcullis
+        // On a signal, stop accepting and let open connections finish, for at most
+        // SHUTDOWN_GRACE: an idle connection must not keep the process alive.
+        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signalled = {
+            let stopping = stopping.clone();
+            async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: no new connections");
+                stopping.notify_one();
+            }
+        };
+        let serving = portcullis
             .server()
             .add_service(demo::service())
-            .serve_with_incoming_shutdown(portcullis.incoming(listener), shutdown_signal())
-            .await
-            .map_err(|e| format!("server: {e}"))?;
+            .serve_with_incoming_shutdown(portcullis.incoming(listener), signalled);
+        tokio::select! {
+            served = serving => served.map_err(|e| format!("server: {e}"))?,
+            _ = async {
+                stopping.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => tracing::warn!(
+                "connections still open after {} s; closing them",
+                SHUTDOWN_GRACE.as_secs()
+            ),
+        }
         tracing::info!("server stopped");
         Ok(())
     })
