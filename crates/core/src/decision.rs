@@ -301,6 +301,16 @@ impl From<RegistryError> for Refusal {
     }
 }
 
+fn locked_out(user: &str, left_ms: u64) -> Refusal {
+    let secs = seconds_ceil(left_ms);
+    Refusal::new(
+        RejectCode::LockedOut,
+        Cause::LockedOut,
+        format!("too many failed codes for {user}; retry in {secs} s"),
+    )
+    .retry_after(secs)
+}
+
 fn seconds_ceil(ms: u64) -> u32 {
     u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
@@ -523,16 +533,7 @@ impl Gate {
         // 4.5 lockout.
         let lock = self.registry.lock_state(&prefix.user)?;
         if let Some(left) = lock.remaining_ms(now) {
-            let secs = seconds_ceil(left);
-            return Err(Refusal::new(
-                RejectCode::LockedOut,
-                Cause::LockedOut,
-                format!(
-                    "too many failed codes for {}; retry in {secs} s",
-                    prefix.user
-                ),
-            )
-            .retry_after(secs));
+            return Err(locked_out(&prefix.user, left));
         }
         // 4.6 nonce.
         match self.nonces.insert(prefix.nonce, now) {
@@ -556,7 +557,7 @@ impl Gate {
         // 4.7 the factor.
         match &prefix.factor {
             Factor::Session(ticket) => self.check_session(ticket, prefix, &device, now),
-            Factor::Totp(code) => self.check_totp(code, prefix, &device, lock.failures, now),
+            Factor::Totp(code) => self.check_totp(code, prefix, &device, now),
         }
     }
 
@@ -640,41 +641,49 @@ impl Gate {
         code: &str,
         prefix: &Prefix,
         device: &DeviceRecord,
-        failures: u32,
         now: u64,
     ) -> Result<(Identity, Option<(Vec<u8>, u64)>), Refusal> {
-        let user = self.registry.user(&prefix.user)?;
-        let step = user
-            .as_ref()
-            .and_then(|u| u.totp.as_ref())
-            .map(|totp| totp.matching_step(code, now / 1000));
-        let failure = match step {
-            None => Some(Cause::NoFactor),
-            Some(None) => Some(Cause::CodeWrong),
-            Some(Some(step)) => {
-                if self.registry.advance_totp_step(&prefix.user, step)? {
-                    None
-                } else {
-                    Some(Cause::CodeReused)
-                }
-            }
-        };
-        if let Some(cause) = failure {
-            if user.is_some() {
-                let policy = self.config.lockout;
-                self.registry
-                    .update_lock_state(&prefix.user, &mut |s| policy.after_failure(s, now))?;
-            }
-            return Err(Refusal::new(
+        let mfa_failed = |cause| {
+            Refusal::new(
                 RejectCode::MfaFailed,
                 cause,
                 "the one-time code was not accepted",
-            ));
+            )
+        };
+        let Some(user) = self.registry.user(&prefix.user)? else {
+            return Err(mfa_failed(Cause::NoFactor));
+        };
+        // Charge the attempt as a failure before the code is checked, in one atomic step with
+        // the lock check: attempts racing each other cannot all find the user unlocked, and
+        // a registry failure refuses before the code is tried. A success clears the count.
+        let policy = self.config.lockout;
+        let mut locked_for = None;
+        self.registry.update_lock_state(
+            &prefix.user,
+            &mut |state| match state.remaining_ms(now) {
+                Some(left) => {
+                    locked_for = Some(left);
+                    state
+                }
+                None => policy.after_failure(state, now),
+            },
+        )?;
+        if let Some(left) = locked_for {
+            return Err(locked_out(&prefix.user, left));
         }
-        if failures > 0 {
-            self.registry
-                .update_lock_state(&prefix.user, &mut |_| crate::LockState::default())?;
+        let Some(totp) = user.totp.as_ref() else {
+            return Err(mfa_failed(Cause::NoFactor));
+        };
+        match totp.matching_step(code, now / 1000) {
+            None => return Err(mfa_failed(Cause::CodeWrong)),
+            Some(step) => {
+                if !self.registry.advance_totp_step(&prefix.user, step)? {
+                    return Err(mfa_failed(Cause::CodeReused));
+                }
+            }
         }
+        self.registry
+            .update_lock_state(&prefix.user, &mut |_| crate::LockState::default())?;
         let session = match self.config.session_ttl_ms {
             Some(ttl) => {
                 let cannot_issue = |_| {

@@ -1,7 +1,7 @@
 //! The replay-nonce store: every NONCE is remembered until it expires, with a hard cap on the
 //! number of entries; a full store fails closed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -35,6 +35,7 @@ pub struct NonceStore {
     live: AtomicUsize,
     capacity: usize,
     retention_ms: u64,
+    last_full_purge_ms: AtomicU64,
 }
 
 impl NonceStore {
@@ -45,6 +46,7 @@ impl NonceStore {
             live: AtomicUsize::new(0),
             capacity,
             retention_ms,
+            last_full_purge_ms: AtomicU64::new(0),
         }
     }
 
@@ -74,8 +76,19 @@ impl NonceStore {
     pub fn insert(&self, nonce: [u8; 16], now_ms: u64) -> Result<(), NonceError> {
         match self.try_insert(nonce, now_ms) {
             Err(NonceError::Full) => {
-                self.purge_expired(now_ms);
-                self.try_insert(nonce, now_ms)
+                // A full store is purged at most once per second: a flood against a full
+                // store must not turn every insert into a walk over all entries.
+                let last = self.last_full_purge_ms.load(Ordering::Acquire);
+                if now_ms >= last.saturating_add(1000)
+                    && self
+                        .last_full_purge_ms
+                        .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    self.purge_expired(now_ms);
+                    return self.try_insert(nonce, now_ms);
+                }
+                Err(NonceError::Full)
             }
             other => other,
         }
@@ -104,9 +117,16 @@ impl NonceStore {
 
     /// Drops the entries that expired at `now_ms`; returns how many.
     pub fn purge_expired(&self, now_ms: u64) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, expires| *expires > now_ms);
-        let removed = before.saturating_sub(self.entries.len());
+        // Count what this call removes, entry by entry: inserts and other purges may run at
+        // the same time, so the map's length before and after says nothing exact.
+        let mut removed = 0usize;
+        self.entries.retain(|_, expires| {
+            let keep = *expires > now_ms;
+            if !keep {
+                removed += 1;
+            }
+            keep
+        });
         self.live.fetch_sub(removed, Ordering::AcqRel);
         removed
     }
@@ -127,6 +147,45 @@ mod tests {
         store.insert([2; 16], 1500).unwrap();
         assert_eq!(store.purge_expired(2000), 1);
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn the_live_count_stays_exact_under_concurrent_purges_and_inserts() {
+        let store = Arc::new(NonceStore::new(1_000_000, 10));
+        let handles: Vec<_> = (0..4u8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        let mut n = [t; 16];
+                        n[..4].copy_from_slice(&i.to_be_bytes());
+                        let now = u64::from(i);
+                        store.insert(n, now).unwrap();
+                        if t % 2 == 0 && i % 100 == 0 {
+                            store.purge_expired(now);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(store.len(), store.entries.len());
+        store.purge_expired(u64::MAX);
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.entries.len(), 0);
+    }
+
+    #[test]
+    fn a_full_store_is_purged_at_most_once_a_second() {
+        let store = NonceStore::new(1, 10);
+        store.insert([1; 16], 0).unwrap();
+        // Expired at 10, but the first purge runs at 1000 at the earliest.
+        assert_eq!(store.insert([2; 16], 500), Err(NonceError::Full));
+        assert_eq!(store.insert([2; 16], 1000), Ok(()));
+        assert_eq!(store.insert([3; 16], 1500), Err(NonceError::Full));
+        assert_eq!(store.insert([3; 16], 2000), Ok(()));
     }
 
     #[test]
