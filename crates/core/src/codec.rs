@@ -436,7 +436,8 @@ impl Verdict {
         }
     }
 
-    /// A rejecting Verdict whose REASON is `code`'s name, `: ` and `hint` (cut to 256 bytes).
+    /// A rejecting Verdict whose REASON is `code`'s name, `: ` and `hint` (control characters
+    /// replaced by U+FFFD, cut to 256 bytes).
     /// RETRY_AFTER is kept only for the codes that carry it.
     pub fn reject(
         code: RejectCode,
@@ -445,6 +446,11 @@ impl Verdict {
         reference: [u8; 16],
         retry_after_s: Option<u32>,
     ) -> Self {
+        // The hint may quote client text (a user name): no control characters go back out.
+        let hint: String = hint
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
         let reason = format!("{}: {hint}", code.name());
         Self {
             status: code.as_u8(),

@@ -256,6 +256,9 @@ pub struct Decision {
     pub reference: Ref,
     /// The user the Prefix claimed, when it decoded.
     pub claimed_user: Option<String>,
+    /// The AGENT the Prefix sent, when it decoded and had one (for the audit record; log it
+    /// escaped, it is the client's text).
+    pub agent: Option<String>,
     /// The identity on accept, the refusal otherwise.
     pub outcome: Result<Identity, Rejection>,
 }
@@ -439,6 +442,7 @@ impl Gate {
             verdict: Verdict::reject(code, hint, now, reference.0, retry_after_s),
             reference,
             claimed_user: None,
+            agent: None,
             outcome: Err(Rejection { code, cause }),
         }
     }
@@ -466,6 +470,7 @@ impl Gate {
         let now = self.clock.now_ms();
         let reference = Ref::generate(self.rng.as_ref(), now);
         let claimed_user = Some(prefix.user.clone());
+        let agent = prefix.agent.clone();
         let checked = self
             .check(prefix, facts, now)
             .and_then(|(identity, session)| {
@@ -483,12 +488,14 @@ impl Gate {
                 verdict: Verdict::accept(now, reference.0, session),
                 reference,
                 claimed_user,
+                agent: agent.clone(),
                 outcome: Ok(identity),
             },
             Err(r) => Decision {
                 verdict: Verdict::reject(r.code, &r.hint, now, reference.0, r.retry_after_s),
                 reference,
                 claimed_user,
+                agent: agent.clone(),
                 outcome: Err(Rejection {
                     code: r.code,
                     cause: r.cause,

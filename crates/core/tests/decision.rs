@@ -1458,3 +1458,19 @@ fn concurrent_wrong_codes_cannot_outrun_the_lockout() {
     assert_eq!(code_checked, 5, "{outcomes:?}");
     assert_eq!(locked, 35);
 }
+
+#[test]
+fn control_characters_in_a_claimed_user_do_not_reach_the_reason() {
+    let w = World::new();
+    let d = w.decide(&w.totp("alice\n\u{1b}[31mroot", &w.code("alice")), LAPTOP);
+    assert_eq!(
+        d.outcome.as_ref().unwrap_err().code,
+        RejectCode::UserMismatch
+    );
+    let reason = reason(&d);
+    assert!(!reason.chars().any(char::is_control), "{reason:?}");
+    assert!(
+        reason.contains("alice\u{fffd}\u{fffd}[31mroot"),
+        "{reason:?}"
+    );
+}

@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
+use zeroize::Zeroizing;
 
 use crate::context::AuthContext;
 use crate::stream::AuthenticatedStream;
@@ -78,12 +80,20 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
     let local_addr = listener.local_addr().ok();
     let accept_loop = tokio::spawn(async move {
         let mut purge = tokio::time::interval(PURGE_INTERVAL);
+        let purging = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tx.closed() => break,
                 _ = purge.tick() => {
-                    let gate = state.gate.clone();
-                    let _ = tokio::task::spawn_blocking(move || gate.purge_expired()).await;
+                    // Detached, and one at a time: accepting never waits for a purge.
+                    if !purging.swap(true, Ordering::AcqRel) {
+                        let gate = state.gate.clone();
+                        let purging = purging.clone();
+                        tokio::task::spawn_blocking(move || {
+                            gate.purge_expired();
+                            purging.store(false, Ordering::Release);
+                        });
+                    }
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
@@ -138,7 +148,10 @@ async fn authenticate(
 
     let (facts, alpn_ok) = {
         let (_, conn) = tls.get_ref();
-        let alpn_ok = conn.alpn_protocol() == Some(ALPN_PCS1);
+        // Section 1: TLS 1.3 only (the exporter is a sound binding only there), and ALPN
+        // portcullis/1. Both are checked here whatever the configuration says.
+        let alpn_ok = conn.alpn_protocol() == Some(ALPN_PCS1)
+            && conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
         let fingerprint = conn
             .peer_certificates()
             .and_then(|certs| certs.first())
@@ -154,7 +167,8 @@ async fn authenticate(
             .1
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned());
-        tracing::info!(peer = %peer, outcome = "rejected", cause = "alpn_refused", alpn = ?alpn, "connection refused");
+        let version = tls.get_ref().1.protocol_version();
+        tracing::info!(peer = %peer, outcome = "rejected", cause = "alpn_or_version_refused", alpn = ?alpn, version = ?version, "connection refused");
         let _ = timeout_at(deadline, tls.shutdown()).await;
         return None;
     }
@@ -185,10 +199,18 @@ async fn authenticate(
         Ok(Err(ReadError::Decode(e))) => state.gate.refuse_decode(e),
         Ok(Ok(frame)) => {
             let gate = state.gate.clone();
-            match tokio::task::spawn_blocking(move || gate.decide(&frame, &facts)).await {
-                Ok(decision) => decision,
-                // A panic in a check refuses the connection (fail closed).
+            let deciding = tokio::task::spawn_blocking(move || gate.decide(&frame, &facts));
+            match timeout_at(deadline, deciding).await {
+                Ok(Ok(decision)) => decision,
+                // The decision is part of the deadline (PROTOCOL.md section 5, step 1).
                 Err(_) => state.gate.refuse(
+                    RejectCode::Timeout,
+                    Cause::Other("decision_timeout"),
+                    "the server did not decide within the deadline; retry",
+                    None,
+                ),
+                // A panic in a check refuses the connection (fail closed).
+                Ok(Err(_)) => state.gate.refuse(
                     RejectCode::Overloaded,
                     Cause::Other("gate_failed"),
                     "the server could not check credentials; retry shortly",
@@ -250,11 +272,12 @@ enum ReadError {
 
 /// Reads exactly one Prefix frame: the header, then exactly the body it announces. A length
 /// over the limit is refused from the header alone.
-async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Vec<u8>, ReadError> {
+async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Zeroizing<Vec<u8>>, ReadError> {
     let mut header = [0u8; HEADER_LEN];
     tls.read_exact(&mut header).await.map_err(ReadError::Io)?;
     let parsed = FrameHeader::parse(&header, FrameKind::Prefix).map_err(ReadError::Decode)?;
-    let mut frame = vec![0u8; HEADER_LEN + parsed.body_len];
+    // The frame holds the code or the ticket: wiped when dropped.
+    let mut frame = Zeroizing::new(vec![0u8; HEADER_LEN + parsed.body_len]);
     frame[..HEADER_LEN].copy_from_slice(&header);
     tls.read_exact(&mut frame[HEADER_LEN..])
         .await
@@ -270,10 +293,11 @@ fn audit(decision: &Decision, peer: SocketAddr, fingerprint: &DeviceFingerprint,
             peer = %peer,
             fingerprint = %fingerprint,
             user = user,
+            agent = ?decision.agent,
             device = %identity.device_name,
             method = %identity.method,
             outcome = "accepted",
-            micros = took.as_micros() as u64,
+            accept_micros = took.as_micros() as u64,
             "connection accepted"
         ),
         Err(rejection) => tracing::info!(
@@ -281,10 +305,11 @@ fn audit(decision: &Decision, peer: SocketAddr, fingerprint: &DeviceFingerprint,
             peer = %peer,
             fingerprint = %fingerprint,
             user = user,
+            agent = ?decision.agent,
             outcome = "rejected",
             code = rejection.code.name(),
             cause = %rejection.cause,
-            micros = took.as_micros() as u64,
+            accept_micros = took.as_micros() as u64,
             "connection refused"
         ),
     }

@@ -34,7 +34,7 @@ type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send
 
 impl<S> Service<Request<Body>> for AuthService<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>>,
+    S: Service<Request<Body>, Response = Response<Body>> + Clone,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -54,6 +54,9 @@ where
         let auth: AuthContext = (*info.auth).clone();
         request.extensions_mut().insert(info.tls);
         request.extensions_mut().insert(auth);
-        Box::pin(self.inner.call(request))
+        // Call the service that poll_ready readied, and keep a fresh clone for the next call.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        Box::pin(ready.call(request))
     }
 }

@@ -67,6 +67,9 @@ pub enum ServerError {
 /// The default absolute deadline for TLS handshake plus Prefix (PROTOCOL.md section 5).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The longest deadline the builder takes.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
+
 /// Builds a [`PortcullisServer`].
 pub struct Builder {
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -145,7 +148,8 @@ impl Builder {
         self
     }
 
-    /// The absolute deadline for TLS handshake and Prefix (default 10 s).
+    /// The absolute deadline for TLS handshake, Prefix and decision (default 10 s, at most
+    /// [`MAX_DEADLINE`]).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -209,9 +213,9 @@ impl Builder {
         let registry = self
             .registry
             .ok_or_else(|| ServerError::Config("a registry is required".into()))?;
-        if self.deadline.is_zero() {
+        if self.deadline.is_zero() || self.deadline > MAX_DEADLINE {
             return Err(ServerError::Config(
-                "the deadline must be above zero".into(),
+                "the deadline must be above zero and at most 1 hour".into(),
             ));
         }
         if self.config.nonce_capacity == 0 {
