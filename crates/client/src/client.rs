@@ -10,6 +10,7 @@ use portcullis_core::{Clock, SystemClock, SystemRandom};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tonic::transport::Endpoint;
+use zeroize::Zeroizing;
 
 use crate::channel::PortcullisChannel;
 use crate::code::check_code;
@@ -37,12 +38,29 @@ pub(crate) struct ClientInner {
     pub(crate) tickets: TicketCache,
     pub(crate) connect_timeout: Duration,
     last_verdict: Mutex<Option<VerdictInfo>>,
+    /// The last code a server accepted from this client (wiped when replaced or dropped).
+    accepted_code: Mutex<Option<Zeroizing<String>>>,
 }
 
 impl ClientInner {
     pub(crate) fn record_verdict(&self, verdict: &Verdict) {
         *self.last_verdict.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(VerdictInfo::of(verdict));
+    }
+
+    /// Remembers `code` as the last code a server accepted; the previous one is wiped.
+    pub(crate) fn remember_accepted_code(&self, code: Zeroizing<String>) {
+        *self.accepted_code.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+    }
+
+    /// Whether `code` is the last code a server accepted from this client: sending it again
+    /// could only fail (the server accepts a code once) and count towards the user's lockout.
+    pub(crate) fn is_accepted_code(&self, code: &str) -> bool {
+        self.accepted_code
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|accepted| accepted.as_bytes() == code.as_bytes())
     }
 }
 
@@ -128,8 +146,9 @@ impl ClientBuilder {
         self
     }
 
-    /// How long to wait for TCP, TLS and the Prefix, and in [`Client::connect`] for the
-    /// Verdict; default [`DEFAULT_CONNECT_TIMEOUT`].
+    /// How long to wait for TCP, TLS and the Prefix, and then again for the server's Verdict
+    /// on every connection (a connection without a Verdict in time fails with UNAVAILABLE,
+    /// `timeout: ...`); default [`DEFAULT_CONNECT_TIMEOUT`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
         self
@@ -193,6 +212,7 @@ impl ClientBuilder {
                 tickets: TicketCache::default(),
                 connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
                 last_verdict: Mutex::new(None),
+                accepted_code: Mutex::new(None),
             }),
         })
     }

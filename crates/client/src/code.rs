@@ -32,7 +32,9 @@ pub type CodeCallback = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 #[derive(Clone)]
 pub enum CodeSource {
     /// One code given up front (for example typed on a command line). The server accepts a
-    /// code once, so this serves one connection; later ones ride on the session ticket.
+    /// code once, so this serves one connection; later ones ride on the session ticket. When
+    /// the server refuses that ticket (MFA_REQUIRED), the code is not sent again: the call
+    /// fails with the MFA_REQUIRED status.
     Fixed(String),
     /// The TOTP secret itself: codes are computed for the client clock.
     Secret(TotpConfig),

@@ -22,7 +22,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::CodeSource;
 use crate::client::ClientInner;
 use crate::code::check_code;
-use crate::error::{ConnectFailure, Failure};
+use crate::error::{ConnectFailure, Failure, Rejection};
 use crate::log::{ConnLog, ConnState};
 use crate::stream::PcsStream;
 
@@ -37,10 +37,26 @@ pub(crate) struct Target {
     pub(crate) client: Arc<ClientInner>,
     /// `host:port`, as the caller gave it.
     pub(crate) addr: String,
+    /// The TLS server name the server's certificate is verified against.
     pub(crate) server_name: ServerName<'static>,
     pub(crate) log: ConnLog,
     /// How many calls the channel has taken (see [`ConnLog::failed_since`]).
     pub(crate) calls: AtomicU64,
+}
+
+impl Target {
+    /// The verified TLS server name as text: half of the session-ticket cache key.
+    pub(crate) fn server_name_text(&self) -> String {
+        self.server_name.to_str().into_owned()
+    }
+}
+
+/// What a connection's Prefix proved the second factor with.
+pub(crate) enum Proof {
+    /// A session ticket (kept to drop exactly it on MFA_REQUIRED, and for the replay).
+    Ticket(Zeroizing<Vec<u8>>),
+    /// A code from the code source (remembered as accepted if the Verdict accepts it).
+    Code(Zeroizing<String>),
 }
 
 /// Records the outcome of one connection; a connection dropped before its Verdict is recorded
@@ -108,7 +124,7 @@ impl tower::Service<http::Uri> for PcsConnector {
         let mut guard = ConnGuard::begin(self.target.clone(), calls);
         Box::pin(async move {
             match open_first(&guard.target).await {
-                Ok((tls, ticket)) => Ok(TokioIo::new(PcsStream::new(tls, guard, ticket))),
+                Ok((tls, proof)) => Ok(TokioIo::new(PcsStream::new(tls, guard, proof))),
                 Err(failure) => {
                     tracing::debug!(conn = guard.id, error = %failure.io_message(), "PCS1 connection failed");
                     guard.settle(ConnState::Failed(failure.clone()));
@@ -120,31 +136,59 @@ impl tower::Service<http::Uri> for PcsConnector {
 }
 
 /// The first connection of a [`PcsStream`]: with the session ticket when the cache has a live
-/// one for this server (returned, so that an MFA_REQUIRED can drop exactly that ticket), else
-/// with a code.
-async fn open_first(
-    target: &Target,
-) -> Result<(TlsStream<TcpStream>, Option<Zeroizing<Vec<u8>>>), Failure> {
+/// one for this server name and address, else with a code. Returns what the Prefix carried.
+async fn open_first(target: &Target) -> Result<(TlsStream<TcpStream>, Proof), Failure> {
     let client = &target.client;
-    let ticket = client
-        .tickets
-        .valid_for(&target.addr, client.clock.now_ms());
-    let factor = match &ticket {
-        Some(t) => Factor::Session(t.to_vec()),
-        None => Factor::Totp(fetch_code(client).await?.to_string()),
-    };
-    let tls = open(target, factor, &[]).await?;
-    Ok((tls, ticket))
+    let ticket = client.tickets.valid_for(
+        &target.server_name_text(),
+        &target.addr,
+        client.clock.now_ms(),
+    );
+    match ticket {
+        Some(ticket) => {
+            let tls = open(target, Factor::Session(ticket.to_vec()), &[]).await?;
+            Ok((tls, Proof::Ticket(ticket)))
+        }
+        None => {
+            let code = fetch_code(client).await?;
+            let tls = open(target, Factor::Totp(code.to_string()), &[]).await?;
+            Ok((tls, Proof::Code(code)))
+        }
+    }
 }
 
-/// A replacement connection after MFA_REQUIRED: a fresh code, then the bytes hyper already
-/// wrote on the refused connection.
+/// A replacement connection after `refusal` (MFA_REQUIRED): a fresh code, then the bytes hyper
+/// already wrote on the refused connection. Returns the code it sent.
+///
+/// A code equal to the last one a server accepted from this client (a fixed code, or a TOTP
+/// secret still in the same time step) is not sent: the server would refuse it as reused and
+/// count the attempt towards the user's lockout. The refusal is reported instead. The whole
+/// attempt is bounded by the connect timeout.
 pub(crate) async fn redial(
     target: Arc<Target>,
     replay: Zeroizing<Vec<u8>>,
-) -> Result<TlsStream<TcpStream>, Failure> {
-    let code = fetch_code(&target.client).await?;
-    open(&target, Factor::Totp(code.to_string()), &replay).await
+    refusal: Arc<Rejection>,
+) -> Result<(TlsStream<TcpStream>, Zeroizing<String>), Failure> {
+    let timeout = target.client.connect_timeout;
+    let attempt = async {
+        let code = fetch_code(&target.client).await?;
+        if target.client.is_accepted_code(&code) {
+            tracing::debug!("the code source gave the code already accepted; not sending it again");
+            return Err(Failure::Rejected(refusal));
+        }
+        let tls = open(&target, Factor::Totp(code.to_string()), &replay).await?;
+        Ok((tls, code))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::Io {
+            kind: std::io::ErrorKind::TimedOut,
+            detail: format!(
+                "could not reopen the connection within {} s",
+                timeout.as_secs_f64()
+            ),
+        }),
+    }
 }
 
 /// Asks the code source for a code; a callback runs on the blocking pool.

@@ -157,6 +157,9 @@ pub(crate) enum Failure {
     Protocol(String),
     /// The code source failed.
     Code(String),
+    /// The connection completed TLS and sent its Prefix, but no Verdict arrived within the
+    /// connect timeout.
+    Timeout(Duration),
     /// The system random source failed.
     Random,
 }
@@ -172,6 +175,10 @@ impl Failure {
             Self::Code(detail) => {
                 Status::unauthenticated(format!("code: the code source failed: {detail}"))
             }
+            Self::Timeout(after) => Status::unavailable(format!(
+                "timeout: no Verdict from the server within {} s",
+                after.as_secs_f64()
+            )),
             Self::Random => Status::internal("the system random source failed"),
         }
     }
@@ -184,6 +191,7 @@ impl Failure {
             Self::Tls(_) | Self::Protocol(_) => io::ErrorKind::InvalidData,
             Self::Io { kind, .. } => *kind,
             Self::Code(_) => io::ErrorKind::PermissionDenied,
+            Self::Timeout(_) => io::ErrorKind::TimedOut,
             Self::Random => io::ErrorKind::Other,
         };
         io::Error::new(kind, self.io_message())
@@ -205,6 +213,7 @@ impl Failure {
             Self::Io { kind, detail } => ClientError::Connect(io::Error::new(kind, detail)),
             Self::Protocol(detail) => ClientError::Protocol(detail),
             Self::Code(detail) => ClientError::Code(detail),
+            Self::Timeout(after) => ClientError::Timeout(after),
             Self::Random => ClientError::Protocol("the system random source failed".into()),
         }
     }
@@ -376,6 +385,17 @@ mod tests {
         let tls = Failure::Tls("bad".into());
         assert_eq!(tls.to_status().code(), Code::Unavailable);
         assert_eq!(tls.io_message(), "tls: bad");
+        let timeout = Failure::Timeout(Duration::from_millis(300));
+        assert_eq!(timeout.io_error().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(timeout.to_status().code(), Code::Unavailable);
+        assert_eq!(
+            timeout.io_message(),
+            "timeout: no Verdict from the server within 0.3 s"
+        );
+        assert!(matches!(
+            timeout.into_client_error(),
+            ClientError::Timeout(d) if d == Duration::from_millis(300)
+        ));
     }
 
     #[test]

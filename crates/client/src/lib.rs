@@ -18,9 +18,16 @@
 //!   connection, so a Prefix cannot be replayed through another TLS connection.
 //! - **Codes and sessions.** The first connection uses a code from the [`CodeSource`]; an
 //!   accepting Verdict may carry a session ticket, which later connections send instead of a
-//!   code until it expires. When the server answers MFA_REQUIRED to a ticket, the connection
-//!   is reopened with a code and the bytes already written are replayed: the caller sees no
-//!   error.
+//!   code until it expires. A ticket is only sent to the address and the TLS server name it
+//!   was issued under. When the server answers MFA_REQUIRED to a ticket, the connection is
+//!   reopened with a code and the bytes already written are replayed: the caller sees no
+//!   error. If the code source gives the code the server already accepted from this client
+//!   (a fixed code, or a TOTP secret within the same time step), that code is not sent again
+//!   (the server would refuse it and count the attempt towards the user's lockout): the call
+//!   fails with the MFA_REQUIRED status instead.
+//! - **Bounded waits.** Every connection waits at most the connect timeout for TCP, TLS and
+//!   the Prefix, and again for the Verdict; a server that never answers makes the call fail
+//!   with UNAVAILABLE, `timeout: no Verdict from the server within N s`.
 //! - **Errors a program can act on.** A refused connection surfaces as a `tonic::Status` with
 //!   the gRPC code of PROTOCOL.md section 4, the REASON as message (`mfa_failed: ...`) and the
 //!   metadata `portcullis-reject` and `portcullis-ref` — never as "transport error".

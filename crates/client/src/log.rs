@@ -10,8 +10,11 @@
 //! a newer one: never by an older one. So a failed request is matched only to connections
 //! whose id is at least the newest id at the time of the call; among those, a failed one whose
 //! error text is in the request's error chain (h2 keeps the text of the stream's `io::Error`),
-//! else the newest connection if it failed. A rejection recorded before the connection that
-//! carried the request is never reported for it.
+//! else the newest connection if it failed and no connection from the call's snapshot up to
+//! it was accepted. An accepted connection in between may have carried the request and failed
+//! on its own (dropped while a newer connection was being refused): the newer connection's
+//! rejection is not the request's. A rejection recorded before the connection that carried
+//! the request is never reported for it.
 //!
 //! The record also keeps tonic from dialing again on its own: when a connection fails before
 //! any request could use it, tonic's reconnect logic asks for a new connection for the same
@@ -149,14 +152,26 @@ impl ConnLog {
         if let Some(f) = candidates().find(|f| io_messages.contains(&f.io_message())) {
             return Some(f.clone());
         }
-        match inner.entries.back() {
-            Some(Entry {
-                id,
-                state: ConnState::Failed(f),
-                ..
-            }) if *id >= since => Some(f.clone()),
-            _ => None,
+        let Some(Entry {
+            id: newest,
+            state: ConnState::Failed(f),
+            ..
+        }) = inner.entries.back()
+        else {
+            return None;
+        };
+        if *newest < since {
+            return None;
         }
+        // An accepted connection between the call's snapshot and the newest one may have
+        // carried the request; entries older than the log remembers count as unknown, so the
+        // oldest remembered id must not be newer than `since` either.
+        let accepted_between = inner
+            .entries
+            .iter()
+            .any(|e| e.state == ConnState::Accepted && e.id >= since && e.id < *newest);
+        let history_known = inner.entries.front().is_some_and(|e| e.id <= since.max(1));
+        (!accepted_between && history_known).then(|| f.clone())
     }
 }
 
@@ -201,6 +216,53 @@ mod tests {
             log.attribute(one, &["connect: one".into()]),
             Some(io("one"))
         );
+    }
+
+    #[test]
+    fn a_request_on_an_accepted_connection_is_not_blamed_on_the_next_refusal() {
+        let log = ConnLog::default();
+        let one = log.begin(0);
+        log.settle(one, ConnState::Accepted);
+        // A call starts while connection 1 is the newest, and is carried by it.
+        let since = log.latest_id();
+        // Connection 1 drops; connection 2 is refused while the call's error comes in.
+        let two = log.begin(1);
+        log.settle(two, ConnState::Failed(io("two")));
+        // The error names neither connection: the refusal of 2 is not the call's.
+        assert_eq!(log.attribute(since, &[]), None);
+        assert_eq!(
+            log.attribute(since, &["connection reset by peer".into()]),
+            None
+        );
+        // Its text still ties a request to connection 2.
+        assert_eq!(
+            log.attribute(since, &["connect: two".into()]),
+            Some(io("two"))
+        );
+        // A call that started once connection 2 existed can only have been carried by it.
+        assert_eq!(log.attribute(two, &[]), Some(io("two")));
+        // Failed connections in between do not prevent the fallback.
+        let three = log.begin(2);
+        log.settle(three, ConnState::Failed(io("three")));
+        assert_eq!(log.attribute(two, &[]), Some(io("three")));
+        assert_eq!(log.attribute(since, &[]), None, "1 is still in between");
+    }
+
+    #[test]
+    fn no_fallback_when_the_connections_in_between_are_forgotten() {
+        let log = ConnLog::default();
+        let since = log.latest_id();
+        for _ in 0..LOG_LEN {
+            let id = log.begin(0);
+            log.settle(id, ConnState::Failed(io("old")));
+        }
+        // Connection 1 (perhaps accepted) is still remembered.
+        assert_eq!(log.attribute(since, &[]), Some(io("old")));
+        let last = log.begin(0);
+        log.settle(last, ConnState::Failed(io("last")));
+        // Connection 1 is forgotten: it may have been the accepted one that carried the call.
+        assert_eq!(log.attribute(since, &[]), None);
+        assert_eq!(log.attribute(last, &[]), Some(io("last")));
     }
 
     #[test]

@@ -13,6 +13,17 @@
 //! This is safe because a server never lets bytes pipelined behind a rejected Prefix reach a
 //! service (PROTOCOL.md section 5).
 //!
+//! **A bounded wait.** From the moment the Prefix is sent (and again when a replacement
+//! connection has sent its own), the stream waits at most the client's connect timeout for the
+//! Verdict; a server that completes TLS but never answers fails the connection with
+//! `timeout: no Verdict from the server within N s` (UNAVAILABLE).
+//!
+//! **No reused code.** A connection that proved itself with a code and is accepted remembers
+//! that code in the client. If, after MFA_REQUIRED, the code source gives that same code again
+//! (a fixed code, or a TOTP secret still in the same time step), it is not sent: the server
+//! would refuse it and count the attempt towards the user's lockout. The caller gets the
+//! MFA_REQUIRED refusal instead.
+//!
 //! A write that fails before the Verdict is in (a server that rejects and closes quickly) is
 //! not reported at once: the stream first reads the Verdict, so the caller learns the reason,
 //! or the replacement connection takes the bytes.
@@ -22,22 +33,26 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use portcullis_core::RejectCode;
 use portcullis_core::codec::{FrameHeader, FrameKind, HEADER_LEN, Verdict};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_rustls::client::TlsStream;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::connector::{ConnGuard, redial};
+use crate::connector::{ConnGuard, Proof, redial};
 use crate::error::{Failure, Rejection};
 use crate::log::ConnState;
 
 /// How many bytes a ticket-carrying connection keeps for a replay before writes wait.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
-type Redial = Pin<Box<dyn Future<Output = Result<TlsStream<TcpStream>, Failure>> + Send>>;
+type Redial = Pin<
+    Box<dyn Future<Output = Result<(TlsStream<TcpStream>, Zeroizing<String>), Failure>> + Send>,
+>;
 
 enum Phase {
     /// Reading the Verdict's header.
@@ -80,6 +95,10 @@ pub(crate) struct PcsStream {
     replay: Option<Replay>,
     /// The replacement connection being opened after MFA_REQUIRED.
     redial: Option<Redial>,
+    /// The code the current connection's Prefix carried, until its Verdict is in.
+    code: Option<Zeroizing<String>>,
+    /// When the wait for the current connection's Verdict ends; armed while waiting.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// A write error seen before the Verdict, reported once the Verdict is known.
     write_error: Option<io::Error>,
     guard: ConnGuard,
@@ -88,25 +107,50 @@ pub(crate) struct PcsStream {
 }
 
 impl PcsStream {
-    /// A stream whose Prefix was just sent; `ticket` is the session ticket it carried, if any.
-    pub(crate) fn new(
-        io: TlsStream<TcpStream>,
-        guard: ConnGuard,
-        ticket: Option<Zeroizing<Vec<u8>>>,
-    ) -> Self {
-        Self {
+    /// A stream whose Prefix was just sent; `proof` is the ticket or code it carried. The
+    /// wait for the Verdict starts now.
+    pub(crate) fn new(io: TlsStream<TcpStream>, guard: ConnGuard, proof: Proof) -> Self {
+        let (replay, code) = match proof {
+            Proof::Ticket(ticket) => (
+                Some(Replay {
+                    sent: Zeroizing::new(Vec::new()),
+                    ticket,
+                }),
+                None,
+            ),
+            Proof::Code(code) => (None, Some(code)),
+        };
+        let mut stream = Self {
             io,
             phase: Phase::header(),
-            replay: ticket.map(|ticket| Replay {
-                sent: Zeroizing::new(Vec::new()),
-                ticket,
-            }),
+            replay,
             redial: None,
+            code,
+            deadline: None,
             write_error: None,
             guard,
             read_waker: None,
             write_waker: None,
-        }
+        };
+        stream.arm_deadline();
+        stream
+    }
+
+    /// How long a connection waits for its Verdict.
+    fn verdict_timeout(&self) -> Duration {
+        self.guard.target.client.connect_timeout
+    }
+
+    /// Starts the wait for the current connection's Verdict.
+    fn arm_deadline(&mut self) {
+        self.deadline = Some(Box::pin(tokio::time::sleep(self.verdict_timeout())));
+    }
+
+    /// Whether the wait for the Verdict is over; registers `cx` for the deadline otherwise.
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
     }
 
     fn wake_all(&mut self) {
@@ -121,6 +165,8 @@ impl PcsStream {
     fn fail(&mut self, failure: Failure) {
         tracing::debug!(conn = self.guard.id, error = %failure.io_message(), "PCS1 connection refused or broken");
         self.replay = None;
+        self.code = None;
+        self.deadline = None;
         self.guard.settle(ConnState::Failed(failure.clone()));
         self.phase = Phase::Failed(failure);
         self.wake_all();
@@ -135,11 +181,13 @@ impl PcsStream {
         let result = ready!(fut.as_mut().poll(cx));
         self.redial = None;
         match result {
-            Ok(io) => {
+            Ok((io, code)) => {
                 tracing::debug!(conn = self.guard.id, "PCS1 connection reopened with a code");
                 self.io = io;
+                self.code = Some(code);
                 self.phase = Phase::header();
                 self.write_error = None;
+                self.arm_deadline();
                 self.wake_all();
             }
             Err(failure) => self.fail(failure),
@@ -152,6 +200,11 @@ impl PcsStream {
     fn poll_verdict(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_redial(cx));
+            if self.phase.awaiting_verdict() && self.deadline_passed(cx) {
+                let timeout = self.verdict_timeout();
+                self.fail(Failure::Timeout(timeout));
+                continue;
+            }
             let Self { io, phase, .. } = self;
             let (buf, filled): (&mut [u8], &mut usize) = match phase {
                 Phase::Open => return Poll::Ready(Ok(())),
@@ -212,18 +265,31 @@ impl PcsStream {
         client.record_verdict(&verdict);
         if verdict.is_accepted() {
             if let Some((mut ticket, expires_ms)) = verdict.session.take() {
-                client
-                    .tickets
-                    .store(&target.addr, ticket.clone(), expires_ms);
+                client.tickets.store(
+                    &target.server_name_text(),
+                    &target.addr,
+                    ticket.clone(),
+                    expires_ms,
+                );
                 ticket.zeroize();
+            }
+            if let Some(code) = self.code.take() {
+                client.remember_accepted_code(code);
             }
             tracing::debug!(conn = self.guard.id, "PCS1 connection accepted");
             self.replay = None;
+            self.deadline = None;
             self.phase = Phase::Open;
             self.guard.settle(ConnState::Accepted);
             self.wake_all();
             return;
         }
+        let rejection = Arc::new(Rejection {
+            status: verdict.status,
+            reason: verdict.reason.take(),
+            reference: verdict.reference,
+            retry_after_s: verdict.retry_after_s,
+        });
         if verdict.reject_code() == Some(RejectCode::MfaRequired)
             && let Some(replay) = self.replay.take()
         {
@@ -232,16 +298,13 @@ impl PcsStream {
                 conn = self.guard.id,
                 "session ticket refused (mfa_required); reopening the connection with a code"
             );
-            self.redial = Some(Box::pin(redial(target.clone(), replay.sent)));
+            // The replacement is bounded on its own; its Verdict gets a fresh deadline.
+            self.deadline = None;
+            self.redial = Some(Box::pin(redial(target.clone(), replay.sent, rejection)));
             self.phase = Phase::header();
             return;
         }
-        self.fail(Failure::Rejected(Arc::new(Rejection {
-            status: verdict.status,
-            reason: verdict.reason.take(),
-            reference: verdict.reference,
-            retry_after_s: verdict.retry_after_s,
-        })));
+        self.fail(Failure::Rejected(rejection));
     }
 
     /// Waits for the Verdict on behalf of a writer; Ready(Ok) once the connection is open.

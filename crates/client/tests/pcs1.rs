@@ -642,3 +642,217 @@ fn the_builder_checks_its_settings() {
         assert!(client.connect_lazy("localhost:1").is_ok());
     });
 }
+
+/// Bounds a call that must end by itself, so that a hang fails the test instead of stalling it.
+const BOUNDED: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_gives_a_verdict_times_out() {
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = TestServer::start(&pki).await;
+        server.state.plan([Answer::Silent]);
+        let (codes, calls) = counting_codes();
+        let client = Client::builder()
+            .tls_config(pki.client_config())
+            .server_name("localhost")
+            .user("alice")
+            .code_source(codes)
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+
+        // TCP, TLS and the Prefix go through; the Verdict never comes.
+        let channel = client.connect_lazy(&server.addr()).unwrap();
+        let status = tokio::time::timeout(BOUNDED, check(&channel))
+            .await
+            .expect("the wait for the Verdict is bounded by the connect timeout")
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "timeout: no Verdict from the server within 0.3 s"
+        );
+        assert!(status.metadata().get(REJECT_METADATA).is_none());
+        assert_eq!(server.state.unanswered.load(Ordering::SeqCst), 1);
+        assert!(server.state.seen().is_empty());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "not dialed again");
+        assert!(client.session().is_none());
+
+        // An eager connect reports it as a timeout too.
+        server.state.plan([Answer::Silent]);
+        let err = tokio::time::timeout(BOUNDED, client.connect(&server.addr()))
+            .await
+            .expect("the eager connect is bounded")
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Timeout(d) if d == Duration::from_millis(300)),
+            "{err:?}"
+        );
+
+        // The next connection, answered, works.
+        let channel = client.connect_lazy(&server.addr()).unwrap();
+        assert_eq!(check(&channel).await.unwrap(), ServingStatus::Serving);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ticket_does_not_resend_the_code_already_accepted() {
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = TestServer::start(&pki).await;
+        let client = client(&pki, CodeSource::fixed("123456"));
+        let first = client.connect(&server.addr()).await.unwrap();
+        assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
+        assert!(client.session().is_some());
+
+        // The ticket is refused; the fixed code is the one the server accepted already.
+        server.state.refuse_tickets.store(1, Ordering::SeqCst);
+        let lazy = client.connect_lazy(&server.addr()).unwrap();
+        let status = check(&lazy).await.unwrap_err();
+        let seen = server.state.seen();
+        assert_eq!(seen.len(), 2, "no further Prefix: {:?}", seen.get(2));
+        assert!(matches!(seen[1].prefix.factor, Factor::Session(_)));
+        assert_eq!(seen[1].verdict.reject_code(), Some(RejectCode::MfaRequired));
+        assert_rejected(
+            &status,
+            RejectCode::MfaRequired,
+            Code::Unauthenticated,
+            None,
+            seen[1].verdict.reference,
+        );
+        assert_eq!(
+            status.message(),
+            "mfa_required: the session is no longer valid: enter a code"
+        );
+        assert!(client.session().is_none(), "the refused ticket was dropped");
+        assert_eq!(
+            client.last_verdict().unwrap().reject,
+            Some(RejectCode::MfaRequired)
+        );
+        // The accepted connection is still in use.
+        assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_source_waits_for_the_next_time_step_after_a_refused_ticket() {
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = TestServer::start(&pki).await;
+        // RFC 6238 Appendix B: SHA1 seed "12345678901234567890", 8 digits.
+        let clock = Arc::new(ManualClock::new(1_111_111_109_000));
+        let codes = CodeSource::base32(
+            "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
+            8,
+            TotpAlgorithm::Sha1,
+            30,
+        )
+        .unwrap();
+        let client = Client::builder()
+            .tls_config(pki.client_config())
+            .server_name("localhost")
+            .user("alice")
+            .code_source(codes.clone())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let first = client.connect(&server.addr()).await.unwrap();
+        assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
+        assert_eq!(
+            totp(&server.state.seen()[0].prefix.factor),
+            Some("07081804")
+        );
+
+        // Same time step: the secret gives the accepted code again, which is not sent.
+        server.state.refuse_tickets.store(1, Ordering::SeqCst);
+        let status = check(&client.connect_lazy(&server.addr()).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(
+            status.metadata().get(REJECT_METADATA).unwrap(),
+            "mfa_required"
+        );
+        assert_eq!(server.state.seen().len(), 2);
+
+        // The next time step gives a new code, which earns a new ticket.
+        clock.set_ms(1_111_111_111_000);
+        let second = client.connect_lazy(&server.addr()).unwrap();
+        assert_eq!(check(&second).await.unwrap(), ServingStatus::Serving);
+        assert_eq!(
+            totp(&server.state.seen()[2].prefix.factor),
+            Some("14050471")
+        );
+
+        // A ticket refused in a later step falls back to that step's code, unnoticed.
+        clock.set_ms(1_111_111_141_000);
+        let later = codes.code_at(1_111_111_141_000).unwrap();
+        assert_ne!(later.as_str(), "14050471");
+        server.state.refuse_tickets.store(1, Ordering::SeqCst);
+        let third = client.connect_lazy(&server.addr()).unwrap();
+        assert_eq!(check(&third).await.unwrap(), ServingStatus::Serving);
+        let seen = server.state.seen();
+        assert_eq!(seen.len(), 5);
+        assert!(matches!(seen[3].prefix.factor, Factor::Session(_)));
+        assert_eq!(seen[3].verdict.reject_code(), Some(RejectCode::MfaRequired));
+        assert_eq!(totp(&seen[4].prefix.factor), Some(later.as_str()));
+        assert!(seen[4].verdict.is_accepted());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_after_a_refused_ticket_is_bounded_too() {
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = TestServer::start(&pki).await;
+        // The second code (the one for the replacement connection) does not come until the
+        // test lets it.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = std::sync::Mutex::new(wait);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let asked = calls.clone();
+        let codes = CodeSource::callback(move || {
+            let n = asked.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 2 {
+                let _ = wait.lock().unwrap().recv();
+            }
+            Ok(format!("{:06}", 100_000 + n))
+        });
+        let client = Client::builder()
+            .tls_config(pki.client_config())
+            .server_name("localhost")
+            .user("alice")
+            .code_source(codes)
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let first = client.connect(&server.addr()).await.unwrap();
+        assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
+
+        server.state.refuse_tickets.store(1, Ordering::SeqCst);
+        let lazy = client.connect_lazy(&server.addr()).unwrap();
+        let status = tokio::time::timeout(BOUNDED, check(&lazy))
+            .await
+            .expect("reopening the connection is bounded by the connect timeout")
+            .unwrap_err();
+        release.send(()).unwrap();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "connect: could not reopen the connection within 0.3 s"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let seen = server.state.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].verdict.reject_code(), Some(RejectCode::MfaRequired));
+    })
+    .await
+    .unwrap();
+}

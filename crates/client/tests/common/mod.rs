@@ -150,6 +150,8 @@ pub enum Answer {
     Reject(RejectCode, &'static str, Option<u32>),
     /// Accept (as `Normal`), then close the connection at once.
     AcceptThenDrop,
+    /// Read the Prefix and never answer; the connection stays open until the client closes it.
+    Silent,
 }
 
 /// What the server saw on one connection.
@@ -169,6 +171,8 @@ pub struct State {
     pub refuse_tickets: AtomicUsize,
     pub issued: Mutex<Vec<Vec<u8>>>,
     pub tls_failures: AtomicUsize,
+    /// Connections whose Prefix was read and never answered ([`Answer::Silent`]).
+    pub unanswered: AtomicUsize,
     next_ref: AtomicU64,
 }
 
@@ -181,18 +185,26 @@ impl State {
         self.plan.lock().unwrap().extend(answers);
     }
 
-    fn decide(&self, prefix: &Prefix, exporter: &[u8; 32]) -> (Verdict, bool) {
-        let n = self.next_ref.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut reference = [0u8; 16];
-        reference[8..].copy_from_slice(&n.to_be_bytes());
-        reference[0] = 0xa5;
-        let now = now_ms();
+    /// The Verdict and whether to drop the connection after it; `None`: do not answer.
+    fn decide(&self, prefix: &Prefix, exporter: &[u8; 32]) -> Option<(Verdict, bool)> {
         let answer = self
             .plan
             .lock()
             .unwrap()
             .pop_front()
             .unwrap_or(Answer::Normal);
+        if matches!(answer, Answer::Silent) {
+            return None;
+        }
+        Some(self.answer(answer, prefix, exporter))
+    }
+
+    fn answer(&self, answer: Answer, prefix: &Prefix, exporter: &[u8; 32]) -> (Verdict, bool) {
+        let n = self.next_ref.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut reference = [0u8; 16];
+        reference[8..].copy_from_slice(&n.to_be_bytes());
+        reference[0] = 0xa5;
+        let now = now_ms();
         if prefix.binding != *exporter {
             return (
                 Verdict::reject(
@@ -368,7 +380,16 @@ async fn gate(
         Ok(Ok(_))
     ) && &preface == H2_PREFACE;
 
-    let (verdict, drop_after) = state.decide(&prefix, &exporter);
+    let Some((verdict, drop_after)) = state.decide(&prefix, &exporter) else {
+        state.unanswered.fetch_add(1, Ordering::SeqCst);
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = tls.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+        return;
+    };
     state.seen.lock().unwrap().push(Seen {
         prefix,
         exporter,
