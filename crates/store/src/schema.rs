@@ -115,6 +115,12 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
         .map_err(sqlite)?;
     conn.pragma_update(None, "foreign_keys", true)
         .map_err(sqlite)?;
+    // In WAL mode, NORMAL syncs at checkpoints instead of on every commit: a commit survives a
+    // crash of the process, and the file stays consistent after a power loss, which may only
+    // lose the last moments of commits. The gate writes on every code it checks (lockout
+    // charge, single-use step), so a sync per commit would dominate its cost.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sqlite)?;
 
     if identity.is_blank() {
         initialize(conn, path)
