@@ -20,6 +20,7 @@
 //! | [`client`] | `portcullis-client` | the tonic connector with the pipelined Prefix |
 //! | [`store`] | `portcullis-store` | the SQLite registry |
 //! | [`demo`] | (here) | the `portcullis.demo.v1.Echo` service |
+//! | [`bench`] | (here) | the handshake benchmark of `portcullis bench handshake` |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -31,6 +32,8 @@ pub use portcullis_tls as tls;
 
 pub use portcullis_client::{Client, CodeSource};
 pub use portcullis_server::{AuthContext, PortcullisServer};
+
+pub mod bench;
 
 pub mod demo {
     //! The demo service `portcullis.demo.v1.Echo`, used by `portcullis serve`, the quickstart

@@ -40,6 +40,7 @@ pub(crate) struct AcceptState {
     pub(crate) gate: Arc<Gate>,
     pub(crate) tls: TlsAcceptor,
     pub(crate) deadline: Duration,
+    pub(crate) blocking_registry: bool,
 }
 
 /// The stream of authenticated connections for tonic's `serve_with_incoming`.
@@ -199,7 +200,15 @@ async fn authenticate(
         Ok(Err(ReadError::Decode(e))) => state.gate.refuse_decode(e),
         Ok(Ok(frame)) => {
             let gate = state.gate.clone();
-            let deciding = tokio::task::spawn_blocking(move || gate.decide(&frame, &facts));
+            let deciding = async move {
+                if state.blocking_registry {
+                    tokio::task::spawn_blocking(move || gate.decide(&frame, &facts)).await
+                } else {
+                    // Microseconds of work: inline, without a thread hand-off per connection.
+                    // A panic in a check ends this task only: the connection is dropped.
+                    Ok(gate.decide(&frame, &facts))
+                }
+            };
             match timeout_at(deadline, deciding).await {
                 Ok(Ok(decision)) => decision,
                 // The decision is part of the deadline (PROTOCOL.md section 5, step 1).
@@ -228,22 +237,29 @@ async fn authenticate(
             return None;
         }
     };
-    let write_deadline = tokio::time::Instant::now() + VERDICT_WRITE_LIMIT;
-    let written = timeout_at(write_deadline, async {
-        tls.write_all(&verdict).await?;
-        tls.flush().await
-    })
-    .await;
-    if !matches!(written, Ok(Ok(()))) {
-        return None;
-    }
     match decision.outcome {
-        Ok(identity) => Some(AuthenticatedStream::new(
-            tls,
-            AuthContext::new(identity, peer, decision.reference),
-        )),
+        Ok(identity) => {
+            // The accepting Verdict goes into rustls's buffer without a write of its own: it
+            // leaves with HTTP/2's first frames (the server's SETTINGS, which hyper writes at
+            // once), in one write instead of two.
+            if std::io::Write::write_all(&mut tls.get_mut().1.writer(), &verdict).is_err() {
+                return None;
+            }
+            Some(AuthenticatedStream::new(
+                tls,
+                AuthContext::new(identity, peer, decision.reference),
+            ))
+        }
         Err(_) => {
-            close_refused(tls).await;
+            let write_deadline = tokio::time::Instant::now() + VERDICT_WRITE_LIMIT;
+            let written = timeout_at(write_deadline, async {
+                tls.write_all(&verdict).await?;
+                tls.flush().await
+            })
+            .await;
+            if matches!(written, Ok(Ok(()))) {
+                close_refused(tls).await;
+            }
             None
         }
     }

@@ -80,6 +80,7 @@ pub struct Builder {
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Random>,
     policy: Option<Arc<dyn ConnectionPolicy>>,
+    blocking_registry: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -102,6 +103,7 @@ impl Builder {
             clock: Arc::new(SystemClock),
             rng: Arc::new(SystemRandom::new()),
             policy: None,
+            blocking_registry: false,
         }
     }
 
@@ -197,6 +199,15 @@ impl Builder {
         self
     }
 
+    /// Whether the registry's calls may block for long (a registry on a network database).
+    /// When set, each decision runs on tokio's blocking pool, at the cost of a thread hand-off
+    /// per connection. Default `false`: decisions run inline in the connection's task; the
+    /// in-memory and SQLite registries answer in microseconds.
+    pub fn blocking_registry(mut self, blocking: bool) -> Self {
+        self.blocking_registry = blocking;
+        self
+    }
+
     /// Checks the settings and builds the server.
     pub fn build(self) -> Result<PortcullisServer, ServerError> {
         let tls = self
@@ -237,6 +248,7 @@ impl Builder {
                 gate: Arc::new(gate),
                 tls: tokio_rustls::TlsAcceptor::from(tls),
                 deadline: self.deadline,
+                blocking_registry: self.blocking_registry,
             }),
         })
     }

@@ -1,0 +1,79 @@
+//! `portcullis bench handshake`: what Portcullis costs against stock tonic mTLS, measured here.
+
+use std::io::{IsTerminal, Write};
+
+use clap::Args;
+use portcullis::bench::{Options, Progress};
+
+use crate::CliResult;
+
+/// `portcullis bench handshake`.
+#[derive(Debug, Args)]
+pub(crate) struct HandshakeArgs {
+    /// Rounds of connection setup: each round opens one new connection per scenario.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    connections: u64,
+    /// Unary calls per scenario on an established connection (0 skips them).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    rpcs: u64,
+    /// Tasks opening connections at once in the throughput phase (0 skips it).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    concurrency: u64,
+    /// Seconds of each throughput scenario.
+    #[arg(long, default_value_t = 3.0, value_parser = parse_seconds)]
+    seconds: f64,
+    /// Idle connections opened per scenario to measure memory (0 skips it).
+    #[arg(long = "idle", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    idle_connections: u64,
+    /// Also measure round trips through an in-process proxy adding this many ms per round trip.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rtt_ms: Option<u64>,
+    /// Rounds of the round-trip measurement.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rtt_connections: u64,
+    /// Print one JSON object with every figure instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=600.0).contains(&v) => Ok(v),
+        _ => Err("a number of seconds from 0.1 to 600".into()),
+    }
+}
+
+pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
+    let options = Options {
+        connections: args.connections as usize,
+        rpcs: args.rpcs as usize,
+        concurrency: args.concurrency as usize,
+        seconds: args.seconds,
+        idle_connections: args.idle_connections as usize,
+        rtt_ms: args.rtt_ms,
+        rtt_connections: args.rtt_connections as usize,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_phase = "";
+    let mut show = |p: Progress| {
+        let mut err = std::io::stderr().lock();
+        if terminal {
+            let _ = write!(err, "\r\x1b[2K{} {}/{}", p.phase, p.done, p.total);
+        } else if p.phase != last_phase {
+            let _ = writeln!(err, "bench: {} ({} steps)", p.phase, p.total);
+        }
+        last_phase = p.phase;
+        let _ = err.flush();
+    };
+    let report = portcullis::bench::run(&options, &mut show).map_err(|e| e.to_string())?;
+    if terminal {
+        eprint!("\r\x1b[2K");
+    }
+    if args.json {
+        let json = serde_json::to_string(&report).map_err(|e| format!("json: {e}"))?;
+        out!("{json}");
+    } else {
+        out!("{}", report.table());
+    }
+    Ok(())
+}
