@@ -24,6 +24,9 @@ use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig
 use super::BenchError;
 use crate::demo::{self, Echo, EchoClient, EchoServer, SayReply, SayRequest};
 
+/// Users kept for session clients (one per address and resumption setting).
+const SESSION_USERS: usize = 6;
+
 /// A channel of any scenario: stock tonic or Portcullis.
 #[derive(Clone)]
 pub enum BenchChannel {
@@ -145,6 +148,7 @@ pub struct Fixture {
     _dir: tempfile::TempDir,
     users: Vec<BenchUser>,
     next_user: AtomicUsize,
+    totp_users: usize,
     ca_der: rustls::pki_types::CertificateDer<'static>,
     /// The servers' addresses.
     pub h2c: SocketAddr,
@@ -157,8 +161,9 @@ pub struct Fixture {
     server_only_config: Arc<rustls::ClientConfig>,
     mtls_config: Arc<rustls::ClientConfig>,
     mtls_resumed_config: Arc<rustls::ClientConfig>,
-    session_client: Client,
-    session_resumed_client: Client,
+    /// Session clients by (address, resumption): each holds the ticket of its own user, for
+    /// the address it earned it at (a ticket only goes back where it came from).
+    session_clients: std::sync::Mutex<std::collections::HashMap<(SocketAddr, bool), Client>>,
     /// Connections accepted by the Portcullis server's gate and by the baselines.
     pub accepted: Arc<AtomicUsize>,
 }
@@ -238,8 +243,8 @@ impl Fixture {
         );
         let rng = SystemRandom::new();
         let now = SystemClock.now_ms();
-        let mut users = Vec::with_capacity(totp_users + 3);
-        for i in 0..totp_users + 3 {
+        let mut users = Vec::with_capacity(totp_users + 1 + SESSION_USERS);
+        for i in 0..totp_users + 1 + SESSION_USERS {
             let name = format!("user{i:05}");
             let totp = TotpConfig::generate_secret(&rng, 6, TotpAlgorithm::Sha1, 30)
                 .map_err(BenchError::setup)?;
@@ -353,24 +358,12 @@ impl Fixture {
         );
 
         let baseline_device = &users[totp_users].device;
-        // The two session clients earn their tickets as different users: one code each.
-        let session_client = |resume: bool| -> Result<Client, BenchError> {
-            let session_user = &users[totp_users + 1 + usize::from(resume)];
-            let config = tls_client_config(&ca_der, Some(&session_user.device), ALPN_PCS1, resume)?;
-            Client::builder()
-                .tls_config(config)
-                .server_name("localhost")
-                .user(session_user.name.clone())
-                .code_source(CodeSource::secret(session_user.totp.clone()))
-                .build()
-                .map_err(BenchError::setup)
-        };
         Ok(Self {
             server_only_config: tls_client_config(&ca_der, None, b"h2", false)?,
             mtls_config: tls_client_config(&ca_der, Some(baseline_device), b"h2", false)?,
             mtls_resumed_config: tls_client_config(&ca_der, Some(baseline_device), b"h2", true)?,
-            session_client: session_client(false)?,
-            session_resumed_client: session_client(true)?,
+            session_clients: Default::default(),
+            totp_users,
             _dir: dir,
             users,
             next_user: AtomicUsize::new(0),
@@ -385,7 +378,7 @@ impl Fixture {
 
     /// How many distinct TOTP users are left for `PortcullisTotp` connections.
     pub fn totp_users_left(&self) -> usize {
-        let total = self.users.len() - 3;
+        let total = self.totp_users;
         total.saturating_sub(self.next_user.load(Ordering::Relaxed))
     }
 
@@ -414,7 +407,7 @@ impl Fixture {
             Scenario::MtlsResumed => plain(tls_channel(addr, self.mtls_resumed_config.clone())),
             Scenario::PortcullisTotp => {
                 let i = self.next_user.fetch_add(1, Ordering::Relaxed);
-                let total = self.users.len() - 3;
+                let total = self.totp_users;
                 if i >= total {
                     return Err(BenchError::Run(format!(
                         "all {total} TOTP users were used (each code is good once per 30 s step)"
@@ -436,9 +429,35 @@ impl Fixture {
                     .map_err(BenchError::run)?;
                 pc(&client)
             }
-            Scenario::PortcullisSession => pc(&self.session_client),
-            Scenario::PortcullisSessionResumed => pc(&self.session_resumed_client),
+            Scenario::PortcullisSession => pc(&self.session_client(addr, false)?),
+            Scenario::PortcullisSessionResumed => pc(&self.session_client(addr, true)?),
         }
+    }
+
+    /// The session client for `addr`; a new one (with its own user) earns its ticket with a
+    /// TOTP code on its first connection.
+    fn session_client(&self, addr: SocketAddr, resume: bool) -> Result<Client, BenchError> {
+        let mut clients = self
+            .session_clients
+            .lock()
+            .map_err(|_| BenchError::Run("session clients lock poisoned".into()))?;
+        if let Some(client) = clients.get(&(addr, resume)) {
+            return Ok(client.clone());
+        }
+        let user = self
+            .users
+            .get(self.totp_users + 1 + clients.len())
+            .ok_or_else(|| BenchError::Run("no session user left".into()))?;
+        let config = tls_client_config(&self.ca_der, Some(&user.device), ALPN_PCS1, resume)?;
+        let client = Client::builder()
+            .tls_config(config)
+            .server_name("localhost")
+            .user(user.name.clone())
+            .code_source(CodeSource::secret(user.totp.clone()))
+            .build()
+            .map_err(BenchError::setup)?;
+        clients.insert((addr, resume), client.clone());
+        Ok(client)
     }
 
     /// The server address of a scenario.
@@ -473,16 +492,27 @@ impl Fixture {
             .map(|(d, _)| d)
     }
 
-    /// Gives the session scenarios their tickets and the resumed ones their TLS sessions.
+    /// Gives the session scenarios their tickets and the resumed ones their TLS sessions, for
+    /// connections to their servers.
     pub async fn warm_up(&self) -> Result<(), BenchError> {
         for scenario in [
             Scenario::MtlsResumed,
             Scenario::PortcullisSession,
             Scenario::PortcullisSessionResumed,
         ] {
-            for _ in 0..3 {
-                self.connect_and_call(scenario).await?;
-            }
+            self.warm_up_via(scenario, self.addr(scenario)).await?;
+        }
+        Ok(())
+    }
+
+    /// The same for connections through `addr` (a proxy).
+    pub async fn warm_up_via(
+        &self,
+        scenario: Scenario,
+        addr: SocketAddr,
+    ) -> Result<(), BenchError> {
+        for _ in 0..3 {
+            self.connect_and_call_via(scenario, addr).await?;
         }
         Ok(())
     }

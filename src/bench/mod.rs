@@ -438,6 +438,9 @@ async fn round_trips(
         Scenario::PortcullisTotp,
         Scenario::PortcullisSession,
     ];
+    fixture
+        .warm_up_via(Scenario::PortcullisSession, to_portcullis)
+        .await?;
     let mut samples: BTreeMap<Scenario, Vec<f64>> = BTreeMap::new();
     for round in 0..options.rtt_connections {
         for scenario in scenarios {

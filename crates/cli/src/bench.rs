@@ -53,6 +53,13 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
         rtt_ms: args.rtt_ms,
         rtt_connections: args.rtt_connections as usize,
     };
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     let terminal = std::io::stderr().is_terminal();
     let mut last_phase = "";
     let mut show = |p: Progress| {

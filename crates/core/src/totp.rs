@@ -217,9 +217,24 @@ impl TotpConfig {
     }
 
     /// The time step whose code is `code`, looking one step either side of `unix_seconds`, or
-    /// `None`. Codes are compared in constant time.
+    /// `None`. When neighbouring steps happen to share the code, the latest one is returned, so
+    /// that a valid code is not mistaken for the earlier, already used step. All three
+    /// candidates are always computed and compared in constant time.
     pub fn matching_step(&self, code: &str, unix_seconds: u64) -> Option<u64> {
-        self.totp(1).check(code, unix_seconds)
+        use subtle::ConstantTimeEq;
+        if code.len() != usize::from(self.digits) || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let totp = self.totp(0);
+        let origin = self.step_at(unix_seconds);
+        let mut found = None;
+        for step in origin.saturating_sub(1)..=origin.saturating_add(1) {
+            let candidate = totp.generate(step.saturating_mul(self.period)).to_string();
+            if bool::from(candidate.as_bytes().ct_eq(code.as_bytes())) {
+                found = Some(step);
+            }
+        }
+        found
     }
 
     /// The `otpauth://totp/` URI that authenticator apps scan.
@@ -277,6 +292,19 @@ mod tests {
             assert_eq!(sha256.matching_step(c256, t), Some(step));
             assert_eq!(sha512.matching_step(c512, t), Some(step));
         }
+    }
+
+    #[test]
+    fn a_code_shared_by_neighbouring_steps_belongs_to_the_latest() {
+        // With this secret, steps 814519 and 814520 share the code 688480 (about one pair in a
+        // million for 6 digits; found by searching the steps from 0).
+        let cfg = TotpConfig::new(vec![0x5a; 20], 6, TotpAlgorithm::Sha1, 30).unwrap();
+        let step = 814_519;
+        let code = cfg.generate(step * 30);
+        assert_eq!(code, "688480");
+        assert_eq!(cfg.generate((step + 1) * 30), code);
+        assert_eq!(cfg.matching_step(&code, step * 30), Some(step + 1));
+        assert_eq!(cfg.matching_step(&code, (step + 1) * 30), Some(step + 1));
     }
 
     #[test]
