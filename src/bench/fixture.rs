@@ -476,8 +476,10 @@ impl Fixture {
         scenario: Scenario,
         addr: SocketAddr,
     ) -> Result<(Duration, EchoClient<BenchChannel>), BenchError> {
-        let started = Instant::now();
+        // The client is made before the clock starts (a real client is made once and connects
+        // many times); a lazy channel does no I/O until the first call.
         let mut client = EchoClient::new(self.channel(scenario, addr)?);
+        let started = Instant::now();
         client
             .say(SayRequest { text: "x".into() })
             .await

@@ -146,7 +146,7 @@ impl ClientBuilder {
         self
     }
 
-    /// How long to wait for TCP, TLS and the Prefix, and then again for the server's Verdict
+    /// How long to wait for TCP and TLS, and then again for the server's Verdict
     /// on every connection (a connection without a Verdict in time fails with UNAVAILABLE,
     /// `timeout: ...`); default [`DEFAULT_CONNECT_TIMEOUT`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
@@ -256,7 +256,7 @@ impl Client {
         ClientBuilder::default()
     }
 
-    fn target(&self, addr: &str) -> Result<(Arc<Target>, Endpoint), ClientError> {
+    pub(crate) fn target(&self, addr: &str) -> Result<(Arc<Target>, Endpoint), ClientError> {
         let host = host_of(addr)?;
         let name = self.inner.server_name.as_deref().unwrap_or(host).to_owned();
         let server_name = ServerName::try_from(name.clone())

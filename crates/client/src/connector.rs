@@ -1,9 +1,11 @@
 //! The connector tonic calls for each new connection: TCP, TLS 1.3, the Prefix.
 //!
-//! The connector writes the Prefix and returns the stream at once, without waiting for the
-//! Verdict: hyper writes the HTTP/2 preface right behind the Prefix (pipelining, PROTOCOL.md
-//! section 3), and the [`PcsStream`] consumes the Verdict on its first reads.
+//! The connector encodes the Prefix and returns the stream at once, without writing it and
+//! without waiting for the Verdict: the [`PcsStream`] sends the Prefix in the same TLS record
+//! and system call as hyper's first bytes, the HTTP/2 preface (pipelining, PROTOCOL.md
+//! section 3), and consumes the Verdict on its first reads.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +16,6 @@ use hyper_util::rt::TokioIo;
 use portcullis_core::Random;
 use portcullis_core::codec::{ALPN_PCS1, Factor, Prefix};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use zeroize::{Zeroize, Zeroizing};
@@ -28,9 +29,6 @@ use crate::stream::PcsStream;
 
 /// The RFC 9266 exporter label.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
-
-/// How long to look for a TLS alert after the Prefix could not be written.
-const ALERT_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One channel's server: where to connect, and the record of its connections.
 pub(crate) struct Target {
@@ -46,8 +44,8 @@ pub(crate) struct Target {
 
 impl Target {
     /// The verified TLS server name as text: half of the session-ticket cache key.
-    pub(crate) fn server_name_text(&self) -> String {
-        self.server_name.to_str().into_owned()
+    pub(crate) fn server_name_text(&self) -> Cow<'_, str> {
+        self.server_name.to_str()
     }
 }
 
@@ -124,7 +122,9 @@ impl tower::Service<http::Uri> for PcsConnector {
         let mut guard = ConnGuard::begin(self.target.clone(), calls);
         Box::pin(async move {
             match open_first(&guard.target).await {
-                Ok((tls, proof)) => Ok(TokioIo::new(PcsStream::new(tls, guard, proof))),
+                Ok((tls, prefix, proof)) => {
+                    Ok(TokioIo::new(PcsStream::new(tls, prefix, guard, proof)))
+                }
                 Err(failure) => {
                     tracing::debug!(conn = guard.id, error = %failure.io_message(), "PCS1 connection failed");
                     guard.settle(ConnState::Failed(failure.clone()));
@@ -136,8 +136,11 @@ impl tower::Service<http::Uri> for PcsConnector {
 }
 
 /// The first connection of a [`PcsStream`]: with the session ticket when the cache has a live
-/// one for this server name and address, else with a code. Returns what the Prefix carried.
-async fn open_first(target: &Target) -> Result<(TlsStream<TcpStream>, Proof), Failure> {
+/// one for this server name and address, else with a code. Returns the TLS stream, its encoded
+/// Prefix (not yet written) and what the Prefix carries.
+async fn open_first(
+    target: &Target,
+) -> Result<(TlsStream<TcpStream>, Zeroizing<Vec<u8>>, Proof), Failure> {
     let client = &target.client;
     let ticket = client.tickets.valid_for(
         &target.server_name_text(),
@@ -146,19 +149,29 @@ async fn open_first(target: &Target) -> Result<(TlsStream<TcpStream>, Proof), Fa
     );
     match ticket {
         Some(ticket) => {
-            let tls = open(target, Factor::Session(ticket.to_vec()), &[]).await?;
-            Ok((tls, Proof::Ticket(ticket)))
+            let (tls, prefix) = open(target, Factor::Session(ticket.to_vec()), &[]).await?;
+            Ok((tls, prefix, Proof::Ticket(ticket)))
         }
         None => {
             let code = fetch_code(client).await?;
-            let tls = open(target, Factor::Totp(code.to_string()), &[]).await?;
-            Ok((tls, Proof::Code(code)))
+            let (tls, prefix) = open(target, Factor::Totp(code.to_string()), &[]).await?;
+            Ok((tls, prefix, Proof::Code(code)))
         }
     }
 }
 
+/// A replacement connection, open and with its Prefix and the replayed bytes ready to go.
+pub(crate) struct Reopened {
+    pub(crate) tls: TlsStream<TcpStream>,
+    /// The encoded Prefix followed by the replayed bytes, not yet written.
+    pub(crate) frame: Zeroizing<Vec<u8>>,
+    /// The code the Prefix carries.
+    pub(crate) code: Zeroizing<String>,
+}
+
 /// A replacement connection after `refusal` (MFA_REQUIRED): a fresh code, then the bytes hyper
-/// already wrote on the refused connection. Returns the code it sent.
+/// already wrote on the refused connection (sent by the [`PcsStream`] right behind the
+/// Prefix).
 ///
 /// A code equal to the last one a server accepted from this client (a fixed code, or a TOTP
 /// secret still in the same time step) is not sent: the server would refuse it as reused and
@@ -168,7 +181,7 @@ pub(crate) async fn redial(
     target: Arc<Target>,
     replay: Zeroizing<Vec<u8>>,
     refusal: Arc<Rejection>,
-) -> Result<(TlsStream<TcpStream>, Zeroizing<String>), Failure> {
+) -> Result<Reopened, Failure> {
     let timeout = target.client.connect_timeout;
     let attempt = async {
         let code = fetch_code(&target.client).await?;
@@ -176,8 +189,8 @@ pub(crate) async fn redial(
             tracing::debug!("the code source gave the code already accepted; not sending it again");
             return Err(Failure::Rejected(refusal));
         }
-        let tls = open(&target, Factor::Totp(code.to_string()), &replay).await?;
-        Ok((tls, code))
+        let (tls, frame) = open(&target, Factor::Totp(code.to_string()), &replay).await?;
+        Ok(Reopened { tls, frame, code })
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
@@ -208,26 +221,35 @@ async fn fetch_code(client: &Arc<ClientInner>) -> Result<Zeroizing<String>, Fail
     Ok(code)
 }
 
-/// TCP, TLS 1.3 with ALPN `portcullis/1`, then the Prefix (and `trailer`) written and flushed.
-async fn open(
-    target: &Target,
-    mut factor: Factor,
-    trailer: &[u8],
-) -> Result<TlsStream<TcpStream>, Failure> {
-    let result = open_inner(target, &factor, trailer).await;
-    match &mut factor {
-        Factor::Totp(code) => code.zeroize(),
-        Factor::Session(ticket) => ticket.zeroize(),
+/// A Prefix whose code or ticket is wiped when it is dropped.
+struct WipedPrefix(Prefix);
+
+impl Drop for WipedPrefix {
+    fn drop(&mut self) {
+        match &mut self.0.factor {
+            Factor::Totp(code) => code.zeroize(),
+            Factor::Session(ticket) => ticket.zeroize(),
+        }
     }
-    result
 }
 
-async fn open_inner(
+/// TCP, TLS 1.3 with ALPN `portcullis/1`, then the Prefix for `factor` encoded, followed by
+/// `trailer`. Nothing is written: the [`PcsStream`] sends these bytes in front of hyper's.
+async fn open(
     target: &Target,
-    factor: &Factor,
+    factor: Factor,
     trailer: &[u8],
-) -> Result<TlsStream<TcpStream>, Failure> {
+) -> Result<(TlsStream<TcpStream>, Zeroizing<Vec<u8>>), Failure> {
     let client = &target.client;
+    // The factor is wiped when this is dropped, on every path out of here.
+    let mut prefix = WipedPrefix(Prefix {
+        user: client.user.clone(),
+        factor,
+        nonce: [0u8; 16],
+        time_ms: 0,
+        binding: [0u8; 32],
+        agent: Some(client.agent.clone()),
+    });
     let tcp = TcpStream::connect(target.addr.as_str())
         .await
         .map_err(|e| Failure::Io {
@@ -238,7 +260,7 @@ async fn open_inner(
         kind: e.kind(),
         detail: format!("could not set TCP_NODELAY: {e}"),
     })?;
-    let mut tls = client
+    let tls = client
         .tls
         .connect(target.server_name.clone(), tcp)
         .await
@@ -256,60 +278,33 @@ async fn open_inner(
             "the server did not select ALPN portcullis/1 (is it a Portcullis server?)".into(),
         ));
     }
-    let binding = conn
+    prefix.0.binding = conn
         .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
         .map_err(|e| Failure::Tls(format!("could not compute the channel binding: {e}")))?;
-
-    let mut nonce = [0u8; 16];
-    client.rng.fill(&mut nonce).map_err(|_| Failure::Random)?;
-    let prefix = Prefix {
-        user: client.user.clone(),
-        factor: factor.clone(),
-        nonce,
-        time_ms: client.clock.now_ms(),
-        binding,
-        agent: Some(client.agent.clone()),
-    };
-    let encoded = prefix.encode();
-    let Prefix { mut factor, .. } = prefix;
-    match &mut factor {
-        Factor::Totp(code) => code.zeroize(),
-        Factor::Session(ticket) => ticket.zeroize(),
-    }
-    let mut frame = Zeroizing::new(
-        encoded.map_err(|e| Failure::Protocol(format!("could not encode the Prefix: {e}")))?,
+    client
+        .rng
+        .fill(&mut prefix.0.nonce)
+        .map_err(|_| Failure::Random)?;
+    prefix.0.time_ms = client.clock.now_ms();
+    let encoded = Zeroizing::new(
+        prefix
+            .0
+            .encode()
+            .map_err(|e| Failure::Protocol(format!("could not encode the Prefix: {e}")))?,
     );
-    frame.extend_from_slice(trailer);
-    let written = async {
-        tls.write_all(&frame).await?;
-        tls.flush().await
-    }
-    .await;
-    if let Err(e) = written {
-        return Err(alert_after_write_error(&mut tls, &e).await);
-    }
+    let frame = if trailer.is_empty() {
+        encoded
+    } else {
+        // Sized once, so that no copy of the Prefix is left behind by a reallocation.
+        let mut frame = Zeroizing::new(Vec::with_capacity(encoded.len() + trailer.len()));
+        frame.extend_from_slice(&encoded);
+        frame.extend_from_slice(trailer);
+        frame
+    };
     tracing::debug!(
         addr = %target.addr,
-        session = matches!(factor, Factor::Session(_)),
-        "PCS1 Prefix sent"
+        session = matches!(prefix.0.factor, Factor::Session(_)),
+        "PCS1 Prefix ready"
     );
-    Ok(tls)
-}
-
-/// The failure of a connection whose Prefix could not be written. In TLS 1.3 the server judges
-/// the client certificate after the client's handshake is done, so a refused certificate may
-/// first show as a broken pipe; the server's alert is then waiting to be read, and names the
-/// real problem.
-async fn alert_after_write_error(tls: &mut TlsStream<TcpStream>, err: &std::io::Error) -> Failure {
-    let mut probe = [0u8; 1];
-    let read = tokio::time::timeout(ALERT_PROBE, tls.read(&mut probe)).await;
-    match read {
-        Ok(Err(e)) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
-            Failure::from_tls_io(&e, "the handshake failed")
-        }
-        _ => Failure::Io {
-            kind: err.kind(),
-            detail: format!("could not send the Prefix: {err}"),
-        },
-    }
+    Ok((tls, frame))
 }

@@ -5,18 +5,26 @@
 //! ticket and from then on reads pass through. A rejecting one is recorded in the channel's
 //! connection log and every read and write returns an `io::Error` whose text is the REASON.
 //!
+//! **The Prefix rides with hyper's first bytes.** The connector does not write the Prefix: the
+//! stream holds it and puts it in front of the first bytes hyper writes (the HTTP/2 preface),
+//! in one vectored write. rustls seals a vectored write as one TLS record, and tokio-rustls
+//! hands it to the socket in one system call, so the Prefix and the preface leave together in
+//! one record (and, when they fit, one TCP segment). A stream that is read or flushed before
+//! hyper wrote anything sends the Prefix on its own, so the Verdict always comes.
+//!
 //! **Invisible ticket fallback.** A connection that carried a session ticket keeps a copy of
 //! every byte hyper writes until its Verdict is in (at most [`REPLAY_LIMIT`] bytes; beyond
 //! that, writes wait for the Verdict). If the Verdict is MFA_REQUIRED, the stream drops the
 //! ticket, opens a new TCP and TLS connection, sends a Prefix with a code from the code source
-//! followed by the saved bytes, and carries on over the new connection: hyper never notices.
-//! This is safe because a server never lets bytes pipelined behind a rejected Prefix reach a
-//! service (PROTOCOL.md section 5).
+//! followed by the saved bytes (in one record with whatever hyper writes next), and carries on
+//! over the new connection: hyper never notices. This is safe because a server never lets
+//! bytes pipelined behind a rejected Prefix reach a service (PROTOCOL.md section 5).
 //!
-//! **A bounded wait.** From the moment the Prefix is sent (and again when a replacement
-//! connection has sent its own), the stream waits at most the client's connect timeout for the
-//! Verdict; a server that completes TLS but never answers fails the connection with
-//! `timeout: no Verdict from the server within N s` (UNAVAILABLE).
+//! **A bounded wait.** From the moment the stream is made (hyper writes the preface, and with
+//! it the Prefix, at once), and again when a replacement connection is open, the stream waits
+//! at most the client's connect timeout for the Verdict; a server that completes TLS but never
+//! answers fails the connection with `timeout: no Verdict from the server within N s`
+//! (UNAVAILABLE).
 //!
 //! **No reused code.** A connection that proved itself with a code and is accepted remembers
 //! that code in the client. If, after MFA_REQUIRED, the code source gives that same code again
@@ -29,7 +37,7 @@
 //! or the replacement connection takes the bytes.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
@@ -43,16 +51,17 @@ use tokio::time::Sleep;
 use tokio_rustls::client::TlsStream;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::connector::{ConnGuard, Proof, redial};
+use crate::connector::{ConnGuard, Proof, Reopened, redial};
 use crate::error::{Failure, Rejection};
 use crate::log::ConnState;
 
 /// How many bytes a ticket-carrying connection keeps for a replay before writes wait.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
-type Redial = Pin<
-    Box<dyn Future<Output = Result<(TlsStream<TcpStream>, Zeroizing<String>), Failure>> + Send>,
->;
+/// The most slices one write hands to TLS (the unsent bytes, then hyper's).
+const MAX_SLICES: usize = 64;
+
+type Redial = Pin<Box<dyn Future<Output = Result<Reopened, Failure>> + Send>>;
 
 enum Phase {
     /// Reading the Verdict's header.
@@ -87,9 +96,48 @@ struct Replay {
     ticket: Zeroizing<Vec<u8>>,
 }
 
-/// A PCS1 connection after the Prefix was sent; see the module docs.
+/// Bytes that go to TLS ahead of anything hyper writes: the encoded Prefix (on a replacement
+/// connection followed by the replayed bytes). Wiped and freed as soon as TLS has taken them.
+struct Unsent {
+    buf: Zeroizing<Vec<u8>>,
+    taken: usize,
+}
+
+impl Unsent {
+    fn new(buf: Zeroizing<Vec<u8>>) -> Self {
+        Self { buf, taken: 0 }
+    }
+
+    fn rest(&self) -> &[u8] {
+        self.buf.get(self.taken..).unwrap_or_default()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.taken >= self.buf.len()
+    }
+
+    /// Marks `n` more bytes as taken by TLS.
+    fn advance(&mut self, n: usize) {
+        self.taken += n;
+        if self.is_empty() {
+            self.clear();
+        }
+    }
+
+    /// Wipes and frees what is left.
+    fn clear(&mut self) {
+        self.buf = Zeroizing::new(Vec::new());
+        self.taken = 0;
+    }
+}
+
+/// A PCS1 connection after TLS, with its Prefix about to go out; see the module docs.
 pub(crate) struct PcsStream {
     io: TlsStream<TcpStream>,
+    /// The Prefix (and replayed bytes) not yet handed to TLS.
+    unsent: Unsent,
+    /// The stream itself handed unsent bytes to TLS, which may wait in rustls until a flush.
+    flush_due: bool,
     phase: Phase,
     /// Present while a ticket-carrying connection waits for its Verdict.
     replay: Option<Replay>,
@@ -107,9 +155,15 @@ pub(crate) struct PcsStream {
 }
 
 impl PcsStream {
-    /// A stream whose Prefix was just sent; `proof` is the ticket or code it carried. The
-    /// wait for the Verdict starts now.
-    pub(crate) fn new(io: TlsStream<TcpStream>, guard: ConnGuard, proof: Proof) -> Self {
+    /// A stream over a fresh TLS connection whose encoded Prefix is `prefix` (not yet
+    /// written); `proof` is the ticket or code it carries. The wait for the Verdict starts
+    /// now.
+    pub(crate) fn new(
+        io: TlsStream<TcpStream>,
+        prefix: Zeroizing<Vec<u8>>,
+        guard: ConnGuard,
+        proof: Proof,
+    ) -> Self {
         let (replay, code) = match proof {
             Proof::Ticket(ticket) => (
                 Some(Replay {
@@ -122,6 +176,8 @@ impl PcsStream {
         };
         let mut stream = Self {
             io,
+            unsent: Unsent::new(prefix),
+            flush_due: false,
             phase: Phase::header(),
             replay,
             redial: None,
@@ -167,6 +223,7 @@ impl PcsStream {
         self.replay = None;
         self.code = None;
         self.deadline = None;
+        self.unsent.clear();
         self.guard.settle(ConnState::Failed(failure.clone()));
         self.phase = Phase::Failed(failure);
         self.wake_all();
@@ -181,10 +238,12 @@ impl PcsStream {
         let result = ready!(fut.as_mut().poll(cx));
         self.redial = None;
         match result {
-            Ok((io, code)) => {
+            Ok(reopened) => {
                 tracing::debug!(conn = self.guard.id, "PCS1 connection reopened with a code");
-                self.io = io;
-                self.code = Some(code);
+                self.io = reopened.tls;
+                self.unsent = Unsent::new(reopened.frame);
+                self.flush_due = false;
+                self.code = Some(reopened.code);
                 self.phase = Phase::header();
                 self.write_error = None;
                 self.arm_deadline();
@@ -193,6 +252,72 @@ impl PcsStream {
             Err(failure) => self.fail(failure),
         }
         Poll::Ready(())
+    }
+
+    /// Hands the unsent bytes to TLS on their own and flushes them. Used when the stream is
+    /// read or flushed before hyper wrote anything, so that the Prefix goes out regardless.
+    /// A failure wipes the unsent bytes: the connection cannot carry them any more.
+    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, self.unsent.rest())) {
+                Ok(0) => {
+                    self.unsent.clear();
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Ok(n) => {
+                    self.unsent.advance(n);
+                    self.flush_due = true;
+                }
+                Err(e) => {
+                    self.unsent.clear();
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        if self.flush_due {
+            let flushed = ready!(Pin::new(&mut self.io).poll_flush(cx));
+            self.flush_due = false;
+            flushed?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `bufs` behind the unsent bytes in one vectored write: rustls seals it as one
+    /// TLS record and sends it in one system call. Returns how many bytes of `bufs` TLS took.
+    fn poll_write_behind_unsent(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.unsent.is_empty() {
+            return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        }
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let ahead = self.unsent.rest().len();
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            slices[0] = IoSlice::new(self.unsent.rest());
+            let mut count = 1;
+            for buf in bufs.iter().filter(|b| !b.is_empty()).take(MAX_SLICES - 1) {
+                slices[count] = *buf;
+                count += 1;
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            self.unsent.advance(n.min(ahead));
+            if n > ahead {
+                return Poll::Ready(Ok(n - ahead));
+            }
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            // TLS took all or part of the unsent bytes and none of `bufs` (its buffer was
+            // full): go on with what is left.
+            if self.unsent.is_empty() {
+                return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+            }
+        }
     }
 
     /// Reads the Verdict (and drives a replacement connection) until the connection is open or
@@ -204,6 +329,14 @@ impl PcsStream {
                 let timeout = self.verdict_timeout();
                 self.fail(Failure::Timeout(timeout));
                 continue;
+            }
+            // No Verdict comes before the Prefix: send it now if hyper has not written yet. A
+            // write that cannot go on at once registers `cx`; the read below goes on anyway.
+            if self.phase.awaiting_verdict()
+                && self.write_error.is_none()
+                && let Poll::Ready(Err(e)) = self.poll_send_unsent(cx)
+            {
+                self.write_error = Some(e);
             }
             let Self { io, phase, .. } = self;
             let (buf, filled): (&mut [u8], &mut usize) = match phase {
@@ -300,6 +433,7 @@ impl PcsStream {
             );
             // The replacement is bounded on its own; its Verdict gets a fresh deadline.
             self.deadline = None;
+            self.unsent.clear();
             self.redial = Some(Box::pin(redial(target.clone(), replay.sent, rejection)));
             self.phase = Phase::header();
             return;
@@ -315,6 +449,73 @@ impl PcsStream {
                 Poll::Pending
             }
             ready => ready,
+        }
+    }
+
+    /// Every write: straight through once the connection is open, else behind the unsent
+    /// Prefix, kept for a replay while a ticket waits for its Verdict.
+    fn poll_write_slices(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.poll_redial(cx).is_pending() {
+                self.write_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            match &self.phase {
+                Phase::Failed(f) => return Poll::Ready(Err(f.io_error())),
+                Phase::Open => {
+                    if let Some(e) = self.write_error.take() {
+                        return Poll::Ready(Err(e));
+                    }
+                    return self.poll_write_behind_unsent(cx, bufs);
+                }
+                Phase::Header { .. } | Phase::Body { .. } => {}
+            }
+            let full = self
+                .replay
+                .as_ref()
+                .is_some_and(|r| r.sent.len() >= REPLAY_LIMIT);
+            if self.write_error.is_some() || full {
+                ready!(self.writer_waits(cx))?;
+                continue;
+            }
+            // A ticket-carrying connection writes no more than it can replay.
+            let mut room = self
+                .replay
+                .as_ref()
+                .map_or(usize::MAX, |r| REPLAY_LIMIT - r.sent.len());
+            let mut limited = [IoSlice::new(&[]); MAX_SLICES - 1];
+            let mut count = 0;
+            for buf in bufs.iter().filter(|b| !b.is_empty()) {
+                if room == 0 || count == limited.len() {
+                    break;
+                }
+                let take = buf.len().min(room);
+                limited[count] = IoSlice::new(&buf[..take]);
+                room -= take;
+                count += 1;
+            }
+            let limited = &limited[..count];
+            match ready!(self.poll_write_behind_unsent(cx, limited)) {
+                Ok(n) => {
+                    if let Some(replay) = self.replay.as_mut() {
+                        let mut left = n;
+                        for buf in limited {
+                            let take = buf.len().min(left);
+                            replay.sent.extend_from_slice(&buf[..take]);
+                            left -= take;
+                        }
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => {
+                    self.unsent.clear();
+                    self.write_error = Some(e);
+                }
+            }
         }
     }
 }
@@ -344,44 +545,26 @@ impl AsyncWrite for PcsStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        loop {
-            if this.poll_redial(cx).is_pending() {
-                this.write_waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            match &this.phase {
-                Phase::Failed(f) => return Poll::Ready(Err(f.io_error())),
-                Phase::Open => {
-                    if let Some(e) = this.write_error.take() {
-                        return Poll::Ready(Err(e));
-                    }
-                    return Pin::new(&mut this.io).poll_write(cx, data);
-                }
-                Phase::Header { .. } | Phase::Body { .. } => {}
-            }
-            let full = this
-                .replay
-                .as_ref()
-                .is_some_and(|r| r.sent.len() >= REPLAY_LIMIT);
-            if this.write_error.is_some() || full {
-                ready!(this.writer_waits(cx))?;
-                continue;
-            }
-            let room = this
-                .replay
-                .as_ref()
-                .map_or(data.len(), |r| REPLAY_LIMIT - r.sent.len());
-            let chunk = &data[..data.len().min(room)];
-            match ready!(Pin::new(&mut this.io).poll_write(cx, chunk)) {
-                Ok(n) => {
-                    if let Some(replay) = this.replay.as_mut() {
-                        replay.sent.extend_from_slice(&chunk[..n]);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) => this.write_error = Some(e),
-            }
+        if matches!(this.phase, Phase::Open)
+            && this.unsent.is_empty()
+            && this.write_error.is_none()
+            && this.redial.is_none()
+        {
+            return Pin::new(&mut this.io).poll_write(cx, data);
         }
+        this.poll_write_slices(cx, &[IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -397,6 +580,7 @@ impl AsyncWrite for PcsStream {
                     if let Some(e) = this.write_error.take() {
                         return Poll::Ready(Err(e));
                     }
+                    ready!(this.poll_send_unsent(cx))?;
                     return Pin::new(&mut this.io).poll_flush(cx);
                 }
                 Phase::Header { .. } | Phase::Body { .. } => {}
@@ -405,7 +589,11 @@ impl AsyncWrite for PcsStream {
                 ready!(this.writer_waits(cx))?;
                 continue;
             }
-            match ready!(Pin::new(&mut this.io).poll_flush(cx)) {
+            let flushed = match ready!(this.poll_send_unsent(cx)) {
+                Ok(()) => ready!(Pin::new(&mut this.io).poll_flush(cx)),
+                Err(e) => Err(e),
+            };
+            match flushed {
                 Ok(()) => return Poll::Ready(Ok(())),
                 Err(e) => this.write_error = Some(e),
             }
@@ -418,7 +606,103 @@ impl AsyncWrite for PcsStream {
         if this.phase.awaiting_verdict() {
             // Closing before the Verdict: nothing will read it any more.
             this.replay = None;
+            this.unsent.clear();
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::Service;
+
+    use super::*;
+    use crate::connector::PcsConnector;
+    use crate::test_server::{H2_PREFACE, Pki, TestServer};
+    use crate::{Client, CodeSource};
+
+    /// A stream as the connector hands it to hyper, before hyper wrote anything.
+    async fn fresh_stream(pki: &Pki, server: &TestServer) -> (PcsStream, ConnGuardProbe) {
+        let client = Client::builder()
+            .tls_config(pki.client_config())
+            .server_name("localhost")
+            .user("alice")
+            .code_source(CodeSource::fixed("123456"))
+            .build()
+            .unwrap();
+        let (target, _) = client.target(&server.addr()).unwrap();
+        let io: TokioIo<PcsStream> = PcsConnector {
+            target: target.clone(),
+        }
+        .call(http::Uri::from_static("http://localhost"))
+        .await
+        .unwrap();
+        (io.into_inner(), ConnGuardProbe(target))
+    }
+
+    /// Reads the state of the channel's first connection.
+    struct ConnGuardProbe(Arc<crate::connector::Target>);
+
+    impl ConnGuardProbe {
+        fn first(&self) -> Option<ConnState> {
+            self.0.log.state(1)
+        }
+    }
+
+    /// Reads the server's first HTTP/2 frame header (its SETTINGS) through the stream.
+    async fn first_frame_type(reader: &mut (impl AsyncRead + Unpin)) -> u8 {
+        let mut head = [0u8; 9];
+        reader.read_exact(&mut head).await.unwrap();
+        head[3]
+    }
+
+    const SETTINGS: u8 = 0x4;
+
+    #[tokio::test]
+    async fn a_read_before_any_write_sends_the_prefix() {
+        tokio::time::timeout(Duration::from_secs(120), async {
+            let pki = Pki::new();
+            let server = TestServer::start(&pki).await;
+            let (stream, probe) = fresh_stream(&pki, &server).await;
+            let (mut reader, mut writer) = tokio::io::split(stream);
+            // The read is all that runs: it must send the Prefix, or no Verdict ever comes.
+            let read = tokio::spawn(async move { first_frame_type(&mut reader).await });
+            server.state.prefix_read.notified().await;
+            assert_eq!(probe.first(), Some(ConnState::Pending));
+            // The test server answers once the preface is behind the Prefix.
+            writer.write_all(H2_PREFACE).await.unwrap();
+            writer.flush().await.unwrap();
+            assert_eq!(read.await.unwrap(), SETTINGS, "the Verdict was stripped");
+            assert_eq!(probe.first(), Some(ConnState::Accepted));
+            let seen = server.state.seen();
+            assert_eq!(seen.len(), 1);
+            assert!(
+                !seen[0].preface_in_prefix_record,
+                "the Prefix went out on its own"
+            );
+            assert!(seen[0].verdict.is_accepted());
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flush_before_any_write_sends_the_prefix() {
+        tokio::time::timeout(Duration::from_secs(120), async {
+            let pki = Pki::new();
+            let server = TestServer::start(&pki).await;
+            let (mut stream, probe) = fresh_stream(&pki, &server).await;
+            stream.flush().await.unwrap();
+            server.state.prefix_read.notified().await;
+            stream.write_all(H2_PREFACE).await.unwrap();
+            stream.flush().await.unwrap();
+            assert_eq!(first_frame_type(&mut stream).await, SETTINGS);
+            assert_eq!(probe.first(), Some(ConnState::Accepted));
+            assert!(!server.state.seen()[0].preface_in_prefix_record);
+        })
+        .await
+        .unwrap();
     }
 }

@@ -118,6 +118,49 @@ async fn an_accepted_call_carries_a_correct_pipelined_prefix() {
     .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_and_the_http2_preface_leave_in_one_tls_record() {
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = TestServer::start(&pki).await;
+        let (codes, calls) = counting_codes();
+        let client = client(&pki, codes);
+
+        // A lazy channel's connection with a code, an eager one with the ticket it earned,
+        // and a ticket refused (MFA_REQUIRED) whose replacement connection replays hyper's
+        // bytes behind a Prefix with a code.
+        let lazy = client.connect_lazy(&server.addr()).unwrap();
+        assert_eq!(check(&lazy).await.unwrap(), ServingStatus::Serving);
+        let eager = client.connect(&server.addr()).await.unwrap();
+        assert_eq!(check(&eager).await.unwrap(), ServingStatus::Serving);
+        server.state.refuse_tickets.store(1, Ordering::SeqCst);
+        let fallback = client.connect_lazy(&server.addr()).unwrap();
+        assert_eq!(check(&fallback).await.unwrap(), ServingStatus::Serving);
+
+        let seen = server.state.seen();
+        assert_eq!(seen.len(), 4);
+        assert_eq!(totp(&seen[0].prefix.factor), Some("100001"));
+        assert!(matches!(seen[1].prefix.factor, Factor::Session(_)));
+        assert!(matches!(seen[2].prefix.factor, Factor::Session(_)));
+        assert_eq!(seen[2].verdict.reject_code(), Some(RejectCode::MfaRequired));
+        assert_eq!(totp(&seen[3].prefix.factor), Some("100002"));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        for (i, s) in seen.iter().enumerate() {
+            // rustls decrypts each record into a chunk of its own: the server's first read of
+            // application data holds the Prefix and the preface only if both were sealed in
+            // one record, that is, written by the client in one go.
+            assert!(
+                s.preface_in_prefix_record,
+                "connection {i}: the first TLS record holds the Prefix and the HTTP/2 preface"
+            );
+            assert!(s.preface_before_verdict, "connection {i}");
+            assert_eq!(s.prefix.binding, s.exporter, "connection {i}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn later_connections_use_the_session_ticket_and_fresh_nonces() {
     tokio::time::timeout(LIMIT, async {

@@ -209,20 +209,26 @@ fn utf8(v: &[u8], name: &str, min: usize, max: usize) -> Result<String, DecodeEr
         .map_err(|_| DecodeError::malformed(format!("{name} is not valid UTF-8")))
 }
 
-fn bytes(v: &[u8], name: &str, min: usize, max: usize) -> Result<Vec<u8>, DecodeError> {
+fn check_len(v: &[u8], name: &str, min: usize, max: usize) -> Result<(), DecodeError> {
     if v.len() < min || v.len() > max {
         return Err(DecodeError::malformed(format!(
             "{name} must be {min} to {max} bytes"
         )));
     }
+    Ok(())
+}
+
+fn bytes(v: &[u8], name: &str, min: usize, max: usize) -> Result<Vec<u8>, DecodeError> {
+    check_len(v, name, min, max)?;
     Ok(v.to_vec())
 }
 
-fn check_totp(code: &[u8]) -> Result<String, DecodeError> {
+/// Checks a TOTP code without copying it (encoders must not leave copies of secrets behind).
+fn check_totp(code: &[u8]) -> Result<(), DecodeError> {
     if !(6..=8).contains(&code.len()) || !code.iter().all(u8::is_ascii_digit) {
         return Err(DecodeError::malformed("TOTP must be 6 to 8 ASCII digits"));
     }
-    Ok(String::from_utf8_lossy(code).into_owned())
+    Ok(())
 }
 
 /// Writes fields and wraps them into a frame.
@@ -232,7 +238,9 @@ struct FrameWriter {
 
 impl FrameWriter {
     fn new(kind: FrameKind) -> Self {
-        let mut out = Vec::with_capacity(128);
+        // Room for the largest frame from the start: the buffer never grows, so no freed copy
+        // of a code or ticket is left behind by a reallocation.
+        let mut out = Vec::with_capacity(HEADER_LEN + MAX_BODY_LEN);
         out.extend_from_slice(&MAGIC);
         out.push(kind as u8);
         out.extend_from_slice(&[0, 0]);
@@ -322,7 +330,10 @@ impl Prefix {
         let time_ms = u64::from_be_bytes(fixed::<8>(required(f[TIME as usize], "TIME")?, "TIME")?);
         let binding = fixed::<32>(required(f[BINDING as usize], "BINDING")?, "BINDING")?;
         let factor = match (f[TOTP as usize], f[SESSION as usize]) {
-            (Some(code), None) => Factor::Totp(check_totp(code)?),
+            (Some(code), None) => {
+                check_totp(code)?;
+                Factor::Totp(String::from_utf8_lossy(code).into_owned())
+            }
             (None, Some(ticket)) => Factor::Session(bytes(ticket, "SESSION", 1, 1024)?),
             (Some(_), Some(_)) => {
                 return Err(DecodeError::malformed("TOTP and SESSION are both present"));
@@ -360,7 +371,7 @@ impl Prefix {
         w.field(TIME, &self.time_ms.to_be_bytes());
         w.field(BINDING, &self.binding);
         if let Factor::Session(ticket) = &self.factor {
-            bytes(ticket, "SESSION", 1, 1024)?;
+            check_len(ticket, "SESSION", 1, 1024)?;
             w.field(SESSION, ticket);
         }
         if let Some(agent) = &self.agent {
@@ -538,7 +549,7 @@ impl Verdict {
         w.field(SERVER_TIME, &self.server_time_ms.to_be_bytes());
         w.field(REF, &self.reference);
         if let Some((ticket, expires)) = &self.session {
-            bytes(ticket, "SESSION", 1, 1024)?;
+            check_len(ticket, "SESSION", 1, 1024)?;
             w.field(SESSION, ticket);
             w.field(SESSION_EXPIRES, &expires.to_be_bytes());
         }

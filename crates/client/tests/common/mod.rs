@@ -24,9 +24,9 @@ use rcgen::{
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -161,6 +161,9 @@ pub struct Seen {
     pub exporter: [u8; 32],
     /// The HTTP/2 preface was readable right behind the Prefix before the Verdict was written.
     pub preface_before_verdict: bool,
+    /// The first TLS record of application data held the whole Prefix and, right behind it,
+    /// the HTTP/2 preface: they left the client in one record (so in one write).
+    pub preface_in_prefix_record: bool,
     pub verdict: Verdict,
 }
 
@@ -173,6 +176,9 @@ pub struct State {
     pub tls_failures: AtomicUsize,
     /// Connections whose Prefix was read and never answered ([`Answer::Silent`]).
     pub unanswered: AtomicUsize,
+    /// Notified (one permit) whenever a Prefix was read, before the server waits for the
+    /// HTTP/2 preface behind it.
+    pub prefix_read: Notify,
     next_ref: AtomicU64,
 }
 
@@ -363,22 +369,42 @@ async fn gate(
         .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
         .unwrap();
 
-    // Exactly one frame: the header, then exactly the body.
-    let mut header = [0u8; HEADER_LEN];
-    if tls.read_exact(&mut header).await.is_err() {
+    // The first record of application data, exactly as rustls decrypted it: rustls keeps the
+    // plaintext of each record as a chunk of its own, and `fill_buf` returns the first one.
+    let first_record = match tls.fill_buf().await {
+        Ok(chunk) if !chunk.is_empty() => chunk.to_vec(),
+        _ => return,
+    };
+    tls.consume(first_record.len());
+    let mut front = first_record.clone();
+    if read_at_least(&mut tls, &mut front, HEADER_LEN)
+        .await
+        .is_err()
+    {
         return;
     }
-    let header = FrameHeader::parse(&header, FrameKind::Prefix).unwrap();
-    let mut body = vec![0u8; header.body_len];
-    tls.read_exact(&mut body).await.unwrap();
-    let prefix = Prefix::decode_body(&body).unwrap();
+    let header =
+        FrameHeader::parse(&front[..HEADER_LEN].try_into().unwrap(), FrameKind::Prefix).unwrap();
+    let prefix_len = HEADER_LEN + header.body_len;
+    read_at_least(&mut tls, &mut front, prefix_len)
+        .await
+        .unwrap();
+    let prefix = Prefix::decode_body(&front[HEADER_LEN..prefix_len]).unwrap();
+    state.prefix_read.notify_one();
+    let preface_in_prefix_record =
+        first_record.get(prefix_len..prefix_len + H2_PREFACE.len()) == Some(H2_PREFACE.as_slice());
 
     // Before answering, wait for the bytes the client pipelined behind the Prefix.
-    let mut preface = [0u8; 24];
     let preface_before_verdict = matches!(
-        tokio::time::timeout(Duration::from_secs(20), tls.read_exact(&mut preface)).await,
-        Ok(Ok(_))
-    ) && &preface == H2_PREFACE;
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            read_at_least(&mut tls, &mut front, prefix_len + H2_PREFACE.len())
+        )
+        .await,
+        Ok(Ok(()))
+    ) && front[prefix_len..].starts_with(H2_PREFACE);
+    // What followed the Prefix goes to HTTP/2 first.
+    let after_prefix = front.split_off(prefix_len);
 
     let Some((verdict, drop_after)) = state.decide(&prefix, &exporter) else {
         state.unanswered.fetch_add(1, Ordering::SeqCst);
@@ -394,6 +420,7 @@ async fn gate(
         prefix,
         exporter,
         preface_before_verdict,
+        preface_in_prefix_record,
         verdict: verdict.clone(),
     });
     tls.write_all(&verdict.encode().unwrap()).await.unwrap();
@@ -401,7 +428,7 @@ async fn gate(
 
     if verdict.is_accepted() && !drop_after {
         let _ = tx.send(Ok(Gated {
-            front: preface.to_vec(),
+            front: after_prefix,
             pos: 0,
             inner: tls,
         }));
@@ -419,4 +446,21 @@ async fn gate(
         }
     })
     .await;
+}
+
+/// Reads from `tls` onto the end of `buf` until it holds at least `len` bytes.
+async fn read_at_least(
+    tls: &mut TlsStream<TcpStream>,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    while buf.len() < len {
+        let n = tls.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
 }
