@@ -193,7 +193,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Repo
     });
     // Each TOTP connection needs a user whose code was not used in this time step.
     let throughput_users = if options.concurrency > 0 {
-        (options.seconds * 2000.0) as usize
+        (options.seconds * 4000.0) as usize
     } else {
         0
     };

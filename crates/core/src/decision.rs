@@ -683,14 +683,13 @@ impl Gate {
         };
         match totp.matching_step(code, now / 1000) {
             None => return Err(mfa_failed(Cause::CodeWrong)),
+            // Single use and "a success clears the count" in one registry change.
             Some(step) => {
-                if !self.registry.advance_totp_step(&prefix.user, step)? {
+                if !self.registry.accept_totp_step(&prefix.user, step)? {
                     return Err(mfa_failed(Cause::CodeReused));
                 }
             }
         }
-        self.registry
-            .update_lock_state(&prefix.user, &mut |_| crate::LockState::default())?;
         let session = match self.config.session_ttl_ms {
             Some(ttl) => {
                 let cannot_issue = |_| {

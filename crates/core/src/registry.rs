@@ -94,6 +94,17 @@ pub trait Registry: Send + Sync {
     /// stored step is the same or later (the code was already used).
     fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError>;
 
+    /// Like [`Registry::advance_totp_step`], and when the step is recorded also clears the
+    /// user's lockout state (a success clears the failure count), as one atomic change where
+    /// the backend can. The default makes two calls.
+    fn accept_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
+        if !self.advance_totp_step(user, step)? {
+            return Ok(false);
+        }
+        self.update_lock_state(user, &mut |_| LockState::default())?;
+        Ok(true)
+    }
+
     /// The user's lockout state.
     fn lock_state(&self, user: &str) -> Result<LockState, RegistryError>;
 

@@ -361,31 +361,11 @@ impl Registry for SqliteRegistry {
     }
 
     fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
-        let step = i64::try_from(step).map_err(|_| {
-            RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
-        })?;
-        let conn = self.conn();
-        // One statement: SQLite's write lock makes the compare and the set one step, across
-        // connections and processes.
-        let changed = conn
-            .prepare_cached(
-                "UPDATE users SET last_step = ?2
-                 WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)",
-            )
-            .and_then(|mut stmt| stmt.execute(params![user, step]))
-            .map_err(|e| self.backend(e))?;
-        if changed > 0 {
-            return Ok(true);
-        }
-        let exists = conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
-            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
-            .map_err(|e| self.backend(e))?;
-        if exists {
-            Ok(false)
-        } else {
-            Err(RegistryError::NotFound(format!("user {user}")))
-        }
+        self.set_step_if_later(user, step, false)
+    }
+
+    fn accept_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
+        self.set_step_if_later(user, step, true)
     }
 
     fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
@@ -639,5 +619,45 @@ impl SqliteRegistry {
             failures,
             locked_until_ms,
         })
+    }
+}
+
+impl SqliteRegistry {
+    /// Records `step` as the user's last accepted step if it is later than the stored one, in
+    /// one statement (SQLite's write lock makes compare and set one step, across connections
+    /// and processes); with `clear_lock`, the same statement clears the lockout state.
+    fn set_step_if_later(
+        &self,
+        user: &str,
+        step: u64,
+        clear_lock: bool,
+    ) -> Result<bool, RegistryError> {
+        let step = i64::try_from(step).map_err(|_| {
+            RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
+        })?;
+        let conn = self.conn();
+        let sql = if clear_lock {
+            "UPDATE users SET last_step = ?2, failures = 0, locked_until_ms = 0
+             WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)"
+        } else {
+            "UPDATE users SET last_step = ?2
+             WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)"
+        };
+        let changed = conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute(params![user, step]))
+            .map_err(|e| self.backend(e))?;
+        if changed > 0 {
+            return Ok(true);
+        }
+        let exists = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
+            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
+            .map_err(|e| self.backend(e))?;
+        if exists {
+            Ok(false)
+        } else {
+            Err(RegistryError::NotFound(format!("user {user}")))
+        }
     }
 }

@@ -284,6 +284,27 @@ fn registry_contract(r: &dyn Registry) {
             device("watch2", "bob", 7, 30, Some(31)),
         ]
     );
+
+    // accept_totp_step: a later step is recorded and clears the lockout state in one go; an
+    // earlier or equal step changes nothing.
+    r.add_user("carol", totp(9, 6, TotpAlgorithm::Sha1, 30), 0)
+        .unwrap();
+    let locked = LockState {
+        failures: 4,
+        locked_until_ms: 99,
+    };
+    r.update_lock_state("carol", &mut |_| locked).unwrap();
+    assert!(r.accept_totp_step("carol", 50).unwrap());
+    assert_eq!(r.lock_state("carol").unwrap(), LockState::default());
+    r.update_lock_state("carol", &mut |_| locked).unwrap();
+    assert!(!r.accept_totp_step("carol", 50).unwrap());
+    assert!(!r.accept_totp_step("carol", 49).unwrap());
+    assert_eq!(r.lock_state("carol").unwrap(), locked);
+    assert!(!r.advance_totp_step("carol", 50).unwrap());
+    assert!(matches!(
+        r.accept_totp_step("nobody", 1),
+        Err(RegistryError::NotFound(_))
+    ));
 }
 
 #[test]
