@@ -14,7 +14,7 @@ use portcullis::core::{
 };
 use portcullis::demo::{self, EchoClient, SayRequest};
 use portcullis::server::PortcullisServer;
-use portcullis::store::SqliteRegistry;
+use portcullis::store::{SecretKey, SqliteRegistry};
 use portcullis::tls::devpki::{DevCa, Issued};
 
 #[tokio::main]
@@ -28,7 +28,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // 1. A dev PKI and a registry.
     let ca = DevCa::generate("Portcullis quickstart CA")?;
     let server_cert = ca.issue_server(&["localhost".into(), "127.0.0.1".into()])?;
-    let registry = Arc::new(SqliteRegistry::create(&dir.path().join("portcullis.db"))?);
+    // TOTP secrets are sealed at rest under a registry key (AES-256-GCM).
+    let registry_key = SecretKey::create(&dir.path().join("registry.key"))?;
+    let registry = Arc::new(SqliteRegistry::create_with_key(
+        &dir.path().join("portcullis.db"),
+        registry_key,
+    )?);
 
     // 2. User alice with a TOTP secret, and her device certificate `laptop`.
     let totp = TotpConfig::generate_secret(&SystemRandom::new(), 6, TotpAlgorithm::Sha1, 30)?;

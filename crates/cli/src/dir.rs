@@ -6,8 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use portcullis_core::Registry;
 use portcullis_core::{Random, SystemRandom, TicketKey};
-use portcullis_store::SqliteRegistry;
+use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 use portcullis_tls::devpki::DevCa;
 
 use crate::CliResult;
@@ -42,6 +43,11 @@ impl Layout {
 
     pub(crate) fn registry(&self) -> PathBuf {
         self.dir.join("portcullis.db")
+    }
+
+    /// The key that seals the TOTP secrets in the registry.
+    pub(crate) fn registry_key(&self) -> PathBuf {
+        self.dir.join("registry.key")
     }
 
     pub(crate) fn ticket_key(&self) -> PathBuf {
@@ -92,9 +98,22 @@ impl Layout {
         Ok(layout)
     }
 
-    /// Opens the registry.
+    /// Loads the registry key.
+    pub(crate) fn load_registry_key(&self) -> CliResult<SecretKey> {
+        SecretKey::load(&self.registry_key()).map_err(|e| match e {
+            StoreError::KeyMissing { path } => format!(
+                "{}: no registry key file; `portcullis init` makes one, and `portcullis init --dir {} --add-key` adds one to a directory made by an older portcullis",
+                path.display(),
+                self.dir.display()
+            ),
+            other => other.to_string(),
+        })
+    }
+
+    /// Opens the registry with its key (a registry of an older schema is migrated).
     pub(crate) fn open_registry(&self) -> CliResult<SqliteRegistry> {
-        SqliteRegistry::open(&self.registry()).map_err(|e| e.to_string())
+        let key = self.load_registry_key()?;
+        SqliteRegistry::open_with_key(&self.registry(), key).map_err(|e| e.to_string())
     }
 
     /// Loads the dev CA (certificate and key).
@@ -163,12 +182,19 @@ pub(crate) struct InitArgs {
     /// 127.0.0.1 and ::1. Repeatable.
     #[arg(long = "server-name", value_name = "NAME")]
     server_names: Vec<String>,
-    /// Overwrite an existing directory's CA, server certificate, registry and ticket key.
+    /// Overwrite an existing directory's CA, server certificate, registry and keys.
     #[arg(long)]
     force: bool,
+    /// Give an existing directory made by an older portcullis a registry key (registry.key)
+    /// and seal its registry's TOTP secrets with it; nothing else changes.
+    #[arg(long, conflicts_with_all = ["force", "server_names"])]
+    add_key: bool,
 }
 
 pub(crate) fn init(args: &InitArgs) -> CliResult {
+    if args.add_key {
+        return add_key(&args.dir);
+    }
     let layout = Layout::new(&args.dir);
     if args.dir.exists() && !args.force {
         return Err(format!(
@@ -199,11 +225,12 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     let server = ca.issue_server(&names).map_err(|e| e.to_string())?;
 
     let db = layout.registry();
-    if db.exists() {
+    if db.exists() || layout.registry_key().exists() {
         for path in [
             db.clone(),
             db.with_extension("db-wal"),
             db.with_extension("db-shm"),
+            layout.registry_key(),
         ] {
             if path.exists() {
                 fs::remove_file(&path)
@@ -211,7 +238,8 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
             }
         }
     }
-    SqliteRegistry::create(&db).map_err(|e| e.to_string())?;
+    let registry_key = SecretKey::create(&layout.registry_key()).map_err(|e| e.to_string())?;
+    SqliteRegistry::create_with_key(&db, registry_key).map_err(|e| e.to_string())?;
 
     write_public(&layout.ca_cert(), ca.cert_pem().as_bytes())?;
     write_private(&layout.ca_key(), ca.key_pem().as_bytes())?;
@@ -233,8 +261,50 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     );
     out!("  registry        {}", db.display());
     out!(
+        "  registry key    {} (seals the TOTP secrets; keep it with the registry, and private)",
+        layout.registry_key().display()
+    );
+    out!(
         "next: portcullis user add USER --dir {}",
         args.dir.display()
+    );
+    Ok(())
+}
+
+/// `portcullis init --add-key`: a registry key for a directory made before registries were
+/// sealed. Opening the registry with the new key migrates it (its secrets are sealed); a registry
+/// whose secrets are already sealed under another key is left alone, and the new key removed.
+fn add_key(dir: &Path) -> CliResult {
+    let layout = Layout::existing(dir)?;
+    let key_path = layout.registry_key();
+    if key_path.exists() {
+        return Err(format!(
+            "{}: already exists; the registry is sealed with it",
+            key_path.display()
+        ));
+    }
+    let key = SecretKey::create(&key_path).map_err(|e| e.to_string())?;
+    let checked = SqliteRegistry::open_with_key(&layout.registry(), key)
+        .map_err(|e| e.to_string())
+        .and_then(|registry| {
+            registry.list_users().map_err(|e| {
+                format!(
+                    "{e}; the registry's secrets are sealed under another key: restore its registry.key"
+                )
+            })
+        });
+    let users = match checked {
+        Ok(users) => users,
+        Err(e) => {
+            let _ = fs::remove_file(&key_path);
+            return Err(e);
+        }
+    };
+    let sealed = users.iter().filter(|u| u.totp.is_some()).count();
+    out!(
+        "created {}; the TOTP secrets of {sealed} users in {} are sealed with it",
+        key_path.display(),
+        layout.registry().display()
     );
     Ok(())
 }

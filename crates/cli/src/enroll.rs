@@ -8,7 +8,9 @@ use portcullis_core::{
     Clock, DeviceRecord, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
 };
 use portcullis_tls::DeviceIdentity;
+use serde::Serialize;
 use serde_json::json;
+use zeroize::Zeroizing;
 
 use crate::dir::Layout;
 use crate::{CliResult, DirArg};
@@ -37,6 +39,17 @@ pub(crate) struct UserAddArgs {
     json: bool,
 }
 
+/// The `--json` output of `user add`.
+#[derive(Serialize)]
+struct UserJson<'a> {
+    user: &'a str,
+    secret: &'a str,
+    otpauth: &'a str,
+    digits: u8,
+    period: u64,
+    algorithm: &'a str,
+}
+
 fn parse_algorithm(s: &str) -> Result<TotpAlgorithm, String> {
     s.parse()
         .map_err(|e: portcullis_core::TotpError| e.to_string())
@@ -52,21 +65,25 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
         TotpConfig::DEFAULT_PERIOD,
     )
     .map_err(|e| e.to_string())?;
-    let uri = totp.otpauth_uri(ISSUER, &args.user);
-    let secret = totp.secret_base32();
+    // Every text that holds the secret is wiped when dropped.
+    let uri = Zeroizing::new(totp.otpauth_uri(ISSUER, &args.user));
+    let secret = Zeroizing::new(totp.secret_base32());
     registry
         .add_user(&args.user, totp.clone(), now_ms())
         .map_err(|e| e.to_string())?;
     if args.json {
-        let out = json!({
-            "user": args.user,
-            "secret": secret,
-            "otpauth": uri,
-            "digits": totp.digits(),
-            "period": totp.period(),
-            "algorithm": totp.algorithm().name(),
-        });
-        out!("{out}");
+        let out = Zeroizing::new(
+            serde_json::to_string(&UserJson {
+                user: &args.user,
+                secret: &secret,
+                otpauth: &uri,
+                digits: totp.digits(),
+                period: totp.period(),
+                algorithm: totp.algorithm().name(),
+            })
+            .map_err(|e| format!("JSON output: {e}"))?,
+        );
+        out!("{}", out.as_str());
         return Ok(());
     }
     out!("added user {}", args.user);
@@ -80,11 +97,13 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
             .light_color(Dense1x2::Dark)
             .quiet_zone(true)
             .build();
-        out!("{image}");
+        let image = Zeroizing::new(image);
+        out!("{}", image.as_str());
     }
-    out!("otpauth URI: {uri}");
+    out!("otpauth URI: {}", uri.as_str());
     out!(
-        "secret:      {secret}  ({} digits, {}, {} s)",
+        "secret:      {}  ({} digits, {}, {} s)",
+        secret.as_str(),
         totp.digits(),
         totp.algorithm(),
         totp.period()

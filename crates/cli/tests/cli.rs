@@ -108,11 +108,12 @@ fn walkthrough_from_init_to_a_revoked_device() {
         "server.pem",
         "server-key.pem",
         "portcullis.db",
+        "registry.key",
         "ticket.key",
     ] {
         assert!(dir.join(file).is_file(), "init made no {file}");
     }
-    for key in ["ca-key.pem", "server-key.pem", "ticket.key"] {
+    for key in ["ca-key.pem", "server-key.pem", "registry.key", "ticket.key"] {
         assert_eq!(mode(&dir.join(key)), 0o600, "{key} is readable by others");
     }
 
@@ -384,6 +385,7 @@ fn init_errors() {
     assert_ne!(fs::read(dir.join("ca.pem")).unwrap(), ca_before);
     assert_eq!(mode(&dir.join("ca-key.pem")), 0o600);
     assert_eq!(mode(&dir.join("ticket.key")), 0o600);
+    assert_eq!(mode(&dir.join("registry.key")), 0o600);
 }
 
 #[test]

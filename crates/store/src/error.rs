@@ -65,6 +65,50 @@ pub enum StoreError {
         /// The schema version found in it.
         version: i64,
     },
+    /// The registry keeps its TOTP secrets unsealed (schema version 1) and was opened without a
+    /// key. Opened with [`SqliteRegistry::open_with_key`](crate::SqliteRegistry::open_with_key),
+    /// it is migrated: its secrets are sealed under the key.
+    #[error(
+        "{}: registry schema version {version} keeps the TOTP secrets unsealed; open it with the registry key to seal them",
+        path.display()
+    )]
+    NeedsKey {
+        /// The file.
+        path: PathBuf,
+        /// The schema version found in it.
+        version: i64,
+    },
+    /// [`SecretKey::load`](crate::SecretKey::load) was given a file that does not exist.
+    #[error("{}: no registry key file here (it holds the key that seals the TOTP secrets)", path.display())]
+    KeyMissing {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// The key file may be read or written by the group or by others.
+    #[error(
+        "{}: the key file is {} by others (mode {mode:04o}); run chmod 600 {}",
+        path.display(),
+        exposure(*mode),
+        path.display()
+    )]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key file does not hold exactly [`SecretKey::LEN`](crate::SecretKey::LEN) bytes.
+    #[error(
+        "{}: a registry key file holds exactly {} bytes, this one holds {len}",
+        path.display(),
+        crate::SecretKey::LEN
+    )]
+    KeyLength {
+        /// The key file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+    },
     /// The file can only be read, but the registry must write to it.
     #[error("{}: registry is read-only; it must be writable", path.display())]
     ReadOnly {
@@ -100,6 +144,10 @@ impl StoreError {
             | Self::Foreign { path, .. }
             | Self::TooNew { path, .. }
             | Self::Unsupported { path, .. }
+            | Self::NeedsKey { path, .. }
+            | Self::KeyMissing { path }
+            | Self::KeyExposed { path, .. }
+            | Self::KeyLength { path, .. }
             | Self::ReadOnly { path }
             | Self::Io { path, .. }
             | Self::Sqlite { path, .. } => path,
@@ -132,6 +180,17 @@ impl StoreError {
 impl From<StoreError> for RegistryError {
     fn from(error: StoreError) -> Self {
         RegistryError::Backend(error.to_string())
+    }
+}
+
+/// What the group and others may do with a key file of this mode that they must not.
+fn exposure(mode: u32) -> &'static str {
+    if mode & 0o044 != 0 {
+        "readable"
+    } else if mode & 0o022 != 0 {
+        "writable"
+    } else {
+        "accessible"
     }
 }
 

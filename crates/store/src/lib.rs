@@ -6,10 +6,11 @@
 //!
 //! ```
 //! use portcullis_core::{DeviceFingerprint, Registry, TotpAlgorithm, TotpConfig};
-//! use portcullis_store::SqliteRegistry;
+//! use portcullis_store::{SecretKey, SqliteRegistry};
 //!
 //! let dir = tempfile::tempdir().unwrap();
-//! let registry = SqliteRegistry::create(&dir.path().join("portcullis.db")).unwrap();
+//! let key = SecretKey::create(&dir.path().join("registry.key")).unwrap();
+//! let registry = SqliteRegistry::create_with_key(&dir.path().join("portcullis.db"), key).unwrap();
 //! let totp = TotpConfig::new(vec![7; 20], 6, TotpAlgorithm::Sha1, 30).unwrap();
 //! registry.add_user("alice", totp, 0).unwrap();
 //! let fp = DeviceFingerprint::from_bytes([1; 32]);
@@ -28,14 +29,35 @@
 //! change is one statement or one `BEGIN IMMEDIATE` transaction, so that
 //! [`Registry::advance_totp_step`] accepts a TOTP step once across all processes.
 //!
+//! ## Secrets at rest
+//!
+//! A registry opened with a [`SecretKey`] ([`SqliteRegistry::open_with_key`],
+//! [`SqliteRegistry::create_with_key`]) seals every TOTP secret with AES-256-GCM before it is
+//! written: a fresh random 96-bit nonce per secret, and the user's name as additional
+//! authenticated data, so that a sealed secret moved into another user's row does not open. The
+//! key lives in a file of its own (32 bytes, mode 0600; [`SecretKey::load`] refuses a key file
+//! that the group or others may read or write). A secret that does not open (a wrong key, a
+//! moved or damaged row) is a [`RegistryError::Backend`] error naming the user, and the gate
+//! refuses the connection: it fails closed. Decrypted secrets live in buffers that are wiped
+//! when dropped.
+//!
+//! [`SqliteRegistry::open`] and [`SqliteRegistry::create`], without a key, store the secrets
+//! unsealed, protected by the file's permissions alone; they are meant for tests and examples.
+//! A registry opened with a key refuses unsealed secrets, and one opened without a key cannot
+//! read sealed ones.
+//!
 //! ## The file
 //!
-//! The file is created readable and writable by its owner only (mode 0600 on Unix), since it
-//! holds the users' TOTP secrets; SQLite gives its `-wal` and `-shm` companions the same mode.
-//! It carries `PRAGMA application_id` = [`APPLICATION_ID`] and `PRAGMA user_version` =
-//! [`SCHEMA_VERSION`]: a database of another application, a registry written by a newer
-//! Portcullis, and a file that is not a SQLite database at all are refused with a one-line
-//! [`StoreError`] that names the file.
+//! The file is created readable and writable by its owner only (mode 0600 on Unix); SQLite
+//! gives its `-wal` and `-shm` companions the same mode. It carries `PRAGMA application_id` =
+//! [`APPLICATION_ID`] and `PRAGMA user_version` = [`SCHEMA_VERSION`]: a database of another
+//! application, a registry written by a newer Portcullis, and a file that is not a SQLite
+//! database at all are refused with a one-line [`StoreError`] that names the file.
+//!
+//! A registry of schema version 1 (secrets unsealed) is migrated to version 2 when it is opened
+//! with a key: its secrets are sealed in one transaction, SQLite overwrites the old contents
+//! (`secure_delete`) and the write-ahead log is emptied. Opened without a key, it is refused
+//! ([`StoreError::NeedsKey`]) and left as it is.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -54,12 +76,16 @@ use portcullis_core::{
     SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use zeroize::Zeroizing;
 
 pub use error::StoreError;
+pub use secret::SecretKey;
+
+use secret::Sealer;
 
 /// The version of the registry's schema that this build writes and reads
 /// (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The `PRAGMA application_id` of a registry file: `PCS1` in ASCII.
 pub const APPLICATION_ID: u32 = 0x5043_5331;
@@ -72,22 +98,55 @@ pub struct SqliteRegistry {
     path: PathBuf,
     conn: Mutex<Connection>,
     clock: Arc<dyn Clock>,
+    sealer: Sealer,
 }
 
 impl fmt::Debug for SqliteRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteRegistry")
             .field("path", &self.path)
+            .field("sealed", &self.sealer.is_sealed())
             .finish_non_exhaustive()
     }
 }
 
 impl SqliteRegistry {
-    /// Opens an existing registry file.
+    /// Opens an existing registry file whose TOTP secrets are sealed under `key`.
+    ///
+    /// A registry of schema version 1 is migrated: its secrets are sealed under `key`. An empty
+    /// file is set up as a new registry; a file that does not exist is an error
+    /// ([`StoreError::Missing`]). A wrong key is found when a secret is first read: that read
+    /// fails with a [`RegistryError::Backend`] that names the user.
+    pub fn open_with_key(path: &Path, key: SecretKey) -> Result<Self, StoreError> {
+        Self::open_sealed_by(path, sealer(path, Some(key))?)
+    }
+
+    /// Creates a new registry file, readable by its owner only, whose TOTP secrets are sealed
+    /// under `key`. Refuses a file that exists ([`StoreError::AlreadyExists`]).
+    pub fn create_with_key(path: &Path, key: SecretKey) -> Result<Self, StoreError> {
+        Self::create_sealed_by(path, sealer(path, Some(key))?)
+    }
+
+    /// Opens an existing registry file without a key: TOTP secrets are written unsealed, and
+    /// sealed ones cannot be read. For tests and examples; a server uses
+    /// [`SqliteRegistry::open_with_key`].
     ///
     /// An empty file is set up as a new registry; a file that does not exist is an error
-    /// ([`StoreError::Missing`]).
+    /// ([`StoreError::Missing`]); a registry of schema version 1 is refused
+    /// ([`StoreError::NeedsKey`]).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_sealed_by(path, Sealer::Plain)
+    }
+
+    /// Creates a new registry file without a key, readable by its owner only: TOTP secrets are
+    /// written unsealed. For tests and examples; a server uses
+    /// [`SqliteRegistry::create_with_key`]. Refuses a file that exists
+    /// ([`StoreError::AlreadyExists`]).
+    pub fn create(path: &Path) -> Result<Self, StoreError> {
+        Self::create_sealed_by(path, Sealer::Plain)
+    }
+
+    fn open_sealed_by(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         match fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -97,16 +156,15 @@ impl SqliteRegistry {
             }
             Err(e) => return Err(StoreError::io(path, e)),
         }
-        Ok(Self::with_connection(path, schema::connect(path)?))
+        let conn = schema::connect(path, &sealer)?;
+        Ok(Self::with_connection(path, conn, sealer))
     }
 
-    /// Creates a new registry file, readable by its owner only. Refuses a file that exists
-    /// ([`StoreError::AlreadyExists`]).
-    pub fn create(path: &Path) -> Result<Self, StoreError> {
+    fn create_sealed_by(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         let file = create_private_file(path)?;
         drop(file);
-        match schema::connect(path) {
-            Ok(conn) => Ok(Self::with_connection(path, conn)),
+        match schema::connect(path, &sealer) {
+            Ok(conn) => Ok(Self::with_connection(path, conn, sealer)),
             Err(e) => {
                 remove_database_files(path);
                 Err(e)
@@ -134,11 +192,17 @@ impl SqliteRegistry {
         &self.path
     }
 
-    fn with_connection(path: &Path, conn: Connection) -> Self {
+    /// Whether TOTP secrets are sealed under a key (the registry was opened or created with one).
+    pub fn is_sealed(&self) -> bool {
+        self.sealer.is_sealed()
+    }
+
+    fn with_connection(path: &Path, conn: Connection, sealer: Sealer) -> Self {
         Self {
             path: path.to_owned(),
             conn: Mutex::new(conn),
             clock: Arc::new(SystemClock),
+            sealer,
         }
     }
 
@@ -196,14 +260,26 @@ impl SqliteRegistry {
                         row.name
                     ))
                 };
-                let digits =
-                    u8::try_from(digits).map_err(|_| invalid(format!("digits {digits}")))?;
+                let digits = u8::try_from(digits)
+                    .ok()
+                    .filter(|d| (6..=8).contains(d))
+                    .ok_or_else(|| invalid(format!("digits {digits}")))?;
                 let algorithm: TotpAlgorithm =
                     algorithm.parse().map_err(|e| invalid(format!("{e}")))?;
-                let period =
-                    u64::try_from(period).map_err(|_| invalid(format!("period {period}")))?;
-                let secret = secret::open(stored, &row.name)?;
-                let totp = TotpConfig::new(secret, digits, algorithm, period)
+                let period = u64::try_from(period)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| invalid(format!("period {period}")))?;
+                let mut secret =
+                    Zeroizing::new(self.sealer.open(&row.name, stored).map_err(|e| {
+                        self.damaged(&format!("cannot open the TOTP secret of {}: {e}", row.name))
+                    })?);
+                if secret.len() < MIN_SECRET_LEN {
+                    return Err(invalid(format!("a secret of {} bytes", secret.len())));
+                }
+                // The checks above are those of `TotpConfig::new`, which therefore takes the
+                // buffer without a copy and wipes it when the configuration is dropped.
+                let totp = TotpConfig::new(std::mem::take(&mut *secret), digits, algorithm, period)
                     .map_err(|e| invalid(e.to_string()))?;
                 Some(totp)
             }
@@ -220,6 +296,19 @@ impl SqliteRegistry {
             created_ms,
         })
     }
+}
+
+/// The shortest TOTP secret a registry holds (128 bits), as `TotpConfig::new` requires.
+const MIN_SECRET_LEN: usize = 16;
+
+/// The sealer for a registry file opened with `key`, or without a key.
+fn sealer(path: &Path, key: Option<SecretKey>) -> Result<Sealer, StoreError> {
+    Sealer::new(key).map_err(|_| {
+        StoreError::io(
+            path,
+            io::Error::other("AES-256-GCM refused the registry key"),
+        )
+    })
 }
 
 /// Creates `path`, refusing an existing file, readable and writable by the owner only.
@@ -461,7 +550,10 @@ impl Registry for SqliteRegistry {
         let period = i64::try_from(totp.period()).map_err(|_| {
             RegistryError::Invalid(format!("TOTP period: at most {} seconds", i64::MAX))
         })?;
-        let sealed = secret::seal(totp.secret())?;
+        let sealed = self
+            .sealer
+            .seal(name, totp.secret())
+            .map_err(|e| self.damaged(&format!("cannot seal the TOTP secret of {name}: {e}")))?;
         let conn = self.conn();
         conn.prepare_cached(
             "INSERT INTO users (name, totp_secret, digits, algorithm, period, created_ms)

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
+use zeroize::Zeroizing;
+
+use crate::secret::Sealer;
 use crate::{APPLICATION_ID, SCHEMA_VERSION, StoreError};
 
 /// How long a statement waits for another connection's write lock before giving up.
@@ -13,14 +16,20 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Prepared statements kept per connection (the registry uses fewer than this).
 const STATEMENT_CACHE: usize = 32;
 
-/// Schema version 1.
+/// The oldest schema version this build opens: a version 1 registry is migrated to
+/// [`SCHEMA_VERSION`] when it is opened with a key.
+const OLDEST_MIGRATABLE: i64 = 1;
+
+/// Schema version 2. It has the tables of version 1; what changed is the content of
+/// `users.totp_secret`, which holds a format byte followed by the sealed (or, in a registry
+/// without a key, the raw) secret, where version 1 held the raw secret alone (see `secret.rs`).
 ///
 /// - `users`: one row per user, with the TOTP parameters (all four NULL when the user has no
 ///   second factor), the last accepted TOTP step and the lockout state.
 /// - `devices`: every binding ever made; at most one active (`revoked_ms IS NULL`) binding per
 ///   name and per fingerprint, enforced by partial unique indexes.
 /// - `revoked_sessions`: revoked session ids until their tickets expire.
-const SCHEMA_V1: &str = "
+const SCHEMA_V2: &str = "
 CREATE TABLE users (
     name            TEXT    NOT NULL PRIMARY KEY,
     totp_secret     BLOB,
@@ -85,9 +94,9 @@ impl Identity {
     }
 }
 
-/// Opens the existing file at `path` as a registry: checks what it is, sets the connection up
-/// and writes the schema into a blank database.
-pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
+/// Opens the existing file at `path` as a registry: checks what it is, sets the connection up,
+/// writes the schema into a blank database and migrates an older one.
+pub(crate) fn connect(path: &Path, sealer: &Sealer) -> Result<Connection, StoreError> {
     let sqlite = |e: rusqlite::Error| StoreError::from_sqlite(path, &e);
 
     // No SQLITE_OPEN_CREATE: the file is made (with its permissions) before SQLite sees it.
@@ -100,6 +109,13 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
     let identity = Identity::read(&conn).map_err(sqlite)?;
     if !identity.is_blank() {
         check_identity(path, &identity)?;
+        // Refused before anything is written to the file.
+        if identity.user_version < SCHEMA_VERSION && !sealer.is_sealed() {
+            return Err(StoreError::NeedsKey {
+                path: path.to_owned(),
+                version: identity.user_version,
+            });
+        }
     }
     if conn.is_readonly("main").map_err(sqlite)? {
         return Err(StoreError::ReadOnly {
@@ -124,6 +140,8 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
 
     if identity.is_blank() {
         initialize(conn, path)
+    } else if identity.user_version < SCHEMA_VERSION {
+        migrate(conn, path, sealer)
     } else {
         Ok(conn)
     }
@@ -143,7 +161,7 @@ fn check_identity(path: &Path, identity: &Identity) -> Result<(), StoreError> {
             version: identity.user_version,
         });
     }
-    if identity.user_version < SCHEMA_VERSION {
+    if identity.user_version < OLDEST_MIGRATABLE {
         return Err(StoreError::Unsupported {
             path: path.to_owned(),
             version: identity.user_version,
@@ -161,7 +179,7 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
         .map_err(sqlite)?;
     let identity = Identity::read(&tx).map_err(sqlite)?;
     if identity.is_blank() {
-        tx.execute_batch(SCHEMA_V1).map_err(sqlite)?;
+        tx.execute_batch(SCHEMA_V2).map_err(sqlite)?;
         // The header stores the id as a signed 32-bit integer.
         tx.pragma_update(None, "application_id", APPLICATION_ID as i32)
             .map_err(sqlite)?;
@@ -173,4 +191,76 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
         tx.rollback().map_err(sqlite)?;
     }
     Ok(conn)
+}
+
+/// Migrates a version 1 registry to version 2 in one transaction: every TOTP secret is sealed
+/// under the registry's key, in place. Another process may be migrating the same file at the
+/// same moment: the write lock decides, and the loser finds the work done.
+///
+/// The raw secrets must not outlive the migration in the file: `secure_delete` makes SQLite
+/// overwrite the old cell contents, and a checkpoint moves the rewritten pages into the main file
+/// and empties the write-ahead log that held them.
+fn migrate(mut conn: Connection, path: &Path, sealer: &Sealer) -> Result<Connection, StoreError> {
+    let sqlite = |e: rusqlite::Error| StoreError::from_sqlite(path, &e);
+    let secure_delete: i64 = conn
+        .pragma_query_value(None, "secure_delete", |r| r.get(0))
+        .map_err(sqlite)?;
+    conn.pragma_update(None, "secure_delete", true)
+        .map_err(sqlite)?;
+    let migrated = migrate_in_transaction(&mut conn, path, sealer);
+    let restored = conn.pragma_update(None, "secure_delete", secure_delete != 0);
+    migrated?;
+    restored.map_err(sqlite)?;
+    // Best effort: a reader in another process may hold the log; the rewritten pages then reach
+    // the main file at the next checkpoint.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    Ok(conn)
+}
+
+fn migrate_in_transaction(
+    conn: &mut Connection,
+    path: &Path,
+    sealer: &Sealer,
+) -> Result<(), StoreError> {
+    let sqlite = |e: rusqlite::Error| StoreError::from_sqlite(path, &e);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite)?;
+    let identity = Identity::read(&tx).map_err(sqlite)?;
+    check_identity(path, &identity)?;
+    if identity.user_version == SCHEMA_VERSION {
+        return tx.rollback().map_err(sqlite);
+    }
+    // Version 1 is the only older version check_identity lets through.
+    let secrets = tx
+        .prepare("SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Zeroizing::new(r.get::<_, Vec<u8>>(1)?),
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sqlite)?;
+    {
+        let mut update = tx
+            .prepare("UPDATE users SET totp_secret = ?2 WHERE name = ?1")
+            .map_err(sqlite)?;
+        for (name, secret) in &secrets {
+            let sealed = sealer.seal(name, secret).map_err(|e| {
+                StoreError::io(
+                    path,
+                    std::io::Error::other(format!("cannot seal the TOTP secret of {name}: {e}")),
+                )
+            })?;
+            update
+                .execute(rusqlite::params![name, sealed.as_slice()])
+                .map_err(sqlite)?;
+        }
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(sqlite)?;
+    tx.commit().map_err(sqlite)
 }

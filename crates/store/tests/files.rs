@@ -65,7 +65,9 @@ fn create_sets_up_a_versioned_wal_registry() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(stored, secret());
+    // A registry without a key stores the secret behind the format byte 0x00 (unsealed).
+    assert_eq!(stored[0], 0x00);
+    assert_eq!(stored[1..], secret());
 }
 
 #[test]
@@ -254,13 +256,13 @@ fn a_newer_schema_is_refused() {
     }
     let error = open_error(&path);
     assert!(
-        matches!(error, StoreError::TooNew { version: 2, .. }),
+        matches!(error, StoreError::TooNew { version: 3, .. }),
         "{error}"
     );
     assert_eq!(
         error.to_string(),
         format!(
-            "{}: registry schema version 2 is newer than this portcullis (1)",
+            "{}: registry schema version 3 is newer than this portcullis (2)",
             path.display()
         )
     );

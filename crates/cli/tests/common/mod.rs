@@ -250,7 +250,13 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_env(dir, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut cmd = command();
+        cmd.envs(env.iter().copied());
         cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
