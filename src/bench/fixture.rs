@@ -345,6 +345,9 @@ impl Fixture {
             )
             .map_err(BenchError::setup)?
             .registry(registry.clone())
+            // Every client of the benchmark is 127.0.0.1, opening thousands of connections a
+            // second; the per-source limit would refuse them (stock tonic has none).
+            .rate_limit(None)
             .build()
             .map_err(BenchError::setup)?;
         let incoming = {

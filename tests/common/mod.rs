@@ -329,3 +329,77 @@ pub async fn read_to_close(tls: &mut TlsStream<TcpStream>) -> Result<usize, std:
         Err(_) => panic!("the server did not close the connection within 5 s"),
     }
 }
+
+/// A test server on a given CA and registry, whose builder the test shapes (limits, clock);
+/// also returns the server handle, for its gauges.
+pub async fn start_custom(
+    ca: DevCa,
+    registry: Arc<dyn Registry>,
+    configure: impl FnOnce(portcullis::server::Builder) -> portcullis::server::Builder,
+) -> (TestServer, PortcullisServer) {
+    let server_cert = ca
+        .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap();
+    let builder = PortcullisServer::builder()
+        .identity(
+            vec![server_cert.cert_der()],
+            server_cert.key_der(),
+            &[ca.cert_der()],
+        )
+        .unwrap()
+        .registry(registry.clone());
+    let portcullis = configure(builder).build().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = CountingEcho::default();
+    let calls = echo.calls.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let incoming = portcullis.incoming(listener);
+    let serving = portcullis.clone();
+    let task = tokio::spawn(async move {
+        serving
+            .server()
+            .add_service(EchoServer::new(echo))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let server = TestServer {
+        addr,
+        registry,
+        ca,
+        calls,
+        shutdown: Some(tx),
+        task: Some(task),
+    };
+    (server, portcullis)
+}
+
+/// A copy of a CA (same certificate, same key), for a server restarted on the same PKI.
+pub fn same_ca(ca: &DevCa) -> DevCa {
+    DevCa::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap()
+}
+
+/// A TLS connection to `addr` with any client configuration (TLS 1.2 peers, odd certificates).
+pub async fn tls_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// Reads one Verdict, or `None` when the connection ends (or fails) before a whole one came.
+pub async fn try_read_verdict(tls: &mut TlsStream<TcpStream>) -> Option<Verdict> {
+    let mut header = [0u8; HEADER_LEN];
+    tls.read_exact(&mut header).await.ok()?;
+    let h = FrameHeader::parse(&header, FrameKind::Verdict).ok()?;
+    let mut body = vec![0u8; h.body_len];
+    tls.read_exact(&mut body).await.ok()?;
+    Verdict::decode_body(&body).ok()
+}

@@ -8,6 +8,7 @@ use clap::Args;
 use portcullis::demo;
 use portcullis_core::Registry;
 use portcullis_server::PortcullisServer;
+use portcullis_server::limits::{self, RateLimit};
 
 use crate::dir::Layout;
 use crate::{CliResult, DirArg};
@@ -30,6 +31,28 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     clock_skew: u64,
+    /// Absolute deadline for TLS handshake, Prefix and decision of a connection, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    deadline: u64,
+    /// Most connections being authenticated at once; beyond it, OVERLOADED.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PENDING as u64,
+          value_parser = clap::value_parser!(u64).range(1..=limits::MAX_CONNECTION_CAP as u64))]
+    max_pending: u64,
+    /// Refusals answered with a Verdict at once when over a limit; beyond it, connections are
+    /// closed at accept.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_REFUSAL_BUDGET as u64,
+          value_parser = clap::value_parser!(u64).range(0..=limits::MAX_CONNECTION_CAP as u64))]
+    refusal_budget: u64,
+    /// Connection attempts per second allowed from one source address (IPv6: per /64); 0
+    /// turns the limit off. Over it: RATE_LIMITED.
+    #[arg(long, value_name = "PER_SEC", default_value_t = limits::DEFAULT_RATE_LIMIT.per_second,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    rate_limit: u32,
+    /// Attempts one source may make in a burst above the rate.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_RATE_LIMIT.burst,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rate_burst: u32,
 }
 
 pub(crate) fn serve(args: &ServeArgs) -> CliResult {
@@ -55,7 +78,13 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         .map_err(|e| e.to_string())?
         .registry(registry)
         .clock_skew(Duration::from_secs(args.clock_skew))
-        .session_ttl((args.session_ttl > 0).then(|| Duration::from_secs(args.session_ttl)));
+        .session_ttl((args.session_ttl > 0).then(|| Duration::from_secs(args.session_ttl)))
+        .deadline(Duration::from_secs(args.deadline))
+        .max_pending(args.max_pending as usize)
+        .refusal_budget(args.refusal_budget as usize)
+        .rate_limit(
+            (args.rate_limit > 0).then(|| RateLimit::new(args.rate_limit, args.rate_burst)),
+        );
     if let Some(key) = ticket_key {
         builder = builder.ticket_key(key);
     }

@@ -1,6 +1,7 @@
-//! The accept path: TCP accept, then in one task per connection and under one absolute
-//! deadline the TLS 1.3 handshake, the ALPN check, exactly one Prefix frame and the gate's
-//! decision; accepted connections are yielded to tonic.
+//! The accept path: TCP accept and the limits of [`crate::limits`] (rate limit per source,
+//! cap on connections being authenticated), then in one task per connection and under one
+//! absolute deadline the TLS 1.3 handshake, the ALPN check, exactly one Prefix frame and the
+//! gate's decision; accepted connections are yielded to tonic.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use portcullis_core::codec::{ALPN_PCS1, FrameHeader, FrameKind, HEADER_LEN};
 use portcullis_core::{Cause, ConnectionFacts, Decision, DeviceFingerprint, Gate, RejectCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -22,6 +23,7 @@ use tokio_stream::Stream;
 use zeroize::Zeroizing;
 
 use crate::context::AuthContext;
+use crate::limits::{Limited, OVERLOADED_RETRY_AFTER_S, REFUSAL_DEADLINE, SourceLimiter};
 use crate::stream::AuthenticatedStream;
 
 /// Time allowed to write a Verdict once the decision is made, or the TIMEOUT Verdict once the
@@ -31,7 +33,7 @@ const VERDICT_WRITE_LIMIT: Duration = Duration::from_secs(2);
 const DRAIN_LIMIT: Duration = Duration::from_millis(500);
 /// The most bytes drained from a refused connection.
 const DRAIN_MAX_BYTES: usize = 256 * 1024;
-/// How often expired nonces are purged.
+/// How often expired nonces and quiet rate-limit sources are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(10);
 /// How many authenticated connections wait for tonic to take them.
 const HANDOFF_QUEUE: usize = 128;
@@ -41,6 +43,80 @@ pub(crate) struct AcceptState {
     pub(crate) tls: TlsAcceptor,
     pub(crate) deadline: Duration,
     pub(crate) blocking_registry: bool,
+    /// One permit per connection being authenticated ([`crate::Builder::max_pending`]).
+    pub(crate) pending: Arc<Semaphore>,
+    pub(crate) max_pending: usize,
+    /// One permit per early refusal in its TLS handshake ([`crate::Builder::refusal_budget`]).
+    pub(crate) refusing: Arc<Semaphore>,
+    pub(crate) refusal_budget: usize,
+    /// `None` when the rate limit is off.
+    pub(crate) limiter: Option<SourceLimiter>,
+}
+
+impl AcceptState {
+    /// How many connections are being authenticated.
+    pub(crate) fn pending(&self) -> usize {
+        self.max_pending
+            .saturating_sub(self.pending.available_permits())
+    }
+
+    /// How many early refusals are in their TLS handshake or Verdict.
+    pub(crate) fn refusing(&self) -> usize {
+        self.refusal_budget
+            .saturating_sub(self.refusing.available_permits())
+    }
+
+    /// The limits checked at TCP accept: the rate limit of the source, then the cap on
+    /// connections being authenticated. No registry work is done here.
+    fn admit(&self, peer: SocketAddr) -> Result<OwnedSemaphorePermit, EarlyRefusal> {
+        if let Some(limiter) = &self.limiter {
+            match limiter.check(peer.ip()) {
+                Ok(()) => {}
+                Err(Limited::Source { retry_after_s }) => {
+                    return Err(EarlyRefusal {
+                        code: RejectCode::RateLimited,
+                        cause: "rate_limited",
+                        hint: format!(
+                            "too many connection attempts from {}; retry in {retry_after_s} s",
+                            peer.ip()
+                        ),
+                        retry_after_s,
+                    });
+                }
+                Err(Limited::Full) => {
+                    return Err(EarlyRefusal {
+                        code: RejectCode::Overloaded,
+                        cause: "rate_limiter_full",
+                        hint: "the server is tracking too many sources of connections; retry \
+                               shortly"
+                            .into(),
+                        retry_after_s: OVERLOADED_RETRY_AFTER_S,
+                    });
+                }
+            }
+        }
+        self.pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EarlyRefusal {
+                code: RejectCode::Overloaded,
+                cause: "too_many_pending",
+                hint: format!(
+                    "the server is at its limit of {} connections being authenticated; retry \
+                     shortly",
+                    self.max_pending
+                ),
+                retry_after_s: OVERLOADED_RETRY_AFTER_S,
+            })
+    }
+}
+
+/// A refusal decided at TCP accept, before the Prefix.
+struct EarlyRefusal {
+    code: RejectCode,
+    cause: &'static str,
+    hint: String,
+    retry_after_s: u32,
 }
 
 /// The stream of authenticated connections for tonic's `serve_with_incoming`.
@@ -80,33 +156,50 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
     let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
     let local_addr = listener.local_addr().ok();
     let accept_loop = tokio::spawn(async move {
-        let mut purge = tokio::time::interval(PURGE_INTERVAL);
+        let mut purge_tick = tokio::time::interval(PURGE_INTERVAL);
         let purging = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tx.closed() => break,
-                _ = purge.tick() => {
+                _ = purge_tick.tick() => {
                     // Detached, and one at a time: accepting never waits for a purge.
-                    if !purging.swap(true, Ordering::AcqRel) {
-                        let gate = state.gate.clone();
-                        let purging = purging.clone();
-                        tokio::task::spawn_blocking(move || {
-                            gate.purge_expired();
-                            purging.store(false, Ordering::Release);
-                        });
-                    }
+                    purge(&state, &purging);
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let state = state.clone();
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            if let Some(stream) = authenticate(&state, tcp, peer).await {
-                                // The receiver is gone only when the server shuts down.
-                                let _ = tx.send(stream).await;
+                    Ok((tcp, peer)) => match state.admit(peer) {
+                        Ok(permit) => {
+                            let state = state.clone();
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                if let Some(stream) = authenticate(&state, tcp, peer).await {
+                                    // The receiver is gone only when the server shuts down.
+                                    let _ = tx.send(stream).await;
+                                }
+                                // Held until tonic has taken the connection: a server that
+                                // cannot keep up answers OVERLOADED.
+                                drop(permit);
+                            });
+                        }
+                        Err(refusal) => {
+                            if refusal.cause == "rate_limiter_full" {
+                                purge(&state, &purging);
                             }
-                        });
-                    }
+                            match state.refusing.clone().try_acquire_owned() {
+                                Ok(permit) => {
+                                    let state = state.clone();
+                                    tokio::spawn(async move {
+                                        refuse_early(&state, tcp, peer, refusal).await;
+                                        drop(permit);
+                                    });
+                                }
+                                Err(_) => {
+                                    // Not even a handshake can be afforded: closed at once.
+                                    tracing::info!(peer = %peer, outcome = "rejected", code = refusal.code.name(), cause = refusal.cause, "connection closed at accept");
+                                    drop(tcp);
+                                }
+                            }
+                        }
+                    },
                     Err(e) => {
                         // Out of file descriptors or a transient error: wait a little so the
                         // loop does not spin, then go on accepting.
@@ -125,16 +218,32 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
     }
 }
 
-/// Runs steps 2 to 5 of PROTOCOL.md section 5 for one connection.
-async fn authenticate(
+/// Drops expired nonces and quiet rate-limit sources, detached and one at a time: accepting
+/// never waits for a purge.
+fn purge(state: &Arc<AcceptState>, purging: &Arc<AtomicBool>) {
+    if !purging.swap(true, Ordering::AcqRel) {
+        let state = state.clone();
+        let purging = purging.clone();
+        tokio::task::spawn_blocking(move || {
+            state.gate.purge_expired();
+            if let Some(limiter) = &state.limiter {
+                limiter.sweep();
+            }
+            purging.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// The TLS handshake and the checks of PROTOCOL.md section 1 (TLS 1.3, ALPN `portcullis/1`, a
+/// usable client certificate), under `deadline`. `None` when the connection was closed: no
+/// Verdict can be written to it.
+async fn handshake(
     state: &AcceptState,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<AuthenticatedStream> {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started + state.deadline);
+    deadline: tokio::time::Instant,
+) -> Option<(TlsStream<TcpStream>, ConnectionFacts)> {
     let _ = tcp.set_nodelay(true);
-
     let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -178,10 +287,45 @@ async fn authenticate(
         let _ = timeout_at(deadline, tls.shutdown()).await;
         return None;
     };
-    let facts = ConnectionFacts {
-        exporter,
-        fingerprint,
+    Some((
+        tls,
+        ConnectionFacts {
+            exporter,
+            fingerprint,
+        },
+    ))
+}
+
+/// Answers a connection refused at accept (RATE_LIMITED, OVERLOADED) with its Verdict after
+/// the TLS handshake, without reading its Prefix.
+async fn refuse_early(state: &AcceptState, tcp: TcpStream, peer: SocketAddr, early: EarlyRefusal) {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + state.deadline.min(REFUSAL_DEADLINE));
+    let Some((tls, facts)) = handshake(state, tcp, peer, deadline).await else {
+        return;
     };
+    let decision = state.gate.refuse(
+        early.code,
+        Cause::Other(early.cause),
+        &early.hint,
+        Some(early.retry_after_s),
+    );
+    audit(&decision, peer, &facts.fingerprint, started.elapsed());
+    if let Ok(verdict) = decision.verdict.encode() {
+        write_refusal(tls, &verdict).await;
+    }
+}
+
+/// Runs steps 2 to 5 of PROTOCOL.md section 5 for one connection.
+async fn authenticate(
+    state: &AcceptState,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<AuthenticatedStream> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + state.deadline);
+    let (mut tls, facts) = handshake(state, tcp, peer, deadline).await?;
+    let fingerprint = facts.fingerprint;
 
     let decision = match timeout_at(deadline, read_frame(&mut tls)).await {
         Err(_) => state.gate.refuse(
@@ -251,17 +395,22 @@ async fn authenticate(
             ))
         }
         Err(_) => {
-            let write_deadline = tokio::time::Instant::now() + VERDICT_WRITE_LIMIT;
-            let written = timeout_at(write_deadline, async {
-                tls.write_all(&verdict).await?;
-                tls.flush().await
-            })
-            .await;
-            if matches!(written, Ok(Ok(()))) {
-                close_refused(tls).await;
-            }
+            write_refusal(tls, &verdict).await;
             None
         }
+    }
+}
+
+/// Writes a rejecting Verdict, then closes the connection.
+async fn write_refusal(mut tls: TlsStream<TcpStream>, verdict: &[u8]) {
+    let write_deadline = tokio::time::Instant::now() + VERDICT_WRITE_LIMIT;
+    let written = timeout_at(write_deadline, async {
+        tls.write_all(verdict).await?;
+        tls.flush().await
+    })
+    .await;
+    if matches!(written, Ok(Ok(()))) {
+        close_refused(tls).await;
     }
 }
 
@@ -287,7 +436,8 @@ enum ReadError {
 }
 
 /// Reads exactly one Prefix frame: the header, then exactly the body it announces. A length
-/// over the limit is refused from the header alone.
+/// over the limit is refused from the header alone, so the buffer is never larger than
+/// [`crate::limits::MAX_PREFIX_FRAME`].
 async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Zeroizing<Vec<u8>>, ReadError> {
     let mut header = [0u8; HEADER_LEN];
     tls.read_exact(&mut header).await.map_err(ReadError::Io)?;

@@ -29,12 +29,23 @@
 //!     .await?;
 //! # Ok(()) }
 //! ```
+//!
+//! ## Limits
+//!
+//! The accept path is bounded: an absolute deadline per connection
+//! ([`Builder::deadline`], 10 s), a cap on connections being authenticated at once
+//! ([`Builder::max_pending`], 1024; beyond it OVERLOADED), a rate limit per source address
+//! ([`Builder::rate_limit`], 20 a second with bursts of 40; beyond it RATE_LIMITED), a small
+//! budget of TLS handshakes for those early refusals ([`Builder::refusal_budget`], 64; beyond
+//! it the connection is closed at TCP accept), and a Prefix of at most 4096 bytes. The
+//! [`limits`] module explains each.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod acceptor;
 mod context;
 mod layer;
+pub mod limits;
 mod stream;
 
 use std::sync::Arc;
@@ -51,6 +62,7 @@ use tower::layer::util::{Identity, Stack};
 pub use acceptor::Incoming;
 pub use context::{AuthContext, PortcullisConnectInfo};
 pub use layer::{AuthLayer, AuthService};
+pub use limits::{DEFAULT_MAX_PENDING, DEFAULT_RATE_LIMIT, DEFAULT_REFUSAL_BUDGET, RateLimit};
 pub use stream::AuthenticatedStream;
 
 /// Why a server could not be built.
@@ -81,6 +93,9 @@ pub struct Builder {
     rng: Arc<dyn Random>,
     policy: Option<Arc<dyn ConnectionPolicy>>,
     blocking_registry: bool,
+    max_pending: usize,
+    refusal_budget: usize,
+    rate_limit: Option<RateLimit>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -88,6 +103,9 @@ impl std::fmt::Debug for Builder {
         f.debug_struct("Builder")
             .field("config", &self.config)
             .field("deadline", &self.deadline)
+            .field("max_pending", &self.max_pending)
+            .field("refusal_budget", &self.refusal_budget)
+            .field("rate_limit", &self.rate_limit)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +122,9 @@ impl Builder {
             rng: Arc::new(SystemRandom::new()),
             policy: None,
             blocking_registry: false,
+            max_pending: DEFAULT_MAX_PENDING,
+            refusal_budget: DEFAULT_REFUSAL_BUDGET,
+            rate_limit: Some(DEFAULT_RATE_LIMIT),
         }
     }
 
@@ -150,10 +171,50 @@ impl Builder {
         self
     }
 
-    /// The absolute deadline for TLS handshake, Prefix and decision (default 10 s, at most
-    /// [`MAX_DEADLINE`]).
+    /// The absolute deadline for TLS handshake, Prefix and decision, counted from TCP accept
+    /// (default 10 s, at most [`MAX_DEADLINE`]). A client that has not sent a whole Prefix by
+    /// then (silent, or a byte a second) gets TIMEOUT; one that has not finished its TLS
+    /// handshake is closed (no Verdict can be written before TLS is up). Each connection runs
+    /// in a task of its own, so a slow one never holds up another.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
+        self
+    }
+
+    /// The most connections being authenticated at once, from TCP accept until the Verdict is
+    /// written and tonic has taken the connection (default [`DEFAULT_MAX_PENDING`], 1024; at
+    /// least 1, at most [`limits::MAX_CONNECTION_CAP`]). A connection beyond the cap is
+    /// refused with OVERLOADED and RETRY_AFTER, without its Prefix being read; see
+    /// [`Builder::refusal_budget`] and the [`limits`] module.
+    pub fn max_pending(mut self, max: usize) -> Self {
+        self.max_pending = max;
+        self
+    }
+
+    /// How many connections refused at accept (RATE_LIMITED, OVERLOADED) may be in their TLS
+    /// handshake at once to receive their Verdict (default [`DEFAULT_REFUSAL_BUDGET`], 64;
+    /// each under at most [`limits::REFUSAL_DEADLINE`]). Beyond it, such a connection is
+    /// closed at TCP accept without a handshake; `0` always closes them.
+    pub fn refusal_budget(mut self, budget: usize) -> Self {
+        self.refusal_budget = budget;
+        self
+    }
+
+    /// The rate limit on connection attempts per source address (default
+    /// [`DEFAULT_RATE_LIMIT`]: 20 a second, bursts of 40); `None` turns it off. An attempt
+    /// over the limit is refused with RATE_LIMITED and RETRY_AFTER (the seconds until the next
+    /// permitted attempt) before its Prefix is read, so it costs no registry work and does not
+    /// count towards any user's lockout. Clients behind one NAT share a budget: raise it for
+    /// such deployments.
+    ///
+    /// ```
+    /// # fn f(builder: portcullis_server::Builder) -> portcullis_server::Builder {
+    /// use portcullis_server::RateLimit;
+    /// builder.rate_limit(Some(RateLimit::new(5, 10)))
+    /// # }
+    /// ```
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
         self
     }
 
@@ -229,6 +290,27 @@ impl Builder {
                 "the deadline must be above zero and at most 1 hour".into(),
             ));
         }
+        if self.max_pending == 0 || self.max_pending > limits::MAX_CONNECTION_CAP {
+            return Err(ServerError::Config(format!(
+                "max_pending must be between 1 and {}",
+                limits::MAX_CONNECTION_CAP
+            )));
+        }
+        if self.refusal_budget > limits::MAX_CONNECTION_CAP {
+            return Err(ServerError::Config(format!(
+                "the refusal budget must be at most {}",
+                limits::MAX_CONNECTION_CAP
+            )));
+        }
+        let limiter = match self.rate_limit {
+            None => None,
+            Some(limit) => Some(limits::SourceLimiter::new(limit).ok_or_else(|| {
+                ServerError::Config(
+                    "the rate limit needs at least 1 attempt a second and a burst of at least 1"
+                        .into(),
+                )
+            })?),
+        };
         if self.config.nonce_capacity == 0 {
             return Err(ServerError::Config(
                 "the nonce capacity must be above zero".into(),
@@ -249,6 +331,11 @@ impl Builder {
                 tls: tokio_rustls::TlsAcceptor::from(tls),
                 deadline: self.deadline,
                 blocking_registry: self.blocking_registry,
+                pending: Arc::new(tokio::sync::Semaphore::new(self.max_pending)),
+                max_pending: self.max_pending,
+                refusing: Arc::new(tokio::sync::Semaphore::new(self.refusal_budget)),
+                refusal_budget: self.refusal_budget,
+                limiter,
             }),
         })
     }
@@ -266,7 +353,9 @@ impl std::fmt::Debug for PortcullisServer {
         f.debug_struct("PortcullisServer")
             .field("gate", &self.state.gate)
             .field("deadline", &self.state.deadline)
-            .finish()
+            .field("max_pending", &self.state.max_pending)
+            .field("pending", &self.state.pending())
+            .finish_non_exhaustive()
     }
 }
 
@@ -279,6 +368,24 @@ impl PortcullisServer {
     /// The gate (registry, nonce store, settings).
     pub fn gate(&self) -> &Arc<Gate> {
         &self.state.gate
+    }
+
+    /// How many connections are being authenticated now (at most
+    /// [`Builder::max_pending`]).
+    pub fn pending(&self) -> usize {
+        self.state.pending()
+    }
+
+    /// How many connections refused at accept are in their TLS handshake or Verdict now (at
+    /// most [`Builder::refusal_budget`]).
+    pub fn refusing(&self) -> usize {
+        self.state.refusing()
+    }
+
+    /// How many source addresses the rate limiter tracks now (0 when it is off; at most
+    /// [`limits::RATE_LIMIT_MAX_SOURCES`]).
+    pub fn rate_limited_sources(&self) -> usize {
+        self.state.limiter.as_ref().map_or(0, |l| l.len())
     }
 
     /// Starts accepting on `listener`: each connection is authenticated in a task of its own,
