@@ -358,10 +358,43 @@ pub(crate) fn device_revoke(args: &DeviceRevokeArgs) -> CliResult {
         .revoke_device(&args.name, now_ms())
         .map_err(|e| e.to_string())?;
     out!(
-        "revoked device {} ({}) of {}; running servers refuse it from their next connection",
+        "revoked device {} ({}) of {}; running servers close its connections within a second \
+         and refuse new ones",
         record.name,
         record.fingerprint,
         record.user
+    );
+    Ok(())
+}
+
+/// `portcullis user revoke`.
+#[derive(Debug, Args)]
+pub(crate) struct UserRevokeArgs {
+    /// The user name.
+    user: String,
+    #[command(flatten)]
+    dir: DirArg,
+}
+
+pub(crate) fn user_revoke(args: &UserRevokeArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    let revoked = registry
+        .revoke_user(&args.user, now_ms())
+        .map_err(|e| e.to_string())?;
+    if revoked.is_empty() {
+        out!("user {} has no active device; nothing to revoke", args.user);
+        return Ok(());
+    }
+    let devices: Vec<String> = revoked
+        .iter()
+        .map(|d| format!("{} ({})", d.name, d.fingerprint))
+        .collect();
+    out!(
+        "revoked user {}: devices {}; running servers close their connections within a second \
+         and refuse new ones (binding a new device lets the user in again)",
+        args.user,
+        devices.join(", ")
     );
     Ok(())
 }

@@ -62,6 +62,8 @@ enum BenchCommand {
 enum UserCommand {
     /// Add a user with a new TOTP secret; prints the otpauth URI and a QR code.
     Add(enroll::UserAddArgs),
+    /// Revoke every device of a user: running servers close their connections and refuse them.
+    Revoke(enroll::UserRevokeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +152,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => dir::init(&args),
         Command::User(UserCommand::Add(args)) => enroll::user_add(&args),
+        Command::User(UserCommand::Revoke(args)) => enroll::user_revoke(&args),
         Command::Device(DeviceCommand::Issue(args)) => enroll::device_issue(&args),
         Command::Device(DeviceCommand::Bind(args)) => enroll::device_bind(&args),
         Command::Device(DeviceCommand::List(args)) => enroll::device_list(&args),

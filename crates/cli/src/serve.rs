@@ -1,6 +1,7 @@
 //! `portcullis serve`: the demo Echo service behind the gate.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,20 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_RATE_LIMIT.burst,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate_burst: u32,
+    /// Append the audit trail to FILE: one JSON line per connection attempt (created with
+    /// mode 0600 when new). The records also go to the log on stderr.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port); when ready
+    /// prints `metrics on HOST:PORT` after the `listening on` line. No authentication: bind it
+    /// where only your monitoring reaches.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Refuse client certificates listed in the certificate revocation lists of FILE (PEM or
+    /// DER), also on resumed TLS sessions; FILE is checked for changes every 250 ms and
+    /// reloaded, and open connections of newly listed certificates are closed.
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
 }
 
 pub(crate) fn serve(args: &ServeArgs) -> CliResult {
@@ -88,6 +103,15 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     if let Some(key) = ticket_key {
         builder = builder.ticket_key(key);
     }
+    if let Some(path) = &args.audit_log {
+        builder = builder.audit_log(path).map_err(|e| e.to_string())?;
+    }
+    if let Some(addr) = args.metrics_listen {
+        builder = builder.metrics_listen(addr);
+    }
+    if let Some(path) = &args.crl {
+        builder = builder.crl_file(path);
+    }
     let portcullis = builder.build().map_err(|e| e.to_string())?;
 
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("tokio runtime: {e}"))?;
@@ -99,6 +123,9 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
             .local_addr()
             .map_err(|e| format!("{}: {e}", args.listen))?;
         out!("listening on {local}");
+        if let Some(metrics) = portcullis.metrics_addr() {
+            out!("metrics on {metrics}");
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
         // On a signal, stop accepting and let open connections finish, for at most

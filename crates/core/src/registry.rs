@@ -137,6 +137,31 @@ pub trait Registry: Send + Sync {
     /// Revokes the active device with this name.
     fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError>;
 
+    /// Revokes every active device bound to the user, and returns them (none when the user has
+    /// no active device). With its devices, the user's sessions stop working and a server
+    /// closes the user's live connections. The user stays enrolled: binding a device to the user
+    /// again lets them in again. `NotFound` when there is no such user.
+    ///
+    /// The default revokes the devices one by one; backends override it to revoke them in one
+    /// atomic change.
+    fn revoke_user(&self, user: &str, now_ms: u64) -> Result<Vec<DeviceRecord>, RegistryError> {
+        if self.user(user)?.is_none() {
+            return Err(RegistryError::NotFound(format!("user {user}")));
+        }
+        let mut revoked = Vec::new();
+        for device in self.list_devices()? {
+            if device.user == user && !device.is_revoked() {
+                match self.revoke_device(&device.name, now_ms) {
+                    Ok(record) => revoked.push(record),
+                    // Revoked meanwhile by someone else: the outcome is the same.
+                    Err(RegistryError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(revoked)
+    }
+
     /// All users, by name.
     fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError>;
 
@@ -327,6 +352,25 @@ impl Registry for MemoryRegistry {
                 .ok_or_else(|| RegistryError::NotFound(format!("active device {name}")))?;
             d.revoked_ms = Some(now_ms);
             Ok(d.clone())
+        })
+    }
+
+    fn revoke_user(&self, user: &str, now_ms: u64) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.with(|s| {
+            if !s.users.contains_key(user) {
+                return Err(RegistryError::NotFound(format!("user {user}")));
+            }
+            let mut revoked = Vec::new();
+            for d in s
+                .devices
+                .iter_mut()
+                .filter(|d| !d.is_revoked() && d.user == user)
+            {
+                d.revoked_ms = Some(now_ms);
+                revoked.push(d.clone());
+            }
+            revoked.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(revoked)
         })
     }
 

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use portcullis_core::codec::{ALPN_PCS1, FrameHeader, FrameKind, HEADER_LEN};
-use portcullis_core::{Cause, ConnectionFacts, Decision, DeviceFingerprint, Gate, RejectCode};
+use portcullis_core::{Cause, ConnectionFacts, Gate, RejectCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -22,6 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 use zeroize::Zeroizing;
 
+use crate::audit::{Attempt, Auditor};
 use crate::context::AuthContext;
 use crate::limits::{Limited, OVERLOADED_RETRY_AFTER_S, REFUSAL_DEADLINE, SourceLimiter};
 use crate::stream::AuthenticatedStream;
@@ -51,6 +52,10 @@ pub(crate) struct AcceptState {
     pub(crate) refusal_budget: usize,
     /// `None` when the rate limit is off.
     pub(crate) limiter: Option<SourceLimiter>,
+    /// The audit trail and the metrics: one record per attempt.
+    pub(crate) auditor: Arc<Auditor>,
+    /// Live connections, and the CRLs checked after each handshake.
+    pub(crate) revocation: Arc<crate::revocation::Revocation>,
 }
 
 impl AcceptState {
@@ -128,6 +133,8 @@ pub struct Incoming {
     rx: mpsc::Receiver<AuthenticatedStream>,
     local_addr: Option<SocketAddr>,
     accept_loop: tokio::task::AbortHandle,
+    /// The endpoint of [`crate::Builder::metrics_listen`], served as long as this stream.
+    pub(crate) metrics: Option<crate::metrics::MetricsEndpoint>,
 }
 
 impl Drop for Incoming {
@@ -194,7 +201,11 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
                                 }
                                 Err(_) => {
                                     // Not even a handshake can be afforded: closed at once.
-                                    tracing::info!(peer = %peer, outcome = "rejected", code = refusal.code.name(), cause = refusal.cause, "connection closed at accept");
+                                    Attempt::new(&state.auditor, peer).closed(
+                                        Some(refusal.code),
+                                        refusal.cause,
+                                        Some("closed at accept, without a TLS handshake".into()),
+                                    );
                                     drop(tcp);
                                 }
                             }
@@ -215,6 +226,7 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
         rx,
         local_addr,
         accept_loop: accept_loop.abort_handle(),
+        metrics: None,
     }
 }
 
@@ -234,26 +246,40 @@ fn purge(state: &Arc<AcceptState>, purging: &Arc<AtomicBool>) {
     }
 }
 
+/// Why a connection was closed before a Verdict could be written to it.
+struct Closed {
+    cause: &'static str,
+    detail: Option<String>,
+}
+
+impl Closed {
+    fn new(cause: &'static str, detail: Option<String>) -> Self {
+        Self { cause, detail }
+    }
+
+    fn describe(&self) -> String {
+        match &self.detail {
+            Some(detail) => format!("{}: {detail}", self.cause),
+            None => self.cause.to_owned(),
+        }
+    }
+}
+
 /// The TLS handshake and the checks of PROTOCOL.md section 1 (TLS 1.3, ALPN `portcullis/1`, a
-/// usable client certificate), under `deadline`. `None` when the connection was closed: no
-/// Verdict can be written to it.
+/// usable client certificate), under `deadline`. An error when the connection was closed: no
+/// Verdict can be written to it. The client certificate's fingerprint goes to `attempt` as
+/// soon as it is known.
 async fn handshake(
     state: &AcceptState,
     tcp: TcpStream,
-    peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Option<(TlsStream<TcpStream>, ConnectionFacts)> {
+    attempt: &mut Attempt,
+) -> Result<(TlsStream<TcpStream>, ConnectionFacts), Closed> {
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::info!(peer = %peer, outcome = "rejected", cause = "tls_handshake_failed", error = %e, "connection refused");
-            return None;
-        }
-        Err(_) => {
-            tracing::info!(peer = %peer, outcome = "rejected", cause = "tls_handshake_timeout", "connection refused");
-            return None;
-        }
+        Ok(Err(e)) => return Err(Closed::new("tls_handshake_failed", Some(e.to_string()))),
+        Err(_) => return Err(Closed::new("tls_handshake_timeout", None)),
     };
 
     let (facts, alpn_ok) = {
@@ -269,6 +295,9 @@ async fn handshake(
         let exporter = portcullis_tls::exporter(conn).ok();
         (fingerprint.zip(exporter), alpn_ok)
     };
+    if let Some((fingerprint, _)) = &facts {
+        attempt.device(*fingerprint);
+    }
     if !alpn_ok {
         // Section 1: no ALPN or another id is closed right after the handshake, without a
         // byte of application data.
@@ -278,16 +307,22 @@ async fn handshake(
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned());
         let version = tls.get_ref().1.protocol_version();
-        tracing::info!(peer = %peer, outcome = "rejected", cause = "alpn_or_version_refused", alpn = ?alpn, version = ?version, "connection refused");
+        let cause = if alpn.as_deref().map(str::as_bytes) != Some(ALPN_PCS1) {
+            "alpn_refused"
+        } else {
+            "tls_version_refused"
+        };
         let _ = timeout_at(deadline, tls.shutdown()).await;
-        return None;
+        return Err(Closed::new(
+            cause,
+            Some(format!("ALPN {alpn:?}, version {version:?}")),
+        ));
     }
     let Some((fingerprint, exporter)) = facts else {
-        tracing::info!(peer = %peer, outcome = "rejected", cause = "no_usable_client_certificate", "connection refused");
         let _ = timeout_at(deadline, tls.shutdown()).await;
-        return None;
+        return Err(Closed::new("no_usable_client_certificate", None));
     };
-    Some((
+    Ok((
         tls,
         ConnectionFacts {
             exporter,
@@ -299,18 +334,25 @@ async fn handshake(
 /// Answers a connection refused at accept (RATE_LIMITED, OVERLOADED) with its Verdict after
 /// the TLS handshake, without reading its Prefix.
 async fn refuse_early(state: &AcceptState, tcp: TcpStream, peer: SocketAddr, early: EarlyRefusal) {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started + state.deadline.min(REFUSAL_DEADLINE));
-    let Some((tls, facts)) = handshake(state, tcp, peer, deadline).await else {
-        return;
+    let mut attempt = Attempt::new(&state.auditor, peer);
+    let deadline =
+        tokio::time::Instant::from_std(attempt.started() + state.deadline.min(REFUSAL_DEADLINE));
+    let tls = match handshake(state, tcp, deadline, &mut attempt).await {
+        Ok((tls, _)) => tls,
+        Err(closed) => {
+            // The refusal could not be sent: recorded under its own cause.
+            attempt.closed(Some(early.code), early.cause, Some(closed.describe()));
+            return;
+        }
     };
+    let deciding = Instant::now();
     let decision = state.gate.refuse(
         early.code,
         Cause::Other(early.cause),
         &early.hint,
         Some(early.retry_after_s),
     );
-    audit(&decision, peer, &facts.fingerprint, started.elapsed());
+    attempt.decided(&decision, deciding.elapsed());
     if let Ok(verdict) = decision.verdict.encode() {
         write_refusal(tls, &verdict).await;
     }
@@ -322,57 +364,85 @@ async fn authenticate(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<AuthenticatedStream> {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started + state.deadline);
-    let (mut tls, facts) = handshake(state, tcp, peer, deadline).await?;
-    let fingerprint = facts.fingerprint;
-
-    let decision = match timeout_at(deadline, read_frame(&mut tls)).await {
-        Err(_) => state.gate.refuse(
-            RejectCode::Timeout,
-            Cause::Other("prefix_timeout"),
-            &format!(
-                "no complete Prefix within {} ms of the connection",
-                state.deadline.as_millis()
-            ),
-            None,
-        ),
-        Ok(Err(ReadError::Io(e))) => {
-            tracing::info!(peer = %peer, fingerprint = %fingerprint, outcome = "rejected", cause = "prefix_read_failed", error = %e, "connection refused");
+    let mut attempt = Attempt::new(&state.auditor, peer);
+    let deadline = tokio::time::Instant::from_std(attempt.started() + state.deadline);
+    let (mut tls, facts) = match handshake(state, tcp, deadline, &mut attempt).await {
+        Ok(up) => up,
+        Err(closed) => {
+            attempt.closed(None, closed.cause, closed.detail);
             return None;
         }
-        Ok(Err(ReadError::Decode(e))) => state.gate.refuse_decode(e),
+    };
+    // The current CRLs, also for a resumed TLS session, which rustls does not verify again.
+    if state.revocation.certificate_revoked(tls.get_ref().1) {
+        let (decision, took) = timed(|| {
+            state.gate.refuse(
+                RejectCode::DeviceRevoked,
+                Cause::Other("certificate_revoked"),
+                "the client certificate is listed in the server's certificate revocation list",
+                None,
+            )
+        });
+        attempt.decided(&decision, took);
+        if let Ok(verdict) = decision.verdict.encode() {
+            write_refusal(tls, &verdict).await;
+        }
+        return None;
+    }
+
+    let (decision, took) = match timeout_at(deadline, read_frame(&mut tls)).await {
+        Err(_) => timed(|| {
+            state.gate.refuse(
+                RejectCode::Timeout,
+                Cause::Other("prefix_timeout"),
+                &format!(
+                    "no complete Prefix within {} ms of the connection",
+                    state.deadline.as_millis()
+                ),
+                None,
+            )
+        }),
+        Ok(Err(ReadError::Io(e))) => {
+            attempt.closed(None, "prefix_read_failed", Some(e.to_string()));
+            return None;
+        }
+        Ok(Err(ReadError::Decode(e))) => timed(|| state.gate.refuse_decode(e)),
         Ok(Ok(frame)) => {
             let gate = state.gate.clone();
             let deciding = async move {
                 if state.blocking_registry {
-                    tokio::task::spawn_blocking(move || gate.decide(&frame, &facts)).await
+                    tokio::task::spawn_blocking(move || timed(|| gate.decide(&frame, &facts))).await
                 } else {
                     // Microseconds of work: inline, without a thread hand-off per connection.
-                    // A panic in a check ends this task only: the connection is dropped.
-                    Ok(gate.decide(&frame, &facts))
+                    // A panic in a check ends this task only: the connection is dropped (and
+                    // its attempt recorded as abandoned).
+                    Ok(timed(|| gate.decide(&frame, &facts)))
                 }
             };
             match timeout_at(deadline, deciding).await {
-                Ok(Ok(decision)) => decision,
+                Ok(Ok(decided)) => decided,
                 // The decision is part of the deadline (PROTOCOL.md section 5, step 1).
-                Err(_) => state.gate.refuse(
-                    RejectCode::Timeout,
-                    Cause::Other("decision_timeout"),
-                    "the server did not decide within the deadline; retry",
-                    None,
-                ),
+                Err(_) => timed(|| {
+                    state.gate.refuse(
+                        RejectCode::Timeout,
+                        Cause::Other("decision_timeout"),
+                        "the server did not decide within the deadline; retry",
+                        None,
+                    )
+                }),
                 // A panic in a check refuses the connection (fail closed).
-                Ok(Err(_)) => state.gate.refuse(
-                    RejectCode::Overloaded,
-                    Cause::Other("gate_failed"),
-                    "the server could not check credentials; retry shortly",
-                    Some(5),
-                ),
+                Ok(Err(_)) => timed(|| {
+                    state.gate.refuse(
+                        RejectCode::Overloaded,
+                        Cause::Other("gate_failed"),
+                        "the server could not check credentials; retry shortly",
+                        Some(5),
+                    )
+                }),
             }
         }
     };
-    audit(&decision, peer, &fingerprint, started.elapsed());
+    attempt.decided(&decision, took);
 
     let verdict = match decision.verdict.encode() {
         Ok(bytes) => bytes,
@@ -389,10 +459,10 @@ async fn authenticate(
             if std::io::Write::write_all(&mut tls.get_mut().1.writer(), &verdict).is_err() {
                 return None;
             }
-            Some(AuthenticatedStream::new(
-                tls,
-                AuthContext::new(identity, peer, decision.reference),
-            ))
+            Some(
+                AuthenticatedStream::new(tls, AuthContext::new(identity, peer, decision.reference))
+                    .watched(&state.revocation),
+            )
         }
         Err(_) => {
             write_refusal(tls, &verdict).await;
@@ -451,32 +521,9 @@ async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Zeroizing<Vec<u8>>
     Ok(frame)
 }
 
-fn audit(decision: &Decision, peer: SocketAddr, fingerprint: &DeviceFingerprint, took: Duration) {
-    let user = decision.claimed_user.as_deref().unwrap_or("");
-    match &decision.outcome {
-        Ok(identity) => tracing::info!(
-            reference = %decision.reference,
-            peer = %peer,
-            fingerprint = %fingerprint,
-            user = user,
-            agent = ?decision.agent,
-            device = %identity.device_name,
-            method = %identity.method,
-            outcome = "accepted",
-            accept_micros = took.as_micros() as u64,
-            "connection accepted"
-        ),
-        Err(rejection) => tracing::info!(
-            reference = %decision.reference,
-            peer = %peer,
-            fingerprint = %fingerprint,
-            user = user,
-            agent = ?decision.agent,
-            outcome = "rejected",
-            code = rejection.code.name(),
-            cause = %rejection.cause,
-            accept_micros = took.as_micros() as u64,
-            "connection refused"
-        ),
-    }
+/// Runs `f` and measures how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed())
 }

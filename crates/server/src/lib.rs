@@ -39,16 +39,29 @@
 //! budget of TLS handshakes for those early refusals ([`Builder::refusal_budget`], 64; beyond
 //! it the connection is closed at TCP accept), and a Prefix of at most 4096 bytes. The
 //! [`limits`] module explains each.
+//!
+//! ## Audit trail and metrics
+//!
+//! Every connection attempt ends in exactly one [`AuditRecord`] (a `tracing` event on the
+//! target `portcullis::audit`, and each [`AuditSink`] of [`Builder::audit_sink`], such as the
+//! JSON-lines file of [`Builder::audit_log`]); see the [`audit`] module. The same events feed
+//! Prometheus metrics ([`Builder::metrics_listen`], [`PortcullisServer::metrics_handler`]); see
+//! the [`metrics`] module.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod acceptor;
+pub mod audit;
 mod context;
 mod layer;
 pub mod limits;
+pub mod metrics;
+pub mod revocation;
 mod stream;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portcullis_core::codec::ALPN_PCS1;
@@ -60,9 +73,11 @@ use tokio::net::TcpListener;
 use tower::layer::util::{Identity, Stack};
 
 pub use acceptor::Incoming;
+pub use audit::{AuditLogError, AuditOutcome, AuditRecord, AuditSink, JsonLinesFile};
 pub use context::{AuthContext, PortcullisConnectInfo};
 pub use layer::{AuthLayer, AuthService};
 pub use limits::{DEFAULT_MAX_PENDING, DEFAULT_RATE_LIMIT, DEFAULT_REFUSAL_BUDGET, RateLimit};
+pub use metrics::{MetricsEndpoint, MetricsService};
 pub use stream::AuthenticatedStream;
 
 /// Why a server could not be built.
@@ -74,6 +89,18 @@ pub enum ServerError {
     /// The TLS configuration could not be made.
     #[error(transparent)]
     Tls(#[from] portcullis_tls::TlsError),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    AuditLog(#[from] AuditLogError),
+    /// The metrics address could not be bound.
+    #[error("{addr}: cannot listen for metrics: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The default absolute deadline for TLS handshake plus Prefix (PROTOCOL.md section 5).
@@ -96,6 +123,9 @@ pub struct Builder {
     max_pending: usize,
     refusal_budget: usize,
     rate_limit: Option<RateLimit>,
+    audit_sinks: Vec<Arc<dyn AuditSink>>,
+    metrics_listen: Option<SocketAddr>,
+    revocation: revocation::Settings,
 }
 
 impl std::fmt::Debug for Builder {
@@ -106,6 +136,9 @@ impl std::fmt::Debug for Builder {
             .field("max_pending", &self.max_pending)
             .field("refusal_budget", &self.refusal_budget)
             .field("rate_limit", &self.rate_limit)
+            .field("audit_sinks", &self.audit_sinks.len())
+            .field("metrics_listen", &self.metrics_listen)
+            .field("revocation", &self.revocation)
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +158,9 @@ impl Builder {
             max_pending: DEFAULT_MAX_PENDING,
             refusal_budget: DEFAULT_REFUSAL_BUDGET,
             rate_limit: Some(DEFAULT_RATE_LIMIT),
+            audit_sinks: Vec::new(),
+            metrics_listen: None,
+            revocation: revocation::Settings::default(),
         }
     }
 
@@ -133,6 +169,7 @@ impl Builder {
     /// [`Builder::identity`].
     pub fn tls_config(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(config);
+        self.revocation.identity = None;
         self
     }
 
@@ -145,12 +182,54 @@ impl Builder {
         client_roots: &[rustls::pki_types::CertificateDer<'static>],
     ) -> Result<Self, ServerError> {
         self.tls = Some(portcullis_tls::server_config(
-            chain,
-            key,
+            chain.clone(),
+            key.clone_key(),
             client_roots,
             &[ALPN_PCS1],
         )?);
+        self.revocation.identity = Some(revocation::IdentityParts {
+            chain,
+            key,
+            roots: client_roots.to_vec(),
+        });
         Ok(self)
+    }
+
+    /// Checks client certificates against the certificate revocation lists in the file at
+    /// `path` (PEM `X509 CRL` blocks, or the DER of one CRL), and loads it again whenever it
+    /// changes (checked every [`revocation::CRL_POLL_INTERVAL`]): new connections use the new
+    /// lists at once, and live connections whose certificate they list are closed. A listed
+    /// certificate is refused also on a resumed TLS session. See the [`revocation`] module.
+    ///
+    /// Needs [`Builder::identity`] (the server makes its TLS configuration with a
+    /// [`portcullis_tls::ReloadableClientVerifier`]), or [`Builder::client_verifier`]. The file
+    /// is read by [`Builder::build`], which fails naming it when it cannot be used.
+    pub fn crl_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.revocation.crl_file = Some(path.into());
+        self
+    }
+
+    /// The client certificate verifier of the TLS configuration, when it is a
+    /// [`portcullis_tls::ReloadableClientVerifier`] (made with
+    /// [`portcullis_tls::server_config_with_verifier`] for [`Builder::tls_config`]; with
+    /// [`Builder::identity`] the server makes the configuration around it). The server then
+    /// checks every connection's certificate against its current CRLs after the handshake
+    /// (resumed sessions included), and closes live connections whose certificate the lists
+    /// name after [`portcullis_tls::ReloadableClientVerifier::set_crls`].
+    pub fn client_verifier(
+        mut self,
+        verifier: Arc<portcullis_tls::ReloadableClientVerifier>,
+    ) -> Self {
+        self.revocation.verifier = Some(verifier);
+        self
+    }
+
+    /// Whether a live connection is closed when the session ticket it holds or was given
+    /// expires (default `false`: an accepted connection stays open, and only reconnects need a
+    /// valid ticket or a new code). Checked every [`revocation::REVOCATION_CHECK_INTERVAL`].
+    pub fn close_on_session_expiry(mut self, close: bool) -> Self {
+        self.revocation.close_on_session_expiry = close;
+        self
     }
 
     /// The registry of users and devices. Required.
@@ -269,11 +348,46 @@ impl Builder {
         self
     }
 
+    /// Adds a sink for the audit trail: it gets one [`AuditRecord`] per connection attempt
+    /// (see the [`audit`] module). Sinks add up; records also go to `tracing` (target
+    /// `portcullis::audit`) whether or not a sink is set.
+    ///
+    /// ```
+    /// # fn f(builder: portcullis_server::Builder) -> portcullis_server::Builder {
+    /// use std::sync::Arc;
+    /// use portcullis_server::AuditRecord;
+    /// builder.audit_sink(Arc::new(|record: &AuditRecord| println!("{}", record.to_json())))
+    /// # }
+    /// ```
+    pub fn audit_sink(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit_sinks.push(sink);
+        self
+    }
+
+    /// Appends the audit trail to the file at `path`, one JSON line per connection attempt
+    /// (a [`JsonLinesFile`]: created with mode 0600 when new, each line written as soon as
+    /// its attempt ends).
+    pub fn audit_log(self, path: impl AsRef<Path>) -> Result<Self, ServerError> {
+        let file = JsonLinesFile::create(path)?;
+        Ok(self.audit_sink(Arc::new(file)))
+    }
+
+    /// Serves the metrics (see the [`metrics`] module) over HTTP at `http://ADDR/metrics`.
+    /// The address is bound by [`Builder::build`] (port 0 picks a free port; read it with
+    /// [`PortcullisServer::metrics_addr`]), and served from the first call of
+    /// [`PortcullisServer::incoming`] for as long as that [`Incoming`] lives. Put it on an
+    /// address only your monitoring reaches: it has no authentication.
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
+        self
+    }
+
     /// Checks the settings and builds the server.
     pub fn build(self) -> Result<PortcullisServer, ServerError> {
         let tls = self
             .tls
             .ok_or_else(|| ServerError::Config("a TLS configuration is required".into()))?;
+        let (tls, revocation) = self.revocation.finish(tls)?;
         if !tls.alpn_protocols.iter().any(|p| p == ALPN_PCS1) {
             return Err(ServerError::Config(
                 "the TLS configuration must offer ALPN portcullis/1".into(),
@@ -321,6 +435,16 @@ impl Builder {
             None => TicketKey::generate(self.rng.as_ref())
                 .map_err(|e| ServerError::Config(format!("ticket key: {e}")))?,
         };
+        let metrics_listener = match self.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let bound = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(|l| l.local_addr().map(|local| (l, local)));
+                Some(bound.map_err(|source| ServerError::MetricsListen { addr, source })?)
+            }
+        };
+        let auditor = Arc::new(audit::Auditor::new(self.audit_sinks, self.clock.clone()));
         let mut gate = Gate::new(self.config, registry, ticket_key, self.clock, self.rng);
         if let Some(policy) = self.policy {
             gate = gate.with_policy(policy);
@@ -336,7 +460,11 @@ impl Builder {
                 refusing: Arc::new(tokio::sync::Semaphore::new(self.refusal_budget)),
                 refusal_budget: self.refusal_budget,
                 limiter,
+                auditor,
+                revocation: Arc::new(revocation),
             }),
+            metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
+            metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),
         })
     }
 }
@@ -346,6 +474,10 @@ impl Builder {
 #[derive(Clone)]
 pub struct PortcullisServer {
     state: Arc<acceptor::AcceptState>,
+    /// The address bound for [`Builder::metrics_listen`].
+    metrics_addr: Option<SocketAddr>,
+    /// Its listener, until [`PortcullisServer::incoming`] starts serving it.
+    metrics_listener: Arc<Mutex<Option<std::net::TcpListener>>>,
 }
 
 impl std::fmt::Debug for PortcullisServer {
@@ -393,7 +525,61 @@ impl PortcullisServer {
     /// `serve_with_incoming` / `serve_with_incoming_shutdown`. Must be called within a tokio
     /// runtime.
     pub fn incoming(&self, listener: TcpListener) -> Incoming {
-        acceptor::spawn_accept_loop(self.state.clone(), listener)
+        revocation::start(&self.state);
+        let mut incoming = acceptor::spawn_accept_loop(self.state.clone(), listener);
+        incoming.metrics = self.start_metrics_listen();
+        incoming
+    }
+
+    /// Starts the endpoint of [`Builder::metrics_listen`], once.
+    fn start_metrics_listen(&self) -> Option<MetricsEndpoint> {
+        let listener = match self.metrics_listener.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }?;
+        let started =
+            TcpListener::from_std(listener).and_then(|listener| self.serve_metrics(listener));
+        match started {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve the metrics endpoint");
+                None
+            }
+        }
+    }
+
+    /// How many authenticated connections tonic holds now (each is closed when its device or
+    /// certificate is revoked: see the [`revocation`] module).
+    pub fn live_connections(&self) -> usize {
+        self.state.revocation.live_count()
+    }
+
+    /// The verifier whose certificate revocation lists the server checks, when it has one
+    /// ([`Builder::crl_file`], [`Builder::client_verifier`]).
+    pub fn client_verifier(&self) -> Option<&Arc<portcullis_tls::ReloadableClientVerifier>> {
+        self.state.revocation.verifier()
+    }
+
+    /// The address of the metrics endpoint of [`Builder::metrics_listen`], when set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The metrics (see the [`metrics`] module) as OpenMetrics text, with the gauges read now.
+    pub fn metrics_text(&self) -> String {
+        self.state.auditor.metrics.encode(&self.state)
+    }
+
+    /// A `tower::Service` answering `GET` requests with the metrics, to mount in an HTTP server
+    /// of your own (content type [`metrics::METRICS_CONTENT_TYPE`]).
+    pub fn metrics_handler(&self) -> MetricsService {
+        MetricsService::new(self.state.clone())
+    }
+
+    /// Serves the metrics at `/metrics` on `listener` until the returned endpoint is dropped.
+    /// Must be called within a tokio runtime.
+    pub fn serve_metrics(&self, listener: TcpListener) -> std::io::Result<MetricsEndpoint> {
+        metrics::spawn_endpoint(self.metrics_handler(), listener)
     }
 
     /// The layer for tonic's `Server::layer` that gives every request its [`AuthContext`].

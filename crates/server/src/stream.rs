@@ -12,12 +12,18 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::context::{AuthContext, PortcullisConnectInfo};
+use crate::revocation::{Revocation, Side, Watch};
 
 /// A TLS connection that passed the gate. Reads start at the first byte after the Prefix.
+///
+/// Once the server closes it (its device or certificate was revoked: see the
+/// [`revocation`](crate::revocation) module), every read and write fails with
+/// `ConnectionAborted`, and hyper drops the connection.
 #[derive(Debug)]
 pub struct AuthenticatedStream {
     inner: TlsStream<TcpStream>,
     info: PortcullisConnectInfo,
+    watch: Option<Watch>,
 }
 
 impl AuthenticatedStream {
@@ -29,6 +35,34 @@ impl AuthenticatedStream {
                 tls,
                 auth: Arc::new(auth),
             },
+            watch: None,
+        }
+    }
+
+    /// Registers the connection with the server's live connections, which may close it.
+    pub(crate) fn watched(mut self, revocation: &Arc<Revocation>) -> Self {
+        self.watch = Some(revocation.register(self.info.auth.clone(), self.info.tls.peer_certs()));
+        self
+    }
+
+    /// `Err` once the server closed the connection.
+    fn check(&self) -> io::Result<()> {
+        self.watch.as_ref().map_or(Ok(()), Watch::check)
+    }
+
+    /// After the inner stream returned `Pending`: wake this side when the connection is closed.
+    fn park<T>(
+        &self,
+        side: Side,
+        cx: &Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match (&self.watch, polled.is_pending()) {
+            (Some(watch), true) => match watch.park(side, cx.waker()) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            _ => polled,
         }
     }
 
@@ -52,7 +86,9 @@ impl AsyncRead for AuthenticatedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        self.check()?;
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.park(Side::Read, cx, polled)
     }
 }
 
@@ -62,7 +98,9 @@ impl AsyncWrite for AuthenticatedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.check()?;
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.park(Side::Write, cx, polled)
     }
 
     fn poll_write_vectored(
@@ -70,7 +108,9 @@ impl AsyncWrite for AuthenticatedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.check()?;
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.park(Side::Write, cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -78,7 +118,9 @@ impl AsyncWrite for AuthenticatedStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.check()?;
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.park(Side::Write, cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

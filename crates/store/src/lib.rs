@@ -666,6 +666,39 @@ impl Registry for SqliteRegistry {
         }
     }
 
+    fn revoke_user(&self, user: &str, now_ms: u64) -> Result<Vec<DeviceRecord>, RegistryError> {
+        let mut conn = self.conn();
+        // The check and the revocation in one write transaction: every device active at that
+        // moment is revoked, and no other.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        let user_exists = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
+            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
+            .map_err(|e| self.backend(e))?;
+        if !user_exists {
+            return Err(RegistryError::NotFound(format!("user {user}")));
+        }
+        let rows = tx
+            .prepare_cached(
+                "UPDATE devices SET revoked_ms = ?2 WHERE user = ?1 AND revoked_ms IS NULL
+                 RETURNING name, user, fingerprint, created_ms, revoked_ms",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map(params![user, db_ms(now_ms)], DeviceRow::read)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| self.backend(e))?;
+        tx.commit().map_err(|e| self.backend(e))?;
+        let mut revoked = rows
+            .into_iter()
+            .map(|row| self.device_record(row))
+            .collect::<Result<Vec<_>, _>>()?;
+        revoked.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(revoked)
+    }
+
     fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError> {
         let conn = self.conn();
         let rows = conn

@@ -6,7 +6,10 @@
 //!   certificates required and verified, ALPN as given, 0-RTT off;
 //! - [`exporter`]: the RFC 9266 `tls-exporter` channel binding both sides put in the PCS1 exchange;
 //! - [`load_certs`], [`load_key`], [`load_crls`] (and their `parse_*` forms): PEM loading whose
-//!   errors name the file and what is wrong with it;
+//!   errors name the file and what is wrong with it (CRLs also in DER);
+//! - [`ReloadableClientVerifier`] and [`server_config_with_verifier`]: client certificate
+//!   revocation lists that can be replaced while the server runs, and the check of a
+//!   certificate against them that a resumed TLS session or an open connection needs;
 //! - [`DeviceIdentity`] and [`fingerprint`]: what the leaf certificate says about a device;
 //! - [`devpki`]: a small certificate authority for development and tests (ECDSA P-256).
 #![forbid(unsafe_code)]
@@ -14,10 +17,12 @@
 
 use std::sync::{Arc, OnceLock};
 
+mod crl;
 pub mod devpki;
 mod identity;
 mod pem;
 
+pub use crl::{ReloadableClientVerifier, RevokedCertificates};
 pub use identity::{CertError, DeviceIdentity, fingerprint};
 pub use pem::{
     PemError, PemErrorKind, load_certs, load_crls, load_key, parse_certs, parse_crls, parse_key,
@@ -29,6 +34,7 @@ pub use rustls;
 pub use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// The label of the RFC 9266 `tls-exporter` channel binding.
@@ -64,6 +70,14 @@ pub enum TlsError {
     /// The exporter could not be computed (for example before the handshake completed).
     #[error("cannot compute the TLS exporter: {0}")]
     Exporter(rustls::Error),
+    /// A certificate revocation list cannot be used.
+    #[error("CRL #{index}: {reason}")]
+    BadCrl {
+        /// Position of the CRL in the list, from 1.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// The `ring` crypto provider, the only one Portcullis uses.
@@ -116,6 +130,10 @@ pub fn server_config(
 /// Only the client's own (end-entity) certificate is checked. A certificate whose issuer has no
 /// CRL among `crls` is accepted; a certificate listed in its issuer's CRL is refused. CRL expiry
 /// is not enforced. With `crls` empty this is exactly [`server_config`].
+///
+/// rustls checks the CRLs during full handshakes only: a resumed TLS session of a certificate
+/// listed since is not refused. [`ReloadableClientVerifier`] gives a server the means to check
+/// that too, and to replace the lists while it runs.
 pub fn server_config_with_crls(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -126,17 +144,32 @@ pub fn server_config_with_crls(
     if chain.is_empty() {
         return Err(TlsError::EmptyChain);
     }
-    let provider = provider();
     let roots = root_store(client_roots, "clients")?;
-    let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
     if !crls.is_empty() {
         verifier = verifier
             .with_crls(crls)
             .only_check_end_entity_revocation()
             .allow_unknown_revocation_status();
     }
-    let verifier = verifier.build()?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    server_config_with_verifier(chain, key, verifier.build()?, alpn)
+}
+
+/// [`server_config`] with the client certificate verifier given: for example a
+/// [`ReloadableClientVerifier`], whose CRLs can be replaced while the server runs.
+///
+/// TLS 1.3 only, the `ring` provider, the ALPN ids of `alpn`, 0-RTT off, session resumption as
+/// rustls defaults (a resumed session is not verified again: see [`ReloadableClientVerifier`]).
+pub fn server_config_with_verifier(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::EmptyChain);
+    }
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
         .with_client_cert_verifier(verifier)

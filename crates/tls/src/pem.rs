@@ -102,6 +102,17 @@ pub enum PemErrorKind {
         /// The labels of the blocks that were found.
         found: Vec<String>,
     },
+    /// An `X509 CRL` block (or a DER file) does not hold a valid certificate revocation list.
+    #[error("X509 CRL #{index}: not a valid certificate revocation list: {reason}")]
+    BadCrl {
+        /// Position of the CRL in the file, from 1.
+        index: usize,
+        /// Why it is not a CRL.
+        reason: String,
+    },
+    /// A CRL file is neither PEM nor the DER of one CRL.
+    #[error("neither PEM (no \"-----BEGIN\" line) nor the DER of a certificate revocation list")]
+    NotCrl,
 }
 
 fn found_suffix(found: &[String]) -> String {
@@ -184,9 +195,26 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
     parse_key(&bytes, &name)
 }
 
-/// Loads all certificate revocation lists (`X509 CRL` blocks) of a PEM file.
+/// Loads the certificate revocation lists of a file: every `X509 CRL` block of a PEM file, or
+/// the one CRL of a DER file (as `openssl crl -outform DER` writes it).
+///
+/// Fails naming the file when it cannot be read, is empty, is neither PEM nor DER, has a broken
+/// block, has no `X509 CRL` block, or holds one that is not a valid CRL.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, PemError> {
     let (bytes, name) = read(path)?;
+    if !bytes.trim_ascii().is_empty() && labels(&bytes).is_empty() {
+        // No PEM line at all: the DER of one CRL (an ASN.1 SEQUENCE), or nothing usable.
+        if bytes.first() != Some(&0x30) {
+            return Err(PemError::new(&name, PemErrorKind::NotCrl));
+        }
+        if let Err(reason) = crate::crl::parse_crl(&bytes) {
+            return Err(PemError::new(
+                &name,
+                PemErrorKind::BadCrl { index: 1, reason },
+            ));
+        }
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
     parse_crls(&bytes, &name)
 }
 
@@ -250,6 +278,17 @@ pub fn parse_crls(
         .map_err(|e| syntax_error(source, e))?;
     if crls.is_empty() {
         return Err(PemError::new(source, PemErrorKind::NoCrl { found }));
+    }
+    for (i, crl) in crls.iter().enumerate() {
+        if let Err(reason) = crate::crl::parse_crl(crl.as_ref()) {
+            return Err(PemError::new(
+                source,
+                PemErrorKind::BadCrl {
+                    index: i + 1,
+                    reason,
+                },
+            ));
+        }
     }
     Ok(crls)
 }

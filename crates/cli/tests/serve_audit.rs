@@ -1,0 +1,222 @@
+//! `portcullis serve --audit-log FILE --metrics-listen ADDR`: the `metrics on` line, one JSON
+//! record per call in the file, the endpoint's counters, and one-line errors for a bad file or
+//! address.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    COMMAND_DEADLINE, ChildGuard, Output, add_user, assert_one_line_error, command, init_dir,
+    issue_device, run, s, totp, unix_now, wrong_code,
+};
+
+/// A running `portcullis serve` with extra flags and the addresses it printed.
+struct Serving {
+    _child: ChildGuard,
+    addr: String,
+    metrics: String,
+}
+
+/// Starts `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...` and waits for its
+/// `listening on` and `metrics on` lines.
+fn serve(dir: &Path, extra: &[&str]) -> Serving {
+    let mut cmd = command();
+    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
+    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(e) => panic!("portcullis serve printed {lines:?}, then {e:?}"),
+        }
+    }
+    let addr = lines[0]
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line: {lines:?}"))
+        .to_owned();
+    let metrics = lines[1]
+        .strip_prefix("metrics on ")
+        .unwrap_or_else(|| panic!("second line: {lines:?}"))
+        .to_owned();
+    Serving {
+        _child: child,
+        addr,
+        metrics,
+    }
+}
+
+fn call(dir: &Path, server: &Serving, code: &str) -> Output {
+    run(&[
+        "call",
+        "--dir",
+        s(dir),
+        "--server",
+        &server.addr,
+        "--server-name",
+        "localhost",
+        "--device",
+        "laptop",
+        "--user",
+        "alice",
+        "--code",
+        code,
+    ])
+}
+
+/// `GET path` with a bounded wait; the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut tcp = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    tcp.set_read_timeout(Some(COMMAND_DEADLINE)).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The file's JSON lines, once it holds `n` of them (or the deadline passed).
+fn audit_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_writes_the_audit_log_and_answers_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let secret = add_user(&dir, "alice");
+    let fingerprint = issue_device(&dir, "laptop", "alice");
+    let log = tmp.path().join("audit.jsonl");
+    let server = serve(
+        &dir,
+        &["--audit-log", s(&log), "--metrics-listen", "127.0.0.1:0"],
+    );
+    assert!(
+        server.metrics.starts_with("127.0.0.1:"),
+        "{}",
+        server.metrics
+    );
+    assert_ne!(server.metrics, server.addr);
+
+    let code = totp(&secret).generate(unix_now());
+    let ok = call(&dir, &server, &code);
+    assert!(ok.status.success(), "{ok:?}");
+    let wrong = wrong_code(&secret);
+    let refused = call(&dir, &server, &wrong);
+    assert_one_line_error(&refused, &["mfa_failed"]);
+
+    let lines = audit_lines(&log, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let accepted = lines.iter().find(|l| l["outcome"] == "accepted").unwrap();
+    assert_eq!(accepted["user"], "alice");
+    assert_eq!(accepted["device"], "laptop");
+    assert_eq!(accepted["method"], "totp");
+    assert_eq!(accepted["fingerprint"], fingerprint.as_str());
+    assert_eq!(accepted["ref"].as_str().map(str::len), Some(32));
+    assert!(accepted["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let rejected = lines.iter().find(|l| l["outcome"] == "rejected").unwrap();
+    assert_eq!(rejected["code"], "mfa_failed");
+    assert_eq!(rejected["cause"], "code_wrong");
+    // The REF the client printed is the record's.
+    let reference = rejected["ref"].as_str().unwrap();
+    assert!(refused.stderr.contains(reference), "{refused:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    for needle in [code.as_str(), wrong.as_str(), secret.as_str()] {
+        assert!(!text.contains(needle), "the audit log holds `{needle}`");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let (status, body) = http_get(&server.metrics, "/metrics");
+    assert!(status.contains(" 200 "), "{status}");
+    for line in [
+        r#"portcullis_connection_attempts_total{outcome="accepted",code="",cause=""} 1"#,
+        r#"portcullis_connection_attempts_total{outcome="rejected",code="mfa_failed",cause="code_wrong"} 1"#,
+        "portcullis_accept_duration_seconds_count 2",
+        "portcullis_live_nonces 2",
+        "portcullis_authenticating_connections ",
+    ] {
+        assert!(body.contains(line), "`{line}` not in\n{body}");
+    }
+}
+
+#[test]
+fn a_bad_audit_log_or_metrics_address_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let missing = tmp.path().join("no-such-dir/audit.jsonl");
+    let out = run(&[
+        "serve",
+        "--dir",
+        s(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--audit-log",
+        s(&missing),
+    ]);
+    assert_one_line_error(&out, &["no-such-dir/audit.jsonl", "audit log"]);
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&[
+        "serve",
+        "--dir",
+        s(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &addr,
+    ]);
+    assert_one_line_error(&out, &[&addr, "metrics"]);
+
+    let out = run(&[
+        "serve",
+        "--dir",
+        s(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "not-an-address",
+    ]);
+    assert_one_line_error(&out, &["--metrics-listen"]);
+}

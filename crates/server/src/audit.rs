@@ -1,0 +1,574 @@
+//! The audit trail: one record per connection attempt.
+//!
+//! Every connection the server accepts at TCP level ends in exactly one [`AuditRecord`],
+//! whatever becomes of it: accepted, refused with a Verdict, or closed without one (a failed
+//! TLS handshake, a refused ALPN, a client that went away, a connection closed at accept
+//! because even its refusal could not be afforded). The record says who came (peer address,
+//! device fingerprint, claimed user, agent), what the server answered (outcome, reject code,
+//! REF) and why (the precise internal cause, such as `code_reused` behind `mfa_failed`, which
+//! the client never learns), and how long it took.
+//!
+//! Records go to three places:
+//!
+//! - a `tracing` event on the target [`AUDIT_TARGET`] (`portcullis::audit`) at INFO level,
+//!   with the record's fields as structured fields: any subscriber can keep, filter or render
+//!   them (as JSON lines with `tracing-subscriber`'s JSON formatter, for example);
+//! - every [`AuditSink`] given to [`crate::Builder::audit_sink`], such as [`JsonLinesFile`]
+//!   ([`crate::Builder::audit_log`]), which needs no `tracing` set-up at all;
+//! - the server's metrics ([`crate::PortcullisServer::metrics_text`]).
+//!
+//! A record never holds a secret: no TOTP code, no session ticket, no key. The user and agent
+//! are the client's own text; serialized as JSON they are escaped, so they cannot forge a line.
+//!
+//! ## The JSON form
+//!
+//! [`AuditRecord::to_json`] gives one line (without the newline):
+//!
+//! ```text
+//! {"time":"2025-06-01T09:30:12.345Z","ref":"5f0c…","peer":"192.0.2.7:50122",
+//!  "fingerprint":"sha256:9a3e…","user":"alice","agent":"portcullis-client/0.1",
+//!  "device":null,"method":null,"outcome":"rejected","code":"mfa_failed",
+//!  "cause":"code_reused","detail":null,"decision_us":41,"accept_us":2210}
+//! ```
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `time` | when the record was made, RFC 3339 in UTC with milliseconds, on the gate's clock |
+//! | `ref` | the REF of the Verdict, 32 hex digits; `null` when no Verdict was made |
+//! | `peer` | the client's address and port |
+//! | `fingerprint` | `sha256:<hex>` of the client certificate's key; `null` before a finished TLS handshake |
+//! | `user` | the user the Prefix claimed; `null` when no Prefix was decoded |
+//! | `agent` | the AGENT the Prefix sent, if any |
+//! | `device` | the device name, on accept |
+//! | `method` | `totp` or `session`, on accept |
+//! | `outcome` | `accepted`, `rejected` (a rejecting Verdict was made) or `closed` (closed without a Verdict) |
+//! | `code` | the reject code's name (`mfa_failed`); for `closed`, the code that could not be sent, if any |
+//! | `cause` | the precise cause (`code_reused`, `alpn_refused`, `tls_handshake_failed`, ...); `null` on accept |
+//! | `detail` | more about the cause when there is more (the TLS error, the codec rule, the clock offset) |
+//! | `decision_us` | how long the decision itself took, in microseconds; `null` without a Verdict |
+//! | `accept_us` | microseconds from TCP accept to the decision (or to the close) |
+//!
+//! The causes of a `closed` record: `tls_handshake_failed`, `tls_handshake_timeout`,
+//! `alpn_refused`, `tls_version_refused`, `no_usable_client_certificate`,
+//! `prefix_read_failed`, the limit that refused it at accept (`rate_limited`,
+//! `too_many_pending`, `rate_limiter_full`), or `abandoned` when the server stopped while
+//! the attempt was under way.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portcullis_core::codec::DecodeError;
+use portcullis_core::{AuthMethod, Cause, Clock, Decision, DeviceFingerprint, Ref, RejectCode};
+use serde::{Serialize, Serializer};
+
+use crate::metrics::Metrics;
+
+/// The `tracing` target of audit records.
+pub const AUDIT_TARGET: &str = "portcullis::audit";
+
+/// How a connection attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOutcome {
+    /// Authenticated and handed to tonic.
+    Accepted,
+    /// Refused with a Verdict.
+    Rejected,
+    /// Closed without a Verdict.
+    Closed,
+}
+
+impl AuditOutcome {
+    /// `accepted`, `rejected` or `closed`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+impl fmt::Display for AuditOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One connection attempt, as the audit trail keeps it. See the [module](self) for the
+/// fields' JSON form.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct AuditRecord {
+    /// When the record was made, in ms since the Unix epoch on the gate's clock.
+    #[serde(rename = "time", serialize_with = "rfc3339")]
+    pub time_ms: u64,
+    /// The REF of the Verdict; `None` when no Verdict was made.
+    #[serde(rename = "ref", serialize_with = "display_or_null")]
+    pub reference: Option<Ref>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client certificate's fingerprint, once the TLS handshake finished.
+    #[serde(serialize_with = "display_or_null")]
+    pub fingerprint: Option<DeviceFingerprint>,
+    /// The user the Prefix claimed, when it decoded (the client's text).
+    pub user: Option<String>,
+    /// The AGENT the Prefix sent (the client's text).
+    pub agent: Option<String>,
+    /// The device name, on accept.
+    pub device: Option<String>,
+    /// How the second factor was proven, on accept.
+    #[serde(serialize_with = "display_or_null")]
+    pub method: Option<AuthMethod>,
+    /// How the attempt ended.
+    pub outcome: AuditOutcome,
+    /// The reject code: the one sent for [`AuditOutcome::Rejected`], the one that could not be
+    /// sent (if any) for [`AuditOutcome::Closed`].
+    #[serde(serialize_with = "display_or_null")]
+    pub code: Option<RejectCode>,
+    /// The precise cause of a refusal or close (`code_reused`, `alpn_refused`, ...).
+    pub cause: Option<&'static str>,
+    /// More about the cause, when there is more (never a secret).
+    pub detail: Option<String>,
+    /// How long the decision took, in µs; `None` when no Verdict was made.
+    pub decision_us: Option<u64>,
+    /// µs from TCP accept to the decision, or to the close.
+    pub accept_us: u64,
+}
+
+impl AuditRecord {
+    /// The record as one line of JSON, without the trailing newline.
+    pub fn to_json(&self) -> String {
+        // Only strings, numbers and nulls: serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    fn message(&self) -> &'static str {
+        match self.outcome {
+            AuditOutcome::Accepted => "connection accepted",
+            AuditOutcome::Rejected => "connection refused",
+            AuditOutcome::Closed => "connection closed",
+        }
+    }
+}
+
+fn display_or_null<T: fmt::Display, S: Serializer>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => serializer.collect_str(v),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn rfc3339<S: Serializer>(time_ms: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    match format_time(*time_ms) {
+        Some(text) => serializer.serialize_str(&text),
+        None => serializer.serialize_u64(*time_ms),
+    }
+}
+
+/// `2025-06-01T09:30:12.345Z`; `None` for a time out of the calendar's range.
+fn format_time(time_ms: u64) -> Option<String> {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    let nanos = i128::from(time_ms).checked_mul(1_000_000)?;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .format(FORMAT)
+        .ok()
+}
+
+/// Where audit records go, besides `tracing`: a file, a channel, a collector.
+///
+/// Called once per connection attempt, in the connection's task (or the accept loop, for a
+/// connection closed at accept): keep it quick, and hand slow work to a thread of its own.
+/// A closure `Fn(&AuditRecord)` is a sink.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use portcullis_server::{AuditRecord, AuditSink};
+///
+/// let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+/// let keep = seen.clone();
+/// let sink: Arc<dyn AuditSink> = Arc::new(move |record: &AuditRecord| {
+///     keep.lock().unwrap().push(record.to_json());
+/// });
+/// # let _ = sink;
+/// ```
+pub trait AuditSink: Send + Sync + 'static {
+    /// Takes one record.
+    fn record(&self, record: &AuditRecord);
+}
+
+impl<F> AuditSink for F
+where
+    F: Fn(&AuditRecord) + Send + Sync + 'static,
+{
+    fn record(&self, record: &AuditRecord) {
+        self(record)
+    }
+}
+
+/// Why an audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot open the audit log: {source}", path.display())]
+pub struct AuditLogError {
+    /// The file.
+    pub path: PathBuf,
+    /// What went wrong.
+    #[source]
+    pub source: io::Error,
+}
+
+/// An [`AuditSink`] that appends each record to a file as one line of JSON.
+///
+/// The file is opened for appending and, when new, created with mode 0600 (on Unix). Each line
+/// goes to the kernel in one `write` as soon as its record is made (no buffer to lose on a
+/// crash, and lines of several writers do not interleave); it is not synced to disk. A failed
+/// write is reported once as a `tracing` warning, and again after the file worked again.
+///
+/// ```no_run
+/// # fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use portcullis_server::JsonLinesFile;
+///
+/// let sink = Arc::new(JsonLinesFile::create("/var/log/portcullis/audit.jsonl")?);
+/// let builder = portcullis_server::PortcullisServer::builder().audit_sink(sink);
+/// # let _ = builder; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct JsonLinesFile {
+    path: PathBuf,
+    file: Mutex<File>,
+    failing: AtomicBool,
+}
+
+impl JsonLinesFile {
+    /// Opens `path` for appending, creating it (mode 0600) when it does not exist.
+    pub fn create(path: impl AsRef<Path>) -> Result<Self, AuditLogError> {
+        let path = path.as_ref().to_path_buf();
+        let mut options = std::fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options.open(&path).map_err(|source| AuditLogError {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            file: Mutex::new(file),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AuditSink for JsonLinesFile {
+    fn record(&self, record: &AuditRecord) {
+        let mut line = record.to_json().into_bytes();
+        line.push(b'\n');
+        let written = match self.file.lock() {
+            Ok(mut file) => file.write_all(&line),
+            Err(poisoned) => poisoned.into_inner().write_all(&line),
+        };
+        match written {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.path.display(), "the audit log can be written again");
+                }
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot write the audit log; records are lost until it works again");
+                }
+            }
+        }
+    }
+}
+
+/// Makes the records and sends them on: to `tracing`, the metrics and the sinks.
+pub(crate) struct Auditor {
+    sinks: Vec<Arc<dyn AuditSink>>,
+    pub(crate) metrics: Metrics,
+    clock: Arc<dyn Clock>,
+}
+
+impl Auditor {
+    pub(crate) fn new(sinks: Vec<Arc<dyn AuditSink>>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            sinks,
+            metrics: Metrics::new(),
+            clock,
+        }
+    }
+
+    fn emit(&self, record: &AuditRecord) {
+        self.metrics.observe(record);
+        trace(record);
+        for sink in &self.sinks {
+            sink.record(record);
+        }
+    }
+}
+
+fn trace(record: &AuditRecord) {
+    use tracing::field::display;
+    let reference = record.reference.as_ref().map(display);
+    let fingerprint = record.fingerprint.as_ref().map(display);
+    tracing::info!(
+        target: AUDIT_TARGET,
+        reference,
+        peer = %record.peer,
+        fingerprint,
+        user = record.user.as_deref(),
+        agent = record.agent.as_deref(),
+        device = record.device.as_deref(),
+        method = record.method.map(|m| m.as_str()),
+        outcome = record.outcome.as_str(),
+        code = record.code.map(|c| c.name()),
+        cause = record.cause,
+        detail = record.detail.as_deref(),
+        decision_us = record.decision_us,
+        accept_us = record.accept_us,
+        "{}",
+        record.message()
+    );
+}
+
+/// One connection attempt under way. It ends in exactly one record: [`Attempt::decided`] or
+/// [`Attempt::closed`]; an attempt dropped without either (the server stopped, a task ended
+/// early) is recorded as closed with cause `abandoned`.
+pub(crate) struct Attempt {
+    auditor: Arc<Auditor>,
+    peer: SocketAddr,
+    started: Instant,
+    fingerprint: Option<DeviceFingerprint>,
+    done: bool,
+}
+
+impl Attempt {
+    /// An attempt from `peer`, accepted at TCP level now.
+    pub(crate) fn new(auditor: &Arc<Auditor>, peer: SocketAddr) -> Self {
+        Self {
+            auditor: auditor.clone(),
+            peer,
+            started: Instant::now(),
+            fingerprint: None,
+            done: false,
+        }
+    }
+
+    /// When the attempt started.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The client certificate's fingerprint, once the handshake has finished.
+    pub(crate) fn device(&mut self, fingerprint: DeviceFingerprint) {
+        self.fingerprint = Some(fingerprint);
+    }
+
+    fn record(&self, outcome: AuditOutcome) -> AuditRecord {
+        AuditRecord {
+            time_ms: self.auditor.clock.now_ms(),
+            reference: None,
+            peer: self.peer,
+            fingerprint: self.fingerprint,
+            user: None,
+            agent: None,
+            device: None,
+            method: None,
+            outcome,
+            code: None,
+            cause: None,
+            detail: None,
+            decision_us: None,
+            accept_us: micros(self.started.elapsed()),
+        }
+    }
+
+    /// The attempt got a Verdict: `decision`, made in `took`.
+    pub(crate) fn decided(mut self, decision: &Decision, took: Duration) {
+        self.done = true;
+        let mut record = self.record(match decision.outcome {
+            Ok(_) => AuditOutcome::Accepted,
+            Err(_) => AuditOutcome::Rejected,
+        });
+        record.reference = Some(decision.reference);
+        record.user = decision.claimed_user.clone();
+        record.agent = decision.agent.clone();
+        record.decision_us = Some(micros(took));
+        match &decision.outcome {
+            Ok(identity) => {
+                record.device = Some(identity.device_name.clone());
+                record.method = Some(identity.method);
+            }
+            Err(rejection) => {
+                record.code = Some(rejection.code);
+                record.cause = Some(rejection.cause.as_str());
+                record.detail = cause_detail(&rejection.cause);
+            }
+        }
+        self.auditor.emit(&record);
+    }
+
+    /// The connection was closed without a Verdict: `cause`, with the reject code that could
+    /// not be sent (if any) and more detail.
+    pub(crate) fn closed(
+        mut self,
+        code: Option<RejectCode>,
+        cause: &'static str,
+        detail: Option<String>,
+    ) {
+        self.close(code, cause, detail);
+    }
+
+    fn close(&mut self, code: Option<RejectCode>, cause: &'static str, detail: Option<String>) {
+        self.done = true;
+        let mut record = self.record(AuditOutcome::Closed);
+        record.code = code;
+        record.cause = Some(cause);
+        record.detail = detail;
+        self.auditor.emit(&record);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.done {
+            self.close(None, "abandoned", None);
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What a [`Cause`] knows beyond its name.
+fn cause_detail(cause: &Cause) -> Option<String> {
+    match cause {
+        Cause::Decode(DecodeError::Malformed(d) | DecodeError::Unsupported(d)) => Some(d.clone()),
+        Cause::ClockSkew(ms) => Some(format!("the client clock is {ms} ms off")),
+        Cause::Registry(e) => Some(e.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_core::ManualClock;
+
+    fn sample() -> AuditRecord {
+        AuditRecord {
+            time_ms: 1_748_770_212_345,
+            reference: Some(Ref([0xab; 16])),
+            peer: "192.0.2.7:50122".parse().unwrap(),
+            fingerprint: Some(DeviceFingerprint::from_bytes([0x11; 32])),
+            user: Some("al\"ice\n{".into()),
+            agent: None,
+            device: None,
+            method: None,
+            outcome: AuditOutcome::Rejected,
+            code: Some(RejectCode::MfaFailed),
+            cause: Some("code_reused"),
+            detail: None,
+            decision_us: Some(41),
+            accept_us: 2210,
+        }
+    }
+
+    #[test]
+    fn the_json_line_has_every_field_in_its_form() {
+        let line = sample().to_json();
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["time"], "2025-06-01T09:30:12.345Z");
+        assert_eq!(v["ref"], "ab".repeat(16));
+        assert_eq!(v["peer"], "192.0.2.7:50122");
+        assert_eq!(v["fingerprint"], format!("sha256:{}", "11".repeat(32)));
+        assert_eq!(v["user"], "al\"ice\n{");
+        assert_eq!(v["agent"], serde_json::Value::Null);
+        assert_eq!(v["outcome"], "rejected");
+        assert_eq!(v["code"], "mfa_failed");
+        assert_eq!(v["cause"], "code_reused");
+        assert_eq!(v["decision_us"], 41);
+        assert_eq!(v["accept_us"], 2210);
+        assert_eq!(v.as_object().unwrap().len(), 14, "{line}");
+    }
+
+    #[test]
+    fn times_are_utc_with_milliseconds() {
+        assert_eq!(format_time(0).unwrap(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_time(951_782_400_007).unwrap(),
+            "2000-02-29T00:00:00.007Z"
+        );
+    }
+
+    #[test]
+    fn an_attempt_dropped_unfinished_is_recorded_once_as_abandoned() {
+        let seen: Arc<Mutex<Vec<AuditRecord>>> = Arc::default();
+        let keep = seen.clone();
+        let auditor = Arc::new(Auditor::new(
+            vec![Arc::new(move |r: &AuditRecord| {
+                keep.lock().unwrap().push(r.clone())
+            })],
+            Arc::new(ManualClock::new(1_000)),
+        ));
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        drop(Attempt::new(&auditor, peer));
+        Attempt::new(&auditor, peer).closed(Some(RejectCode::RateLimited), "rate_limited", None);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].outcome, AuditOutcome::Closed);
+        assert_eq!(seen[0].cause, Some("abandoned"));
+        assert_eq!(seen[0].time_ms, 1_000);
+        assert_eq!(seen[1].code, Some(RejectCode::RateLimited));
+        assert_eq!(seen[1].reference, None);
+        assert_eq!(seen[1].decision_us, None);
+    }
+
+    #[test]
+    fn the_file_sink_appends_one_line_per_record_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let sink = JsonLinesFile::create(&path).unwrap();
+        sink.record(&sample());
+        sink.record(&sample());
+        drop(sink);
+        // Reopening appends.
+        JsonLinesFile::create(&path).unwrap().record(&sample());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(text.ends_with('\n'));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let missing = dir.path().join("no/such/dir/audit.jsonl");
+        let err = JsonLinesFile::create(&missing).unwrap_err().to_string();
+        assert!(err.contains("no/such/dir/audit.jsonl"), "{err}");
+        assert!(err.contains("cannot open the audit log"), "{err}");
+    }
+}

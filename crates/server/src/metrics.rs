@@ -1,0 +1,344 @@
+//! Metrics of the accept path, in the OpenMetrics text format that Prometheus scrapes.
+//!
+//! Made with [`prometheus_client`], the Prometheus project's Rust client. Every server keeps
+//! its own registry (no global state), fed by the same events as the audit trail
+//! ([`crate::audit`]):
+//!
+//! | metric | type | what |
+//! |---|---|---|
+//! | `portcullis_connection_attempts_total{outcome,code,cause}` | counter | attempts by outcome (`accepted`, `rejected`, `closed`), reject code name and precise cause (both empty on accept) |
+//! | `portcullis_accept_duration_seconds` | histogram | from TCP accept to the decision, for every attempt that got a Verdict |
+//! | `portcullis_decision_duration_seconds` | histogram | the decision alone (registry, nonce, code or ticket), for the same attempts |
+//! | `portcullis_authenticating_connections` | gauge | connections being authenticated now ([`crate::PortcullisServer::pending`]) |
+//! | `portcullis_refusing_connections` | gauge | early refusals in their TLS handshake now ([`crate::PortcullisServer::refusing`]) |
+//! | `portcullis_live_nonces` | gauge | nonces the gate remembers now |
+//! | `portcullis_nonce_capacity` | gauge | the most nonces it remembers before OVERLOADED |
+//! | `portcullis_rate_limited_sources` | gauge | source addresses the rate limiter tracks now ([`crate::PortcullisServer::rate_limited_sources`]) |
+//!
+//! The labels take a bounded set of values: reject code names and the causes of
+//! [`portcullis_core::Cause::as_str`] and of the accept path, never a user or an address.
+//!
+//! Three ways to read them:
+//!
+//! - [`crate::Builder::metrics_listen`]: the server answers `GET /metrics` on an address of
+//!   its own while its [`crate::Incoming`] runs;
+//! - [`crate::PortcullisServer::serve_metrics`]: the same on a listener you bound;
+//! - [`crate::PortcullisServer::metrics_handler`], a `tower::Service` to mount in an HTTP server
+//!   you already run, or [`crate::PortcullisServer::metrics_text`] for the text itself.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::acceptor::AcceptState;
+use crate::audit::{AuditOutcome, AuditRecord};
+
+/// The `Content-Type` of the metrics text.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The most scrapes served at once by a metrics endpoint; further connections are closed.
+const MAX_SCRAPE_CONNECTIONS: usize = 16;
+/// How long a scraper may take to send its request headers.
+const SCRAPE_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection to a metrics endpoint may stay open.
+const SCRAPE_CONNECTION_LIMIT: Duration = Duration::from_secs(60);
+
+/// Upper bounds of the accept latency buckets, in seconds: 100 µs to 10 s.
+const ACCEPT_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Upper bounds of the decision time buckets, in seconds: 1 µs to 1 s.
+const DECISION_BUCKETS: [f64; 13] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.01,
+    0.1,
+    1.0,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    outcome: &'static str,
+    code: &'static str,
+    cause: &'static str,
+}
+
+/// The server's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    attempts: Family<AttemptLabels, Counter>,
+    accept_seconds: Histogram,
+    decision_seconds: Histogram,
+    authenticating: Gauge,
+    refusing: Gauge,
+    nonces: Gauge,
+    nonce_capacity: Gauge,
+    sources: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "connection_attempts",
+            "Connection attempts by outcome, reject code and cause",
+            attempts.clone(),
+        );
+        let accept_seconds = Histogram::new(ACCEPT_BUCKETS);
+        registry.register_with_unit(
+            "accept_duration",
+            "Time from TCP accept to the decision, for attempts that got a Verdict",
+            Unit::Seconds,
+            accept_seconds.clone(),
+        );
+        let decision_seconds = Histogram::new(DECISION_BUCKETS);
+        registry.register_with_unit(
+            "decision_duration",
+            "Time the decision itself took, for attempts that got a Verdict",
+            Unit::Seconds,
+            decision_seconds.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let authenticating = gauge(
+            &mut registry,
+            "authenticating_connections",
+            "Connections being authenticated now",
+        );
+        let refusing = gauge(
+            &mut registry,
+            "refusing_connections",
+            "Connections refused at accept that are in their TLS handshake or Verdict now",
+        );
+        let nonces = gauge(&mut registry, "live_nonces", "Nonces remembered now");
+        let nonce_capacity = gauge(
+            &mut registry,
+            "nonce_capacity",
+            "The most nonces remembered at once",
+        );
+        let sources = gauge(
+            &mut registry,
+            "rate_limited_sources",
+            "Source addresses the rate limiter tracks now",
+        );
+        Self {
+            registry,
+            attempts,
+            accept_seconds,
+            decision_seconds,
+            authenticating,
+            refusing,
+            nonces,
+            nonce_capacity,
+            sources,
+        }
+    }
+
+    /// Counts one attempt.
+    pub(crate) fn observe(&self, record: &AuditRecord) {
+        let labels = AttemptLabels {
+            outcome: record.outcome.as_str(),
+            code: record.code.map_or("", |c| c.name()),
+            cause: if record.outcome == AuditOutcome::Accepted {
+                ""
+            } else {
+                record.cause.unwrap_or("")
+            },
+        };
+        self.attempts.get_or_create(&labels).inc();
+        if record.reference.is_some() {
+            self.accept_seconds
+                .observe(record.accept_us as f64 / 1_000_000.0);
+            if let Some(us) = record.decision_us {
+                self.decision_seconds.observe(us as f64 / 1_000_000.0);
+            }
+        }
+    }
+
+    /// The metrics as OpenMetrics text, with the gauges read from `state` now.
+    pub(crate) fn encode(&self, state: &AcceptState) -> String {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.authenticating.set(gauge(state.pending()));
+        self.refusing.set(gauge(state.refusing()));
+        self.nonces.set(gauge(state.gate.nonces().len()));
+        self.nonce_capacity
+            .set(gauge(state.gate.nonces().capacity()));
+        self.sources
+            .set(gauge(state.limiter.as_ref().map_or(0, |l| l.len())));
+        let mut text = String::new();
+        // Writing into a String does not fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// A `tower::Service` that answers every `GET` or `HEAD` request with the server's metrics
+/// (and anything else with 405), whatever the path: mount it where you want it. Made by
+/// [`crate::PortcullisServer::metrics_handler`]; cheap to clone.
+#[derive(Clone)]
+pub struct MetricsService {
+    state: Arc<AcceptState>,
+}
+
+impl std::fmt::Debug for MetricsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsService").finish_non_exhaustive()
+    }
+}
+
+impl MetricsService {
+    pub(crate) fn new(state: Arc<AcceptState>) -> Self {
+        Self { state }
+    }
+
+    /// The metrics as OpenMetrics text.
+    pub fn render(&self) -> String {
+        self.state.auditor.metrics.encode(&self.state)
+    }
+
+    /// The answer to one request.
+    pub fn respond<B>(&self, request: &http::Request<B>) -> http::Response<String> {
+        let method = request.method();
+        if method != http::Method::GET && method != http::Method::HEAD {
+            return plain(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and HEAD are answered\n",
+            );
+        }
+        let body = if method == http::Method::HEAD {
+            String::new()
+        } else {
+            self.render()
+        };
+        let mut response = http::Response::new(body);
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(METRICS_CONTENT_TYPE),
+        );
+        response
+    }
+}
+
+fn plain(status: http::StatusCode, text: &'static str) -> http::Response<String> {
+    let mut response = http::Response::new(text.to_owned());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl<B> tower::Service<http::Request<B>> for MetricsService {
+    type Response = http::Response<String>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(self.respond(&request)))
+    }
+}
+
+/// An HTTP/1.1 endpoint that answers `GET /metrics` (404 for other paths). Made by
+/// [`crate::PortcullisServer::serve_metrics`] or [`crate::Builder::metrics_listen`]; it stops,
+/// and closes its listener and connections, when dropped.
+///
+/// At most 16 connections are served at once (further ones are closed), each must send its
+/// request headers within 5 s and is closed after 60 s.
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    local_addr: SocketAddr,
+    task: tokio::task::AbortHandle,
+}
+
+impl MetricsEndpoint {
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for MetricsEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `service` at `/metrics` on `listener`. Must be called within a tokio runtime.
+pub(crate) fn spawn_endpoint(
+    service: MetricsService,
+    listener: TcpListener,
+) -> io::Result<MetricsEndpoint> {
+    let local_addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_SCRAPE_CONNECTIONS));
+        // Dropping the set (when the endpoint is aborted) ends every connection.
+        let mut connections = JoinSet::new();
+        loop {
+            while connections.try_join_next().is_some() {}
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let service = service.clone();
+            connections.spawn(async move {
+                let answer = hyper::service::service_fn(move |request: http::Request<_>| {
+                    let response = if request.uri().path() == "/metrics" {
+                        service.respond(&request)
+                    } else {
+                        plain(http::StatusCode::NOT_FOUND, "the metrics are at /metrics\n")
+                    };
+                    std::future::ready(Ok::<_, Infallible>(response))
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(SCRAPE_HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(tcp), answer);
+                let _ = tokio::time::timeout(SCRAPE_CONNECTION_LIMIT, connection).await;
+                drop(slot);
+            });
+        }
+    });
+    Ok(MetricsEndpoint {
+        local_addr,
+        task: task.abort_handle(),
+    })
+}

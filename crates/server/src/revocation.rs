@@ -1,0 +1,626 @@
+//! Revocation that reaches connections already open.
+//!
+//! The gate decides once per connection: a device revoked in the registry, or a certificate
+//! added to a certificate revocation list, is refused from the next connection on. An HTTP/2
+//! connection accepted before may live for hours; this module closes such connections too.
+//!
+//! ## Live connections
+//!
+//! Every connection handed to tonic is registered here, under its device fingerprint, until
+//! tonic drops it. A background task (one per server, started by
+//! [`crate::PortcullisServer::incoming`]) runs every [`REVOCATION_CHECK_INTERVAL`] (250 ms) and,
+//! only for the fingerprints that have live connections, asks the registry
+//! ([`portcullis_core::Registry::device_by_fingerprint`]) whether the binding still stands. A
+//! connection is closed when its device binding was revoked (`portcullis device revoke`, or
+//! `portcullis user revoke`, which revokes every device of a user), when the fingerprint is now
+//! bound under another name or to another user, or when it is bound to nothing. The registry
+//! is asked afresh on every round, so a change made by another process (the command line
+//! writing the same SQLite file) is seen within one round: a revoked device loses its open
+//! connections within about a quarter of a second, well under one second. Its session tickets
+//! stop working at the same moment, since a ticket only opens a connection whose device
+//! binding stands (PROTOCOL.md section 5, step 4.4).
+//!
+//! Closing a connection makes its stream fail every read and write from then on (a waiting
+//! read is woken at once); hyper then drops the connection and every request on it fails. The
+//! client sees the connection end; a reconnect is refused with DEVICE_REVOKED.
+//!
+//! A registry that fails during a round does not close anything (the connections were
+//! authenticated; a registry that is briefly busy must not cut every client off): the failure
+//! is logged and the next round asks again. New connections still fail closed, as ever.
+//!
+//! ## Certificate revocation lists
+//!
+//! With a CRL file ([`crate::Builder::crl_file`]) the server's client certificate verifier is
+//! a [`ReloadableClientVerifier`]. The file is polled every [`CRL_POLL_INTERVAL`] (250 ms); when
+//! its modification time or size changes it is loaded again (PEM or DER) and the verifier's
+//! lists are replaced: full TLS handshakes from then on use the new lists, and the server's
+//! TLS session cache is kept. A file that cannot be loaded leaves the lists in force as they
+//! were, with a warning. rustls does not check revocation again on a resumed TLS session, so
+//! the leaf certificate of **every** connection is checked against the current lists right
+//! after its handshake, by issuer and serial number: a listed certificate is refused with
+//! DEVICE_REVOKED before its Prefix is read, whether the session was resumed or not. TLS
+//! resumption itself stays on. When the lists change, every live connection whose certificate
+//! they now list is closed, in the same round: within about half a second of the new file.
+//!
+//! ## Expired sessions
+//!
+//! Off by default: with [`crate::Builder::close_on_session_expiry`] a live connection is also
+//! closed once the session ticket it holds or was given expires, so that no connection outlives
+//! the proof of its second factor. Without it, a connection that was accepted stays open as long
+//! as client and server keep it, and only reconnects need a valid ticket or a new code.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Waker;
+use std::time::{Duration, SystemTime};
+
+use atomic_waker::AtomicWaker;
+use portcullis_core::{DeviceFingerprint, Gate};
+use portcullis_tls::{CertificateDer, PrivateKeyDer, ReloadableClientVerifier};
+use tokio::time::MissedTickBehavior;
+
+use crate::ServerError;
+use crate::acceptor::AcceptState;
+use crate::context::AuthContext;
+
+/// How often the devices of live connections are checked against the registry.
+pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often a CRL file ([`crate::Builder::crl_file`]) is checked for changes (its modification
+/// time and size: one `stat` call): every round of checks.
+pub const CRL_POLL_INTERVAL: Duration = REVOCATION_CHECK_INTERVAL;
+
+/// Why a live connection was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum CloseReason {
+    DeviceRevoked = 1,
+    DeviceRebound = 2,
+    DeviceUnbound = 3,
+    CertificateRevoked = 4,
+    SessionExpired = 5,
+}
+
+impl CloseReason {
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::DeviceRevoked,
+            2 => Self::DeviceRebound,
+            3 => Self::DeviceUnbound,
+            4 => Self::CertificateRevoked,
+            5 => Self::SessionExpired,
+            _ => return None,
+        })
+    }
+
+    /// The cause in the log.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::DeviceRevoked => "device_revoked",
+            Self::DeviceRebound => "device_rebound",
+            Self::DeviceUnbound => "device_unknown",
+            Self::CertificateRevoked => "certificate_revoked",
+            Self::SessionExpired => "session_expired",
+        }
+    }
+
+    /// What the stream's reads and writes fail with.
+    fn hint(self) -> &'static str {
+        match self {
+            Self::DeviceRevoked => "the device was revoked",
+            Self::DeviceRebound => "the device is now bound to another user or name",
+            Self::DeviceUnbound => "the device is no longer bound to a user",
+            Self::CertificateRevoked => "the client certificate is listed in the server's CRL",
+            Self::SessionExpired => "the session expired",
+        }
+    }
+}
+
+/// One authenticated connection that tonic holds.
+struct LiveEntry {
+    id: u64,
+    auth: Arc<AuthContext>,
+    /// The peer's certificates, kept (shared with tonic's connect info) only when the server
+    /// checks CRLs.
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// 0 while open, else a [`CloseReason`].
+    closed: AtomicU8,
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl LiveEntry {
+    fn reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.closed.load(Ordering::Acquire))
+    }
+
+    /// Closes the connection (the first reason wins) and wakes whatever waits on it.
+    fn close(&self, reason: CloseReason) {
+        if self
+            .closed
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let auth = &self.auth;
+        tracing::info!(
+            reference = %auth.reference,
+            peer = %auth.peer_addr,
+            fingerprint = %auth.fingerprint,
+            user = %auth.user,
+            device = %auth.device_name,
+            outcome = "closed",
+            cause = reason.as_str(),
+            "live connection closed"
+        );
+        self.read.wake();
+        self.write.wake();
+    }
+}
+
+/// The registration of one live connection, held by its [`crate::AuthenticatedStream`]:
+/// tells the stream when to fail, and unregisters the connection when dropped.
+pub(crate) struct Watch {
+    entry: Arc<LiveEntry>,
+    owner: Arc<Revocation>,
+}
+
+impl fmt::Debug for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watch")
+            .field("id", &self.entry.id)
+            .field("closed", &self.entry.reason().map(CloseReason::as_str))
+            .finish()
+    }
+}
+
+/// Which side of the stream waits.
+#[derive(Clone, Copy)]
+pub(crate) enum Side {
+    Read,
+    Write,
+}
+
+impl Watch {
+    /// `Err` once the connection was closed.
+    pub(crate) fn check(&self) -> io::Result<()> {
+        match self.entry.reason() {
+            None => Ok(()),
+            Some(reason) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("the server closed the connection: {}", reason.hint()),
+            )),
+        }
+    }
+
+    /// Called when the stream's `side` is about to wait: the waker is woken when the connection
+    /// is closed. `Err` if it already is.
+    pub(crate) fn park(&self, side: Side, waker: &Waker) -> io::Result<()> {
+        match side {
+            Side::Read => self.entry.read.register(waker),
+            Side::Write => self.entry.write.register(waker),
+        }
+        // After registering: a close that happened before is seen here, one that happens
+        // after wakes the waker.
+        self.check()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.owner.remove(&self.entry);
+    }
+}
+
+/// The certificate chain, key and client CAs given to [`crate::Builder::identity`], kept so
+/// that the TLS configuration can be made again with a CRL-checking verifier.
+pub(crate) struct IdentityParts {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+    pub(crate) roots: Vec<CertificateDer<'static>>,
+}
+
+/// The builder's revocation settings.
+#[derive(Default)]
+pub(crate) struct Settings {
+    pub(crate) identity: Option<IdentityParts>,
+    pub(crate) crl_file: Option<PathBuf>,
+    pub(crate) verifier: Option<Arc<ReloadableClientVerifier>>,
+    pub(crate) close_on_session_expiry: bool,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("crl_file", &self.crl_file)
+            .field("client_verifier", &self.verifier.is_some())
+            .field("close_on_session_expiry", &self.close_on_session_expiry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// The TLS configuration to serve with (made again from the identity when the server must
+    /// check CRLs with its own verifier) and the revocation state.
+    pub(crate) fn finish(
+        self,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<(Arc<rustls::ServerConfig>, Revocation), ServerError> {
+        let crls =
+            match &self.crl_file {
+                Some(path) => Some(portcullis_tls::load_crls(path).map_err(|e| {
+                    ServerError::Config(format!("certificate revocation list: {e}"))
+                })?),
+                None => None,
+            };
+        let (tls, verifier) = match (self.verifier, self.identity) {
+            (Some(verifier), identity) => {
+                if let Some(crls) = crls {
+                    verifier
+                        .set_crls(crls)
+                        .map_err(|e| crl_error(&self.crl_file, &e))?;
+                }
+                let tls = match identity {
+                    // The identity's configuration is made again around the given verifier.
+                    Some(parts) => with_verifier(parts, verifier.clone())?,
+                    // The caller's configuration was made with this verifier.
+                    None => tls,
+                };
+                (tls, Some(verifier))
+            }
+            (None, Some(parts)) if crls.is_some() => {
+                let crls = crls.unwrap_or_default();
+                let verifier = Arc::new(
+                    ReloadableClientVerifier::new(&parts.roots, crls)
+                        .map_err(|e| crl_error(&self.crl_file, &e))?,
+                );
+                (with_verifier(parts, verifier.clone())?, Some(verifier))
+            }
+            (None, None) if crls.is_some() => {
+                return Err(ServerError::Config(
+                    "a CRL file needs the TLS configuration made by Builder::identity, or \
+                     Builder::client_verifier with the verifier of the TLS configuration"
+                        .into(),
+                ));
+            }
+            (None, _) => (tls, None),
+        };
+        let crl_file = self.crl_file.map(|path| {
+            let stamp = Stamp::of(&path);
+            Mutex::new(CrlFile { path, stamp })
+        });
+        let generation = verifier.as_ref().map_or(0, |v| v.generation());
+        Ok((
+            tls,
+            Revocation {
+                live: Mutex::new(Live::default()),
+                verifier,
+                crl_file,
+                close_on_session_expiry: self.close_on_session_expiry,
+                seen_generation: AtomicU64::new(generation),
+                started: AtomicBool::new(false),
+                registry_failing: AtomicBool::new(false),
+            },
+        ))
+    }
+}
+
+fn crl_error(path: &Option<PathBuf>, error: &portcullis_tls::TlsError) -> ServerError {
+    match path {
+        Some(path) => ServerError::Config(format!(
+            "certificate revocation list: {}: {error}",
+            path.display()
+        )),
+        None => ServerError::Config(format!("certificate revocation list: {error}")),
+    }
+}
+
+fn with_verifier(
+    parts: IdentityParts,
+    verifier: Arc<ReloadableClientVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    Ok(portcullis_tls::server_config_with_verifier(
+        parts.chain,
+        parts.key,
+        verifier,
+        &[portcullis_core::codec::ALPN_PCS1],
+    )?)
+}
+
+/// What identifies a version of the CRL file: its modification time, size and (on Unix) inode,
+/// so that a file renamed over the old one is seen even within the file system's time
+/// granularity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl Stamp {
+    /// `None` when the file cannot be read (gone, for example).
+    fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Self {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode,
+        })
+    }
+}
+
+struct CrlFile {
+    path: PathBuf,
+    /// The version last loaded, or last found unusable.
+    stamp: Option<Stamp>,
+}
+
+#[derive(Default)]
+struct Live {
+    by_device: HashMap<DeviceFingerprint, HashMap<u64, Arc<LiveEntry>>>,
+    next_id: u64,
+    count: usize,
+}
+
+/// The live connections of a server and what may close them.
+pub(crate) struct Revocation {
+    live: Mutex<Live>,
+    verifier: Option<Arc<ReloadableClientVerifier>>,
+    crl_file: Option<Mutex<CrlFile>>,
+    close_on_session_expiry: bool,
+    /// The verifier generation the live connections were last checked against.
+    seen_generation: AtomicU64,
+    started: AtomicBool,
+    /// Set while the registry fails, so that a long failure logs one warning.
+    registry_failing: AtomicBool,
+}
+
+impl fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Revocation")
+            .field("live", &self.live_count())
+            .field("crl_checks", &self.verifier.is_some())
+            .field("close_on_session_expiry", &self.close_on_session_expiry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every change under these locks is a single insert or removal: a panic elsewhere cannot
+    // leave the maps half changed.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Revocation {
+    /// The verifier that checks CRLs, when the server has one.
+    pub(crate) fn verifier(&self) -> Option<&Arc<ReloadableClientVerifier>> {
+        self.verifier.as_ref()
+    }
+
+    /// How many authenticated connections tonic holds.
+    pub(crate) fn live_count(&self) -> usize {
+        lock(&self.live).count
+    }
+
+    /// Whether the current CRLs list the leaf certificate of a connection just after its TLS
+    /// handshake (full or resumed). `false` when the server checks no CRLs.
+    pub(crate) fn certificate_revoked(&self, conn: &rustls::ServerConnection) -> bool {
+        let Some(verifier) = &self.verifier else {
+            return false;
+        };
+        match conn.peer_certificates().and_then(|certs| certs.first()) {
+            Some(leaf) => verifier.is_revoked(leaf),
+            // No certificate: refused elsewhere.
+            None => false,
+        }
+    }
+
+    /// Registers an authenticated connection: from now on it is closed when its device or
+    /// certificate is revoked.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        auth: Arc<AuthContext>,
+        certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    ) -> Watch {
+        let certs = if self.verifier.is_some() { certs } else { None };
+        let mut live = lock(&self.live);
+        live.next_id += 1;
+        let entry = Arc::new(LiveEntry {
+            id: live.next_id,
+            auth,
+            certs,
+            closed: AtomicU8::new(0),
+            read: AtomicWaker::new(),
+            write: AtomicWaker::new(),
+        });
+        live.by_device
+            .entry(entry.auth.fingerprint)
+            .or_default()
+            .insert(entry.id, entry.clone());
+        live.count += 1;
+        // Checked under the lock: lists replaced after this check are applied to this entry by
+        // the next round, which finds it registered.
+        if let (Some(verifier), Some(certs)) = (&self.verifier, &entry.certs)
+            && certs.first().is_none_or(|leaf| verifier.is_revoked(leaf))
+        {
+            entry.close(CloseReason::CertificateRevoked);
+        }
+        drop(live);
+        Watch {
+            entry,
+            owner: self.clone(),
+        }
+    }
+
+    fn remove(&self, entry: &LiveEntry) {
+        let mut live = lock(&self.live);
+        let fingerprint = entry.auth.fingerprint;
+        if let Some(entries) = live.by_device.get_mut(&fingerprint)
+            && entries.remove(&entry.id).is_some()
+        {
+            if entries.is_empty() {
+                live.by_device.remove(&fingerprint);
+            }
+            live.count -= 1;
+        }
+    }
+
+    /// Whether a round has anything to do.
+    fn has_work(&self) -> bool {
+        self.crl_file.is_some() || self.live_count() > 0
+    }
+
+    /// One round: the CRL file, then the live connections against the CRLs, the registry and
+    /// (when on) their session expiry. Blocking (file and registry I/O).
+    fn check(&self, gate: &Gate) {
+        if let (Some(file), Some(verifier)) = (&self.crl_file, &self.verifier) {
+            poll_crl_file(file, verifier);
+        }
+        // The generation is read before the snapshot: lists replaced after this point are
+        // checked in the next round.
+        let generation = self.verifier.as_ref().map(|v| v.generation());
+        let snapshot: Vec<(DeviceFingerprint, Vec<Arc<LiveEntry>>)> = lock(&self.live)
+            .by_device
+            .iter()
+            .map(|(fp, entries)| (*fp, entries.values().cloned().collect()))
+            .collect();
+
+        if let (Some(verifier), Some(generation)) = (&self.verifier, generation)
+            && self.seen_generation.swap(generation, Ordering::AcqRel) != generation
+        {
+            let revoked = verifier.revoked();
+            for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
+                if let Some(certs) = &entry.certs
+                    && certs
+                        .first()
+                        .is_none_or(|leaf| revoked.is_revoked(leaf).unwrap_or(true))
+                {
+                    entry.close(CloseReason::CertificateRevoked);
+                }
+            }
+        }
+
+        let registry = gate.registry();
+        let mut failed = None;
+        for (fingerprint, entries) in &snapshot {
+            if entries.iter().all(|e| e.reason().is_some()) {
+                continue;
+            }
+            match registry.device_by_fingerprint(fingerprint) {
+                Ok(device) => {
+                    for entry in entries {
+                        let reason = match &device {
+                            None => Some(CloseReason::DeviceUnbound),
+                            Some(d) if d.is_revoked() => Some(CloseReason::DeviceRevoked),
+                            Some(d)
+                                if d.user != entry.auth.user
+                                    || d.name != entry.auth.device_name =>
+                            {
+                                Some(CloseReason::DeviceRebound)
+                            }
+                            Some(_) => None,
+                        };
+                        if let Some(reason) = reason {
+                            entry.close(reason);
+                        }
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) => {
+                if !self.registry_failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "cannot check live connections against the registry; they stay open until it answers");
+                }
+            }
+            None => {
+                if self.registry_failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the registry answers again; live connections are checked");
+                }
+            }
+        }
+
+        if self.close_on_session_expiry {
+            let now = gate.clock().now_ms();
+            for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
+                if entry.auth.session_expires_ms.is_some_and(|at| at <= now) {
+                    entry.close(CloseReason::SessionExpired);
+                }
+            }
+        }
+    }
+}
+
+/// Loads the CRL file again when it changed since the last poll.
+fn poll_crl_file(file: &Mutex<CrlFile>, verifier: &ReloadableClientVerifier) {
+    let mut file = lock(file);
+    let stamp = Stamp::of(&file.path);
+    if stamp == file.stamp {
+        return;
+    }
+    // Remembered also when the file cannot be used: one warning per version of the file.
+    file.stamp = stamp;
+    let loaded = portcullis_tls::load_crls(&file.path)
+        .map_err(|e| e.to_string())
+        .and_then(|crls| {
+            let count = crls.len();
+            verifier
+                .set_crls(crls)
+                .map(|()| count)
+                .map_err(|e| format!("{}: {e}", file.path.display()))
+        });
+    match loaded {
+        Ok(count) => {
+            let revoked = verifier.revoked();
+            tracing::info!(
+                file = %file.path.display(),
+                crls = count,
+                revoked_certificates = revoked.len(),
+                "certificate revocation list reloaded"
+            );
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "certificate revocation list not reloaded; the previous one stays in force"
+        ),
+    }
+}
+
+/// Starts the background task of a server's revocation checks, once. It stops when the server
+/// is gone.
+pub(crate) fn start(state: &Arc<AcceptState>) {
+    if state.revocation.started.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let weak: Weak<AcceptState> = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REVOCATION_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(state) = weak.upgrade() else {
+                break;
+            };
+            if !state.revocation.has_work() {
+                continue;
+            }
+            // File and registry I/O: off the runtime's workers. Rounds never overlap.
+            let round = tokio::task::spawn_blocking(move || {
+                state.revocation.check(&state.gate);
+            });
+            if round.await.is_err() {
+                tracing::error!("a revocation round failed; the next one runs as planned");
+            }
+        }
+    });
+}
