@@ -94,7 +94,12 @@ fn revoke_user_contract(writer: &dyn Registry, reader: &dyn Registry) {
 
     for f in [1, 2] {
         let device = reader.device_by_fingerprint(&fp(f)).unwrap().unwrap();
-        assert_eq!(device.revoked_ms, Some(500), "device {} revoked", device.name);
+        assert_eq!(
+            device.revoked_ms,
+            Some(500),
+            "device {} revoked",
+            device.name
+        );
     }
     // The device revoked before keeps its own time; bob's device is untouched.
     assert_eq!(
@@ -118,9 +123,15 @@ fn revoke_user_contract(writer: &dyn Registry, reader: &dyn Registry) {
 
     // The user stays enrolled, and a device bound afterwards is active.
     assert!(reader.user("alice").unwrap().is_some());
-    writer.bind_device("new-phone", "alice", &fp(5), 700).unwrap();
+    writer
+        .bind_device("new-phone", "alice", &fp(5), 700)
+        .unwrap();
     assert_eq!(
-        reader.device_by_fingerprint(&fp(5)).unwrap().unwrap().revoked_ms,
+        reader
+            .device_by_fingerprint(&fp(5))
+            .unwrap()
+            .unwrap()
+            .revoked_ms,
         None
     );
 }

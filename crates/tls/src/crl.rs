@@ -159,8 +159,24 @@ struct Lists {
 }
 
 /// A client certificate verifier (the rustls WebPKI verifier, client certificates required)
-/// whose certificate revocation lists can be replaced while the server runs. See the
-/// [module documentation](self).
+/// whose certificate revocation lists can be replaced while the server runs.
+///
+/// rustls checks a client certificate against CRLs during a full TLS handshake only: a
+/// **resumed** TLS session restores the earlier peer certificates without verifying them
+/// again, and a connection **already open** when its certificate is listed is not touched.
+/// This verifier serves as the client certificate verifier of a [`rustls::ServerConfig`]
+/// (made by [`crate::server_config_with_verifier`]); [`ReloadableClientVerifier::set_crls`]
+/// replaces its lists at any time, and the next full handshake uses them, with the same
+/// `ServerConfig` (its TLS session cache survives). Beside the rustls verifier it keeps a
+/// [`RevokedCertificates`] index of the same lists, so that a server can ask, for any
+/// certificate it holds, whether the current lists name it
+/// ([`ReloadableClientVerifier::is_revoked`]): after a resumed handshake, and for every open
+/// connection when the lists change ([`ReloadableClientVerifier::generation`] tells when).
+///
+/// Only the end-entity certificate is checked, as [`crate::server_config_with_crls`] does. A
+/// CRL whose issuer is one of the client CAs must carry that CA's valid signature, or it is
+/// refused (and the lists in force stay as they were); a CRL of another issuer (an
+/// intermediate CA) is indexed as given, and rustls verifies its signature when it uses it.
 ///
 /// ```
 /// use std::sync::Arc;

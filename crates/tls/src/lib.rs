@@ -114,7 +114,7 @@ fn root_store(
 /// `chain` starts with the server's own certificate; `key` must match it.
 ///
 /// rustls accepts a client that offers no ALPN at all: check
-/// [`alpn_protocol`](rustls::ServerConnection::alpn_protocol) after the handshake.
+/// [`alpn_protocol`](rustls::CommonState::alpn_protocol) after the handshake.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,

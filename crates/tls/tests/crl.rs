@@ -41,9 +41,16 @@ fn crl_files_load_as_pem_or_der_and_broken_ones_are_named() {
     assert_eq!(from_der, vec![der.clone()]);
 
     // DER cut short, or followed by junk.
-    let cut = write(dir.path(), "cut.der", &der.as_ref()[..der.as_ref().len() - 10]);
+    let cut = write(
+        dir.path(),
+        "cut.der",
+        &der.as_ref()[..der.as_ref().len() - 10],
+    );
     let err = load_crls(&cut).unwrap_err();
-    assert!(matches!(err.kind(), PemErrorKind::BadCrl { index: 1, .. }), "{err}");
+    assert!(
+        matches!(err.kind(), PemErrorKind::BadCrl { index: 1, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("cut.der"), "{err}");
     let mut long = der.as_ref().to_vec();
     long.extend_from_slice(b"junk");
@@ -56,13 +63,26 @@ fn crl_files_load_as_pem_or_der_and_broken_ones_are_named() {
     // Neither PEM nor DER.
     let err = load_crls(&write(dir.path(), "junk", b"hello, world")).unwrap_err();
     assert!(matches!(err.kind(), PemErrorKind::NotCrl), "{err}");
-    assert!(err.to_string().starts_with(&format!("{}: neither PEM", dir.path().join("junk").display())), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{}: neither PEM",
+            dir.path().join("junk").display()
+        )),
+        "{err}"
+    );
 
     // A PEM block labelled X509 CRL that holds something else (a certificate).
     let cert_body = pem::encode(&pem::Pem::new("X509 CRL", device.cert_der().to_vec()));
     let err = load_crls(&write(dir.path(), "fake.pem", cert_body.as_bytes())).unwrap_err();
-    assert!(matches!(err.kind(), PemErrorKind::BadCrl { index: 1, .. }), "{err}");
-    assert!(err.to_string().contains("X509 CRL #1: not a valid certificate revocation list"), "{err}");
+    assert!(
+        matches!(err.kind(), PemErrorKind::BadCrl { index: 1, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("X509 CRL #1: not a valid certificate revocation list"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -85,7 +105,11 @@ fn the_index_lists_exactly_the_revoked_certificates_of_its_issuer() {
     let empty = RevokedCertificates::from_crls(&crls_listing(&ca, &[]), &[ca.cert_der()]).unwrap();
     assert!(empty.is_empty());
     assert!(!empty.is_revoked(&lost.cert_der()).unwrap());
-    assert!(!RevokedCertificates::empty().is_revoked(&lost.cert_der()).unwrap());
+    assert!(
+        !RevokedCertificates::empty()
+            .is_revoked(&lost.cert_der())
+            .unwrap()
+    );
 
     // Garbage is not a certificate.
     let garbage = portcullis_tls::CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
@@ -186,22 +210,34 @@ async fn new_crls_apply_to_the_next_full_handshake_and_resumption_needs_the_inde
     let pki = pki();
     let laptop = pki.ca.issue_device("laptop").unwrap();
     let phone = pki.ca.issue_device("phone").unwrap();
-    let verifier = Arc::new(ReloadableClientVerifier::new(&[pki.ca.cert_der()], Vec::new()).unwrap());
+    let verifier =
+        Arc::new(ReloadableClientVerifier::new(&[pki.ca.cert_der()], Vec::new()).unwrap());
     let server = server_cfg(&pki, verifier.clone());
     let laptop_client = client_cfg(&pki, &laptop);
 
     // No CRL yet: a full handshake, then a resumed one.
-    assert_eq!(connect(&server, &laptop_client).await.unwrap().0, HandshakeKind::Full);
-    assert_eq!(connect(&server, &laptop_client).await.unwrap().0, HandshakeKind::Resumed);
+    assert_eq!(
+        connect(&server, &laptop_client).await.unwrap().0,
+        HandshakeKind::Full
+    );
+    assert_eq!(
+        connect(&server, &laptop_client).await.unwrap().0,
+        HandshakeKind::Resumed
+    );
 
     // The laptop is listed. A full handshake (a client without a session) is refused at once,
     // with no new ServerConfig.
-    verifier.set_crls(crls_listing(&pki.ca, &[&laptop])).unwrap();
+    verifier
+        .set_crls(crls_listing(&pki.ca, &[&laptop]))
+        .unwrap();
     assert_eq!(verifier.generation(), 1);
     let fresh_client = client_cfg(&pki, &laptop);
     let err = connect(&server, &fresh_client).await.unwrap_err();
     assert!(
-        matches!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)),
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        ),
         "{err:?}"
     );
     // The phone, not listed, still gets in.
@@ -218,5 +254,8 @@ async fn new_crls_apply_to_the_next_full_handshake_and_resumption_needs_the_inde
     verifier.set_crls(Vec::new()).unwrap();
     assert_eq!(verifier.generation(), 2);
     assert!(!verifier.is_revoked(&laptop.cert_der()));
-    assert_eq!(connect(&server, &fresh_client).await.unwrap().0, HandshakeKind::Full);
+    assert_eq!(
+        connect(&server, &fresh_client).await.unwrap().0,
+        HandshakeKind::Full
+    );
 }
