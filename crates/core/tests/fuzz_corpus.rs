@@ -199,6 +199,34 @@ fn seed_scenarios_take_their_paths() {
     }
 }
 
+/// The checks catch a broken registry: a reused code, a revoked device and a locked-out user
+/// each get in through a planted bug, and the replay of the seeds stops there.
+#[test]
+fn the_checks_catch_planted_bugs() {
+    use decision_check::Fault;
+    let seeds = decision_check::seeds();
+    let seed = |name: &str| &seeds.iter().find(|(n, _)| *n == name).unwrap().1;
+    for (fault, name, message) in [
+        (
+            Fault::ReusableCodes,
+            "totp_then_session_then_replays",
+            "not later than the last accepted",
+        ),
+        (
+            Fault::IgnoreRevocation,
+            "devices_rebound_and_revoked",
+            "from a device not bound to that user, or revoked",
+        ),
+        (Fault::NoLockout, "lockout", "accepted while locked out"),
+    ] {
+        let s = seed(name);
+        let panic = std::panic::catch_unwind(|| decision_check::run_with(s, fault))
+            .expect_err("the planted bug goes unnoticed");
+        let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains(message), "{fault:?} on {name}: {text}");
+    }
+}
+
 /// Rewrites the seed files: `cargo test -p portcullis-core --test fuzz_corpus -- --ignored`.
 #[test]
 #[ignore = "writes the seed files into fuzz/corpus"]

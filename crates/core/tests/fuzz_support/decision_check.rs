@@ -27,9 +27,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use arbitrary::Arbitrary;
 use portcullis_core::codec::{Factor, HEADER_LEN, Prefix};
 use portcullis_core::{
-    AuthMethod, Clock, ConnectionFacts, Decision, DeviceFingerprint, Gate, GateConfig, Identity,
-    LockoutPolicy, ManualClock, MemoryRegistry, Random, RandomError, Registry, RejectCode,
-    SessionId, TicketKey, TotpAlgorithm, TotpConfig,
+    AuthMethod, Clock, ConnectionFacts, Decision, DeviceFingerprint, DeviceRecord, Gate,
+    GateConfig, Identity, LockState, LockoutPolicy, ManualClock, MemoryRegistry, Random,
+    RandomError, Registry, RegistryError, RejectCode, SessionId, TicketKey, TotpAlgorithm,
+    TotpConfig, UserRecord,
 };
 
 /// The clock at the start of a scenario (plus [`Setup::start_s`] seconds); also the TIME of the
@@ -359,7 +360,25 @@ pub enum Edit {
 /// Returns the outcome of each decision: `accept_totp`, `accept_session`, or the internal cause
 /// of the refusal (`code_wrong`, `nonce_replay`, ...).
 pub fn run(scenario: &Scenario) -> Vec<&'static str> {
-    let mut h = Harness::new(&scenario.setup);
+    run_with(scenario, Fault::None)
+}
+
+/// A registry bug to plant, to show that the checks catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The registry works.
+    None,
+    /// Every TOTP step is recorded as new: a used code works again.
+    ReusableCodes,
+    /// Revoked device bindings look active.
+    IgnoreRevocation,
+    /// The lockout state is never stored.
+    NoLockout,
+}
+
+/// [`run`] against a registry with a planted bug.
+pub fn run_with(scenario: &Scenario, fault: Fault) -> Vec<&'static str> {
+    let mut h = Harness::new(&scenario.setup, fault);
     if scenario.setup.preset {
         h.apply(
             0,
@@ -398,6 +417,90 @@ pub fn run(scenario: &Scenario) -> Vec<&'static str> {
         h.apply(i, op);
     }
     h.outcomes
+}
+
+/// A [`MemoryRegistry`], with a bug when asked.
+struct FaultyRegistry {
+    inner: MemoryRegistry,
+    fault: Fault,
+}
+
+impl Registry for FaultyRegistry {
+    fn device_by_fingerprint(
+        &self,
+        fingerprint: &DeviceFingerprint,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
+        let device = self.inner.device_by_fingerprint(fingerprint)?;
+        Ok(match self.fault {
+            Fault::IgnoreRevocation => device.map(|d| DeviceRecord {
+                revoked_ms: None,
+                ..d
+            }),
+            _ => device,
+        })
+    }
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.inner.device_by_name(name)
+    }
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
+        self.inner.user(name)
+    }
+    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
+        let fresh = self.inner.advance_totp_step(user, step)?;
+        Ok(fresh || self.fault == Fault::ReusableCodes)
+    }
+    fn accept_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
+        let fresh = self.inner.accept_totp_step(user, step)?;
+        if !fresh && self.fault == Fault::ReusableCodes {
+            self.inner
+                .update_lock_state(user, &mut |_| LockState::default())?;
+            return Ok(true);
+        }
+        Ok(fresh)
+    }
+    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
+        match self.fault {
+            Fault::NoLockout => Ok(LockState::default()),
+            _ => self.inner.lock_state(user),
+        }
+    }
+    fn update_lock_state(
+        &self,
+        user: &str,
+        update: &mut dyn FnMut(LockState) -> LockState,
+    ) -> Result<LockState, RegistryError> {
+        match self.fault {
+            Fault::NoLockout => Ok(update(LockState::default())),
+            _ => self.inner.update_lock_state(user, update),
+        }
+    }
+    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
+        self.inner.is_session_revoked(id)
+    }
+    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
+        self.inner.revoke_session(id, expires_ms)
+    }
+    fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
+        self.inner.add_user(name, totp, now_ms)
+    }
+    fn bind_device(
+        &self,
+        name: &str,
+        user: &str,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.inner.bind_device(name, user, fingerprint, now_ms)
+    }
+    fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError> {
+        self.inner.revoke_device(name, now_ms)
+    }
+    fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError> {
+        self.inner.list_users()
+    }
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.inner.list_devices()
+    }
 }
 
 /// A random source from a counter (runs are reproducible) that can be made to fail.
@@ -678,7 +781,7 @@ impl Model {
 
 struct Harness {
     gate: Gate,
-    registry: Arc<MemoryRegistry>,
+    registry: Arc<FaultyRegistry>,
     clock: Arc<ManualClock>,
     rng: Arc<CountingRandom>,
     model: Model,
@@ -686,8 +789,11 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(setup: &Setup) -> Self {
-        let registry = Arc::new(MemoryRegistry::new());
+    fn new(setup: &Setup, fault: Fault) -> Self {
+        let registry = Arc::new(FaultyRegistry {
+            inner: MemoryRegistry::new(),
+            fault,
+        });
         let clock = Arc::new(ManualClock::new(T0 + u64::from(setup.start_s) * 1000));
         let rng = Arc::new(CountingRandom {
             counter: AtomicU64::new(0),
