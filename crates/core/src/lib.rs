@@ -39,7 +39,9 @@ pub use env::{Clock, ManualClock, OffsetClock, Random, RandomError, SystemClock,
 pub use fingerprint::{DeviceFingerprint, FingerprintParseError};
 pub use lockout::{LockState, LockoutPolicy};
 pub use nonce::{NonceError, NonceStore};
-pub use registry::{DeviceRecord, MemoryRegistry, Registry, RegistryError, UserRecord, check_name};
+pub use registry::{
+    DeviceRecord, MemoryRegistry, Registry, RegistryError, SessionRecord, UserRecord, check_name,
+};
 pub use reject::RejectCode;
 pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};
 pub use totp::{TotpAlgorithm, TotpConfig, TotpError};

@@ -43,6 +43,31 @@ impl DeviceRecord {
     }
 }
 
+/// A session that a TOTP check earned (PROTOCOL.md section 6), as the server records it: the
+/// ticket carries the same id, sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The session id, also sealed in the ticket.
+    pub id: SessionId,
+    /// The user the TOTP check was made for.
+    pub user: String,
+    /// The device the TOTP check was made from.
+    pub fingerprint: DeviceFingerprint,
+    /// When the TOTP check succeeded, Unix ms.
+    pub totp_time_ms: u64,
+    /// When the session stops working, Unix ms.
+    pub expires_ms: u64,
+    /// When it was revoked, Unix ms.
+    pub revoked_ms: Option<u64>,
+}
+
+impl SessionRecord {
+    /// Whether the session works at `now_ms`: not revoked and not expired.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.revoked_ms.is_none() && self.expires_ms > now_ms
+    }
+}
+
 /// What went wrong in a registry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -121,6 +146,38 @@ pub trait Registry: Send + Sync {
 
     /// Revokes one session until `expires_ms` (after which the ticket is dead anyway).
     fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError>;
+
+    /// Records a session the gate issued. Registries that keep no session records accept and
+    /// forget it (then sessions cannot be listed, and standard clients find no live session).
+    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
+        let _ = session;
+        Ok(())
+    }
+
+    /// The recorded session with this id.
+    fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// The most recent live session (not revoked, not expired at `now_ms`) of the active
+    /// binding of this device, if any: what lets a standard gRPC client in (PROTOCOL.md
+    /// section 7). The default finds none, which fails closed.
+    fn live_session_for_device(
+        &self,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<Option<SessionRecord>, RegistryError> {
+        let _ = (fingerprint, now_ms);
+        Ok(None)
+    }
+
+    /// Recorded sessions that have not expired at `now_ms`, revoked ones included, newest
+    /// first.
+    fn list_sessions(&self, now_ms: u64) -> Result<Vec<SessionRecord>, RegistryError> {
+        let _ = now_ms;
+        Ok(Vec::new())
+    }
 
     /// Adds a user with TOTP parameters.
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError>;
