@@ -179,6 +179,20 @@ pub trait Registry: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// The roles of a user (for per-method policy). The default: none.
+    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        let _ = user;
+        Ok(Vec::new())
+    }
+
+    /// Replaces the roles of a user. The default refuses: the registry keeps no roles.
+    fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
+        let _ = (user, roles);
+        Err(RegistryError::Invalid(
+            "roles: this registry does not keep roles".into(),
+        ))
+    }
+
     /// Adds a user with TOTP parameters.
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError>;
 
