@@ -285,7 +285,8 @@ pub(crate) struct DeviceListArgs {
     json: bool,
 }
 
-fn format_time(ms: u64) -> String {
+/// A Unix time in ms as RFC 3339 (UTC, whole seconds).
+pub(crate) fn format_time(ms: u64) -> String {
     let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
@@ -358,8 +359,8 @@ pub(crate) fn device_revoke(args: &DeviceRevokeArgs) -> CliResult {
         .revoke_device(&args.name, now_ms())
         .map_err(|e| e.to_string())?;
     out!(
-        "revoked device {} ({}) of {}; running servers close its connections within a second \
-         and refuse new ones",
+        "revoked device {} ({}) of {}, and its sessions; running servers close its connections \
+         within a second and refuse new ones",
         record.name,
         record.fingerprint,
         record.user
@@ -391,8 +392,9 @@ pub(crate) fn user_revoke(args: &UserRevokeArgs) -> CliResult {
         .map(|d| format!("{} ({})", d.name, d.fingerprint))
         .collect();
     out!(
-        "revoked user {}: devices {}; running servers close their connections within a second \
-         and refuse new ones (binding a new device lets the user in again)",
+        "revoked user {}: devices {}, and the user's sessions; running servers close their \
+         connections within a second and refuse new ones (binding a new device lets the user in \
+         again)",
         args.user,
         devices.join(", ")
     );

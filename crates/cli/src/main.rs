@@ -16,9 +16,12 @@ macro_rules! out {
 
 mod bench;
 mod call;
+mod connect;
 mod dir;
 mod enroll;
+mod login;
 mod serve;
+mod session;
 
 use std::process::ExitCode;
 
@@ -46,6 +49,12 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Make one Echo call through the gate.
     Call(call::CallArgs),
+    /// Earn a session for a device with a one-time code (asked for on a terminal when neither
+    /// --code nor --secret is given), so that standard gRPC clients on it are let in.
+    Login(login::LoginArgs),
+    /// List and revoke the sessions the gate issued.
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Measure what Portcullis costs.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -56,6 +65,14 @@ enum BenchCommand {
     /// Connection setup, per-RPC latency, throughput, memory and round trips against stock
     /// tonic mTLS, in one process on loopback. Build with --release for meaningful figures.
     Handshake(bench::HandshakeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionCommand {
+    /// List the sessions that have not expired, revoked ones included, newest first.
+    List(session::SessionListArgs),
+    /// Revoke a session: its ticket is refused from now on.
+    Revoke(session::SessionRevokeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +176,9 @@ fn main() -> ExitCode {
         Command::Device(DeviceCommand::Revoke(args)) => enroll::device_revoke(&args),
         Command::Serve(args) => serve::serve(&args),
         Command::Call(args) => call::call(&args),
+        Command::Login(args) => login::login(&args),
+        Command::Session(SessionCommand::List(args)) => session::session_list(&args),
+        Command::Session(SessionCommand::Revoke(args)) => session::session_revoke(&args),
         Command::Bench(BenchCommand::Handshake(args)) => bench::handshake(&args),
     };
     match result {

@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use crate::codec::{DecodeError, Factor, Prefix, Verdict};
 use crate::{
     Clock, DeviceFingerprint, DeviceRecord, LockoutPolicy, NonceError, NonceStore, Random,
-    Registry, RegistryError, RejectCode, SessionClaims, SessionId, TicketKey,
+    Registry, RegistryError, RejectCode, SessionClaims, SessionId, SessionRecord, TicketKey,
 };
 
 /// A correlation id: 16 random bytes, sent in the Verdict and written in the audit record.
@@ -176,7 +176,8 @@ pub enum Cause {
     NoFactor,
     /// Sessions are off on this server.
     SessionsDisabled,
-    /// The ticket does not open under the server key.
+    /// The ticket does not open under the server key, or the server keeps no matching record
+    /// of its session.
     TicketInvalid,
     /// The ticket has expired.
     TicketExpired,
@@ -184,7 +185,7 @@ pub enum Cause {
     TicketNotForThisDevice,
     /// The ticket was earned before the current device binding.
     TicketBeforeBinding,
-    /// The session was revoked.
+    /// The session's record was revoked.
     TicketRevoked,
     /// The connection policy refused the authenticated identity.
     PolicyDenied,
@@ -482,6 +483,24 @@ impl Gate {
                     )),
                     _ => Ok((identity, session)),
                 }
+            })
+            .and_then(|(identity, session)| {
+                // A new session is recorded once the connection is sure to be accepted (a
+                // session the policy refused must not let a standard client in), and no ticket
+                // goes out without its record: a registry failure refuses (fail closed).
+                if let (AuthMethod::Totp, Some((id, expires_ms))) =
+                    (identity.method, identity.session)
+                {
+                    self.registry.record_session(&SessionRecord {
+                        id,
+                        user: identity.user.clone(),
+                        fingerprint: identity.fingerprint,
+                        totp_time_ms: identity.totp_time_ms,
+                        expires_ms,
+                        revoked_ms: None,
+                    })?;
+                }
+                Ok((identity, session))
             });
         match checked {
             Ok((identity, session)) => Decision {
@@ -628,8 +647,24 @@ impl Gate {
         if claims.totp_time_ms < device.created_ms {
             return Err(refuse(Cause::TicketBeforeBinding));
         }
-        if self.registry.is_session_revoked(&claims.id)? {
+        // The ticket must also have a live record: revoking the record (`portcullis session
+        // revoke`, a revoked device or user) ends the session, and a ticket whose record is
+        // gone or does not match is not one this server issued.
+        let Some(record) = self.registry.session(&claims.id)? else {
+            return Err(refuse(Cause::TicketInvalid));
+        };
+        if record.revoked_ms.is_some() {
             return Err(refuse(Cause::TicketRevoked));
+        }
+        if record.user != claims.user
+            || record.fingerprint != claims.fingerprint
+            || record.totp_time_ms != claims.totp_time_ms
+            || record.expires_ms != claims.expires_ms
+        {
+            return Err(refuse(Cause::TicketInvalid));
+        }
+        if !record.is_live(now) {
+            return Err(refuse(Cause::TicketExpired));
         }
         let identity = Identity {
             user: claims.user,

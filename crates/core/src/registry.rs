@@ -141,14 +141,22 @@ pub trait Registry: Send + Sync {
         update: &mut dyn FnMut(LockState) -> LockState,
     ) -> Result<LockState, RegistryError>;
 
-    /// Whether the session with this id was revoked.
-    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError>;
+    /// Whether the session with this id is recorded and was revoked. A session without a
+    /// record is not reported as revoked, but the gate refuses its ticket anyway (it needs a
+    /// live record). The default asks [`Registry::session`].
+    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
+        Ok(self.session(id)?.is_some_and(|s| s.revoked_ms.is_some()))
+    }
 
-    /// Revokes one session until `expires_ms` (after which the ticket is dead anyway).
-    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError>;
+    /// Marks the recorded session with this id revoked at `now_ms`, and returns the record as
+    /// it is now. A session revoked before keeps its first revocation time. `NotFound` when
+    /// there is no such record (never recorded, or expired and forgotten).
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError>;
 
     /// Records a session the gate issued. Registries that keep no session records accept and
-    /// forget it (then sessions cannot be listed, and standard clients find no live session).
+    /// forget it (then sessions cannot be listed, tickets are refused, and standard clients find
+    /// no live session). A record with the id of one already kept is `AlreadyExists`.
+    /// Implementations may forget records that expired by `session.totp_time_ms` meanwhile.
     fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
         let _ = session;
         Ok(())
@@ -205,16 +213,17 @@ pub trait Registry: Send + Sync {
         now_ms: u64,
     ) -> Result<DeviceRecord, RegistryError>;
 
-    /// Revokes the active device with this name.
+    /// Revokes the active device with this name, and in the same change every session of its
+    /// fingerprint that is not revoked yet.
     fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError>;
 
     /// Revokes every active device bound to the user, and returns them (none when the user has
-    /// no active device). With its devices, the user's sessions stop working and a server
+    /// no active device). With its devices, the user's sessions are revoked and a server
     /// closes the user's live connections. The user stays enrolled: binding a device to the user
     /// again lets them in again. `NotFound` when there is no such user.
     ///
-    /// The default revokes the devices one by one; backends override it to revoke them in one
-    /// atomic change.
+    /// The default revokes the devices (and with each its sessions) one by one; backends override
+    /// it to revoke devices and sessions in one atomic change.
     fn revoke_user(&self, user: &str, now_ms: u64) -> Result<Vec<DeviceRecord>, RegistryError> {
         if self.user(user)?.is_none() {
             return Err(RegistryError::NotFound(format!("user {user}")));
@@ -244,7 +253,7 @@ pub trait Registry: Send + Sync {
 struct MemoryState {
     users: HashMap<String, (UserRecord, Option<u64>, LockState)>,
     devices: Vec<DeviceRecord>,
-    revoked_sessions: HashMap<SessionId, u64>,
+    sessions: HashMap<SessionId, SessionRecord>,
 }
 
 /// A registry held in memory: for tests, examples and embedding without a database.
@@ -281,6 +290,16 @@ impl MemoryRegistry {
             .map_err(|_| RegistryError::Backend("memory registry lock poisoned".into()))?;
         f(&mut guard)
     }
+}
+
+/// Sorts session records newest first: by TOTP time, then expiry, then id (all descending).
+fn sort_newest_first(sessions: &mut [SessionRecord]) {
+    sessions.sort_by(|a, b| {
+        b.totp_time_ms
+            .cmp(&a.totp_time_ms)
+            .then(b.expires_ms.cmp(&a.expires_ms))
+            .then(b.id.0.cmp(&a.id.0))
+    });
 }
 
 fn newest<'a>(mut it: impl Iterator<Item = &'a DeviceRecord>) -> Option<DeviceRecord> {
@@ -350,13 +369,81 @@ impl Registry for MemoryRegistry {
     }
 
     fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
-        self.with(|s| Ok(s.revoked_sessions.contains_key(id)))
+        self.with(|s| Ok(s.sessions.get(id).is_some_and(|r| r.revoked_ms.is_some())))
     }
 
-    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
         self.with(|s| {
-            s.revoked_sessions.insert(*id, expires_ms);
+            let record = s
+                .sessions
+                .get_mut(id)
+                .ok_or_else(|| RegistryError::NotFound(format!("session {}", id)))?;
+            record.revoked_ms.get_or_insert(now_ms);
+            Ok(record.clone())
+        })
+    }
+
+    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
+        self.with(|s| {
+            // Expired records are of no use any more: forget them while here.
+            s.sessions
+                .retain(|_, r| r.expires_ms > session.totp_time_ms);
+            if s.sessions.contains_key(&session.id) {
+                return Err(RegistryError::AlreadyExists(format!(
+                    "session {}",
+                    session.id
+                )));
+            }
+            s.sessions.insert(session.id, session.clone());
             Ok(())
+        })
+    }
+
+    fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
+        self.with(|s| Ok(s.sessions.get(id).cloned()))
+    }
+
+    fn live_session_for_device(
+        &self,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<Option<SessionRecord>, RegistryError> {
+        self.with(|s| {
+            let Some(device) = newest(
+                s.devices
+                    .iter()
+                    .filter(|d| &d.fingerprint == fingerprint && !d.is_revoked()),
+            ) else {
+                return Ok(None);
+            };
+            Ok(s.sessions
+                .values()
+                .filter(|r| {
+                    &r.fingerprint == fingerprint
+                        && r.user == device.user
+                        && r.totp_time_ms >= device.created_ms
+                        && r.is_live(now_ms)
+                })
+                .max_by(|a, b| {
+                    a.totp_time_ms
+                        .cmp(&b.totp_time_ms)
+                        .then(a.expires_ms.cmp(&b.expires_ms))
+                        .then(a.id.0.cmp(&b.id.0))
+                })
+                .cloned())
+        })
+    }
+
+    fn list_sessions(&self, now_ms: u64) -> Result<Vec<SessionRecord>, RegistryError> {
+        self.with(|s| {
+            let mut sessions: Vec<_> = s
+                .sessions
+                .values()
+                .filter(|r| r.expires_ms > now_ms)
+                .cloned()
+                .collect();
+            sort_newest_first(&mut sessions);
+            Ok(sessions)
         })
     }
 
@@ -422,7 +509,13 @@ impl Registry for MemoryRegistry {
                 .find(|d| !d.is_revoked() && d.name == name)
                 .ok_or_else(|| RegistryError::NotFound(format!("active device {name}")))?;
             d.revoked_ms = Some(now_ms);
-            Ok(d.clone())
+            let device = d.clone();
+            for r in s.sessions.values_mut() {
+                if r.fingerprint == device.fingerprint && r.revoked_ms.is_none() {
+                    r.revoked_ms = Some(now_ms);
+                }
+            }
+            Ok(device)
         })
     }
 
@@ -439,6 +532,11 @@ impl Registry for MemoryRegistry {
             {
                 d.revoked_ms = Some(now_ms);
                 revoked.push(d.clone());
+            }
+            for r in s.sessions.values_mut() {
+                if r.user == user && r.revoked_ms.is_none() {
+                    r.revoked_ms = Some(now_ms);
+                }
             }
             revoked.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(revoked)

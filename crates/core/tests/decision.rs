@@ -33,6 +33,8 @@ struct Wrapped {
     inner: MemoryRegistry,
     no_factor_user: &'static str,
     broken: AtomicBool,
+    /// Makes only the session-record calls fail.
+    records_broken: AtomicBool,
 }
 
 impl Wrapped {
@@ -41,6 +43,25 @@ impl Wrapped {
             return Err(RegistryError::Backend("database is unreachable".into()));
         }
         Ok(())
+    }
+
+    fn check_records(&self) -> Result<(), RegistryError> {
+        self.check()?;
+        if self.records_broken.load(Ordering::SeqCst) {
+            return Err(RegistryError::Backend(
+                "session table is unreachable".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn new(no_factor_user: &'static str) -> Self {
+        Self {
+            inner: MemoryRegistry::new(),
+            no_factor_user,
+            broken: AtomicBool::new(false),
+            records_broken: AtomicBool::new(false),
+        }
     }
 }
 
@@ -85,9 +106,29 @@ impl Registry for Wrapped {
         self.check()?;
         self.inner.is_session_revoked(id)
     }
-    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
-        self.check()?;
-        self.inner.revoke_session(id, expires_ms)
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
+        self.check_records()?;
+        self.inner.revoke_session(id, now_ms)
+    }
+    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
+        self.check_records()?;
+        self.inner.record_session(session)
+    }
+    fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
+        self.check_records()?;
+        self.inner.session(id)
+    }
+    fn live_session_for_device(
+        &self,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<Option<SessionRecord>, RegistryError> {
+        self.check_records()?;
+        self.inner.live_session_for_device(fingerprint, now_ms)
+    }
+    fn list_sessions(&self, now_ms: u64) -> Result<Vec<SessionRecord>, RegistryError> {
+        self.check_records()?;
+        self.inner.list_sessions(now_ms)
     }
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
         self.check()?;
@@ -696,11 +737,7 @@ fn mfa_failed_for_a_reused_code() {
 
 #[test]
 fn mfa_failed_for_a_user_without_a_factor() {
-    let wrapped = Arc::new(Wrapped {
-        inner: MemoryRegistry::new(),
-        no_factor_user: "alice",
-        broken: AtomicBool::new(false),
-    });
+    let wrapped = Arc::new(Wrapped::new("alice"));
     let w = World::build(GateConfig::default(), wrapped);
     let d = w.decide(&w.totp("alice", &w.code("alice")), LAPTOP);
     expect(&d, RejectCode::MfaFailed, Cause::NoFactor);
@@ -713,11 +750,7 @@ fn mfa_failed_for_a_user_without_a_factor() {
 
 #[test]
 fn a_failing_registry_refuses_the_connection() {
-    let wrapped = Arc::new(Wrapped {
-        inner: MemoryRegistry::new(),
-        no_factor_user: "",
-        broken: AtomicBool::new(false),
-    });
+    let wrapped = Arc::new(Wrapped::new(""));
     let w = World::build(GateConfig::default(), wrapped.clone());
     wrapped.broken.store(true, Ordering::SeqCst);
     let d = w.decide(&w.totp("alice", &w.code("alice")), LAPTOP);
@@ -824,15 +857,140 @@ fn mfa_required_for_a_revoked_session() {
     let (id1, s1) = w.login("alice", LAPTOP);
     w.advance(STEP_MS);
     let (_, s2) = w.login("alice", LAPTOP);
-    let (sid, expires) = id1.session.unwrap();
-    w.registry.revoke_session(&sid, expires).unwrap();
+    let (sid, _) = id1.session.unwrap();
+    let now = w.now();
+    let record = w.registry.revoke_session(&sid, now).unwrap();
+    assert_eq!(record.revoked_ms, Some(now));
+    assert!(w.registry.is_session_revoked(&sid).unwrap());
     expect(
         &w.decide(&w.session("alice", &s1.unwrap().0), LAPTOP),
         RejectCode::MfaRequired,
         Cause::TicketRevoked,
     );
     // Only that session.
-    expect_accept(&w.decide(&w.session("alice", &s2.unwrap().0), LAPTOP));
+    let s2 = s2.unwrap().0;
+    expect_accept(&w.decide(&w.session("alice", &s2), LAPTOP));
+    // The live session of the laptop is now the second one.
+    let live = w
+        .registry
+        .live_session_for_device(&LAPTOP, w.now())
+        .unwrap();
+    assert_ne!(live.unwrap().id, sid);
+    // A session without a record (never recorded, or forgotten) is refused as well.
+    assert!(matches!(
+        w.registry.revoke_session(&SessionId([0x99; 16]), now),
+        Err(RegistryError::NotFound(_))
+    ));
+}
+
+#[test]
+fn a_totp_accept_records_its_session() {
+    let w = World::new();
+    let (identity, session) = w.login("alice", LAPTOP);
+    let (sid, expires) = identity.session.unwrap();
+    let (session_ticket, ticket_expires) = session.unwrap();
+    assert_eq!(ticket_expires, expires);
+    let record = w.registry.session(&sid).unwrap().unwrap();
+    assert_eq!(
+        record,
+        SessionRecord {
+            id: sid,
+            user: "alice".into(),
+            fingerprint: LAPTOP,
+            totp_time_ms: identity.totp_time_ms,
+            expires_ms: expires,
+            revoked_ms: None,
+        }
+    );
+    assert_eq!(
+        w.registry
+            .live_session_for_device(&LAPTOP, w.now())
+            .unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(
+        w.registry.live_session_for_device(&PHONE, w.now()).unwrap(),
+        None
+    );
+    assert_eq!(w.registry.list_sessions(w.now()).unwrap(), vec![record]);
+    // A connection on the ticket records nothing new.
+    w.advance(1_000);
+    expect_accept(&w.decide(&w.session("alice", &session_ticket), LAPTOP));
+    assert_eq!(w.registry.list_sessions(w.now()).unwrap().len(), 1);
+}
+
+#[test]
+fn a_ticket_without_its_record_is_refused() {
+    // A registry that holds no record of it: a ticket sealed under the right key still fails.
+    let w = World::new();
+    let (identity, session) = w.login("alice", LAPTOP);
+    let ticket = session.unwrap().0;
+    let (sid, _) = identity.session.unwrap();
+    let other = World::new();
+    // The same ticket key, but the other world's registry never saw the session.
+    other.clock.set_ms(w.now());
+    expect(
+        &other.decide(&other.session("alice", &ticket), LAPTOP),
+        RejectCode::MfaRequired,
+        Cause::TicketInvalid,
+    );
+    // In its own world it works, until the record is revoked by revoking the device.
+    expect_accept(&w.decide(&w.session("alice", &ticket), LAPTOP));
+    w.registry.revoke_device("laptop", w.now()).unwrap();
+    assert!(w.registry.is_session_revoked(&sid).unwrap());
+    assert_eq!(
+        w.registry
+            .live_session_for_device(&LAPTOP, w.now())
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn revoking_a_user_revokes_the_sessions_of_all_the_devices() {
+    let w = World::new();
+    let (laptop, _) = w.login("alice", LAPTOP);
+    w.advance(STEP_MS);
+    let (phone, phone_ticket) = w.login("alice", PHONE);
+    let (bob, _) = w.login("bob", BOB_DESK);
+    w.registry.revoke_user("alice", w.now()).unwrap();
+    for id in [laptop, phone] {
+        let record = w.registry.session(&id.session.unwrap().0).unwrap().unwrap();
+        assert_eq!(record.revoked_ms, Some(w.now()));
+    }
+    assert!(
+        !w.registry
+            .is_session_revoked(&bob.session.unwrap().0)
+            .unwrap()
+    );
+    expect(
+        &w.decide(&w.session("alice", &phone_ticket.unwrap().0), PHONE),
+        RejectCode::DeviceRevoked,
+        Cause::DeviceRevoked,
+    );
+}
+
+#[test]
+fn a_failing_session_record_refuses_the_totp_accept_and_the_ticket() {
+    let wrapped = Arc::new(Wrapped::new(""));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    let (_, session) = w.login("alice", LAPTOP);
+    let ticket = session.unwrap().0;
+    w.advance(STEP_MS);
+    wrapped.records_broken.store(true, Ordering::SeqCst);
+    let d = w.decide(&w.totp("alice", &w.code("alice")), LAPTOP);
+    let rejection = d.outcome.as_ref().unwrap_err();
+    assert_eq!(rejection.code, RejectCode::Overloaded);
+    assert_eq!(
+        rejection.cause,
+        Cause::Registry("registry: session table is unreachable".into())
+    );
+    assert!(d.verdict.session.is_none());
+    let d = w.decide(&w.session("alice", &ticket), LAPTOP);
+    assert_eq!(d.outcome.as_ref().unwrap_err().code, RejectCode::Overloaded);
+    wrapped.records_broken.store(false, Ordering::SeqCst);
+    expect_accept(&w.decide(&w.session("alice", &ticket), LAPTOP));
+    assert_eq!(w.registry.list_sessions(w.now()).unwrap().len(), 1);
 }
 
 #[test]
@@ -1473,4 +1631,30 @@ fn control_characters_in_a_claimed_user_do_not_reach_the_reason() {
         reason.contains("alice\u{fffd}\u{fffd}[31mroot"),
         "{reason:?}"
     );
+}
+
+#[test]
+fn a_totp_accept_the_policy_refuses_records_no_session() {
+    let w = World::new();
+    let gate = w
+        .sibling(GateConfig::default())
+        .with_policy(Arc::new(|id: &Identity| {
+            if id.user == "alice" {
+                Err("alice may not connect".to_owned())
+            } else {
+                Ok(())
+            }
+        }));
+    let d = w.decide_on(&gate, &w.totp("alice", &w.code("alice")), LAPTOP);
+    expect(&d, RejectCode::PolicyDenied, Cause::PolicyDenied);
+    assert!(w.registry.list_sessions(w.now()).unwrap().is_empty());
+    assert_eq!(
+        w.registry
+            .live_session_for_device(&LAPTOP, w.now())
+            .unwrap(),
+        None
+    );
+    let d = w.decide_on(&gate, &w.totp("bob", &w.code("bob")), BOB_DESK);
+    expect_accept(&d);
+    assert_eq!(w.registry.list_sessions(w.now()).unwrap().len(), 1);
 }

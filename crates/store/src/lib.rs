@@ -54,10 +54,22 @@
 //! application, a registry written by a newer Portcullis, and a file that is not a SQLite
 //! database at all are refused with a one-line [`StoreError`] that names the file.
 //!
-//! A registry of schema version 1 (secrets unsealed) is migrated to version 2 when it is opened
-//! with a key: its secrets are sealed in one transaction, SQLite overwrites the old contents
+//! A registry of schema version 1 (secrets unsealed) is migrated when it is opened with a key:
+//! its secrets are sealed in one transaction, SQLite overwrites the old contents
 //! (`secure_delete`) and the write-ahead log is emptied. Opened without a key, it is refused
-//! ([`StoreError::NeedsKey`]) and left as it is.
+//! ([`StoreError::NeedsKey`]) and left as it is. A registry of version 2 is migrated to version
+//! 3 when it is opened, with or without a key: its list of revoked session ids gives way to a
+//! table of session records. Tickets issued before have no record and are refused once: their
+//! holders send a one-time code again.
+//!
+//! ## Sessions
+//!
+//! Every session the gate issues is recorded ([`Registry::record_session`]) with its user,
+//! device fingerprint, TOTP time and expiry, and stays until some time after it expires:
+//! recording a session deletes a bounded number of records that expired by then (by the
+//! session's own time and by the registry's clock, whichever is earlier). Revoking a session,
+//! a device or a user marks the records revoked; revoking a device or a user does so in the
+//! same transaction as the device bindings.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -73,7 +85,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use portcullis_core::{
     Clock, DeviceFingerprint, DeviceRecord, LockState, Registry, RegistryError, SessionId,
-    SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name,
+    SessionRecord, SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use zeroize::Zeroizing;
@@ -85,7 +97,7 @@ use secret::Sealer;
 
 /// The version of the registry's schema that this build writes and reads
 /// (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The `PRAGMA application_id` of a registry file: `PCS1` in ASCII.
 pub const APPLICATION_ID: u32 = 0x5043_5331;
@@ -180,8 +192,8 @@ impl SqliteRegistry {
         }
     }
 
-    /// Replaces the clock that decides when a revoked session has expired and can be forgotten
-    /// (by default the system clock). Give it the gate's clock.
+    /// Replaces the clock that, with the time of each new session, decides when an expired
+    /// session record can be forgotten (by default the system clock). Give it the gate's clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
@@ -246,6 +258,31 @@ impl SqliteRegistry {
             fingerprint: DeviceFingerprint::from_bytes(fingerprint),
             created_ms,
             revoked_ms,
+        })
+    }
+
+    fn session_record(&self, row: SessionRow) -> Result<SessionRecord, RegistryError> {
+        let id: [u8; 16] = row
+            .id
+            .as_slice()
+            .try_into()
+            .map_err(|_| self.damaged("a session id is not 16 bytes"))?;
+        let id = SessionId(id);
+        let fingerprint: [u8; 32] = row
+            .fingerprint
+            .as_slice()
+            .try_into()
+            .map_err(|_| self.damaged(&format!("session {id}: fingerprint is not 32 bytes")))?;
+        Ok(SessionRecord {
+            id,
+            user: row.user,
+            fingerprint: DeviceFingerprint::from_bytes(fingerprint),
+            totp_time_ms: self.stored_u64(row.totp_time_ms, "session totp_time_ms")?,
+            expires_ms: self.stored_u64(row.expires_ms, "session expires_ms")?,
+            revoked_ms: row
+                .revoked_ms
+                .map(|v| self.stored_u64(v, "session revoked_ms"))
+                .transpose()?,
         })
     }
 
@@ -374,6 +411,40 @@ impl DeviceRow {
             fingerprint: row.get(2)?,
             created_ms: row.get(3)?,
             revoked_ms: row.get(4)?,
+        })
+    }
+}
+
+/// The columns of a session record, in the order [`SessionRow::read`] reads them.
+const SESSION_COLUMNS: &str = "id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms";
+
+/// [`SESSION_COLUMNS`] of the table aliased `s`.
+const SESSION_COLUMNS_S: &str =
+    "s.id, s.user, s.fingerprint, s.totp_time_ms, s.expires_ms, s.revoked_ms";
+
+/// The most expired session records one new session deletes.
+const PURGE_BATCH: i64 = 64;
+
+/// A `sessions` row as read, before its values are checked.
+struct SessionRow {
+    id: Vec<u8>,
+    user: String,
+    fingerprint: Vec<u8>,
+    totp_time_ms: i64,
+    expires_ms: i64,
+    revoked_ms: Option<i64>,
+}
+
+impl SessionRow {
+    /// Reads the columns of [`SESSION_COLUMNS`].
+    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            user: row.get(1)?,
+            fingerprint: row.get(2)?,
+            totp_time_ms: row.get(3)?,
+            expires_ms: row.get(4)?,
+            revoked_ms: row.get(5)?,
         })
     }
 }
@@ -520,29 +591,125 @@ impl Registry for SqliteRegistry {
 
     fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
         let conn = self.conn();
-        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM revoked_sessions WHERE id = ?1)")
-            .and_then(|mut stmt| stmt.query_row(params![&id.0[..]], |r| r.get::<_, bool>(0)))
-            .map_err(|e| self.backend(e))
+        conn.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?1 AND revoked_ms IS NOT NULL)",
+        )
+        .and_then(|mut stmt| stmt.query_row(params![&id.0[..]], |r| r.get::<_, bool>(0)))
+        .map_err(|e| self.backend(e))
     }
 
-    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
-        let now_ms = db_ms(self.clock.now_ms());
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
+        let conn = self.conn();
+        // One statement: a session revoked before keeps its first revocation time.
+        let row = conn
+            .prepare_cached(&format!(
+                "UPDATE sessions SET revoked_ms = coalesce(revoked_ms, ?2) WHERE id = ?1
+                 RETURNING {SESSION_COLUMNS}"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![&id.0[..], db_ms(now_ms)], SessionRow::read)
+                    .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        match row {
+            Some(row) => self.session_record(row),
+            None => Err(RegistryError::NotFound(format!("session {id}"))),
+        }
+    }
+
+    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
+        let horizon = db_ms(session.totp_time_ms.min(self.clock.now_ms()));
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.backend(e))?;
-        // Sessions past their expiry need no revocation any more: their tickets are refused
-        // anyway. Forgetting them here keeps the table small.
-        tx.prepare_cached("DELETE FROM revoked_sessions WHERE expires_ms < ?1")
-            .and_then(|mut stmt| stmt.execute(params![now_ms]))
-            .map_err(|e| self.backend(e))?;
+        // Forget a bounded number of expired records while here, so that the table stays small
+        // without a purge ever holding the write lock for long.
         tx.prepare_cached(
-            "INSERT INTO revoked_sessions (id, expires_ms) VALUES (?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET expires_ms = max(expires_ms, excluded.expires_ms)",
+            "DELETE FROM sessions WHERE id IN
+             (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT ?2)",
         )
-        .and_then(|mut stmt| stmt.execute(params![&id.0[..], db_ms(expires_ms)]))
+        .and_then(|mut stmt| stmt.execute(params![horizon, PURGE_BATCH]))
         .map_err(|e| self.backend(e))?;
+        tx.prepare_cached(
+            "INSERT INTO sessions (id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                &session.id.0[..],
+                session.user,
+                session.fingerprint.as_bytes(),
+                db_ms(session.totp_time_ms),
+                db_ms(session.expires_ms),
+                session.revoked_ms.map(db_ms),
+            ])
+        })
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                RegistryError::AlreadyExists(format!("session {}", session.id))
+            } else {
+                self.backend(e)
+            }
+        })?;
         tx.commit().map_err(|e| self.backend(e))
+    }
+
+    fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![&id.0[..]], SessionRow::read)
+                    .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.session_record(r)).transpose()
+    }
+
+    fn live_session_for_device(
+        &self,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<Option<SessionRecord>, RegistryError> {
+        let conn = self.conn();
+        // The active binding of the fingerprint, and of its sessions the newest live one that
+        // was earned for the binding's user since it was bound.
+        let row = conn
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS_S} FROM sessions s
+                 JOIN devices d ON d.fingerprint = s.fingerprint AND d.revoked_ms IS NULL
+                 WHERE s.fingerprint = ?1 AND s.user = d.user
+                   AND s.totp_time_ms >= d.created_ms
+                   AND s.revoked_ms IS NULL AND s.expires_ms > ?2
+                 ORDER BY s.totp_time_ms DESC, s.expires_ms DESC, s.id DESC LIMIT 1"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![fingerprint.as_bytes(), db_ms(now_ms)],
+                    SessionRow::read,
+                )
+                .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.session_record(r)).transpose()
+    }
+
+    fn list_sessions(&self, now_ms: u64) -> Result<Vec<SessionRecord>, RegistryError> {
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE expires_ms > ?1
+                 ORDER BY totp_time_ms DESC, expires_ms DESC, id DESC"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![db_ms(now_ms)], SessionRow::read)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| self.backend(e))?;
+        rows.into_iter().map(|r| self.session_record(r)).collect()
     }
 
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
@@ -648,8 +815,12 @@ impl Registry for SqliteRegistry {
     }
 
     fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError> {
-        let conn = self.conn();
-        let rows = conn
+        let mut conn = self.conn();
+        // The binding and its sessions in one write transaction.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        let rows = tx
             .prepare_cached(
                 "UPDATE devices SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL
                  RETURNING name, user, fingerprint, created_ms, revoked_ms",
@@ -660,10 +831,16 @@ impl Registry for SqliteRegistry {
             })
             .map_err(|e| self.backend(e))?;
         // The partial unique index allows one active binding per name.
-        match rows.into_iter().next() {
-            Some(row) => self.device_record(row),
-            None => Err(RegistryError::NotFound(format!("active device {name}"))),
-        }
+        let Some(row) = rows.into_iter().next() else {
+            return Err(RegistryError::NotFound(format!("active device {name}")));
+        };
+        tx.prepare_cached(
+            "UPDATE sessions SET revoked_ms = ?2 WHERE fingerprint = ?1 AND revoked_ms IS NULL",
+        )
+        .and_then(|mut stmt| stmt.execute(params![row.fingerprint, db_ms(now_ms)]))
+        .map_err(|e| self.backend(e))?;
+        tx.commit().map_err(|e| self.backend(e))?;
+        self.device_record(row)
     }
 
     fn revoke_user(&self, user: &str, now_ms: u64) -> Result<Vec<DeviceRecord>, RegistryError> {
@@ -690,6 +867,11 @@ impl Registry for SqliteRegistry {
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.backend(e))?;
+        tx.prepare_cached(
+            "UPDATE sessions SET revoked_ms = ?2 WHERE user = ?1 AND revoked_ms IS NULL",
+        )
+        .and_then(|mut stmt| stmt.execute(params![user, db_ms(now_ms)]))
+        .map_err(|e| self.backend(e))?;
         tx.commit().map_err(|e| self.backend(e))?;
         let mut revoked = rows
             .into_iter()

@@ -14,22 +14,31 @@ use crate::{APPLICATION_ID, SCHEMA_VERSION, StoreError};
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Prepared statements kept per connection (the registry uses fewer than this).
-const STATEMENT_CACHE: usize = 32;
+const STATEMENT_CACHE: usize = 64;
 
 /// The oldest schema version this build opens: a version 1 registry is migrated to
 /// [`SCHEMA_VERSION`] when it is opened with a key.
 const OLDEST_MIGRATABLE: i64 = 1;
 
-/// Schema version 2. It has the tables of version 1; what changed is the content of
-/// `users.totp_secret`, which holds a format byte followed by the sealed (or, in a registry
-/// without a key, the raw) secret, where version 1 held the raw secret alone (see `secret.rs`).
+/// The first schema version whose TOTP secrets are sealed (or marked unsealed by a format
+/// byte): older registries need the key to be migrated.
+const SEALED_SINCE: i64 = 2;
+
+/// The `users` and `devices` tables of schema version 3 (unchanged since version 1); with
+/// [`SESSIONS_V3`], the schema a new registry is written with.
+///
+/// Version 2 had the tables of version 1; what changed is the content of `users.totp_secret`,
+/// which holds a format byte followed by the sealed (or, in a registry without a key, the raw)
+/// secret, where version 1 held the raw secret alone (see `secret.rs`). Version 3 replaced
+/// version 2's `revoked_sessions` (revoked session ids until their tickets expire) by
+/// `sessions`, a record of every session the gate issued ([`SESSIONS_V3`]).
 ///
 /// - `users`: one row per user, with the TOTP parameters (all four NULL when the user has no
 ///   second factor), the last accepted TOTP step and the lockout state.
 /// - `devices`: every binding ever made; at most one active (`revoked_ms IS NULL`) binding per
 ///   name and per fingerprint, enforced by partial unique indexes.
-/// - `revoked_sessions`: revoked session ids until their tickets expire.
-const SCHEMA_V2: &str = "
+/// - `sessions`: the sessions the gate issued, revoked or not, until they expire.
+const SCHEMA_V3: &str = "
 CREATE TABLE users (
     name            TEXT    NOT NULL PRIMARY KEY,
     totp_secret     BLOB,
@@ -58,13 +67,27 @@ CREATE UNIQUE INDEX devices_active_fingerprint ON devices (fingerprint) WHERE re
 CREATE INDEX devices_by_name ON devices (name, created_ms);
 CREATE INDEX devices_by_fingerprint ON devices (fingerprint, created_ms);
 CREATE INDEX devices_by_user ON devices (user);
-
-CREATE TABLE revoked_sessions (
-    id         BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
-    expires_ms INTEGER NOT NULL
-) STRICT, WITHOUT ROWID;
-CREATE INDEX revoked_sessions_by_expiry ON revoked_sessions (expires_ms);
 ";
+
+/// The `sessions` table of version 3: one row per session the gate issued (the ticket carries
+/// the same id, sealed). Rows are deleted some time after they expire.
+const SESSIONS_V3: &str = "
+CREATE TABLE sessions (
+    id           BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    user         TEXT    NOT NULL,
+    fingerprint  BLOB    NOT NULL CHECK (length(fingerprint) = 32),
+    totp_time_ms INTEGER NOT NULL CHECK (totp_time_ms >= 0),
+    expires_ms   INTEGER NOT NULL CHECK (expires_ms >= 0),
+    revoked_ms   INTEGER CHECK (revoked_ms >= 0)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX sessions_by_expiry ON sessions (expires_ms);
+CREATE INDEX sessions_by_fingerprint ON sessions (fingerprint, totp_time_ms);
+CREATE INDEX sessions_by_user ON sessions (user);
+";
+
+/// From version 2 to 3: the revoked session ids give way to session records. Tickets issued
+/// before have no record and are refused: their holders send a one-time code once more.
+const V2_TO_V3: &str = "DROP TABLE IF EXISTS revoked_sessions;";
 
 /// What the header and catalogue of a database say about it.
 struct Identity {
@@ -110,7 +133,7 @@ pub(crate) fn connect(path: &Path, sealer: &Sealer) -> Result<Connection, StoreE
     if !identity.is_blank() {
         check_identity(path, &identity)?;
         // Refused before anything is written to the file.
-        if identity.user_version < SCHEMA_VERSION && !sealer.is_sealed() {
+        if identity.user_version < SEALED_SINCE && !sealer.is_sealed() {
             return Err(StoreError::NeedsKey {
                 path: path.to_owned(),
                 version: identity.user_version,
@@ -179,7 +202,8 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
         .map_err(sqlite)?;
     let identity = Identity::read(&tx).map_err(sqlite)?;
     if identity.is_blank() {
-        tx.execute_batch(SCHEMA_V2).map_err(sqlite)?;
+        tx.execute_batch(SCHEMA_V3).map_err(sqlite)?;
+        tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
         // The header stores the id as a signed 32-bit integer.
         tx.pragma_update(None, "application_id", APPLICATION_ID as i32)
             .map_err(sqlite)?;
@@ -193,9 +217,10 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
     Ok(conn)
 }
 
-/// Migrates a version 1 registry to version 2 in one transaction: every TOTP secret is sealed
-/// under the registry's key, in place. Another process may be migrating the same file at the
-/// same moment: the write lock decides, and the loser finds the work done.
+/// Migrates an older registry to [`SCHEMA_VERSION`] in one transaction. From version 1, every
+/// TOTP secret is sealed under the registry's key, in place; from version 2 (or 1),
+/// `revoked_sessions` gives way to `sessions`. Another process may be migrating the same file
+/// at the same moment: the write lock decides, and the loser finds the work done.
 ///
 /// The raw secrets must not outlive the migration in the file: `secure_delete` makes SQLite
 /// overwrite the old cell contents, and a checkpoint moves the rewritten pages into the main file
@@ -231,7 +256,23 @@ fn migrate_in_transaction(
     if identity.user_version == SCHEMA_VERSION {
         return tx.rollback().map_err(sqlite);
     }
-    // Version 1 is the only older version check_identity lets through.
+    if identity.user_version < SEALED_SINCE {
+        seal_secrets(&tx, path, sealer)?;
+    }
+    tx.execute_batch(V2_TO_V3).map_err(sqlite)?;
+    tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(sqlite)?;
+    tx.commit().map_err(sqlite)
+}
+
+/// From version 1 to 2: seals every TOTP secret in place.
+fn seal_secrets(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    sealer: &Sealer,
+) -> Result<(), StoreError> {
+    let sqlite = |e: rusqlite::Error| StoreError::from_sqlite(path, &e);
     let secrets = tx
         .prepare("SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL")
         .and_then(|mut stmt| {
@@ -260,7 +301,5 @@ fn migrate_in_transaction(
                 .map_err(sqlite)?;
         }
     }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(sqlite)?;
-    tx.commit().map_err(sqlite)
+    Ok(())
 }

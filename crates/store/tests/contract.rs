@@ -3,7 +3,7 @@
 
 use portcullis_core::{
     DeviceFingerprint, DeviceRecord, LockState, MemoryRegistry, Registry, RegistryError, SessionId,
-    TotpAlgorithm, TotpConfig,
+    SessionRecord, TotpAlgorithm, TotpConfig,
 };
 use portcullis_store::SqliteRegistry;
 
@@ -232,19 +232,36 @@ fn registry_contract(r: &dyn Registry) {
     );
     assert_eq!(r.lock_state("alice").unwrap(), LockState::default());
 
-    // Sessions. Expiry far ahead, so that no implementation may forget them yet.
-    let far = u64::MAX / 4;
+    // Sessions. Expiry far ahead, so that no implementation may forget them yet (the
+    // session-specific behaviour is in tests/sessions.rs).
+    let far = 1 << 60;
     let s1 = SessionId([1; 16]);
     let s2 = SessionId([2; 16]);
+    for (id, time) in [(s1, 10), (s2, 20)] {
+        r.record_session(&SessionRecord {
+            id,
+            user: "alice".into(),
+            fingerprint: fp(1),
+            totp_time_ms: time,
+            expires_ms: far,
+            revoked_ms: None,
+        })
+        .unwrap();
+    }
     assert!(!r.is_session_revoked(&s1).unwrap());
-    r.revoke_session(&s1, far).unwrap();
+    assert_eq!(r.revoke_session(&s1, 500).unwrap().revoked_ms, Some(500));
     assert!(r.is_session_revoked(&s1).unwrap());
     assert!(!r.is_session_revoked(&s2).unwrap());
-    r.revoke_session(&s1, far).unwrap();
+    // Revoking again keeps the first time.
+    assert_eq!(r.revoke_session(&s1, 600).unwrap().revoked_ms, Some(500));
     assert!(r.is_session_revoked(&s1).unwrap());
-    r.revoke_session(&s2, far + 1).unwrap();
+    r.revoke_session(&s2, 700).unwrap();
     assert!(r.is_session_revoked(&s1).unwrap());
     assert!(r.is_session_revoked(&s2).unwrap());
+    assert!(matches!(
+        r.revoke_session(&SessionId([3; 16]), 700),
+        Err(RegistryError::NotFound(_))
+    ));
 
     // Listing order: users by name (bytewise), devices by name then binding time.
     r.add_user("zed", totp(5, 7, TotpAlgorithm::Sha256, 45), 5)

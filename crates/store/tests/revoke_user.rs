@@ -4,7 +4,7 @@
 
 use portcullis_core::{
     DeviceFingerprint, DeviceRecord, LockState, MemoryRegistry, Registry, RegistryError, SessionId,
-    TotpAlgorithm, TotpConfig, UserRecord,
+    SessionRecord, TotpAlgorithm, TotpConfig, UserRecord,
 };
 use portcullis_store::SqliteRegistry;
 
@@ -48,8 +48,8 @@ impl Registry for Defaulted {
     fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
         self.0.is_session_revoked(id)
     }
-    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
-        self.0.revoke_session(id, expires_ms)
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
+        self.0.revoke_session(id, now_ms)
     }
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
         self.0.add_user(name, totp, now_ms)

@@ -7,7 +7,7 @@ use std::thread;
 
 use portcullis_core::{
     DeviceFingerprint, LockState, LockoutPolicy, ManualClock, Registry, RegistryError, SessionId,
-    TotpAlgorithm, TotpConfig,
+    SessionRecord, TotpAlgorithm, TotpConfig,
 };
 use portcullis_store::SqliteRegistry;
 use rusqlite::Connection;
@@ -178,40 +178,37 @@ fn only_one_of_many_racing_bindings_of_a_name_wins() {
 }
 
 #[test]
-fn expired_revoked_sessions_are_forgotten_when_another_is_revoked() {
+fn a_session_revoked_through_one_handle_is_revoked_for_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
     let clock = Arc::new(ManualClock::new(1_000));
-    let registry = SqliteRegistry::create(&path)
+    let first = SqliteRegistry::create(&path)
         .unwrap()
         .with_clock(clock.clone());
-    let (old, current, new) = (SessionId([1; 16]), SessionId([2; 16]), SessionId([3; 16]));
-    registry.revoke_session(&old, 5_000).unwrap();
-    registry.revoke_session(&current, 9_000).unwrap();
-    assert!(registry.is_session_revoked(&old).unwrap());
-
-    // Reading never forgets.
-    clock.set_ms(6_000);
-    assert!(registry.is_session_revoked(&old).unwrap());
-
-    // The next revocation forgets the sessions that expired, and only those.
-    registry.revoke_session(&new, 20_000).unwrap();
-    assert!(!registry.is_session_revoked(&old).unwrap());
-    assert!(registry.is_session_revoked(&current).unwrap());
-    assert!(registry.is_session_revoked(&new).unwrap());
+    let second = SqliteRegistry::open(&path).unwrap().with_clock(clock);
+    let id = SessionId([1; 16]);
+    first
+        .record_session(&SessionRecord {
+            id,
+            user: "alice".into(),
+            fingerprint: fp(1),
+            totp_time_ms: 1_000,
+            expires_ms: 9_000,
+            revoked_ms: None,
+        })
+        .unwrap();
+    assert!(!second.is_session_revoked(&id).unwrap());
+    assert_eq!(
+        second.revoke_session(&id, 2_000).unwrap().revoked_ms,
+        Some(2_000)
+    );
+    assert!(first.is_session_revoked(&id).unwrap());
+    assert_eq!(first.session(&id).unwrap().unwrap().revoked_ms, Some(2_000));
     let raw = Connection::open(&path).unwrap();
     let rows: i64 = raw
-        .query_row("SELECT count(*) FROM revoked_sessions", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(rows, 2);
-
-    // Revoking again never shortens a revocation.
-    registry.revoke_session(&current, 7_000).unwrap();
-    clock.set_ms(8_000);
-    registry
-        .revoke_session(&SessionId([4; 16]), 20_000)
-        .unwrap();
-    assert!(registry.is_session_revoked(&current).unwrap());
+    assert_eq!(rows, 1);
 }
 
 #[test]

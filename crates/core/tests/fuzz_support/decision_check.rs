@@ -29,8 +29,8 @@ use portcullis_core::codec::{Factor, HEADER_LEN, Prefix};
 use portcullis_core::{
     AuthMethod, Clock, ConnectionFacts, Decision, DeviceFingerprint, DeviceRecord, Gate,
     GateConfig, Identity, LockState, LockoutPolicy, ManualClock, MemoryRegistry, Random,
-    RandomError, Registry, RegistryError, RejectCode, SessionId, TicketKey, TotpAlgorithm,
-    TotpConfig, UserRecord,
+    RandomError, Registry, RegistryError, RejectCode, SessionId, SessionRecord, TicketKey,
+    TotpAlgorithm, TotpConfig, UserRecord,
 };
 
 /// The clock at the start of a scenario (plus [`Setup::start_s`] seconds); also the TIME of the
@@ -370,7 +370,7 @@ pub enum Fault {
     None,
     /// Every TOTP step is recorded as new: a used code works again.
     ReusableCodes,
-    /// Revoked device bindings look active.
+    /// Revoked device bindings, and the sessions revoked with them, look active.
     IgnoreRevocation,
     /// The lockout state is never stored.
     NoLockout,
@@ -477,8 +477,31 @@ impl Registry for FaultyRegistry {
     fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
         self.inner.is_session_revoked(id)
     }
-    fn revoke_session(&self, id: &SessionId, expires_ms: u64) -> Result<(), RegistryError> {
-        self.inner.revoke_session(id, expires_ms)
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
+        self.inner.revoke_session(id, now_ms)
+    }
+    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
+        self.inner.record_session(session)
+    }
+    fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
+        let record = self.inner.session(id)?;
+        Ok(match self.fault {
+            Fault::IgnoreRevocation => record.map(|r| SessionRecord {
+                revoked_ms: None,
+                ..r
+            }),
+            _ => record,
+        })
+    }
+    fn live_session_for_device(
+        &self,
+        fingerprint: &DeviceFingerprint,
+        now_ms: u64,
+    ) -> Result<Option<SessionRecord>, RegistryError> {
+        self.inner.live_session_for_device(fingerprint, now_ms)
+    }
+    fn list_sessions(&self, now_ms: u64) -> Result<Vec<SessionRecord>, RegistryError> {
+        self.inner.list_sessions(now_ms)
     }
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
         self.inner.add_user(name, totp, now_ms)
@@ -567,6 +590,8 @@ struct Issued {
     fingerprint: usize,
     totp_time_ms: u64,
     expires_ms: u64,
+    /// The registry forgot its record: it had expired when a later session was recorded.
+    forgotten: bool,
 }
 
 /// What the model expects of one decision.
@@ -725,6 +750,9 @@ impl Model {
                 }
                 if t.totp_time_ms < device_created {
                     return mfa_required("ticket_before_binding");
+                }
+                if t.forgotten {
+                    return mfa_required("ticket_invalid");
                 }
                 if self.revoked_sessions.contains(&t.id) {
                     return mfa_required("ticket_revoked");
@@ -927,16 +955,23 @@ impl Harness {
                 let active = self
                     .model
                     .devices
-                    .values_mut()
-                    .find(|d| !d.revoked && d.name == name);
+                    .iter_mut()
+                    .find(|(_, d)| !d.revoked && d.name == name);
                 let result = self.registry.revoke_device(name, now);
                 assert_eq!(
                     result.is_ok(),
                     active.is_some(),
                     "op {i}: revoke {name}: {result:?}"
                 );
-                if let Some(d) = active {
+                if let Some((fp, d)) = active {
                     d.revoked = true;
+                    // Revoking a device revokes the sessions of its fingerprint.
+                    let fp = *fp;
+                    for t in &self.model.issued {
+                        if t.fingerprint == fp {
+                            self.model.revoked_sessions.insert(t.id);
+                        }
+                    }
                 }
             }
             Op::Advance(a) => self.clock.advance_ms(a.ms()),
@@ -969,10 +1004,17 @@ impl Harness {
                     return;
                 }
                 let t = &self.model.issued[usize::from(*ticket) % self.model.issued.len()];
-                self.registry
-                    .revoke_session(&t.id, t.expires_ms)
-                    .expect("the memory registry revokes sessions");
-                self.model.revoked_sessions.insert(t.id);
+                let result = self.registry.revoke_session(&t.id, now);
+                if t.forgotten {
+                    assert!(
+                        matches!(result, Err(RegistryError::NotFound(_))),
+                        "op {i}: revoked a forgotten session: {result:?}"
+                    );
+                } else {
+                    let record = result.expect("the memory registry revokes recorded sessions");
+                    assert!(record.revoked_ms.is_some(), "op {i}: revoke session");
+                    self.model.revoked_sessions.insert(t.id);
+                }
             }
             Op::Purge => {
                 let removed = self.gate.purge_expired();
@@ -1208,6 +1250,7 @@ impl Harness {
                     issued.is_some_and(|t| t.user == p.user
                         && t.fingerprint == fp
                         && t.expires_ms > now
+                        && !t.forgotten
                         && !m.revoked_sessions.contains(&t.id)),
                     "op {i}: accepted a ticket not issued for this user and device, expired or \
                      revoked"
@@ -1308,6 +1351,12 @@ impl Harness {
                     let (session_id, _) = id
                         .session
                         .expect("a TOTP accept with a ticket has a session");
+                    // Recording a session forgets the records that have expired by then.
+                    for t in &mut m.issued {
+                        if t.expires_ms <= now {
+                            t.forgotten = true;
+                        }
+                    }
                     m.issued.push(Issued {
                         ticket: ticket.clone(),
                         id: session_id,
@@ -1315,6 +1364,7 @@ impl Harness {
                         fingerprint: fp,
                         totp_time_ms: now,
                         expires_ms: *expires,
+                        forgotten: false,
                     });
                 }
                 if matches!(factor, Factor::Totp(_))

@@ -1,0 +1,164 @@
+//! What `call` and `login` share: the flags that say where to connect, as whom and with which
+//! device and code, the client built from them, and one line for a refusal.
+
+use clap::Args;
+use portcullis_client::{Client, CodeSource};
+use portcullis_core::codec::ALPN_PCS1;
+use portcullis_core::{TotpAlgorithm, TotpConfig};
+
+use crate::dir::Layout;
+use crate::{CliResult, DirArg};
+
+/// The flags of a Portcullis connection. `--code` and `--secret` exclude each other; whether
+/// one of them is required is up to the command.
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    #[command(flatten)]
+    pub(crate) dir: DirArg,
+    /// The server address, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) server: String,
+    /// The device whose certificate to use (DIR/devices/NAME.pem and NAME-key.pem).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) device: String,
+    /// The user to authenticate as.
+    #[arg(long)]
+    pub(crate) user: String,
+    /// A one-time code.
+    #[arg(long, value_name = "CODE", conflicts_with = "secret")]
+    pub(crate) code: Option<String>,
+    /// The user's TOTP secret (base32): the code is computed from it.
+    #[arg(long, value_name = "BASE32")]
+    pub(crate) secret: Option<String>,
+    /// Digits of codes computed from --secret.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u8).range(6..=8))]
+    pub(crate) digits: u8,
+    /// Hash of codes computed from --secret: SHA1, SHA256 or SHA512.
+    #[arg(long, default_value = "SHA1", value_parser = parse_algorithm)]
+    pub(crate) algorithm: TotpAlgorithm,
+    /// The name to check in the server certificate (default: the host of --server).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) server_name: Option<String>,
+}
+
+fn parse_algorithm(s: &str) -> Result<TotpAlgorithm, String> {
+    s.parse()
+        .map_err(|e: portcullis_core::TotpError| e.to_string())
+}
+
+fn host_of(server: &str) -> CliResult<String> {
+    let (host, port) = server
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--server `{server}`: expected HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("--server `{server}`: expected HOST:PORT"));
+    }
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned())
+}
+
+/// Checks the shape of a one-time code: 6 to 8 digits. `what` names where it came from.
+pub(crate) fn check_code(what: &str, code: &str) -> CliResult {
+    if !(6..=8).contains(&code.len()) || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{what}: a one-time code is 6 to 8 digits"));
+    }
+    Ok(())
+}
+
+impl ConnectArgs {
+    /// The code source that `--code` or `--secret` gives, or `None` when neither is given.
+    pub(crate) fn given_code_source(&self) -> CliResult<Option<CodeSource>> {
+        match (&self.code, &self.secret) {
+            (Some(code), None) => {
+                check_code("--code", code)?;
+                Ok(Some(CodeSource::fixed(code.clone())))
+            }
+            (None, Some(secret)) => Ok(Some(CodeSource::secret(
+                TotpConfig::from_base32(
+                    secret,
+                    self.digits,
+                    self.algorithm,
+                    TotpConfig::DEFAULT_PERIOD,
+                )
+                .map_err(|e| format!("--secret: {e}"))?,
+            ))),
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err("give only one of --code and --secret".into()),
+        }
+    }
+
+    /// Checks `--server` and the device files, and builds the client with `source`.
+    pub(crate) fn client(&self, source: CodeSource) -> CliResult<Client> {
+        let host = host_of(&self.server)?;
+        let layout = Layout::existing(&self.dir.dir)?;
+        let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
+        let chain = portcullis_tls::load_certs(&layout.device_cert(&self.device))
+            .map_err(|e| e.to_string())?;
+        let key = portcullis_tls::load_key(&layout.device_key(&self.device))
+            .map_err(|e| e.to_string())?;
+        let tls = portcullis_tls::client_config(&roots, chain, key, &[ALPN_PCS1])
+            .map_err(|e| e.to_string())?;
+        Client::builder()
+            .tls_config(tls)
+            .server_name(self.server_name.clone().unwrap_or(host))
+            .user(self.user.clone())
+            .code_source(source)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks `--server` and the device files before anything else is asked for.
+    pub(crate) fn check_files(&self) -> CliResult {
+        host_of(&self.server)?;
+        let layout = Layout::existing(&self.dir.dir)?;
+        for path in [
+            layout.device_cert(&self.device),
+            layout.device_key(&self.device),
+        ] {
+            if !path.exists() {
+                return Err(format!(
+                    "{}: no such file (is --device {} issued in this directory?)",
+                    path.display(),
+                    self.device
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A current-thread tokio runtime for one command.
+pub(crate) fn runtime() -> CliResult<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+/// One line: `WHAT failed: `, the gRPC code, the reject name and the message, and the REF to
+/// find the server's audit record.
+pub(crate) fn describe_status(what: &str, status: &tonic::Status) -> String {
+    let reject = status
+        .metadata()
+        .get("portcullis-reject")
+        .and_then(|v| v.to_str().ok());
+    let reference = status
+        .metadata()
+        .get("portcullis-ref")
+        .and_then(|v| v.to_str().ok());
+    let mut line = format!(
+        "{what} failed: {:?} ({})",
+        status.code(),
+        i32::from(status.code())
+    );
+    if let Some(reject) = reject {
+        line.push_str(&format!(" [{reject}]"));
+    }
+    line.push_str(&format!(": {}", status.message().replace('\n', " ")));
+    if let Some(reference) = reference {
+        line.push_str(&format!(" (ref {reference})"));
+    }
+    line
+}
