@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::Args;
 use portcullis::demo;
-use portcullis_core::Registry;
+use portcullis_core::{Registry, SystemClock};
 use portcullis_server::PortcullisServer;
 use portcullis_server::limits::{self, RateLimit};
+use portcullis_server::policy::{Policy, PolicyLayer};
 
 use crate::dir::Layout;
 use crate::{CliResult, DirArg};
@@ -68,6 +69,16 @@ pub(crate) struct ServeArgs {
     /// reloaded, and open connections of newly listed certificates are closed.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
+    /// Also let in standard gRPC clients (ALPN h2, no Prefix: grpcio, grpc-go, grpcurl, ...)
+    /// whose device certificate is bound and holds a live session, earned with a code by
+    /// `portcullis login` or a Portcullis client from that device. Others get UNAUTHENTICATED
+    /// naming cause and fix.
+    #[arg(long)]
+    standard_clients: bool,
+    /// Apply the per-method policy of FILE (TOML, see docs/POLICY.md) to every call: fresh
+    /// codes for sensitive methods (step-up), roles, allowed and denied users.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
 }
 
 pub(crate) fn serve(args: &ServeArgs) -> CliResult {
@@ -76,6 +87,11 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     let key = portcullis_tls::load_key(&layout.server_key()).map_err(|e| e.to_string())?;
     let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
     let registry: Arc<dyn Registry> = Arc::new(layout.open_registry()?);
+    let policy = match &args.policy {
+        Some(path) => Policy::from_toml_file(path).map_err(|e| e.to_string())?,
+        None => Policy::default(),
+    };
+    let policy = PolicyLayer::new(policy, registry.clone(), Arc::new(SystemClock));
     let ticket_key = layout.load_ticket_key()?;
 
     use std::io::IsTerminal;
@@ -97,9 +113,8 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         .deadline(Duration::from_secs(args.deadline))
         .max_pending(args.max_pending as usize)
         .refusal_budget(args.refusal_budget as usize)
-        .rate_limit(
-            (args.rate_limit > 0).then(|| RateLimit::new(args.rate_limit, args.rate_burst)),
-        );
+        .rate_limit((args.rate_limit > 0).then(|| RateLimit::new(args.rate_limit, args.rate_burst)))
+        .standard_clients(args.standard_clients);
     if let Some(key) = ticket_key {
         builder = builder.ticket_key(key);
     }
@@ -141,6 +156,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         };
         let serving = portcullis
             .server()
+            .layer(policy)
             .add_service(demo::service())
             .serve_with_incoming_shutdown(portcullis.incoming(listener), signalled);
         tokio::select! {

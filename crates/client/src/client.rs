@@ -9,7 +9,7 @@ use portcullis_core::codec::{ALPN_PCS1, Verdict};
 use portcullis_core::{Clock, SystemClock, SystemRandom};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
 use crate::channel::PortcullisChannel;
@@ -271,6 +271,7 @@ impl Client {
             server_name,
             log: ConnLog::default(),
             calls: AtomicU64::new(0),
+            preset_code: Mutex::new(None),
         });
         Ok((target, endpoint))
     }
@@ -282,6 +283,30 @@ impl Client {
     /// (after a disconnect) are made on demand and use the session ticket when there is one.
     pub async fn connect(&self, addr: &str) -> Result<PortcullisChannel, ClientError> {
         let (target, endpoint) = self.target(addr)?;
+        let channel = self.connect_target(&target, endpoint).await?;
+        Ok(PortcullisChannel::new(channel, target))
+    }
+
+    /// A new connection to `addr` whose Prefix carries `code` (a step-up: never the session
+    /// ticket), once the server has accepted it.
+    pub(crate) async fn connect_with_code(
+        client: Arc<ClientInner>,
+        addr: &str,
+        code: Zeroizing<String>,
+    ) -> Result<(Channel, Arc<Target>), ClientError> {
+        let client = Client { inner: client };
+        let (target, endpoint) = client.target(addr)?;
+        *target.preset_code.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+        let channel = client.connect_target(&target, endpoint).await?;
+        Ok((channel, target))
+    }
+
+    /// Connects the endpoint through `target`'s connector and waits for the first Verdict.
+    async fn connect_target(
+        &self,
+        target: &Arc<Target>,
+        endpoint: Endpoint,
+    ) -> Result<Channel, ClientError> {
         let channel = endpoint
             .connect_with_connector(PcsConnector {
                 target: target.clone(),
@@ -301,7 +326,7 @@ impl Client {
         // The channel's first connection has id 1; its Verdict is read by the HTTP/2 task.
         let timeout = self.inner.connect_timeout;
         match tokio::time::timeout(timeout, target.log.wait_settled(1)).await {
-            Ok(Some(ConnState::Accepted)) => Ok(PortcullisChannel::new(channel, target)),
+            Ok(Some(ConnState::Accepted)) => Ok(channel),
             Ok(Some(ConnState::Failed(failure))) => Err(failure.into_client_error()),
             Ok(Some(ConnState::Pending) | None) => Err(ClientError::Transport(
                 "the first connection was lost without a verdict".into(),

@@ -40,6 +40,9 @@ pub(crate) struct Target {
     pub(crate) log: ConnLog,
     /// How many calls the channel has taken (see [`ConnLog::failed_since`]).
     pub(crate) calls: AtomicU64,
+    /// A code fetched ahead for the channel's next connection (a step-up), used instead of
+    /// the session ticket or a new code.
+    pub(crate) preset_code: std::sync::Mutex<Option<Zeroizing<String>>>,
 }
 
 impl Target {
@@ -142,6 +145,15 @@ async fn open_first(
     target: &Target,
 ) -> Result<(TlsStream<TcpStream>, Zeroizing<Vec<u8>>, Proof), Failure> {
     let client = &target.client;
+    let preset = target
+        .preset_code
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(code) = preset {
+        let (tls, prefix) = open(target, Factor::Totp(code.to_string()), &[]).await?;
+        return Ok((tls, prefix, Proof::Code(code)));
+    }
     let ticket = client.tickets.valid_for(
         &target.server_name_text(),
         &target.addr,
@@ -205,7 +217,7 @@ pub(crate) async fn redial(
 }
 
 /// Asks the code source for a code; a callback runs on the blocking pool.
-async fn fetch_code(client: &Arc<ClientInner>) -> Result<Zeroizing<String>, Failure> {
+pub(crate) async fn fetch_code(client: &Arc<ClientInner>) -> Result<Zeroizing<String>, Failure> {
     let now_ms = client.clock.now_ms();
     let code = match &client.codes {
         CodeSource::Callback(_) => {

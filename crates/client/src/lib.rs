@@ -54,7 +54,7 @@ mod stream;
 #[path = "../tests/common/mod.rs"]
 mod test_server;
 
-pub use channel::{PortcullisChannel, ResponseFuture};
+pub use channel::{MAX_REPLAY_BYTES, PortcullisChannel, ResponseFuture};
 pub use client::{Client, ClientBuilder, DEFAULT_AGENT, DEFAULT_CONNECT_TIMEOUT};
 pub use code::{CodeCallback, CodeSource};
 pub use error::{ClientError, REF_METADATA, REJECT_METADATA, RETRY_AFTER_METADATA};

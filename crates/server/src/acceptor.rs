@@ -1,7 +1,9 @@
 //! The accept path: TCP accept and the limits of [`crate::limits`] (rate limit per source,
 //! cap on connections being authenticated), then in one task per connection and under one
 //! absolute deadline the TLS 1.3 handshake, the ALPN check, exactly one Prefix frame and the
-//! gate's decision; accepted connections are yielded to tonic.
+//! gate's decision; accepted connections are yielded to tonic. With standard clients on, a
+//! connection that negotiated ALPN `h2` skips the Prefix and is decided by
+//! [`crate::standard`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use zeroize::Zeroizing;
 use crate::audit::{Attempt, Auditor};
 use crate::context::AuthContext;
 use crate::limits::{Limited, OVERLOADED_RETRY_AFTER_S, REFUSAL_DEADLINE, SourceLimiter};
+use crate::standard::{self, ALPN_H2, GrpcRefusal};
 use crate::stream::AuthenticatedStream;
 
 /// Time allowed to write a Verdict once the decision is made, or the TIMEOUT Verdict once the
@@ -56,6 +59,31 @@ pub(crate) struct AcceptState {
     pub(crate) auditor: Arc<Auditor>,
     /// Live connections, and the CRLs checked after each handshake.
     pub(crate) revocation: Arc<crate::revocation::Revocation>,
+    /// Whether connections that negotiated ALPN `h2` are decided ([`crate::standard`]).
+    pub(crate) standard_clients: bool,
+    /// The connection policy, also applied to standard clients.
+    pub(crate) policy: standard::Policy,
+    /// The random source, for the REFs of standard-client decisions.
+    pub(crate) rng: Arc<dyn portcullis_core::Random>,
+}
+
+/// The application protocol a connection negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// `portcullis/1`: a Prefix comes first.
+    Pcs1,
+    /// `h2`: a standard gRPC client, no Prefix.
+    H2,
+}
+
+impl Protocol {
+    /// The ALPN id as text.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Pcs1 => "portcullis/1",
+            Self::H2 => "h2",
+        }
+    }
 }
 
 impl AcceptState {
@@ -265,16 +293,16 @@ impl Closed {
     }
 }
 
-/// The TLS handshake and the checks of PROTOCOL.md section 1 (TLS 1.3, ALPN `portcullis/1`, a
-/// usable client certificate), under `deadline`. An error when the connection was closed: no
-/// Verdict can be written to it. The client certificate's fingerprint goes to `attempt` as
-/// soon as it is known.
+/// The TLS handshake and the checks of PROTOCOL.md section 1 (TLS 1.3, ALPN `portcullis/1` or,
+/// with standard clients on, `h2`, a usable client certificate), under `deadline`. An error
+/// when the connection was closed: no Verdict can be written to it. The client certificate's
+/// fingerprint goes to `attempt` as soon as it is known.
 async fn handshake(
     state: &AcceptState,
     tcp: TcpStream,
     deadline: tokio::time::Instant,
     attempt: &mut Attempt,
-) -> Result<(TlsStream<TcpStream>, ConnectionFacts), Closed> {
+) -> Result<(TlsStream<TcpStream>, ConnectionFacts, Protocol), Closed> {
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -282,21 +310,30 @@ async fn handshake(
         Err(_) => return Err(Closed::new("tls_handshake_timeout", None)),
     };
 
-    let (facts, alpn_ok) = {
+    let (facts, protocol, alpn_ok) = {
         let (_, conn) = tls.get_ref();
         // Section 1: TLS 1.3 only (the exporter is a sound binding only there), and ALPN
-        // portcullis/1. Both are checked here whatever the configuration says.
-        let alpn_ok = conn.alpn_protocol() == Some(ALPN_PCS1)
-            && conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        // portcullis/1 (or h2, section 7, when standard clients are on). Both are checked here
+        // whatever the configuration says.
+        let protocol = match conn.alpn_protocol() {
+            Some(p) if p == ALPN_PCS1 => Some(Protocol::Pcs1),
+            Some(p) if p == ALPN_H2 && state.standard_clients => Some(Protocol::H2),
+            _ => None,
+        };
+        let alpn_ok =
+            protocol.is_some() && conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
         let fingerprint = conn
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(|leaf| portcullis_tls::fingerprint(leaf.as_ref()).ok());
         let exporter = portcullis_tls::exporter(conn).ok();
-        (fingerprint.zip(exporter), alpn_ok)
+        (fingerprint.zip(exporter), protocol, alpn_ok)
     };
     if let Some((fingerprint, _)) = &facts {
         attempt.device(*fingerprint);
+    }
+    if let Some(protocol) = protocol {
+        attempt.alpn(protocol.as_str());
     }
     if !alpn_ok {
         // Section 1: no ALPN or another id is closed right after the handshake, without a
@@ -307,7 +344,7 @@ async fn handshake(
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned());
         let version = tls.get_ref().1.protocol_version();
-        let cause = if alpn.as_deref().map(str::as_bytes) != Some(ALPN_PCS1) {
+        let cause = if protocol.is_none() {
             "alpn_refused"
         } else {
             "tls_version_refused"
@@ -318,7 +355,7 @@ async fn handshake(
             Some(format!("ALPN {alpn:?}, version {version:?}")),
         ));
     }
-    let Some((fingerprint, exporter)) = facts else {
+    let (Some((fingerprint, exporter)), Some(protocol)) = (facts, protocol) else {
         let _ = timeout_at(deadline, tls.shutdown()).await;
         return Err(Closed::new("no_usable_client_certificate", None));
     };
@@ -328,6 +365,7 @@ async fn handshake(
             exporter,
             fingerprint,
         },
+        protocol,
     ))
 }
 
@@ -337,8 +375,8 @@ async fn refuse_early(state: &AcceptState, tcp: TcpStream, peer: SocketAddr, ear
     let mut attempt = Attempt::new(&state.auditor, peer);
     let deadline =
         tokio::time::Instant::from_std(attempt.started() + state.deadline.min(REFUSAL_DEADLINE));
-    let tls = match handshake(state, tcp, deadline, &mut attempt).await {
-        Ok((tls, _)) => tls,
+    let (tls, protocol) = match handshake(state, tcp, deadline, &mut attempt).await {
+        Ok((tls, _, protocol)) => (tls, protocol),
         Err(closed) => {
             // The refusal could not be sent: recorded under its own cause.
             attempt.closed(Some(early.code), early.cause, Some(closed.describe()));
@@ -353,20 +391,47 @@ async fn refuse_early(state: &AcceptState, tcp: TcpStream, peer: SocketAddr, ear
         Some(early.retry_after_s),
     );
     attempt.decided(&decision, deciding.elapsed());
-    if let Ok(verdict) = decision.verdict.encode() {
-        write_refusal(tls, &verdict).await;
+    refuse(tls, protocol, &decision, deadline).await;
+}
+
+/// Answers a refused connection in its protocol: the Verdict for `portcullis/1`, a gRPC status
+/// for `h2` (no later than `deadline`, or shortly after a deadline already passed), then
+/// closes it.
+async fn refuse(
+    tls: TlsStream<TcpStream>,
+    protocol: Protocol,
+    decision: &portcullis_core::Decision,
+    deadline: tokio::time::Instant,
+) {
+    match protocol {
+        Protocol::Pcs1 => {
+            if let Ok(verdict) = decision.verdict.encode() {
+                write_refusal(tls, &verdict).await;
+            }
+        }
+        Protocol::H2 => {
+            let Some(refusal) = GrpcRefusal::of(decision) else {
+                return;
+            };
+            let mut tls = tls;
+            let deadline = deadline.max(tokio::time::Instant::now() + VERDICT_WRITE_LIMIT);
+            standard::respond_refused(&mut tls, &refusal, deadline).await;
+            let limit = tokio::time::Instant::now() + DRAIN_LIMIT;
+            let _ = timeout_at(limit, tls.shutdown()).await;
+        }
     }
 }
 
-/// Runs steps 2 to 5 of PROTOCOL.md section 5 for one connection.
+/// Runs steps 2 to 5 of PROTOCOL.md section 5 for one connection (section 7 for a standard
+/// client).
 async fn authenticate(
-    state: &AcceptState,
+    state: &Arc<AcceptState>,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<AuthenticatedStream> {
     let mut attempt = Attempt::new(&state.auditor, peer);
     let deadline = tokio::time::Instant::from_std(attempt.started() + state.deadline);
-    let (mut tls, facts) = match handshake(state, tcp, deadline, &mut attempt).await {
+    let (mut tls, facts, protocol) = match handshake(state, tcp, deadline, &mut attempt).await {
         Ok(up) => up,
         Err(closed) => {
             attempt.closed(None, closed.cause, closed.detail);
@@ -384,10 +449,11 @@ async fn authenticate(
             )
         });
         attempt.decided(&decision, took);
-        if let Ok(verdict) = decision.verdict.encode() {
-            write_refusal(tls, &verdict).await;
-        }
+        refuse(tls, protocol, &decision, deadline).await;
         return None;
+    }
+    if protocol == Protocol::H2 {
+        return standard_client(state, tls, facts, peer, attempt, deadline).await;
     }
 
     let (decision, took) = match timeout_at(deadline, read_frame(&mut tls)).await {
@@ -526,4 +592,57 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let start = Instant::now();
     let value = f();
     (value, start.elapsed())
+}
+
+/// Decides a standard gRPC client (ALPN `h2`, no Prefix: PROTOCOL.md section 7) under the
+/// connection's deadline: accepted, it goes to tonic; refused, it gets its gRPC status.
+async fn standard_client(
+    state: &Arc<AcceptState>,
+    tls: TlsStream<TcpStream>,
+    facts: ConnectionFacts,
+    peer: SocketAddr,
+    attempt: Attempt,
+    deadline: tokio::time::Instant,
+) -> Option<AuthenticatedStream> {
+    let fingerprint = facts.fingerprint;
+    let deciding = async {
+        if state.blocking_registry {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || timed(|| standard::decide(&state, &fingerprint)))
+                .await
+        } else {
+            Ok(timed(|| standard::decide(state, &fingerprint)))
+        }
+    };
+    let (decision, took) = match timeout_at(deadline, deciding).await {
+        Ok(Ok(decided)) => decided,
+        Err(_) => timed(|| {
+            state.gate.refuse(
+                RejectCode::Timeout,
+                Cause::Other("decision_timeout"),
+                "the server did not decide within the deadline; retry",
+                None,
+            )
+        }),
+        Ok(Err(_)) => timed(|| {
+            state.gate.refuse(
+                RejectCode::Overloaded,
+                Cause::Other("gate_failed"),
+                "the server could not check credentials; retry shortly",
+                Some(5),
+            )
+        }),
+    };
+    attempt.decided(&decision, took);
+    match decision.outcome {
+        Ok(identity) => {
+            let session = identity.session.as_ref().map(|(id, _)| *id);
+            let auth = AuthContext::new(identity, peer, decision.reference);
+            Some(AuthenticatedStream::new(tls, auth).watched_session(&state.revocation, session))
+        }
+        Err(_) => {
+            refuse(tls, Protocol::H2, &decision, deadline).await;
+            None
+        }
+    }
 }

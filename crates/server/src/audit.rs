@@ -27,7 +27,7 @@
 //! ```text
 //! {"time":"2025-06-01T09:30:12.345Z","ref":"5f0c…","peer":"192.0.2.7:50122",
 //!  "fingerprint":"sha256:9a3e…","user":"alice","agent":"portcullis-client/0.1",
-//!  "device":null,"method":null,"outcome":"rejected","code":"mfa_failed",
+//!  "alpn":"portcullis/1","device":null,"method":null,"outcome":"rejected","code":"mfa_failed",
 //!  "cause":"code_reused","detail":null,"decision_us":41,"accept_us":2210}
 //! ```
 //!
@@ -39,6 +39,7 @@
 //! | `fingerprint` | `sha256:<hex>` of the client certificate's key; `null` before a finished TLS handshake |
 //! | `user` | the user the Prefix claimed; `null` when no Prefix was decoded |
 //! | `agent` | the AGENT the Prefix sent, if any |
+//! | `alpn` | the application protocol negotiated: `portcullis/1`, or `h2` for a standard gRPC client (see [`crate::standard`]); `null` before a finished TLS handshake or when the ALPN was refused |
 //! | `device` | the device name, on accept |
 //! | `method` | `totp` or `session`, on accept |
 //! | `outcome` | `accepted`, `rejected` (a rejecting Verdict was made) or `closed` (closed without a Verdict) |
@@ -121,6 +122,8 @@ pub struct AuditRecord {
     pub user: Option<String>,
     /// The AGENT the Prefix sent (the client's text).
     pub agent: Option<String>,
+    /// The application protocol negotiated (`portcullis/1`, or `h2` for a standard client).
+    pub alpn: Option<&'static str>,
     /// The device name, on accept.
     pub device: Option<String>,
     /// How the second factor was proven, on accept.
@@ -339,6 +342,7 @@ fn trace(record: &AuditRecord) {
         fingerprint,
         user = record.user.as_deref(),
         agent = record.agent.as_deref(),
+        alpn = record.alpn,
         device = record.device.as_deref(),
         method = record.method.map(|m| m.as_str()),
         outcome = record.outcome.as_str(),
@@ -360,6 +364,7 @@ pub(crate) struct Attempt {
     peer: SocketAddr,
     started: Instant,
     fingerprint: Option<DeviceFingerprint>,
+    alpn: Option<&'static str>,
     done: bool,
 }
 
@@ -371,6 +376,7 @@ impl Attempt {
             peer,
             started: Instant::now(),
             fingerprint: None,
+            alpn: None,
             done: false,
         }
     }
@@ -385,6 +391,11 @@ impl Attempt {
         self.fingerprint = Some(fingerprint);
     }
 
+    /// The application protocol the TLS handshake negotiated.
+    pub(crate) fn alpn(&mut self, alpn: &'static str) {
+        self.alpn = Some(alpn);
+    }
+
     fn record(&self, outcome: AuditOutcome) -> AuditRecord {
         AuditRecord {
             time_ms: self.auditor.clock.now_ms(),
@@ -393,6 +404,7 @@ impl Attempt {
             fingerprint: self.fingerprint,
             user: None,
             agent: None,
+            alpn: self.alpn,
             device: None,
             method: None,
             outcome,
@@ -485,6 +497,7 @@ mod tests {
             fingerprint: Some(DeviceFingerprint::from_bytes([0x11; 32])),
             user: Some("al\"ice\n{".into()),
             agent: None,
+            alpn: Some("portcullis/1"),
             device: None,
             method: None,
             outcome: AuditOutcome::Rejected,
@@ -507,12 +520,13 @@ mod tests {
         assert_eq!(v["fingerprint"], format!("sha256:{}", "11".repeat(32)));
         assert_eq!(v["user"], "al\"ice\n{");
         assert_eq!(v["agent"], serde_json::Value::Null);
+        assert_eq!(v["alpn"], "portcullis/1");
         assert_eq!(v["outcome"], "rejected");
         assert_eq!(v["code"], "mfa_failed");
         assert_eq!(v["cause"], "code_reused");
         assert_eq!(v["decision_us"], 41);
         assert_eq!(v["accept_us"], 2210);
-        assert_eq!(v.as_object().unwrap().len(), 14, "{line}");
+        assert_eq!(v.as_object().unwrap().len(), 15, "{line}");
     }
 
     #[test]

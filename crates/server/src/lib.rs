@@ -30,6 +30,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Standard gRPC clients
+//!
+//! With [`Builder::standard_clients`] the server also offers ALPN `h2` on the same port, for
+//! gRPC clients that cannot send a Prefix (grpcio, grpc-go, grpcurl, ...): such a connection is
+//! let through only when its device certificate is bound and the device holds a live session
+//! that a Portcullis client earned with a code; otherwise every request on it is answered with
+//! a gRPC status naming cause and fix. See the [`standard`] module.
+//!
 //! ## Limits
 //!
 //! The accept path is bounded: an absolute deadline per connection
@@ -56,7 +64,9 @@ mod context;
 mod layer;
 pub mod limits;
 pub mod metrics;
+pub mod policy;
 pub mod revocation;
+pub mod standard;
 mod stream;
 
 use std::net::SocketAddr;
@@ -126,6 +136,7 @@ pub struct Builder {
     audit_sinks: Vec<Arc<dyn AuditSink>>,
     metrics_listen: Option<SocketAddr>,
     revocation: revocation::Settings,
+    standard_clients: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -139,6 +150,7 @@ impl std::fmt::Debug for Builder {
             .field("audit_sinks", &self.audit_sinks.len())
             .field("metrics_listen", &self.metrics_listen)
             .field("revocation", &self.revocation)
+            .field("standard_clients", &self.standard_clients)
             .finish_non_exhaustive()
     }
 }
@@ -161,6 +173,7 @@ impl Builder {
             audit_sinks: Vec::new(),
             metrics_listen: None,
             revocation: revocation::Settings::default(),
+            standard_clients: false,
         }
     }
 
@@ -229,6 +242,21 @@ impl Builder {
     /// valid ticket or a new code). Checked every [`revocation::REVOCATION_CHECK_INTERVAL`].
     pub fn close_on_session_expiry(mut self, close: bool) -> Self {
         self.revocation.close_on_session_expiry = close;
+        self
+    }
+
+    /// Whether standard gRPC clients are let in (default `false`; PROTOCOL.md section 7). When
+    /// on, the TLS configuration also offers ALPN `h2`, after `portcullis/1` (so a Portcullis
+    /// client still gets `portcullis/1`). A connection that negotiates `h2` sends no Prefix: it
+    /// reaches the services only when its client certificate's device is bound, not revoked,
+    /// its user not locked out, and the device holds a live session in the registry
+    /// ([`portcullis_core::Registry::live_session_for_device`], earned by a Portcullis client's
+    /// code); the connection policy applies too. Any other such connection gets, on every
+    /// request, a gRPC status naming the cause and the fix, and is closed. Each attempt is
+    /// audited (with `alpn` `h2`), and the deadline, [`Builder::max_pending`] and the rate
+    /// limit apply as to any connection. See the [`standard`] module.
+    pub fn standard_clients(mut self, on: bool) -> Self {
+        self.standard_clients = on;
         self
     }
 
@@ -387,7 +415,12 @@ impl Builder {
         let tls = self
             .tls
             .ok_or_else(|| ServerError::Config("a TLS configuration is required".into()))?;
-        let (tls, revocation) = self.revocation.finish(tls)?;
+        let (mut tls, revocation) = self.revocation.finish(tls)?;
+        if self.standard_clients && !tls.alpn_protocols.iter().any(|p| p == standard::ALPN_H2) {
+            let mut config = (*tls).clone();
+            config.alpn_protocols.push(standard::ALPN_H2.to_vec());
+            tls = Arc::new(config);
+        }
         if !tls.alpn_protocols.iter().any(|p| p == ALPN_PCS1) {
             return Err(ServerError::Config(
                 "the TLS configuration must offer ALPN portcullis/1".into(),
@@ -445,8 +478,14 @@ impl Builder {
             }
         };
         let auditor = Arc::new(audit::Auditor::new(self.audit_sinks, self.clock.clone()));
-        let mut gate = Gate::new(self.config, registry, ticket_key, self.clock, self.rng);
-        if let Some(policy) = self.policy {
+        let mut gate = Gate::new(
+            self.config,
+            registry,
+            ticket_key,
+            self.clock,
+            self.rng.clone(),
+        );
+        if let Some(policy) = self.policy.clone() {
             gate = gate.with_policy(policy);
         }
         Ok(PortcullisServer {
@@ -462,6 +501,9 @@ impl Builder {
                 limiter,
                 auditor,
                 revocation: Arc::new(revocation),
+                standard_clients: self.standard_clients,
+                policy: self.policy,
+                rng: self.rng,
             }),
             metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
             metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),

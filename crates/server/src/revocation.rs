@@ -42,6 +42,13 @@
 //! resumption itself stays on. When the lists change, every live connection whose certificate
 //! they now list is closed, in the same round: within about half a second of the new file.
 //!
+//! ## Standard clients
+//!
+//! A standard gRPC client ([`crate::standard`]) is let in on a live session alone. Its
+//! connection is checked like any other (device binding, CRLs) and, in every round, also
+//! against that session: it is closed as soon as the session is revoked (`portcullis session
+//! revoke`) or has expired, whatever [`crate::Builder::close_on_session_expiry`] says.
+//!
 //! ## Expired sessions
 //!
 //! Off by default: with [`crate::Builder::close_on_session_expiry`] a live connection is also
@@ -59,7 +66,7 @@ use std::task::Waker;
 use std::time::{Duration, SystemTime};
 
 use atomic_waker::AtomicWaker;
-use portcullis_core::{DeviceFingerprint, Gate};
+use portcullis_core::{DeviceFingerprint, Gate, SessionId};
 use portcullis_tls::{CertificateDer, PrivateKeyDer, ReloadableClientVerifier};
 use tokio::time::MissedTickBehavior;
 
@@ -83,6 +90,7 @@ enum CloseReason {
     DeviceUnbound = 3,
     CertificateRevoked = 4,
     SessionExpired = 5,
+    SessionRevoked = 6,
 }
 
 impl CloseReason {
@@ -93,6 +101,7 @@ impl CloseReason {
             3 => Self::DeviceUnbound,
             4 => Self::CertificateRevoked,
             5 => Self::SessionExpired,
+            6 => Self::SessionRevoked,
             _ => return None,
         })
     }
@@ -105,6 +114,7 @@ impl CloseReason {
             Self::DeviceUnbound => "device_unknown",
             Self::CertificateRevoked => "certificate_revoked",
             Self::SessionExpired => "session_expired",
+            Self::SessionRevoked => "session_revoked",
         }
     }
 
@@ -116,6 +126,7 @@ impl CloseReason {
             Self::DeviceUnbound => "the device is no longer bound to a user",
             Self::CertificateRevoked => "the client certificate is listed in the server's CRL",
             Self::SessionExpired => "the session expired",
+            Self::SessionRevoked => "the session was revoked",
         }
     }
 }
@@ -127,6 +138,8 @@ struct LiveEntry {
     /// The peer's certificates, kept (shared with tonic's connect info) only when the server
     /// checks CRLs.
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The session a standard client was let in on: the connection lives only as long as it.
+    session: Option<SessionId>,
     /// 0 while open, else a [`CloseReason`].
     closed: AtomicU8,
     read: AtomicWaker,
@@ -425,11 +438,12 @@ impl Revocation {
     }
 
     /// Registers an authenticated connection: from now on it is closed when its device or
-    /// certificate is revoked.
+    /// certificate is revoked, or (for a standard client) when `session` is revoked or expires.
     pub(crate) fn register(
         self: &Arc<Self>,
         auth: Arc<AuthContext>,
         certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+        session: Option<SessionId>,
     ) -> Watch {
         let certs = if self.verifier.is_some() { certs } else { None };
         let mut live = lock(&self.live);
@@ -438,6 +452,7 @@ impl Revocation {
             id: live.next_id,
             auth,
             certs,
+            session,
             closed: AtomicU8::new(0),
             read: AtomicWaker::new(),
             write: AtomicWaker::new(),
@@ -537,6 +552,25 @@ impl Revocation {
                 Err(e) => failed = Some(e),
             }
         }
+        // Standard clients live as long as the session they were let in on.
+        let now = gate.clock().now_ms();
+        for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
+            let Some(id) = &entry.session else {
+                continue;
+            };
+            if entry.reason().is_some() {
+                continue;
+            }
+            if entry.auth.session_expires_ms.is_none_or(|at| at <= now) {
+                entry.close(CloseReason::SessionExpired);
+                continue;
+            }
+            match registry.is_session_revoked(id) {
+                Ok(true) => entry.close(CloseReason::SessionRevoked),
+                Ok(false) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
         match failed {
             Some(e) => {
                 if !self.registry_failing.swap(true, Ordering::AcqRel) {
@@ -551,7 +585,6 @@ impl Revocation {
         }
 
         if self.close_on_session_expiry {
-            let now = gate.clock().now_ms();
             for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
                 if entry.auth.session_expires_ms.is_some_and(|at| at <= now) {
                     entry.close(CloseReason::SessionExpired);

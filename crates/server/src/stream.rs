@@ -40,8 +40,19 @@ impl AuthenticatedStream {
     }
 
     /// Registers the connection with the server's live connections, which may close it.
-    pub(crate) fn watched(mut self, revocation: &Arc<Revocation>) -> Self {
-        self.watch = Some(revocation.register(self.info.auth.clone(), self.info.tls.peer_certs()));
+    pub(crate) fn watched(self, revocation: &Arc<Revocation>) -> Self {
+        self.watched_session(revocation, None)
+    }
+
+    /// Like [`AuthenticatedStream::watched`], for a connection let in on `session` alone (a
+    /// standard client): it is also closed when that session is revoked or expires.
+    pub(crate) fn watched_session(
+        mut self,
+        revocation: &Arc<Revocation>,
+        session: Option<portcullis_core::SessionId>,
+    ) -> Self {
+        self.watch =
+            Some(revocation.register(self.info.auth.clone(), self.info.tls.peer_certs(), session));
         self
     }
 

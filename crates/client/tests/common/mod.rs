@@ -179,6 +179,11 @@ pub struct State {
     /// Notified (one permit) whenever a Prefix was read, before the server waits for the
     /// HTTP/2 preface behind it.
     pub prefix_read: Notify,
+    /// How many of the next calls are refused with `step_up_required` (as a server's policy
+    /// does), before any service sees them.
+    pub step_up: AtomicUsize,
+    /// How many calls were refused so.
+    pub stepped_up: AtomicUsize,
     next_ref: AtomicU64,
 }
 
@@ -311,7 +316,7 @@ impl tonic::transport::server::Connected for Gated {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: Arc<State>,
-    _reporter: tonic_health::server::HealthReporter,
+    pub reporter: tonic_health::server::HealthReporter,
 }
 
 impl TestServer {
@@ -322,8 +327,29 @@ impl TestServer {
         let acceptor = TlsAcceptor::from(pki.server_config());
         let (tx, rx) = mpsc::unbounded_channel::<Result<Gated, io::Error>>();
         let (reporter, health) = tonic_health::server::health_reporter();
+        let policy = state.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(
+                    move |request: tonic::Request<()>| {
+                        let refuse = policy
+                            .step_up
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        if !refuse {
+                            return Ok(request);
+                        }
+                        policy.stepped_up.fetch_add(1, Ordering::SeqCst);
+                        let mut status = tonic::Status::unauthenticated(
+                            "step_up_required: this call needs a one-time code from the last 60 s",
+                        );
+                        status.metadata_mut().insert(
+                            "portcullis-reject",
+                            tonic::metadata::MetadataValue::from_static("step_up_required"),
+                        );
+                        Err(status)
+                    },
+                ))
                 .add_service(health)
                 .serve_with_incoming(UnboundedReceiverStream::new(rx)),
         );
@@ -339,7 +365,7 @@ impl TestServer {
         Self {
             addr,
             state,
-            _reporter: reporter,
+            reporter,
         }
     }
 
