@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::Args;
 use portcullis_core::{
     Clock, DeviceRecord, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
+    normalize_roles,
 };
 use portcullis_tls::DeviceIdentity;
 use serde::Serialize;
@@ -34,6 +35,14 @@ pub(crate) struct UserAddArgs {
     /// HMAC hash: SHA1, SHA256 or SHA512.
     #[arg(long, default_value = "SHA1", value_parser = parse_algorithm)]
     algorithm: TotpAlgorithm,
+    /// Give the user this role (repeat for several); per-method policy rules can require roles.
+    #[arg(long = "role", value_name = "ROLE")]
+    roles: Vec<String>,
+    /// Make a service account: no TOTP; its devices are exempt from the second factor (the
+    /// device key is its factor), and it may call only the methods a policy rule grants it by
+    /// name or role.
+    #[arg(long, conflicts_with_all = ["digits", "algorithm"])]
+    service: bool,
     /// Print only a JSON object with the user, the secret and the otpauth URI.
     #[arg(long)]
     json: bool,
@@ -56,8 +65,30 @@ fn parse_algorithm(s: &str) -> Result<TotpAlgorithm, String> {
 }
 
 pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
+    // Checked before anything is written: a bad role leaves no user behind.
+    let roles = normalize_roles(&args.roles).map_err(|e| e.to_string())?;
     let layout = Layout::existing(&args.dir.dir)?;
     let registry = layout.open_registry()?;
+    if args.service {
+        registry
+            .add_service_user(&args.user, now_ms())
+            .map_err(|e| e.to_string())?;
+        set_roles(&registry, &args.user, &roles)?;
+        if args.json {
+            out!(
+                "{}",
+                json!({ "user": args.user, "service": true, "roles": roles })
+            );
+        } else {
+            out!(
+                "added service account {} (no TOTP: its devices are exempt from the second \
+                 factor, and it may call only the methods a policy rule grants it){}",
+                args.user,
+                roles_suffix(&roles)
+            );
+        }
+        return Ok(());
+    }
     let totp = TotpConfig::generate_secret(
         &SystemRandom::new(),
         args.digits,
@@ -71,6 +102,7 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
     registry
         .add_user(&args.user, totp.clone(), now_ms())
         .map_err(|e| e.to_string())?;
+    set_roles(&registry, &args.user, &roles)?;
     if args.json {
         let out = Zeroizing::new(
             serde_json::to_string(&UserJson {
@@ -86,7 +118,7 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
         out!("{}", out.as_str());
         return Ok(());
     }
-    out!("added user {}", args.user);
+    out!("added user {}{}", args.user, roles_suffix(&roles));
     out!("scan this with an authenticator app, or enter the secret by hand:");
     out!();
     if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
@@ -108,6 +140,115 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
         totp.algorithm(),
         totp.period()
     );
+    Ok(())
+}
+
+fn set_roles(registry: &dyn Registry, user: &str, roles: &[String]) -> CliResult {
+    if roles.is_empty() {
+        return Ok(());
+    }
+    registry
+        .set_user_roles(user, roles)
+        .map_err(|e| format!("user {user}: cannot set roles: {e}"))
+}
+
+fn roles_suffix(roles: &[String]) -> String {
+    if roles.is_empty() {
+        String::new()
+    } else {
+        format!(" with roles {}", roles.join(", "))
+    }
+}
+
+/// `portcullis user set`.
+#[derive(Debug, Args)]
+pub(crate) struct UserSetArgs {
+    /// The user name.
+    user: String,
+    #[command(flatten)]
+    dir: DirArg,
+    /// The user's roles from now on, replacing those held (repeat for several).
+    #[arg(
+        long = "role",
+        value_name = "ROLE",
+        required_unless_present = "clear_roles"
+    )]
+    roles: Vec<String>,
+    /// Remove every role of the user.
+    #[arg(long, conflicts_with = "roles")]
+    clear_roles: bool,
+}
+
+pub(crate) fn user_set(args: &UserSetArgs) -> CliResult {
+    let roles = normalize_roles(&args.roles).map_err(|e| e.to_string())?;
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    ensure_user(&registry, &args.user)?;
+    registry
+        .set_user_roles(&args.user, &roles)
+        .map_err(|e| e.to_string())?;
+    if roles.is_empty() {
+        out!("user {} now has no role", args.user);
+    } else {
+        out!("user {} now has roles {}", args.user, roles.join(", "));
+    }
+    Ok(())
+}
+
+/// `portcullis user list`.
+#[derive(Debug, Args)]
+pub(crate) struct UserListArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// Print a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn user_list(args: &UserListArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let registry = layout.open_registry()?;
+    let users = registry.list_users().map_err(|e| e.to_string())?;
+    let mut rows = Vec::with_capacity(users.len());
+    for u in &users {
+        let roles = registry.user_roles(&u.name).map_err(|e| e.to_string())?;
+        rows.push((u, roles));
+    }
+    if args.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(u, roles)| {
+                json!({
+                    "user": u.name,
+                    "roles": roles,
+                    "service": u.service,
+                    "totp": u.totp.is_some(),
+                    "created": format_time(u.created_ms),
+                })
+            })
+            .collect();
+        out!("{}", serde_json::Value::Array(out));
+        return Ok(());
+    }
+    if rows.is_empty() {
+        out!("no users");
+        return Ok(());
+    }
+    out!("{:<24} {:<8} {:<20} ROLES", "USER", "KIND", "CREATED");
+    for (u, roles) in &rows {
+        let kind = if u.service { "service" } else { "person" };
+        let roles = if roles.is_empty() {
+            "-".to_owned()
+        } else {
+            roles.join(",")
+        };
+        out!(
+            "{:<24} {:<8} {:<20} {roles}",
+            u.name,
+            kind,
+            format_time(u.created_ms)
+        );
+    }
     Ok(())
 }
 
@@ -297,10 +438,11 @@ pub(crate) fn format_time(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-fn device_json(d: &DeviceRecord) -> serde_json::Value {
+fn device_json(d: &DeviceRecord, service: Option<bool>) -> serde_json::Value {
     json!({
         "device": d.name,
         "user": d.user,
+        "service": service,
         "fingerprint": d.fingerprint.to_string(),
         "created": format_time(d.created_ms),
         "revoked": d.revoked_ms.map(format_time),
@@ -311,8 +453,24 @@ pub(crate) fn device_list(args: &DeviceListArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
     let registry = layout.open_registry()?;
     let devices = registry.list_devices().map_err(|e| e.to_string())?;
+    // Devices of service accounts are exempt from the second factor: shown as such. Users are
+    // read with their TOTP secrets; when that fails (e.g. a wrong registry key) devices are
+    // still listed, without the service flag (`null` in JSON).
+    let services: Option<std::collections::HashSet<String>> =
+        registry.list_users().ok().map(|users| {
+            users
+                .into_iter()
+                .filter(|u| u.service)
+                .map(|u| u.name)
+                .collect()
+        });
+    let service_of = |d: &DeviceRecord| services.as_ref().map(|s| s.contains(&d.user));
+    let is_service = |d: &DeviceRecord| service_of(d) == Some(true);
     if args.json {
-        let out: Vec<_> = devices.iter().map(device_json).collect();
+        let out: Vec<_> = devices
+            .iter()
+            .map(|d| device_json(d, service_of(d)))
+            .collect();
         out!("{}", serde_json::Value::Array(out));
         return Ok(());
     }
@@ -330,6 +488,7 @@ pub(crate) fn device_list(args: &DeviceListArgs) -> CliResult {
     for d in &devices {
         let status = match d.revoked_ms {
             Some(ms) => format!("revoked {}", format_time(ms)),
+            None if is_service(d) => "active (service: no second factor)".to_owned(),
             None => "active".to_owned(),
         };
         out!(

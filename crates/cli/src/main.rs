@@ -77,8 +77,13 @@ enum SessionCommand {
 
 #[derive(Debug, Subcommand)]
 enum UserCommand {
-    /// Add a user with a new TOTP secret; prints the otpauth URI and a QR code.
+    /// Add a user with a new TOTP secret; prints the otpauth URI and a QR code. With
+    /// `--service`, a service account without TOTP.
     Add(enroll::UserAddArgs),
+    /// Replace the roles of a user.
+    Set(enroll::UserSetArgs),
+    /// List users with their roles and whether they are service accounts.
+    List(enroll::UserListArgs),
     /// Revoke every device of a user: running servers close their connections and refuse them.
     Revoke(enroll::UserRevokeArgs),
 }
@@ -169,6 +174,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => dir::init(&args),
         Command::User(UserCommand::Add(args)) => enroll::user_add(&args),
+        Command::User(UserCommand::Set(args)) => enroll::user_set(&args),
+        Command::User(UserCommand::List(args)) => enroll::user_list(&args),
         Command::User(UserCommand::Revoke(args)) => enroll::user_revoke(&args),
         Command::Device(DeviceCommand::Issue(args)) => enroll::device_issue(&args),
         Command::Device(DeviceCommand::Bind(args)) => enroll::device_bind(&args),

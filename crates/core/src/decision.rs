@@ -85,14 +85,18 @@ pub enum AuthMethod {
     Totp,
     /// A session ticket earned by an earlier TOTP check.
     Session,
+    /// The device key alone: the user is a service account ([`crate::UserRecord::service`]),
+    /// whose bound devices are exempt from the second factor.
+    Device,
 }
 
 impl AuthMethod {
-    /// `totp` or `session`.
+    /// `totp`, `session` or `device`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Totp => "totp",
             Self::Session => "session",
+            Self::Device => "device",
         }
     }
 }
@@ -580,7 +584,23 @@ impl Gate {
                 .retry_after(seconds_ceil(self.nonces.retention_ms()).min(60)));
             }
         }
-        // 4.7 the factor.
+        // 4.7 the factor. A service account has none: its device key (checked by the TLS
+        // handshake and the binding above) is its factor, so the frame's factor is not checked,
+        // no failure is charged and no session is issued. What it may call is limited by the
+        // per-method policy, which admits a service account only where a rule names it.
+        if let Some(user) = self.registry.user(&prefix.user)?
+            && user.service
+        {
+            let identity = Identity {
+                user: user.name,
+                device_name: device.name.clone(),
+                fingerprint: device.fingerprint,
+                method: AuthMethod::Device,
+                totp_time_ms: now,
+                session: None,
+            };
+            return Ok((identity, None));
+        }
         match &prefix.factor {
             Factor::Session(ticket) => self.check_session(ticket, prefix, &device, now),
             Factor::Totp(code) => self.check_totp(code, prefix, &device, now),

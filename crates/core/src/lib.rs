@@ -41,6 +41,7 @@ pub use lockout::{LockState, LockoutPolicy};
 pub use nonce::{NonceError, NonceStore};
 pub use registry::{
     DeviceRecord, MemoryRegistry, Registry, RegistryError, SessionRecord, UserRecord, check_name,
+    check_role, normalize_roles,
 };
 pub use reject::RejectCode;
 pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};

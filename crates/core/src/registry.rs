@@ -19,6 +19,10 @@ pub struct UserRecord {
     pub totp: Option<TotpConfig>,
     /// When the user was added, Unix ms.
     pub created_ms: u64,
+    /// Whether the user is a service account: it has no TOTP, its bound devices are exempt
+    /// from the second factor (the device key is its factor), and it may call only the methods
+    /// a policy rule grants it by name or role.
+    pub service: bool,
 }
 
 /// A device certificate bound to a user.
@@ -93,6 +97,32 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
         )));
     }
     Ok(())
+}
+
+/// Checks a role name: 1..=64 bytes of ASCII letters, digits, `-`, `_`, `.` or `:`.
+pub fn check_role(role: &str) -> Result<(), RegistryError> {
+    if role.is_empty()
+        || role.len() > 64
+        || !role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(RegistryError::Invalid(format!(
+            "role {role:?}: use 1 to 64 ASCII letters, digits, '-', '_', '.' or ':'"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks roles with [`check_role`] and returns them sorted, each once.
+pub fn normalize_roles(roles: &[String]) -> Result<Vec<String>, RegistryError> {
+    for role in roles {
+        check_role(role)?;
+    }
+    let mut roles = roles.to_vec();
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
 }
 
 /// Users, devices and per-user gate state.
@@ -193,11 +223,23 @@ pub trait Registry: Send + Sync {
         Ok(Vec::new())
     }
 
-    /// Replaces the roles of a user. The default refuses: the registry keeps no roles.
+    /// Replaces the roles of a user (duplicates are kept once, the order is by name; an empty
+    /// list clears them). Each role is checked with [`check_role`]. `NotFound` when there is no
+    /// such user. The default refuses: the registry keeps no roles.
     fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
         let _ = (user, roles);
         Err(RegistryError::Invalid(
             "roles: this registry does not keep roles".into(),
+        ))
+    }
+
+    /// Adds a service account: a user without TOTP whose devices are exempt from the second
+    /// factor ([`UserRecord::service`]). The default refuses: the registry keeps no service
+    /// accounts.
+    fn add_service_user(&self, name: &str, now_ms: u64) -> Result<(), RegistryError> {
+        let _ = (name, now_ms);
+        Err(RegistryError::Invalid(
+            "service account: this registry does not keep service accounts".into(),
         ))
     }
 
@@ -252,6 +294,7 @@ pub trait Registry: Send + Sync {
 #[derive(Default)]
 struct MemoryState {
     users: HashMap<String, (UserRecord, Option<u64>, LockState)>,
+    roles: HashMap<String, Vec<String>>,
     devices: Vec<DeviceRecord>,
     sessions: HashMap<SessionId, SessionRecord>,
 }
@@ -457,9 +500,47 @@ impl Registry for MemoryRegistry {
                 name: name.to_owned(),
                 totp: Some(totp),
                 created_ms: now_ms,
+                service: false,
             };
             s.users
                 .insert(name.to_owned(), (record, None, LockState::default()));
+            Ok(())
+        })
+    }
+
+    fn add_service_user(&self, name: &str, now_ms: u64) -> Result<(), RegistryError> {
+        check_name("user", name)?;
+        self.with(|s| {
+            if s.users.contains_key(name) {
+                return Err(RegistryError::AlreadyExists(format!("user {name}")));
+            }
+            let record = UserRecord {
+                name: name.to_owned(),
+                totp: None,
+                created_ms: now_ms,
+                service: true,
+            };
+            s.users
+                .insert(name.to_owned(), (record, None, LockState::default()));
+            Ok(())
+        })
+    }
+
+    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        self.with(|s| Ok(s.roles.get(user).cloned().unwrap_or_default()))
+    }
+
+    fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
+        let roles = normalize_roles(roles)?;
+        self.with(|s| {
+            if !s.users.contains_key(user) {
+                return Err(RegistryError::NotFound(format!("user {user}")));
+            }
+            if roles.is_empty() {
+                s.roles.remove(user);
+            } else {
+                s.roles.insert(user.to_owned(), roles);
+            }
             Ok(())
         })
     }

@@ -16,6 +16,13 @@
 //! 4. `fresh_totp_secs` is unset, or the connection's TOTP check (for a session: the check
 //!    that earned the session, [`AuthContext::totp_time_ms`]) is at most that many seconds old.
 //!
+//! A service account ([`portcullis_core::UserRecord::service`]: no TOTP, its devices are let
+//! in on their key alone) may call only what the policy lists for it: besides the conditions
+//! above, the rule for the call must name the account in `allow_users` or one of its roles in
+//! `roles` ([`Policy::decide_service`]). Without such a rule the call is refused with
+//! PERMISSION_DENIED, `policy_denied: service account NAME may only call the methods its
+//! policy lists`. Condition 4 does not hold a service account back: it has no code to give.
+//!
 //! A refusal never reaches the service. It answers with a status whose message starts with
 //! the reason's name, and the metadata `portcullis-reject` carrying that name:
 //!
@@ -489,6 +496,27 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Decides a call of `path` by the service account `user` holding `roles`, after
+    /// [`Policy::decide`] passed it: a service account may call only what a policy lists for
+    /// it, so the call is allowed only when the rule for `path` names the user in
+    /// `allow_users` or one of its roles in `roles`. No rule, or a rule that lets everyone in,
+    /// is not enough.
+    pub fn decide_service(&self, path: &str, user: &str, roles: &[String]) -> Result<(), Refusal> {
+        let listed = self.rule_for(path).is_some_and(|rule| {
+            rule.allow_users.iter().any(|u| u == user)
+                || rule.roles.iter().any(|r| roles.contains(r))
+        });
+        if listed {
+            Ok(())
+        } else {
+            Err(Refusal::Denied(format!(
+                "service account {user} may only call the methods its policy lists"
+            )))
+        }
+    }
+}
+
 /// A tower layer for tonic's `Server::layer` that applies a [`Policy`] to every call.
 ///
 /// Put it after the Portcullis layer (`portcullis.server().layer(policy_layer)`: tonic runs
@@ -589,6 +617,26 @@ where
             shared.clock.now_ms(),
             || shared.registry.user_roles(&auth.user),
         );
+        // A service account (looked up on every call: nothing is cached) may call only the
+        // methods a rule grants it by name or role.
+        let decision = decision.and_then(|()| {
+            let unavailable = |e: RegistryError| {
+                tracing::warn!(user = %auth.user, error = %e, "policy: cannot read the user");
+                Refusal::Unavailable(format!(
+                    "user {} could not be read; try again later",
+                    auth.user
+                ))
+            };
+            let user = shared.registry.user(&auth.user).map_err(unavailable)?;
+            if !user.is_some_and(|u| u.service) {
+                return Ok(());
+            }
+            let roles = shared
+                .registry
+                .user_roles(&auth.user)
+                .map_err(unavailable)?;
+            shared.policy.decide_service(path, &auth.user, &roles)
+        });
         if let Err(refusal) = decision {
             tracing::info!(
                 target: "portcullis::policy",

@@ -176,6 +176,27 @@ fn check(
             )
         });
     }
+    // A service account has no second factor: a bound, non-revoked device of it is let in on
+    // its key alone, without a session. The per-method policy then admits it only to the
+    // methods a rule grants it by name or role.
+    if registry.user(&device.user)?.is_some_and(|u| u.service) {
+        let identity = Identity {
+            user: device.user.clone(),
+            device_name: device.name.clone(),
+            fingerprint: device.fingerprint,
+            method: AuthMethod::Device,
+            totp_time_ms: now,
+            session: None,
+        };
+        if let Some(Err(hint)) = state.policy.as_ref().map(|p| p.check(&identity)) {
+            return Err(Refusal::new(
+                RejectCode::PolicyDenied,
+                Cause::PolicyDenied,
+                hint,
+            ));
+        }
+        return Ok(identity);
+    }
     if gate.config().session_ttl_ms.is_none() {
         return Err(Refusal::new(
             RejectCode::MfaRequired,

@@ -60,7 +60,9 @@
 //! ([`StoreError::NeedsKey`]) and left as it is. A registry of version 2 is migrated to version
 //! 3 when it is opened, with or without a key: its list of revoked session ids gives way to a
 //! table of session records. Tickets issued before have no record and are refused once: their
-//! holders send a one-time code again.
+//! holders send a one-time code again. A registry of version 3 (or older) is migrated to version
+//! 4 when it is opened: users gain a service flag ([`UserRecord::service`]) and roles
+//! ([`Registry::user_roles`]); existing users are not service accounts and hold no role.
 //!
 //! ## Sessions
 //!
@@ -85,7 +87,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use portcullis_core::{
     Clock, DeviceFingerprint, DeviceRecord, LockState, Registry, RegistryError, SessionId,
-    SessionRecord, SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name,
+    SessionRecord, SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name, normalize_roles,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use zeroize::Zeroizing;
@@ -97,7 +99,7 @@ use secret::Sealer;
 
 /// The version of the registry's schema that this build writes and reads
 /// (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The `PRAGMA application_id` of a registry file: `PCS1` in ASCII.
 pub const APPLICATION_ID: u32 = 0x5043_5331;
@@ -327,10 +329,17 @@ impl SqliteRegistry {
                 )));
             }
         };
+        if row.service && totp.is_some() {
+            return Err(self.damaged(&format!(
+                "user {}: a service account with TOTP parameters",
+                row.name
+            )));
+        }
         Ok(UserRecord {
             name: row.name,
             totp,
             created_ms,
+            service: row.service,
         })
     }
 }
@@ -457,10 +466,11 @@ struct UserRow {
     algorithm: Option<String>,
     period: Option<i64>,
     created_ms: i64,
+    service: bool,
 }
 
 impl UserRow {
-    /// Reads the columns `name, totp_secret, digits, algorithm, period, created_ms`.
+    /// Reads the columns `name, totp_secret, digits, algorithm, period, created_ms, service`.
     fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
             name: row.get(0)?,
@@ -471,6 +481,7 @@ impl UserRow {
             algorithm: row.get(3)?,
             period: row.get(4)?,
             created_ms: row.get(5)?,
+            service: row.get::<_, i64>(6)? != 0,
         })
     }
 }
@@ -512,7 +523,7 @@ impl Registry for SqliteRegistry {
         let conn = self.conn();
         let row = conn
             .prepare_cached(
-                "SELECT name, totp_secret, digits, algorithm, period, created_ms FROM users
+                "SELECT name, totp_secret, digits, algorithm, period, created_ms, service FROM users
                  WHERE name = ?1",
             )
             .and_then(|mut stmt| stmt.query_row(params![name], UserRow::read).optional())
@@ -746,6 +757,60 @@ impl Registry for SqliteRegistry {
         Ok(())
     }
 
+    fn add_service_user(&self, name: &str, now_ms: u64) -> Result<(), RegistryError> {
+        check_name("user", name)?;
+        let conn = self.conn();
+        conn.prepare_cached("INSERT INTO users (name, created_ms, service) VALUES (?1, ?2, 1)")
+            .and_then(|mut stmt| stmt.execute(params![name, db_ms(now_ms)]))
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    RegistryError::AlreadyExists(format!("user {name}"))
+                } else {
+                    self.backend(e)
+                }
+            })?;
+        Ok(())
+    }
+
+    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        let conn = self.conn();
+        conn.prepare_cached("SELECT role FROM user_roles WHERE user = ?1 ORDER BY role")
+            .and_then(|mut stmt| {
+                stmt.query_map(params![user], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+            })
+            .map_err(|e| self.backend(e))
+    }
+
+    fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
+        let roles = normalize_roles(roles)?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        let exists: bool = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
+            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get(0)))
+            .map_err(|e| self.backend(e))?;
+        if !exists {
+            return Err(RegistryError::NotFound(format!("user {user}")));
+        }
+        tx.prepare_cached("DELETE FROM user_roles WHERE user = ?1")
+            .and_then(|mut stmt| stmt.execute(params![user]))
+            .map_err(|e| self.backend(e))?;
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT INTO user_roles (user, role) VALUES (?1, ?2)")
+                .map_err(|e| self.backend(e))?;
+            for role in &roles {
+                insert
+                    .execute(params![user, role])
+                    .map_err(|e| self.backend(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.backend(e))
+    }
+
     fn bind_device(
         &self,
         name: &str,
@@ -885,7 +950,7 @@ impl Registry for SqliteRegistry {
         let conn = self.conn();
         let rows = conn
             .prepare_cached(
-                "SELECT name, totp_secret, digits, algorithm, period, created_ms FROM users
+                "SELECT name, totp_secret, digits, algorithm, period, created_ms, service FROM users
                  ORDER BY name",
             )
             .and_then(|mut stmt| {

@@ -89,6 +89,21 @@ CREATE INDEX sessions_by_user ON sessions (user);
 /// before have no record and are refused: their holders send a one-time code once more.
 const V2_TO_V3: &str = "DROP TABLE IF EXISTS revoked_sessions;";
 
+/// The first schema version with session records (`sessions`).
+const SESSIONS_SINCE: i64 = 3;
+
+/// From version 3 to 4, and for a new registry after [`SCHEMA_V3`] and [`SESSIONS_V3`]: users
+/// gain a service flag (a service account has no TOTP; its devices are exempt from the second
+/// factor) and roles, one `user_roles` row per user and role.
+const V3_TO_V4: &str = "
+ALTER TABLE users ADD COLUMN service INTEGER NOT NULL DEFAULT 0 CHECK (service IN (0, 1));
+CREATE TABLE user_roles (
+    user TEXT NOT NULL REFERENCES users (name),
+    role TEXT NOT NULL CHECK (length(role) BETWEEN 1 AND 64),
+    PRIMARY KEY (user, role)
+) STRICT, WITHOUT ROWID;
+";
+
 /// What the header and catalogue of a database say about it.
 struct Identity {
     application_id: u32,
@@ -204,6 +219,7 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
     if identity.is_blank() {
         tx.execute_batch(SCHEMA_V3).map_err(sqlite)?;
         tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
+        tx.execute_batch(V3_TO_V4).map_err(sqlite)?;
         // The header stores the id as a signed 32-bit integer.
         tx.pragma_update(None, "application_id", APPLICATION_ID as i32)
             .map_err(sqlite)?;
@@ -219,7 +235,8 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
 
 /// Migrates an older registry to [`SCHEMA_VERSION`] in one transaction. From version 1, every
 /// TOTP secret is sealed under the registry's key, in place; from version 2 (or 1),
-/// `revoked_sessions` gives way to `sessions`. Another process may be migrating the same file
+/// `revoked_sessions` gives way to `sessions`; from version 3 (or older), users gain a service
+/// flag and roles ([`V3_TO_V4`]). Another process may be migrating the same file
 /// at the same moment: the write lock decides, and the loser finds the work done.
 ///
 /// The raw secrets must not outlive the migration in the file: `secure_delete` makes SQLite
@@ -259,8 +276,11 @@ fn migrate_in_transaction(
     if identity.user_version < SEALED_SINCE {
         seal_secrets(&tx, path, sealer)?;
     }
-    tx.execute_batch(V2_TO_V3).map_err(sqlite)?;
-    tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
+    if identity.user_version < SESSIONS_SINCE {
+        tx.execute_batch(V2_TO_V3).map_err(sqlite)?;
+        tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
+    }
+    tx.execute_batch(V3_TO_V4).map_err(sqlite)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sqlite)?;
     tx.commit().map_err(sqlite)

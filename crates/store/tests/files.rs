@@ -57,7 +57,7 @@ fn create_sets_up_a_versioned_wal_registry() {
         .collect::<Result<_, _>>()
         .unwrap();
     tables.sort();
-    assert_eq!(tables, ["devices", "sessions", "users"]);
+    assert_eq!(tables, ["devices", "sessions", "user_roles", "users"]);
     let stored: Vec<u8> = raw
         .query_row(
             "SELECT totp_secret FROM users WHERE name = 'alice'",
@@ -256,13 +256,13 @@ fn a_newer_schema_is_refused() {
     }
     let error = open_error(&path);
     assert!(
-        matches!(error, StoreError::TooNew { version: 4, .. }),
+        matches!(error, StoreError::TooNew { version: 5, .. }),
         "{error}"
     );
     assert_eq!(
         error.to_string(),
         format!(
-            "{}: registry schema version 4 is newer than this portcullis (3)",
+            "{}: registry schema version 5 is newer than this portcullis (4)",
             path.display()
         )
     );

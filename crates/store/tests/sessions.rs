@@ -266,11 +266,13 @@ fn sqlite_forgets_nothing_its_own_clock_still_finds_live() {
 }
 
 /// Turns a registry written by this build back into schema version 2: `revoked_sessions`
-/// instead of `sessions`.
+/// instead of `sessions`, and no service flag or roles.
 fn downgrade_to_v2(path: &Path) {
     let raw = Connection::open(path).unwrap();
     raw.execute_batch(
-        "DROP TABLE sessions;
+        "DROP TABLE user_roles;
+         ALTER TABLE users DROP COLUMN service;
+         DROP TABLE sessions;
          CREATE TABLE revoked_sessions (
              id         BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
              expires_ms INTEGER NOT NULL
@@ -314,9 +316,12 @@ fn a_version_2_registry_is_migrated_without_a_key() {
     assert_eq!(tables(&path), ["devices", "revoked_sessions", "users"]);
 
     let r = SqliteRegistry::open(&path).unwrap();
-    assert_eq!(SCHEMA_VERSION, 3);
-    assert_eq!(user_version(&path), 3);
-    assert_eq!(tables(&path), ["devices", "sessions", "users"]);
+    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(user_version(&path), 4);
+    assert_eq!(
+        tables(&path),
+        ["devices", "sessions", "user_roles", "users"]
+    );
     // Users, devices and gate state are as they were.
     assert_eq!(r.list_devices().unwrap().len(), 3);
     assert_eq!(
@@ -347,11 +352,14 @@ fn a_sealed_version_2_registry_is_migrated_and_its_secrets_still_open() {
     }
     downgrade_to_v2(&path);
     let r = SqliteRegistry::open_with_key(&path, SecretKey::load(&key_path).unwrap()).unwrap();
-    assert_eq!(user_version(&path), 3);
+    assert_eq!(user_version(&path), 4);
     assert!(r.is_sealed());
     assert_eq!(
         r.user("bob").unwrap().unwrap().totp.unwrap().secret(),
         &[9; 20]
     );
-    assert_eq!(tables(&path), ["devices", "sessions", "users"]);
+    assert_eq!(
+        tables(&path),
+        ["devices", "sessions", "user_roles", "users"]
+    );
 }

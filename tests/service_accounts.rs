@@ -1,0 +1,221 @@
+//! Service accounts end to end, over real loopback TCP and real TLS: a service account's device
+//! gets in without a one-time code, and the account may call only the methods a policy rule
+//! grants it by name or role.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::CountingEcho;
+use portcullis::client::{Client, CodeSource};
+use portcullis::core::codec::ALPN_PCS1;
+use portcullis::core::{MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig};
+use portcullis::demo::{EchoClient, EchoServer, SayReply, SayRequest};
+use portcullis::server::PortcullisServer;
+use portcullis::server::policy::{Policy, PolicyLayer};
+use portcullis::tls::devpki::{DevCa, Issued};
+
+/// Every test runs under this bound, so that a deadlock fails instead of hanging.
+const LIMIT: Duration = Duration::from_secs(120);
+
+struct Server {
+    addr: SocketAddr,
+    ca: DevCa,
+    registry: Arc<MemoryRegistry>,
+    calls: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(policy: &str) -> Self {
+        let policy = Policy::from_toml_str(policy).unwrap();
+        let registry = Arc::new(MemoryRegistry::new());
+        let ca = DevCa::generate("service account test CA").unwrap();
+        let server_cert = ca
+            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+        let portcullis = PortcullisServer::builder()
+            .identity(
+                vec![server_cert.cert_der()],
+                server_cert.key_der(),
+                &[ca.cert_der()],
+            )
+            .unwrap()
+            .registry(registry.clone())
+            .build()
+            .unwrap();
+        let layer = PolicyLayer::new(policy, registry.clone(), Arc::new(SystemClock));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let echo = CountingEcho::default();
+        let calls = echo.calls.clone();
+        let incoming = portcullis.incoming(listener);
+        let task = tokio::spawn(async move {
+            portcullis
+                .server()
+                .layer(layer)
+                .add_service(EchoServer::new(echo))
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            ca,
+            registry,
+            calls,
+            _task: task,
+        }
+    }
+
+    fn device(&self, user: &str) -> Issued {
+        let name = format!("{user}-box");
+        let device = self.ca.issue_device(&name).unwrap();
+        let fp = portcullis::tls::fingerprint(device.cert_der().as_ref()).unwrap();
+        self.registry.bind_device(&name, user, &fp, 0).unwrap();
+        device
+    }
+
+    /// A client of `user` whose code source counts how often it is asked and answers `code`.
+    fn client(&self, user: &str, device: &Issued, code: String) -> (Client, Arc<AtomicUsize>) {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let codes = CodeSource::callback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(code.clone())
+        });
+        let tls = portcullis::tls::client_config(
+            &[self.ca.cert_der()],
+            vec![device.cert_der()],
+            device.key_der(),
+            &[ALPN_PCS1],
+        )
+        .unwrap();
+        let client = Client::builder()
+            .tls_config(tls)
+            .server_name("localhost")
+            .user(user)
+            .code_source(codes)
+            .build()
+            .unwrap();
+        (client, asked)
+    }
+
+    async fn say(&self, client: &Client) -> Result<SayReply, tonic::Status> {
+        let channel = client.connect_lazy(&self.addr.to_string()).unwrap();
+        EchoClient::new(channel)
+            .say(SayRequest {
+                text: "hello".into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+fn roles(list: &[&str]) -> Vec<String> {
+    list.iter().map(|r| (*r).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn a_service_account_is_refused_outside_its_list() {
+    tokio::time::timeout(LIMIT, async {
+        // No rule covers Say: any authenticated person may call it, a service account may not.
+        let server = Server::start(
+            r#"
+            [[rule]]
+            service = "portcullis.backup.v1.Backup"
+            allow_users = ["backup-bot"]
+            "#,
+        )
+        .await;
+        server.registry.add_service_user("backup-bot", 0).unwrap();
+        let device = server.device("backup-bot");
+        let (bot, _) = server.client("backup-bot", &device, "000000".into());
+        let status = server.say(&bot).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "policy_denied: service account backup-bot may only call the methods its policy lists"
+        );
+        assert_eq!(
+            status.metadata().get("portcullis-reject").unwrap(),
+            "policy_denied"
+        );
+        assert_eq!(
+            server.calls.load(Ordering::SeqCst),
+            0,
+            "the refusal reached Echo"
+        );
+
+        // A person with a code reaches Say on the same server.
+        let totp =
+            TotpConfig::new(b"secret-of-alice-000".to_vec(), 6, TotpAlgorithm::Sha1, 30).unwrap();
+        server.registry.add_user("alice", totp.clone(), 0).unwrap();
+        let alice_device = server.device("alice");
+        let code = totp.generate(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        );
+        let (alice, _) = server.client("alice", &alice_device, code);
+        let reply = server.say(&alice).await.unwrap();
+        assert_eq!(reply.user, "alice");
+        assert_eq!(reply.auth_method, "totp");
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_service_account_named_or_holding_a_listed_role_gets_in_without_a_code() {
+    tokio::time::timeout(LIMIT, async {
+        let server = Server::start(
+            r#"
+            [[rule]]
+            method = "/portcullis.demo.v1.Echo/Say"
+            roles = ["deploy"]
+            "#,
+        )
+        .await;
+        server.registry.add_service_user("deploy-bot", 0).unwrap();
+        server
+            .registry
+            .set_user_roles("deploy-bot", &roles(&["deploy"]))
+            .unwrap();
+        let device = server.device("deploy-bot");
+        // Any well-formed frame will do: the factor of a service account is its device key.
+        let (bot, asked) = server.client("deploy-bot", &device, "000000".into());
+        let reply = server.say(&bot).await.unwrap();
+        assert_eq!(reply.user, "deploy-bot");
+        assert_eq!(reply.auth_method, "device");
+        assert!(asked.load(Ordering::SeqCst) <= 1);
+        assert!(
+            bot.session().is_none(),
+            "a service account earns no session"
+        );
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+
+        // Without the role, the same account is refused.
+        server.registry.set_user_roles("deploy-bot", &[]).unwrap();
+        let status = server.say(&bot).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().starts_with("policy_denied: "),
+            "{status:?}"
+        );
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+
+        // A revoked device of a service account is refused at the gate.
+        server.registry.revoke_device("deploy-bot-box", 1).unwrap();
+        let status = server.say(&bot).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
