@@ -788,13 +788,7 @@ impl Registry for SqliteRegistry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.backend(e))?;
-        let exists: bool = tx
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
-            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get(0)))
-            .map_err(|e| self.backend(e))?;
-        if !exists {
-            return Err(RegistryError::NotFound(format!("user {user}")));
-        }
+        self.require_user(&tx, user)?;
         tx.prepare_cached("DELETE FROM user_roles WHERE user = ?1")
             .and_then(|mut stmt| stmt.execute(params![user]))
             .map_err(|e| self.backend(e))?;
@@ -826,13 +820,7 @@ impl Registry for SqliteRegistry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.backend(e))?;
-        let user_exists = tx
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
-            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
-            .map_err(|e| self.backend(e))?;
-        if !user_exists {
-            return Err(RegistryError::NotFound(format!("user {user}")));
-        }
+        self.require_user(&tx, user)?;
         let name_taken = tx
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM devices WHERE name = ?1 AND revoked_ms IS NULL)",
@@ -915,13 +903,7 @@ impl Registry for SqliteRegistry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.backend(e))?;
-        let user_exists = tx
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
-            .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
-            .map_err(|e| self.backend(e))?;
-        if !user_exists {
-            return Err(RegistryError::NotFound(format!("user {user}")));
-        }
+        self.require_user(&tx, user)?;
         let rows = tx
             .prepare_cached(
                 "UPDATE devices SET revoked_ms = ?2 WHERE user = ?1 AND revoked_ms IS NULL
@@ -1022,12 +1004,20 @@ impl SqliteRegistry {
         if changed > 0 {
             return Ok(true);
         }
+        self.require_user(&conn, user)?;
+        Ok(false)
+    }
+}
+
+impl SqliteRegistry {
+    /// `NotFound` unless the user exists (read on `conn`, which may be a transaction).
+    fn require_user(&self, conn: &rusqlite::Connection, user: &str) -> Result<(), RegistryError> {
         let exists = conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)")
             .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get::<_, bool>(0)))
             .map_err(|e| self.backend(e))?;
         if exists {
-            Ok(false)
+            Ok(())
         } else {
             Err(RegistryError::NotFound(format!("user {user}")))
         }
