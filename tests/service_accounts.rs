@@ -5,17 +5,19 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::CountingEcho;
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::codec::ALPN_PCS1;
-use portcullis::core::{MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig};
+use portcullis::core::{
+    AuthMethod, Clock, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig,
+};
 use portcullis::demo::{EchoClient, EchoServer, SayReply, SayRequest};
-use portcullis::server::PortcullisServer;
 use portcullis::server::policy::{Policy, PolicyLayer};
+use portcullis::server::{AuditOutcome, AuditRecord, PortcullisServer};
 use portcullis::tls::devpki::{DevCa, Issued};
 
 /// Every test runs under this bound, so that a deadlock fails instead of hanging.
@@ -215,6 +217,75 @@ async fn a_service_account_named_or_holding_a_listed_role_gets_in_without_a_code
         let status = server.say(&bot).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
         assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_accept_of_a_service_account_is_audited_once_with_method_device() {
+    tokio::time::timeout(LIMIT, async {
+        let records: Arc<Mutex<Vec<AuditRecord>>> = Arc::default();
+        let keep = records.clone();
+        let registry = Arc::new(MemoryRegistry::new());
+        let ca = DevCa::generate("service account audit CA").unwrap();
+        let (server, _handle) = common::start_custom(ca, registry.clone(), |builder| {
+            builder.audit_sink(Arc::new(move |r: &AuditRecord| {
+                keep.lock().unwrap().push(r.clone())
+            }))
+        })
+        .await;
+        registry
+            .add_service_user("backup-bot", SystemClock.now_ms())
+            .unwrap();
+        let (device, fingerprint) = server.issue("backup-box");
+        registry
+            .bind_device(
+                "backup-box",
+                "backup-bot",
+                &fingerprint,
+                SystemClock.now_ms(),
+            )
+            .unwrap();
+        // Any well-formed frame will do: the factor of a service account is its device key.
+        let bot = server.client_as(
+            &device,
+            "backup-bot",
+            CodeSource::callback(|| Ok("000000".to_owned())),
+        );
+        let channel = bot.connect(&server.addr_str()).await.unwrap();
+        let reply = EchoClient::new(channel)
+            .say(SayRequest {
+                text: "hello".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.user, "backup-bot");
+        assert_eq!(reply.auth_method, "device");
+
+        // The call was served, so the accept was decided; wait for its record to reach the sink.
+        while records.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = records.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:#?}");
+        let r = &seen[0];
+        assert_eq!(r.outcome, AuditOutcome::Accepted);
+        assert_eq!(r.method, Some(AuthMethod::Device));
+        assert_eq!(r.user.as_deref(), Some("backup-bot"));
+        assert_eq!(r.device.as_deref(), Some("backup-box"));
+        assert_eq!(r.fingerprint, Some(fingerprint));
+        assert_eq!(r.code, None);
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["method"], "device", "{json}");
+        assert!(
+            r.to_json().contains(r#""method":"device""#),
+            "{}",
+            r.to_json()
+        );
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+        server.stop().await;
     })
     .await
     .unwrap();

@@ -428,3 +428,58 @@ async fn the_rate_limit_applies_to_standard_clients_with_a_grpc_status() {
         server.h2_records()
     );
 }
+
+#[tokio::test]
+async fn a_service_account_device_gets_in_without_a_session_until_it_is_revoked() {
+    let server = Server::start(true, None).await;
+    server
+        .registry
+        .add_service_user("deploy-bot", SystemClock.now_ms())
+        .unwrap();
+    let bot_box = server.device("bot-box", "deploy-bot", true);
+
+    // No session was ever earned: the device key alone lets the service account in.
+    assert!(
+        server
+            .registry
+            .live_session_for_device(&bot_box.fingerprint, SystemClock.now_ms())
+            .unwrap()
+            .is_none()
+    );
+    let reply = standard_say(&server, &bot_box).await.unwrap();
+    assert_eq!(reply.user, "deploy-bot");
+    assert_eq!(reply.device, bot_box.fingerprint.to_string());
+    assert_eq!(reply.auth_method, "device");
+    assert_eq!(reply.auth_method, AuthMethod::Device.as_str());
+    assert!(reply.text.contains("device_name=bot-box"), "{}", reply.text);
+    assert_eq!(
+        server.echo.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let records = server.h2_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].outcome, AuditOutcome::Accepted);
+    assert_eq!(records[0].method, Some(AuthMethod::Device));
+    assert_eq!(records[0].user.as_deref(), Some("deploy-bot"));
+
+    // Once the device is revoked, it is refused like any other revoked device.
+    server
+        .registry
+        .revoke_device("bot-box", SystemClock.now_ms())
+        .unwrap();
+    let status = standard_say(&server, &bot_box).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("device_revoked: device bot-box"),
+        "{status:?}"
+    );
+    assert_eq!(metadata(&status, "portcullis-reject"), "device_revoked");
+    assert_eq!(
+        server.echo.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let causes: Vec<_> = server.h2_records().iter().map(|r| r.cause).collect();
+    assert_eq!(causes, [None, Some("device_revoked")]);
+}

@@ -41,7 +41,7 @@
 //! | `agent` | the AGENT the Prefix sent, if any |
 //! | `alpn` | the application protocol negotiated: `portcullis/1`, or `h2` for a standard gRPC client (see [`crate::standard`]); `null` before a finished TLS handshake or when the ALPN was refused |
 //! | `device` | the device name, on accept |
-//! | `method` | `totp` or `session`, on accept |
+//! | `method` | `totp`, `session` or `device`, on accept |
 //! | `outcome` | `accepted`, `rejected` (a rejecting Verdict was made) or `closed` (closed without a Verdict) |
 //! | `code` | the reject code's name (`mfa_failed`); for `closed`, the code that could not be sent, if any |
 //! | `cause` | the precise cause (`code_reused`, `alpn_refused`, `tls_handshake_failed`, ...); `null` on accept |
