@@ -18,6 +18,7 @@ mod bench;
 mod call;
 mod connect;
 mod dir;
+mod doctor;
 mod enroll;
 mod login;
 mod serve;
@@ -52,6 +53,9 @@ enum Command {
     /// Earn a session for a device with a one-time code (asked for on a terminal when neither
     /// --code nor --secret is given), so that standard gRPC clients on it are let in.
     Login(login::LoginArgs),
+    /// Walk the path to a server step by step and say which step fails and how to fix it. Exits
+    /// 0 when every step passes, else 10 + the number of the first failed step (docs/DOCTOR.md).
+    Doctor(doctor::DoctorArgs),
     /// List and revoke the sessions the gate issued.
     #[command(subcommand)]
     Session(SessionCommand),
@@ -184,6 +188,11 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(&args),
         Command::Call(args) => call::call(&args),
         Command::Login(args) => login::login(&args),
+        Command::Doctor(args) => match doctor::doctor(&args) {
+            Ok(0) => Ok(()),
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Session(SessionCommand::List(args)) => session::session_list(&args),
         Command::Session(SessionCommand::Revoke(args)) => session::session_revoke(&args),
         Command::Bench(BenchCommand::Handshake(args)) => bench::handshake(&args),

@@ -1,0 +1,1029 @@
+//! `portcullis doctor`: walks the path from this machine to a Portcullis server step by step on
+//! one raw connection (TCP, TLS 1.3, ALPN, both certificates, the Prefix and the Verdict, then
+//! one Echo call over the same stream) and says for every step what it saw and, when it fails,
+//! what to do about it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use portcullis::demo::{EchoClient, SayRequest};
+use portcullis_core::codec::{
+    ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
+};
+use portcullis_core::{RejectCode, TotpConfig};
+use portcullis_tls::DeviceIdentity;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use zeroize::Zeroizing;
+
+use crate::CliResult;
+use crate::connect::{ConnectArgs, check_code, runtime};
+use crate::dir::Layout;
+
+/// How long one TCP connect, the handshake or the Verdict may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The RFC 9266 exporter label.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+
+/// `portcullis doctor`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("factor").required(true).args(["code", "secret"])))]
+pub(crate) struct DoctorArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Print one JSON object with every step instead of the report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The steps, in the order they are walked. A failure of step `i` (1-based) exits with `10 + i`.
+const STEPS: [&str; 11] = [
+    "connect",
+    "tls_version",
+    "alpn",
+    "server_certificate",
+    "client_certificate",
+    "device",
+    "clock",
+    "code",
+    "channel_binding",
+    "session",
+    "echo",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Pass,
+    Fail,
+    /// Not reached: an earlier failure (or the server's order of checks) stopped the walk.
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    mark: Mark,
+    saw: String,
+    fix: Option<String>,
+}
+
+/// The report being filled in, one entry per step of [`STEPS`].
+struct Report {
+    steps: Vec<Step>,
+}
+
+impl Report {
+    fn new() -> Self {
+        Self {
+            steps: STEPS
+                .iter()
+                .map(|_| Step {
+                    mark: Mark::Skip,
+                    saw: "not checked: an earlier step failed".into(),
+                    fix: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn index(name: &str) -> usize {
+        STEPS.iter().position(|s| *s == name).unwrap_or(0)
+    }
+
+    fn pass(&mut self, name: &str, saw: impl Into<String>) {
+        self.steps[Self::index(name)] = Step {
+            mark: Mark::Pass,
+            saw: saw.into(),
+            fix: None,
+        };
+    }
+
+    fn fail(&mut self, name: &str, saw: impl Into<String>, fix: impl Into<String>) {
+        self.steps[Self::index(name)] = Step {
+            mark: Mark::Fail,
+            saw: saw.into(),
+            fix: Some(fix.into()),
+        };
+    }
+
+    fn skip(&mut self, name: &str, saw: impl Into<String>) {
+        self.steps[Self::index(name)] = Step {
+            mark: Mark::Skip,
+            saw: saw.into(),
+            fix: None,
+        };
+    }
+
+    /// The 0-based index of the first failed step.
+    fn first_failure(&self) -> Option<usize> {
+        self.steps.iter().position(|s| s.mark == Mark::Fail)
+    }
+}
+
+pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
+    let c = &args.connect;
+    c.check_files()?;
+    let code = match (&c.code, &c.secret) {
+        (Some(code), None) => {
+            check_code("--code", code)?;
+            Zeroizing::new(code.clone())
+        }
+        (None, Some(secret)) => {
+            let config =
+                TotpConfig::from_base32(secret, c.digits, c.algorithm, TotpConfig::DEFAULT_PERIOD)
+                    .map_err(|e| format!("--secret: {e}"))?;
+            Zeroizing::new(config.generate(now_ms() / 1000))
+        }
+        _ => return Err("give one of --code and --secret".into()),
+    };
+    let layout = Layout::existing(&c.dir.dir)?;
+    let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
+    let chain =
+        portcullis_tls::load_certs(&layout.device_cert(&c.device)).map_err(|e| e.to_string())?;
+    let key = portcullis_tls::load_key(&layout.device_key(&c.device)).map_err(|e| e.to_string())?;
+    let ours = chain
+        .first()
+        .ok_or_else(|| {
+            format!(
+                "{}: no certificate",
+                layout.device_cert(&c.device).display()
+            )
+        })
+        .and_then(|der| {
+            DeviceIdentity::from_der(der)
+                .map_err(|e| format!("{}: {e}", layout.device_cert(&c.device).display()))
+        })?;
+    let host = c
+        .server
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        .unwrap_or_default();
+    let name = c.server_name.clone().unwrap_or(host);
+    let env = Env {
+        server: c.server.clone(),
+        name,
+        user: c.user.clone(),
+        ca_file: layout.ca_cert().display().to_string(),
+        roots,
+        chain,
+        key,
+        ours,
+    };
+
+    let mut report = Report::new();
+    runtime()?.block_on(walk(&env, &code, &mut report));
+
+    let first = report.first_failure();
+    if args.json {
+        let steps: Vec<_> = STEPS
+            .iter()
+            .zip(&report.steps)
+            .map(|(name, step)| {
+                json!({
+                    "name": name,
+                    "ok": step.mark == Mark::Pass,
+                    "skipped": step.mark == Mark::Skip,
+                    "saw": step.saw,
+                    "fix": step.fix,
+                })
+            })
+            .collect();
+        let out = json!({
+            "ok": first.is_none(),
+            "steps": steps,
+            "first_failure": first.map(|i| STEPS[i]),
+        });
+        out!("{out}");
+    } else {
+        for (i, (name, step)) in STEPS.iter().zip(&report.steps).enumerate() {
+            let mark = match step.mark {
+                Mark::Pass => "✓",
+                Mark::Fail => "✗",
+                Mark::Skip => "-",
+            };
+            out!("{mark} {:>2}. {name}: {}", i + 1, step.saw);
+            if let Some(fix) = &step.fix {
+                out!("       fix: {fix}");
+            }
+        }
+        match first {
+            None => out!("all {} steps passed", STEPS.len()),
+            Some(i) => out!(
+                "step {} ({}) failed: exit code {}",
+                i + 1,
+                STEPS[i],
+                exit_code(i)
+            ),
+        }
+    }
+    Ok(first.map_or(0, exit_code))
+}
+
+/// The exit code for a failure of the step at 0-based `index`: 11 for the first step.
+fn exit_code(index: usize) -> u8 {
+    u8::try_from(11 + index).unwrap_or(u8::MAX)
+}
+
+/// What the walk needs, read from the directory and the flags.
+struct Env {
+    server: String,
+    name: String,
+    user: String,
+    ca_file: String,
+    roots: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    ours: DeviceIdentity,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A server certificate verifier that checks like the client library does and records the
+/// certificate the server presented, so that a failure can list its names.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<WebPkiServerVerifier>,
+    seen: Arc<Mutex<Option<CertificateDer<'static>>>>,
+}
+
+impl ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(end_entity.clone().into_owned());
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A verifier that accepts any server certificate: used only by the probe handshake that
+/// finds out which TLS version the server speaks, never for data.
+#[derive(Debug)]
+struct AcceptAny(Vec<SignatureScheme>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.clone()
+    }
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, if there is one.
+fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+async fn connect_tcp(env: &Env, report: &mut Report) -> Option<TcpStream> {
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
+        STEP_TIMEOUT,
+        tokio::net::lookup_host(env.server.as_str()),
+    )
+    .await
+    {
+        Ok(Ok(addrs)) => addrs.collect(),
+        Ok(Err(e)) => {
+            report.fail(
+                "connect",
+                format!("could not resolve {}: {e}", env.server),
+                "check the host name in --server and this machine's DNS",
+            );
+            return None;
+        }
+        Err(_) => {
+            report.fail(
+                "connect",
+                format!("resolving {} took over {STEP_TIMEOUT:?}", env.server),
+                "check this machine's DNS",
+            );
+            return None;
+        }
+    };
+    let mut tried = Vec::new();
+    for addr in &addrs {
+        match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                let mut saw = format!("{} resolved to {}", env.server, list(&addrs));
+                if !tried.is_empty() {
+                    saw.push_str(&format!("; failed first: {}", tried.join(", ")));
+                }
+                saw.push_str(&format!("; connected to {addr}"));
+                report.pass("connect", saw);
+                return Some(tcp);
+            }
+            Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
+            Err(_) => tried.push(format!("{addr} (no answer in {STEP_TIMEOUT:?})")),
+        }
+    }
+    report.fail(
+        "connect",
+        format!(
+            "{} resolved to {}; no address took the connection: {}",
+            env.server,
+            if addrs.is_empty() {
+                "nothing".to_owned()
+            } else {
+                list(&addrs)
+            },
+            tried.join(", ")
+        ),
+        "start the server (`portcullis serve`), check the port in --server, and that no \
+         firewall drops the connection",
+    );
+    None
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Connects once more with a configuration that speaks TLS 1.2 and 1.3 and accepts any server
+/// certificate, only to learn which version the server picks.
+async fn probe_version(env: &Env) -> Option<String> {
+    let provider = portcullis_tls::provider();
+    let schemes = provider
+        .signature_verification_algorithms
+        .supported_schemes();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(schemes)))
+        .with_no_client_auth();
+    let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(env.server.as_str()))
+        .await
+        .ok()?
+        .ok()?;
+    let name = ServerName::try_from(env.name.clone()).ok()?;
+    let tls = tokio::time::timeout(
+        STEP_TIMEOUT,
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"))
+}
+
+async fn walk(env: &Env, code: &str, report: &mut Report) {
+    let Some(tcp) = connect_tcp(env, report).await else {
+        return;
+    };
+
+    // The configuration the client library uses, with a recording verifier.
+    let provider = portcullis_tls::provider();
+    let mut store = rustls::RootCertStore::empty();
+    for root in &env.roots {
+        if let Err(e) = store.add(root.clone()) {
+            report.fail(
+                "server_certificate",
+                format!("{}: not a usable CA certificate: {e}", env.ca_file),
+                "copy the server's CA certificate (DIR/ca.pem of its `portcullis init`) here",
+            );
+            return;
+        }
+    }
+    let inner = match WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+        .build()
+    {
+        Ok(v) => v,
+        Err(e) => {
+            report.fail(
+                "server_certificate",
+                format!("{}: {e}", env.ca_file),
+                "copy the server's CA certificate (DIR/ca.pem of its `portcullis init`) here",
+            );
+            return;
+        }
+    };
+    let seen = Arc::new(Mutex::new(None));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(Arc::new(Recording {
+                    inner,
+                    seen: Arc::clone(&seen),
+                }))
+                .with_client_auth_cert(env.chain.clone(), env.key.clone_key())
+        });
+    let mut config = match config {
+        Ok(Ok(config)) => config,
+        Ok(Err(e)) | Err(e) => {
+            report.fail(
+                "client_certificate",
+                format!("the device certificate and key do not make a TLS identity: {e}"),
+                "issue the device again with `portcullis device issue`",
+            );
+            return;
+        }
+    };
+    config.alpn_protocols = vec![ALPN_PCS1.to_vec()];
+    config.enable_early_data = false;
+
+    let Ok(name) = ServerName::try_from(env.name.clone()) else {
+        report.fail(
+            "server_certificate",
+            format!("`{}` is not a valid server name", env.name),
+            "give a DNS name or IP address with --server-name",
+        );
+        return;
+    };
+    let handshake = tokio::time::timeout(
+        STEP_TIMEOUT,
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await;
+    let mut tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let presented = seen.lock().ok().and_then(|s| s.clone());
+            handshake_failed(env, &e, presented, report).await;
+            return;
+        }
+        Err(_) => {
+            report.fail(
+                "tls_version",
+                format!("no TLS handshake within {STEP_TIMEOUT:?}"),
+                "check that --server names the Portcullis TLS port, not another service",
+            );
+            return;
+        }
+    };
+
+    let (_, conn) = tls.get_ref();
+    report.pass("tls_version", "TLS 1.3 negotiated");
+    match conn.alpn_protocol() {
+        Some(ALPN_PCS1) => report.pass("alpn", "portcullis/1 negotiated"),
+        other => {
+            report.fail(
+                "alpn",
+                match other {
+                    Some(p) => format!(
+                        "the server selected `{}`, not portcullis/1",
+                        String::from_utf8_lossy(p)
+                    ),
+                    None => "the server selected no ALPN protocol".to_owned(),
+                },
+                "point --server at a Portcullis server (`portcullis serve`); a plain gRPC \
+                 server or a proxy answers h2",
+            );
+            return;
+        }
+    }
+    let presented = seen.lock().ok().and_then(|s| s.clone());
+    let sans = presented
+        .as_ref()
+        .and_then(|der| DeviceIdentity::from_der(der).ok())
+        .map(|id| id.sans.join(", "))
+        .unwrap_or_default();
+    report.pass(
+        "server_certificate",
+        format!(
+            "chains to {} and names `{}` (SANs: {sans})",
+            env.ca_file, env.name
+        ),
+    );
+
+    let binding = match conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None) {
+        Ok(b) => b,
+        Err(e) => {
+            report.fail(
+                "channel_binding",
+                format!("could not compute the channel binding: {e}"),
+                "this is a TLS library problem; report it",
+            );
+            return;
+        }
+    };
+    let mut nonce = [0u8; 16];
+    if portcullis_tls::provider()
+        .secure_random
+        .fill(&mut nonce)
+        .is_err()
+    {
+        report.fail(
+            "code",
+            "no random bytes for the nonce",
+            "check the system's random source",
+        );
+        return;
+    }
+    let sent_ms = now_ms();
+    let prefix = Prefix {
+        user: env.user.clone(),
+        factor: Factor::Totp(code.to_owned()),
+        nonce,
+        time_ms: sent_ms,
+        binding,
+        agent: Some(format!("portcullis-doctor/{}", env!("CARGO_PKG_VERSION"))),
+    };
+    let encoded = prefix.encode().map(Zeroizing::new);
+    if let Factor::Totp(mut c) = prefix.factor {
+        zeroize::Zeroize::zeroize(&mut c);
+    }
+    let encoded = match encoded {
+        Ok(e) => e,
+        Err(e) => {
+            report.fail(
+                "code",
+                format!("could not encode the Prefix: {e}"),
+                "check --user (1 to 128 bytes)",
+            );
+            return;
+        }
+    };
+    let verdict = tokio::time::timeout(STEP_TIMEOUT, async {
+        tls.write_all(&encoded).await?;
+        tls.flush().await?;
+        let mut header = [0u8; HEADER_LEN];
+        tls.read_exact(&mut header).await?;
+        Ok::<_, std::io::Error>(header)
+    })
+    .await;
+    let header = match verdict {
+        Ok(Ok(header)) => header,
+        Ok(Err(e)) => {
+            client_cert_refused(env, &e, report);
+            return;
+        }
+        Err(_) => {
+            report.fail(
+                "client_certificate",
+                format!("no Verdict within {STEP_TIMEOUT:?} after the Prefix"),
+                "the server is stuck or is not a Portcullis server; check its log",
+            );
+            return;
+        }
+    };
+    let received_ms = now_ms();
+    let verdict = match read_verdict(&mut tls, &header).await {
+        Ok(v) => v,
+        Err(e) => {
+            report.fail(
+                "client_certificate",
+                format!("the server's answer is not a PCS1 Verdict: {e}"),
+                "point --server at a Portcullis server",
+            );
+            return;
+        }
+    };
+    report.pass(
+        "client_certificate",
+        format!(
+            "accepted ({}, valid until {})",
+            env.ours.subject,
+            crate::enroll::format_time(
+                u64::try_from(env.ours.not_after_unix)
+                    .unwrap_or(0)
+                    .saturating_mul(1000)
+            )
+        ),
+    );
+    let accepted = interpret(env, &verdict, sent_ms, received_ms, report);
+    if !accepted {
+        return;
+    }
+    echo(tls, report).await;
+}
+
+async fn read_verdict(
+    tls: &mut TlsStream<TcpStream>,
+    header: &[u8; HEADER_LEN],
+) -> Result<Verdict, String> {
+    let parsed = FrameHeader::parse(header, FrameKind::Verdict).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; parsed.body_len];
+    tokio::time::timeout(STEP_TIMEOUT, tls.read_exact(&mut body))
+        .await
+        .map_err(|_| "the Verdict was cut short".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Verdict::decode_body(&body).map_err(|e| e.to_string())
+}
+
+async fn handshake_failed(
+    env: &Env,
+    e: &std::io::Error,
+    presented: Option<CertificateDer<'static>>,
+    report: &mut Report,
+) {
+    match tls_error(e) {
+        Some(rustls::Error::InvalidCertificate(cert_error)) => {
+            report.pass("tls_version", "TLS 1.3 negotiated");
+            report.skip(
+                "alpn",
+                "not checked: the handshake stopped at the server certificate",
+            );
+            let identity = presented
+                .as_ref()
+                .and_then(|der| DeviceIdentity::from_der(der).ok());
+            let sans = identity
+                .as_ref()
+                .map(|id| {
+                    if id.sans.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        id.sans.join(", ")
+                    }
+                })
+                .unwrap_or_else(|| "unknown".to_owned());
+            let subject = identity.map(|id| id.subject).unwrap_or_default();
+            use rustls::CertificateError as C;
+            let (what, fix) = match cert_error {
+                C::UnknownIssuer | C::BadSignature => (
+                    format!("does not chain to the CA in {}", env.ca_file),
+                    format!(
+                        "copy the CA certificate the server's certificate was issued by (DIR/ca.pem \
+                         of the server's `portcullis init`) to {}",
+                        env.ca_file
+                    ),
+                ),
+                C::NotValidForName | C::NotValidForNameContext { .. } => (
+                    format!("does not name `{}`", env.name),
+                    "connect with one of the names listed, or give it with --server-name".into(),
+                ),
+                C::Expired | C::ExpiredContext { .. } => (
+                    "has expired".to_owned(),
+                    "issue the server a new certificate".to_owned(),
+                ),
+                other => (
+                    format!("was refused: {other:?}"),
+                    "issue the server a certificate from the CA this client trusts".to_owned(),
+                ),
+            };
+            report.fail(
+                "server_certificate",
+                format!("the server's certificate ({subject}) {what}; its SANs: {sans}"),
+                fix,
+            );
+        }
+        Some(rustls::Error::AlertReceived(alert))
+            if *alert == rustls::AlertDescription::NoApplicationProtocol =>
+        {
+            report.pass("tls_version", "TLS 1.3 negotiated");
+            report.fail(
+                "alpn",
+                "the server refused ALPN portcullis/1 (no_application_protocol)",
+                "point --server at a Portcullis server (`portcullis serve`)",
+            );
+        }
+        other => {
+            let detail = other.map_or_else(|| e.to_string(), |t| t.to_string());
+            match probe_version(env).await {
+                Some(version) if version != "TLSv1_3" => report.fail(
+                    "tls_version",
+                    format!("the server offered {version}, not TLS 1.3 ({detail})"),
+                    "Portcullis needs TLS 1.3 end to end: point --server at the Portcullis \
+                     server, not at a TLS 1.2 proxy",
+                ),
+                _ => report.fail(
+                    "tls_version",
+                    format!("the TLS handshake failed: {detail}"),
+                    "check that --server names the Portcullis TLS port (a plaintext or other \
+                     service there cannot do TLS 1.3)",
+                ),
+            }
+        }
+    }
+}
+
+fn client_cert_refused(env: &Env, e: &std::io::Error, report: &mut Report) {
+    let now = i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX);
+    let mut problems = Vec::new();
+    if !env.ours.is_valid_at(now) {
+        problems.push(format!(
+            "our certificate is outside its validity ({} to {})",
+            crate::enroll::format_time(
+                u64::try_from(env.ours.not_before_unix)
+                    .unwrap_or(0)
+                    .saturating_mul(1000)
+            ),
+            crate::enroll::format_time(
+                u64::try_from(env.ours.not_after_unix)
+                    .unwrap_or(0)
+                    .saturating_mul(1000)
+            )
+        ));
+    }
+    if !env.ours.client_auth {
+        problems.push("our certificate lacks the clientAuth extended key usage".to_owned());
+    }
+    let how = match tls_error(e) {
+        Some(rustls::Error::AlertReceived(alert)) => format!("the server sent the alert {alert:?}"),
+        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the server closed the connection right after the handshake".to_owned()
+        }
+        _ => format!("the connection failed after the handshake: {e}"),
+    };
+    let fix = if problems.is_empty() {
+        "the server does not trust the CA that issued this device: issue it from the server's \
+         CA (`portcullis device issue` in the server's directory), or add our CA to the server's"
+            .to_owned()
+    } else {
+        "issue the device a new certificate with `portcullis device issue`".to_owned()
+    };
+    let saw = if problems.is_empty() {
+        format!(
+            "{how}; our certificate ({}) is valid and has clientAuth",
+            env.ours.subject
+        )
+    } else {
+        format!("{how}; {}", problems.join("; "))
+    };
+    report.fail("client_certificate", saw, fix);
+}
+
+/// Fills in the steps the Verdict answers; whether it accepted.
+fn interpret(
+    env: &Env,
+    verdict: &Verdict,
+    sent_ms: u64,
+    received_ms: u64,
+    report: &mut Report,
+) -> bool {
+    let reason = verdict.reason.clone().unwrap_or_default();
+    let reference = hex(&verdict.reference);
+    let fingerprint = env.ours.fingerprint.to_string();
+    // The server's clock against the middle of the round trip.
+    let midpoint = sent_ms / 2 + received_ms / 2;
+    let diff = i128::from(verdict.server_time_ms) - i128::from(midpoint);
+    let clock = if diff >= 0 {
+        format!("the server clock is {} ms ahead of ours", diff)
+    } else {
+        format!("the server clock is {} ms behind ours", -diff)
+    };
+    let not_reached = "not checked: the server stops at the first failed check";
+    let Some(reject) = verdict.reject_code() else {
+        if verdict.status != 0 {
+            report.fail(
+                "device",
+                format!(
+                    "unknown Verdict status {} ({reason}, ref {reference})",
+                    verdict.status
+                ),
+                "update this client to the server's version",
+            );
+            return false;
+        }
+        report.pass(
+            "device",
+            format!(
+                "fingerprint {fingerprint}: known to the server and bound to {}",
+                env.user
+            ),
+        );
+        report.pass("clock", format!("{clock}: within the allowed skew"));
+        report.pass("code", "the code was accepted");
+        report.pass("channel_binding", "the server saw the same TLS connection");
+        match &verdict.session {
+            Some((_, expires)) => report.pass(
+                "session",
+                format!(
+                    "session ticket issued, valid until {}",
+                    crate::enroll::format_time(*expires)
+                ),
+            ),
+            None => report.fail(
+                "session",
+                "the server accepted the code but issued no session ticket",
+                "turn sessions on at the server (sessions are off there), or reconnect with a \
+                 code each time",
+            ),
+        }
+        return true;
+    };
+    let saw = format!("{} ({reason}, ref {reference})", reject.name());
+    let binding_ok = "the server saw the same TLS connection";
+    match reject {
+        RejectCode::BindingMismatch => {
+            for step in ["device", "clock", "code"] {
+                report.skip(step, not_reached);
+            }
+            report.fail(
+                "channel_binding",
+                saw,
+                "a TLS-terminating proxy or load balancer sits between client and server: let \
+                 it pass TLS through (TCP mode) to the Portcullis server",
+            );
+        }
+        RejectCode::ClockSkew => {
+            report.pass("channel_binding", binding_ok);
+            report.skip("device", not_reached);
+            report.skip("code", not_reached);
+            report.fail(
+                "clock",
+                format!("{saw}; {clock}"),
+                "set the clock right on the machine that is off (run NTP on both)",
+            );
+        }
+        RejectCode::DeviceUnknown | RejectCode::DeviceRevoked | RejectCode::UserMismatch => {
+            report.pass("channel_binding", binding_ok);
+            report.pass("clock", format!("{clock}: within the allowed skew"));
+            report.skip("code", not_reached);
+            let fix = match reject {
+                RejectCode::DeviceUnknown => format!(
+                    "bind this device on the server: `portcullis device bind --user {}` (or \
+                     `device issue` there)",
+                    env.user
+                ),
+                RejectCode::DeviceRevoked => {
+                    "the device was revoked: issue and bind a new device certificate".to_owned()
+                }
+                _ => "use the user this device is bound to (see `portcullis device list`), or \
+                      bind a device of your own"
+                    .to_owned(),
+            };
+            report.fail("device", format!("fingerprint {fingerprint}: {saw}"), fix);
+        }
+        RejectCode::LockedOut
+        | RejectCode::Replay
+        | RejectCode::MfaFailed
+        | RejectCode::MfaRequired => {
+            report.pass("channel_binding", binding_ok);
+            report.pass("clock", format!("{clock}: within the allowed skew"));
+            report.pass(
+                "device",
+                format!(
+                    "fingerprint {fingerprint}: known to the server and bound to {}",
+                    env.user
+                ),
+            );
+            let fix = match reject {
+                RejectCode::LockedOut => format!(
+                    "wait {} s, then try again with a correct code",
+                    verdict.retry_after_s.unwrap_or(0)
+                ),
+                RejectCode::Replay => "run doctor again (the nonce was seen before)".to_owned(),
+                RejectCode::MfaFailed => "use the current code of the user's authenticator, \
+                                          once: a code is accepted one time only"
+                    .to_owned(),
+                _ => "give a code with --code or --secret".to_owned(),
+            };
+            let saw = match (reject, verdict.retry_after_s) {
+                (RejectCode::LockedOut, Some(s)) => format!("{saw}; wait {s} s"),
+                _ => saw,
+            };
+            report.fail("code", saw, fix);
+        }
+        RejectCode::PolicyDenied => {
+            report.pass("channel_binding", binding_ok);
+            report.pass("clock", format!("{clock}: within the allowed skew"));
+            report.pass("device", format!("fingerprint {fingerprint}: known"));
+            report.pass("code", "the code was accepted");
+            report.skip("session", not_reached);
+            report.fail(
+                "echo",
+                saw,
+                "the server's policy file refuses this user or device",
+            );
+        }
+        _ => {
+            let fix = match reject {
+                RejectCode::Overloaded | RejectCode::RateLimited => {
+                    format!(
+                        "the server is busy: try again in {} s",
+                        verdict.retry_after_s.unwrap_or(1)
+                    )
+                }
+                _ => "update this client to the server's version".to_owned(),
+            };
+            report.fail("device", format!("the server answered {saw}"), fix);
+        }
+    }
+    false
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One Echo call over the accepted connection: HTTP/2 from the first byte after the Verdict.
+async fn echo(tls: TlsStream<TcpStream>, report: &mut Report) {
+    let slot = Arc::new(Mutex::new(Some(tls)));
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let stream = slot.lock().ok().and_then(|mut s| s.take());
+        async move {
+            stream.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the accepted connection was already used",
+                )
+            })
+        }
+    });
+    let endpoint = match tonic::transport::Endpoint::from_shared("http://portcullis.doctor") {
+        Ok(e) => e,
+        Err(e) => {
+            report.fail("echo", format!("endpoint: {e}"), "report this");
+            return;
+        }
+    };
+    let result = tokio::time::timeout(STEP_TIMEOUT, async {
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| format!("HTTP/2 did not start: {e}"))?;
+        EchoClient::new(channel)
+            .say(SayRequest {
+                text: "doctor".into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| crate::connect::describe_status("Echo", &s))
+    })
+    .await;
+    match result {
+        Ok(Ok(reply)) => report.pass(
+            "echo",
+            format!(
+                "Echo answered `{}` (user {}, device {}, via {})",
+                reply.text, reply.user, reply.device, reply.auth_method
+            ),
+        ),
+        Ok(Err(e)) => report.fail(
+            "echo",
+            e,
+            "the gate let the connection in but the service failed: check the server's log",
+        ),
+        Err(_) => report.fail(
+            "echo",
+            format!("no Echo reply within {STEP_TIMEOUT:?}"),
+            "check the server's log",
+        ),
+    }
+}
