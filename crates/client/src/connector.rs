@@ -23,7 +23,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::CodeSource;
 use crate::client::ClientInner;
 use crate::code::check_code;
-use crate::error::{ConnectFailure, Failure, Rejection};
+use crate::error::{ConnectFailure, Failure, Rejection, wrong_alpn, wrong_version};
 use crate::log::{ConnLog, ConnState};
 use crate::stream::PcsStream;
 
@@ -272,23 +272,25 @@ async fn open(
         kind: e.kind(),
         detail: format!("could not set TCP_NODELAY: {e}"),
     })?;
-    let tls = client
-        .tls
-        .connect(target.server_name.clone(), tcp)
-        .await
-        .map_err(|e| Failure::from_tls_io(&e, "the handshake failed"))?;
+    let tls = match client.tls.connect(target.server_name.clone(), tcp).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            return Err(Failure::from_handshake(
+                &e,
+                &target.addr,
+                target.server_name.clone(),
+                client.connect_timeout,
+            )
+            .await);
+        }
+    };
 
     let (_, conn) = tls.get_ref();
     if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-        return Err(Failure::Tls(format!(
-            "the server negotiated {:?}, PCS1 needs TLS 1.3",
-            conn.protocol_version()
-        )));
+        return Err(Failure::Tls(wrong_version(conn.protocol_version())));
     }
     if conn.alpn_protocol() != Some(ALPN_PCS1) {
-        return Err(Failure::Tls(
-            "the server did not select ALPN portcullis/1 (is it a Portcullis server?)".into(),
-        ));
+        return Err(Failure::Tls(wrong_alpn(conn.alpn_protocol())));
     }
     prefix.0.binding = conn
         .export_keying_material([0u8; 32], EXPORTER_LABEL, None)

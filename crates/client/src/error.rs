@@ -22,6 +22,9 @@ pub const REJECT_METADATA: &str = "portcullis-reject";
 pub const REF_METADATA: &str = "portcullis-ref";
 /// Metadata key of a rejected call: the Verdict's RETRY_AFTER in seconds, when it has one.
 pub const RETRY_AFTER_METADATA: &str = "portcullis-retry-after";
+/// Metadata key of a rejected call: what to do about it, in one line (the client's advice for
+/// the reject code, e.g. `sync this machine's clock (NTP)` for `clock_skew`).
+pub const FIX_METADATA: &str = "portcullis-fix";
 
 /// Why the client could not be built or could not connect.
 ///
@@ -94,12 +97,40 @@ impl Rejection {
 
     /// The message a caller sees: the REASON, which starts with the reject name. A REASON that
     /// is missing or does not start with the name gets it in front.
+    ///
+    /// The server's REASON already names the cause and, for most codes, the fix. When it lacks
+    /// the fix the client knows for the code (see [`advice`]), the fix is added after `; `. A
+    /// missing REASON is replaced by the client's own cause and fix.
     pub(crate) fn message(&self) -> String {
         let name = self.name();
-        match self.reason.as_deref() {
+        let advice = self.code().map(advice);
+        let base = match self.reason.as_deref() {
             Some(reason) if reason.starts_with(&format!("{name}:")) => reason.to_owned(),
             Some(reason) if !reason.is_empty() => format!("{name}: {reason}"),
-            _ => format!("{name}: the server gave no reason"),
+            _ => {
+                return match advice {
+                    Some(a) => format!("{name}: {}; {}", a.cause, self.fix_text(&a)),
+                    None => format!("{name}: the server gave no reason"),
+                };
+            }
+        };
+        match advice {
+            Some(a) if a.append && !base.contains(a.marker) => {
+                format!("{base}; {}", self.fix_text(&a))
+            }
+            _ => base,
+        }
+    }
+
+    /// The client's fix for this rejection, with the RETRY_AFTER when the Verdict has one.
+    pub(crate) fn fix(&self) -> Option<String> {
+        self.code().map(|code| self.fix_text(&advice(code)))
+    }
+
+    fn fix_text(&self, advice: &Advice) -> String {
+        match self.retry_after_s {
+            Some(secs) if advice.retry => format!("{} (retry after {secs} s)", advice.fix),
+            _ => advice.fix.to_owned(),
         }
     }
 
@@ -123,6 +154,11 @@ impl Rejection {
             && let Ok(v) = MetadataValue::try_from(secs.to_string())
         {
             metadata.insert(RETRY_AFTER_METADATA, v);
+        }
+        if let Some(fix) = self.fix()
+            && let Ok(v) = MetadataValue::try_from(fix)
+        {
+            metadata.insert(FIX_METADATA, v);
         }
         Status::with_metadata(self.grpc_code(), self.message(), metadata)
     }
@@ -229,6 +265,32 @@ impl Failure {
         }
     }
 
+    /// A failed TLS handshake with the server at `addr`. A server certificate from an unknown
+    /// CA is looked at once more (a second handshake that records it) to name its subject.
+    pub(crate) async fn from_handshake(
+        err: &io::Error,
+        addr: &str,
+        name: rustls::pki_types::ServerName<'static>,
+        timeout: Duration,
+    ) -> Self {
+        let tls = err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls {
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+            )) => Self::Tls(unknown_ca(
+                server_subject(addr, name, timeout).await.as_deref(),
+            )),
+            Some(_) => Self::from_tls_io(err, "the handshake failed"),
+            None if err.kind() == io::ErrorKind::UnexpectedEof => Self::Tls(
+                "the server closed the connection during the TLS handshake: is it a TLS                  server, and does it speak TLS 1.3?"
+                    .into(),
+            ),
+            None => Self::from_tls_io(err, "the handshake failed"),
+        }
+    }
+
     /// A read error while waiting for the Verdict.
     pub(crate) fn from_read_error(err: &io::Error) -> Self {
         if err
@@ -244,24 +306,365 @@ impl Failure {
     }
 }
 
-/// One line for a rustls error, naming the likely cause of the common ones.
+/// What the client tells about a reject code: the cause when the server gave no REASON, the
+/// fix, and whether the fix is added to a REASON that lacks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Advice {
+    /// The cause, in a few words.
+    pub(crate) cause: &'static str,
+    /// What to do.
+    pub(crate) fix: &'static str,
+    /// A REASON containing this text already states the fix.
+    marker: &'static str,
+    /// Whether the fix is added to the REASON. The REASONs of the codes where it is not are
+    /// the server's whole answer (they carry their own fix); their fix is in the
+    /// `portcullis-fix` metadata only.
+    append: bool,
+    /// Whether the fix mentions the Verdict's RETRY_AFTER.
+    retry: bool,
+}
+
+/// The client's advice for each reject code.
+pub(crate) const fn advice(code: RejectCode) -> Advice {
+    const fn a(cause: &'static str, fix: &'static str, marker: &'static str) -> Advice {
+        Advice {
+            cause,
+            fix,
+            marker,
+            append: true,
+            retry: false,
+        }
+    }
+    const fn kept(mut advice: Advice) -> Advice {
+        advice.append = false;
+        advice
+    }
+    const fn retry(mut advice: Advice) -> Advice {
+        advice.retry = true;
+        advice
+    }
+    match code {
+        RejectCode::Malformed => a(
+            "the server could not decode the Prefix",
+            "use a client that speaks PCS1 version 1 (update portcullis)",
+            "update portcullis",
+        ),
+        RejectCode::Unsupported => a(
+            "the server does not support this PCS version",
+            "use a client and a server of the same PCS version (update portcullis)",
+            "update portcullis",
+        ),
+        RejectCode::DeviceUnknown => a(
+            "this device certificate is bound to no user",
+            "bind the device to the user with `portcullis device bind`",
+            "device bind",
+        ),
+        RejectCode::DeviceRevoked => a(
+            "the binding of this device was revoked",
+            "ask an administrator to bind this device again, or use another bound device",
+            "ask an administrator",
+        ),
+        RejectCode::UserMismatch => a(
+            "this device is bound to another user",
+            "connect as the user the device is bound to, or bind the device to this user",
+            "the user",
+        ),
+        RejectCode::MfaFailed => kept(a(
+            "the one-time code was wrong, already used, or the user has no factor",
+            "enter the current code of this user's authenticator (a code is accepted once; \
+             wait for the next one); if every code fails, check the authenticator's clock",
+            "current code",
+        )),
+        RejectCode::MfaRequired => kept(a(
+            "the session is expired, revoked or not valid for this device",
+            "connect with a one-time code (portcullis login) to start a new session",
+            "code",
+        )),
+        RejectCode::ClockSkew => a(
+            "this machine's clock differs from the server's by more than the allowed skew",
+            "sync this machine's clock (NTP, e.g. `timedatectl set-ntp true`)",
+            "NTP",
+        ),
+        RejectCode::Replay => a(
+            "the server saw this connection's NONCE before",
+            "do not replay connections; if this client did not, report a bug in its random source",
+            "random",
+        ),
+        RejectCode::BindingMismatch => a(
+            "the TLS connection the server sees is not the client's: something between them \
+             terminates TLS (a TLS-terminating proxy or load balancer)",
+            "connect to the Portcullis server directly, or make the proxy pass TCP through \
+             (TLS passthrough) instead of terminating TLS",
+            "proxy",
+        ),
+        RejectCode::LockedOut => kept(retry(a(
+            "too many failed codes for this user",
+            "wait for the lockout to end, then enter a correct code",
+            "wait",
+        ))),
+        RejectCode::RateLimited => kept(retry(a(
+            "too many connection attempts from this address",
+            "connect less often (reuse the channel)",
+            "less often",
+        ))),
+        RejectCode::Overloaded => kept(retry(a(
+            "the server is at its limit of connections being authenticated",
+            "retry shortly",
+            "retry",
+        ))),
+        RejectCode::Timeout => a(
+            "the Prefix did not reach the server within its deadline",
+            "check the network between client and server (slow link, stalled proxy)",
+            "network",
+        ),
+        RejectCode::PolicyDenied => kept(a(
+            "the server's policy refuses this user or device",
+            "ask an administrator about the policy",
+            "administrator",
+        )),
+    }
+}
+
+/// The TLS name of an alert, as in RFC 8446: `certificate_expired`.
+fn alert_name(alert: rustls::AlertDescription) -> String {
+    let debug = format!("{alert:?}");
+    let mut out = String::with_capacity(debug.len() + 4);
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    // `UnknownCA` and friends: keep acronyms in one word.
+    out.replace("c_a", "ca")
+}
+
+/// The fix for a device certificate the server refused.
+pub(crate) const CLIENT_CERT_FIX: &str = "the server does not accept this device certificate: is \
+     it issued by the CA the server trusts, still valid, with clientAuth?";
+
+/// The message of a server that does not speak TLS.
+pub(crate) const NOT_TLS: &str =
+    "the server did not answer TLS: is it a plaintext (h2c) server? use its TLS port";
+
+/// The message of a server certificate from a CA the client does not trust; `subject` is the
+/// common name of the certificate the server presented, when it could be read.
+pub(crate) fn unknown_ca(subject: Option<&str>) -> String {
+    let seen = match subject {
+        Some(cn) => format!("the server presented a certificate for CN={cn}"),
+        None => "the server presented a certificate".to_owned(),
+    };
+    format!(
+        "unknown CA (UnknownIssuer): {seen}, issued by a CA this client does not trust: use the CA bundle of \
+         the server's CA (--ca, or the --dir holding it)"
+    )
+}
+
+/// The message of a server that chose another ALPN protocol than `portcullis/1`.
+pub(crate) fn wrong_alpn(chosen: Option<&[u8]>) -> String {
+    let chose = match chosen {
+        None => "chose no ALPN protocol".to_owned(),
+        Some(p) => format!("chose ALPN {}", printable(&String::from_utf8_lossy(p))),
+    };
+    format!(
+        "the server {chose}: the server is not a Portcullis server, or does not speak \
+         portcullis/1 (for a standard gRPC client use ALPN h2 and a session)"
+    )
+}
+
+/// The message of a server that negotiated another TLS version than 1.3.
+pub(crate) fn wrong_version(version: Option<rustls::ProtocolVersion>) -> String {
+    let version = version.map_or_else(|| "no version".to_owned(), |v| format!("{v:?}"));
+    format!(
+        "protocol version: the server negotiated {version}, PCS1 needs TLS 1.3: enable TLS \
+         1.3 on the server (and on any TLS terminator in front of it)"
+    )
+}
+
+/// Text from a peer, made safe for one line: printable ASCII only, at most 128 characters.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(128)
+        .collect()
+}
+
+/// One line for a rustls error: the cause and the fix.
 pub(crate) fn describe_tls(err: &rustls::Error) -> String {
     use rustls::AlertDescription as A;
+    use rustls::CertificateError as C;
     match err {
+        rustls::Error::AlertReceived(A::CertificateExpired) => format!(
+            "the server refused the client certificate: it has expired (alert \
+             certificate_expired): issue a new device certificate (and bind it), or check this \
+             machine's clock; {CLIENT_CERT_FIX}"
+        ),
+        rustls::Error::AlertReceived(A::CertificateRevoked) => {
+            "the server refused the client certificate: it is revoked (alert \
+             certificate_revoked): issue a new device certificate and bind it"
+                .to_owned()
+        }
         rustls::Error::AlertReceived(
             alert @ (A::BadCertificate
             | A::UnsupportedCertificate
-            | A::CertificateRevoked
-            | A::CertificateExpired
             | A::CertificateUnknown
             | A::UnknownCA
             | A::CertificateRequired
             | A::AccessDenied),
-        ) => format!("the server refused the client certificate (received fatal alert {alert:?})"),
-        rustls::Error::InvalidCertificate(cause) => {
-            format!("the server's certificate was not accepted: {cause:?}")
+        ) => format!(
+            "the server refused the client certificate (alert {}): {CLIENT_CERT_FIX}",
+            alert_name(*alert)
+        ),
+        rustls::Error::AlertReceived(A::ProtocolVersion)
+        | rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::ServerDoesNotSupportTls12Or13
+            | rustls::PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig
+            | rustls::PeerIncompatible::SupportedVersionsExtensionRequired,
+        ) => {
+            "protocol version: the server and this client share no TLS version (protocol_version): \
+              PCS1 needs TLS 1.3 on both sides: enable TLS 1.3 in the client's TLS config and on \
+              the server (a TLS 1.2-only peer cannot speak PCS1)"
+                .to_owned()
         }
+        rustls::Error::AlertReceived(A::NoApplicationProtocol) => wrong_alpn(None),
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => NOT_TLS.to_owned(),
+        rustls::Error::InvalidCertificate(cause) => match cause {
+            C::UnknownIssuer | C::BadSignature => unknown_ca(None),
+            C::NotValidForNameContext {
+                expected,
+                presented,
+            } => {
+                let names: Vec<String> = presented.iter().map(|n| printable(n)).collect();
+                format!(
+                    "name mismatch: the server's certificate is not valid for {}; its names \
+                     (SANs) are: {}: connect with one of these names (server name), or give \
+                     the server a certificate for this name",
+                    expected.to_str(),
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                )
+            }
+            C::NotValidForName => "name mismatch: the server's certificate is not valid for \
+                 the name connected to: connect with a name the certificate lists"
+                .to_owned(),
+            C::Expired | C::ExpiredContext { .. } => "the server's certificate has expired: \
+                 renew the server certificate, or check this machine's clock"
+                .to_owned(),
+            C::NotValidYet | C::NotValidYetContext { .. } => "the server's certificate is not \
+                 valid yet: check this machine's clock"
+                .to_owned(),
+            C::Revoked => "the server's certificate is revoked: give the server a new \
+                 certificate"
+                .to_owned(),
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => "the server's certificate \
+                 is not for server authentication (no serverAuth extended key usage): reissue it"
+                .to_owned(),
+            other => format!(
+                "the server's certificate was not accepted ({other:?}): check the CA bundle \
+                 and the server's certificate"
+            ),
+        },
         other => other.to_string(),
+    }
+}
+
+/// The common name of the certificate a server at `addr` presents, read with a verifier that
+/// accepts nothing (the handshake always fails): the subject an "unknown CA" message names.
+pub(crate) async fn server_subject(
+    addr: &str,
+    name: rustls::pki_types::ServerName<'static>,
+    timeout: Duration,
+) -> Option<String> {
+    let capture = Arc::new(Capture::default());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(capture.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        // The handshake fails by design once the certificate is captured.
+        let _ = connector.connect(name, tcp).await;
+        Some(())
+    };
+    tokio::time::timeout(timeout, attempt).await.ok()??;
+    let der = capture
+        .end_entity
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()?;
+    common_name(&der)
+}
+
+/// The subject common name of a DER certificate, made printable.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(printable(cn))
+}
+
+/// A server certificate verifier that records the end-entity certificate and refuses it.
+#[derive(Debug, Default)]
+struct Capture {
+    end_entity: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Capture {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.end_entity.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(end_entity.as_ref().to_vec());
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("certificate capture only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("certificate capture only".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -352,14 +755,23 @@ mod tests {
                 &"22".repeat(16)
             );
             assert!(status.metadata().get(RETRY_AFTER_METADATA).is_none());
+            assert_eq!(
+                status.metadata().get(FIX_METADATA).unwrap(),
+                advice(code).fix
+            );
         }
     }
 
     #[test]
     fn message_always_starts_with_the_name() {
         assert_eq!(
-            rejection(6, None, None).message(),
-            "mfa_failed: the server gave no reason"
+            rejection(99, None, None).message(),
+            "reject_99: the server gave no reason"
+        );
+        let none = rejection(6, None, None).message();
+        assert!(
+            none.starts_with("mfa_failed: the one-time code was wrong") && none.contains("; "),
+            "{none}"
         );
         assert_eq!(
             rejection(6, Some("try again"), None).message(),
@@ -415,5 +827,185 @@ mod tests {
         let err = Outer(ConnectFailure(Failure::Tls("x".into())));
         assert_eq!(find_connect_failure(&err), Some(&Failure::Tls("x".into())));
         assert_eq!(chain_text(&err), "outer: tls: x");
+    }
+    #[test]
+    fn every_reject_code_has_a_cause_and_a_fix_and_appends_it_only_when_missing() {
+        for code in RejectCode::ALL {
+            let a = advice(code);
+            assert!(!a.cause.is_empty() && !a.fix.is_empty(), "{code}");
+            assert!(
+                a.fix.contains(a.marker),
+                "{code}: a message with the fix must count as having it"
+            );
+            // A REASON without the fix gets it when the code appends.
+            let bare = rejection(code.as_u8(), Some("something"), Some(4)).message();
+            let prefix = format!("{}: something", code.name());
+            if a.append {
+                assert!(bare.starts_with(&format!("{prefix}; ")), "{bare}");
+                assert!(bare.contains(a.fix), "{bare}");
+            } else {
+                assert_eq!(bare, prefix);
+            }
+            // A REASON that already states the fix is kept as it is.
+            let stated = format!("{}: x {}", code.name(), a.marker);
+            assert_eq!(
+                rejection(code.as_u8(), Some(&stated), None).message(),
+                stated
+            );
+            // The fix metadata has the wait of the codes worth retrying.
+            let status = rejection(code.as_u8(), Some("x"), Some(4)).to_status();
+            let fix = status
+                .metadata()
+                .get(FIX_METADATA)
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert_eq!(fix.contains("retry after 4 s"), a.retry, "{code}: {fix}");
+        }
+    }
+
+    #[test]
+    fn rejections_that_teach() {
+        // CLOCK_SKEW keeps the server's reason (how much, which side) and has the NTP fix.
+        let skew = rejection(
+            8,
+            Some("clock_skew: your clock is 120 s ahead of the server's (allowed: 60 s)"),
+            None,
+        )
+        .message();
+        assert!(
+            skew.starts_with("clock_skew: your clock is 120 s ahead"),
+            "{skew}"
+        );
+        assert!(skew.contains("NTP"), "{skew}");
+        let server_said = "clock_skew: your clock is 120 s behind the server's (allowed: 60 s); \
+                           set it right, e.g. with NTP";
+        assert_eq!(rejection(8, Some(server_said), None).message(), server_said);
+        // BINDING_MISMATCH explains the proxy, even without a REASON.
+        let binding = rejection(10, None, None).message();
+        assert!(binding.starts_with("binding_mismatch: "), "{binding}");
+        assert!(
+            binding.contains("TLS-terminating proxy or load balancer"),
+            "{binding}"
+        );
+        assert!(binding.contains("directly"), "{binding}");
+        // DEVICE_REVOKED gets what to do.
+        let revoked = rejection(
+            4,
+            Some("device_revoked: device laptop (ab) was revoked"),
+            None,
+        );
+        assert!(revoked.message().contains("bind this device again"));
+        // OVERLOADED keeps the server's text; the fix has the wait.
+        let busy = rejection(13, Some("overloaded: busy"), Some(2)).to_status();
+        assert_eq!(busy.message(), "overloaded: busy");
+        assert_eq!(
+            busy.metadata().get(FIX_METADATA).unwrap(),
+            "retry shortly (retry after 2 s)"
+        );
+    }
+
+    #[test]
+    fn tls_failures_name_the_cause_and_the_fix() {
+        use rustls::AlertDescription as A;
+        use rustls::CertificateError as C;
+        const FIX: &str = "is it issued by the CA the server trusts, still valid, with clientAuth?";
+        let cases: Vec<(rustls::Error, &[&str])> = vec![
+            (
+                rustls::Error::InvalidCertificate(C::UnknownIssuer),
+                &["unknown CA", "does not trust", "--ca", "--dir"],
+            ),
+            (
+                rustls::Error::InvalidCertificate(C::NotValidForNameContext {
+                    expected: rustls::pki_types::ServerName::try_from("wrong.example")
+                        .unwrap()
+                        .to_owned(),
+                    presented: vec![
+                        "DnsName(\"localhost\")".into(),
+                        "IpAddress(127.0.0.1)".into(),
+                    ],
+                }),
+                &[
+                    "name mismatch",
+                    "wrong.example",
+                    "DnsName(\"localhost\"), IpAddress(127.0.0.1)",
+                ],
+            ),
+            (
+                rustls::Error::InvalidCertificate(C::Expired),
+                &["server's certificate has expired", "renew"],
+            ),
+            (
+                rustls::Error::AlertReceived(A::CertificateExpired),
+                &["device certificate", "expired", "certificate_expired", FIX],
+            ),
+            (
+                rustls::Error::AlertReceived(A::BadCertificate),
+                &["alert bad_certificate", FIX],
+            ),
+            (
+                rustls::Error::AlertReceived(A::UnknownCA),
+                &["alert unknown_ca", FIX],
+            ),
+            (
+                rustls::Error::AlertReceived(A::CertificateRequired),
+                &["alert certificate_required", FIX],
+            ),
+            (
+                rustls::Error::AlertReceived(A::CertificateRevoked),
+                &["revoked", "certificate_revoked"],
+            ),
+            (
+                rustls::Error::AlertReceived(A::ProtocolVersion),
+                &["protocol_version", "TLS 1.3"],
+            ),
+            (
+                rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::ServerDoesNotSupportTls12Or13,
+                ),
+                &["protocol_version", "TLS 1.3"],
+            ),
+            (
+                rustls::Error::AlertReceived(A::NoApplicationProtocol),
+                &["not a Portcullis server", "portcullis/1"],
+            ),
+            (
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+                &["did not answer TLS", "plaintext (h2c)"],
+            ),
+        ];
+        for (err, words) in cases {
+            let text = Failure::Tls(describe_tls(&err)).to_status();
+            let message = text.message();
+            assert!(message.starts_with("tls: "), "{message}");
+            for word in words {
+                assert!(
+                    message.contains(word),
+                    "{err:?}: {message:?} lacks {word:?}"
+                );
+            }
+        }
+        assert!(wrong_alpn(Some(b"h2")).contains("chose ALPN h2: the server is not a Portcullis"));
+        assert!(wrong_alpn(None).contains("chose no ALPN protocol"));
+        assert!(
+            wrong_version(Some(rustls::ProtocolVersion::TLSv1_2))
+                .contains("TLSv1_2, PCS1 needs TLS 1.3")
+        );
+        assert!(unknown_ca(Some("evil")).contains("certificate for CN=evil"));
+        assert_eq!(alert_name(A::UnknownCA), "unknown_ca");
+        assert_eq!(alert_name(A::CertificateExpired), "certificate_expired");
+        assert_eq!(printable("a\nb\u{1b}c"), "a?b?c");
+    }
+
+    #[test]
+    fn common_name_is_read_from_a_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "server.example");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()).as_deref(), Some("server.example"));
+        assert_eq!(common_name(b"not a certificate"), None);
     }
 }

@@ -57,5 +57,5 @@ mod test_server;
 pub use channel::{MAX_REPLAY_BYTES, PortcullisChannel, ResponseFuture};
 pub use client::{Client, ClientBuilder, DEFAULT_AGENT, DEFAULT_CONNECT_TIMEOUT};
 pub use code::{CodeCallback, CodeSource};
-pub use error::{ClientError, REF_METADATA, REJECT_METADATA, RETRY_AFTER_METADATA};
+pub use error::{ClientError, FIX_METADATA, REF_METADATA, REJECT_METADATA, RETRY_AFTER_METADATA};
 pub use session::{SessionInfo, VerdictInfo};
