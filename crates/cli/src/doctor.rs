@@ -44,6 +44,12 @@ pub(crate) struct DoctorArgs {
     /// Print one JSON object with every step instead of the report.
     #[arg(long)]
     json: bool,
+    /// Testing aid: shift the TIME this doctor sends (and compares SERVER_TIME with) by SECS
+    /// seconds, negative for behind, as if this machine's clock were off by that much.
+    #[arg(long, value_name = "SECS", hide = true, allow_hyphen_values = true,
+          default_value_t = 0,
+          value_parser = clap::value_parser!(i64).range(-86_400..=86_400))]
+    clock_offset_secs: i64,
 }
 
 /// The steps, in the order they are walked. A failure of step `i` (1-based) exits with `10 + i`.
@@ -177,6 +183,7 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
         chain,
         key,
         ours,
+        clock_offset_ms: args.clock_offset_secs.saturating_mul(1000),
     };
 
     let mut report = Report::new();
@@ -243,6 +250,15 @@ struct Env {
     chain: Vec<CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
     ours: DeviceIdentity,
+    /// Added to this machine's clock for the TIME sent and the clock comparison (testing aid).
+    clock_offset_ms: i64,
+}
+
+impl Env {
+    /// This machine's clock in ms, shifted by `clock_offset_ms`.
+    fn clock_ms(&self) -> u64 {
+        now_ms().saturating_add_signed(self.clock_offset_ms)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -585,7 +601,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
         );
         return;
     }
-    let sent_ms = now_ms();
+    let sent_ms = env.clock_ms();
     let prefix = Prefix {
         user: env.user.clone(),
         factor: Factor::Totp(code.to_owned()),
@@ -632,7 +648,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
             return;
         }
     };
-    let received_ms = now_ms();
+    let received_ms = env.clock_ms();
     let verdict = match read_verdict(&mut tls, &header).await {
         Ok(v) => v,
         Err(e) => {

@@ -1,0 +1,420 @@
+//! The rows of docs/TROUBLESHOOTING.md, created for real against a running `portcullis serve`:
+//! `portcullis doctor --json` fails at the step the situation belongs to, and what it saw and
+//! the fix it gives name the cause.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use portcullis_core::codec::ALPN_PCS1;
+use portcullis_tls::devpki::{CertProfile, DevCa};
+use serde_json::Value;
+
+/// `portcullis doctor --json` with the connection flags and `extra`: its exit code and report.
+fn doctor(dir: &Path, server: &str, device: &str, user: &str, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec![
+        "doctor",
+        "--dir",
+        s(dir),
+        "--server",
+        server,
+        "--device",
+        device,
+        "--user",
+        user,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    let json: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("doctor {args:?}: not JSON ({e}): {out:?}"));
+    (out.status.code().expect("an exit code"), json)
+}
+
+/// The step `name` of a report.
+fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name}: {report}"))
+}
+
+/// The exit code of a failure of step `name`: 10 + its number.
+fn exit_of(name: &str) -> i32 {
+    const STEPS: [&str; 11] = [
+        "connect",
+        "tls_version",
+        "alpn",
+        "server_certificate",
+        "client_certificate",
+        "device",
+        "clock",
+        "code",
+        "channel_binding",
+        "session",
+        "echo",
+    ];
+    11 + i32::try_from(STEPS.iter().position(|s| *s == name).unwrap()).unwrap()
+}
+
+/// The report failed first at `name` (with that exit code), and that step's `saw` contains every
+/// word of `saw` and its `fix` every word of `fix`.
+#[track_caller]
+fn assert_fails_at(result: &(i32, Value), name: &str, saw: &[&str], fix: &[&str]) {
+    let (code, report) = result;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["first_failure"], name, "{report}");
+    assert_eq!(*code, exit_of(name), "{report}");
+    let step = step(report, name);
+    assert_eq!(step["ok"], false, "{step}");
+    assert_eq!(step["skipped"], false, "{step}");
+    let seen = step["saw"].as_str().expect("saw");
+    for word in saw {
+        assert!(seen.contains(word), "saw of {name} lacks {word:?}: {seen}");
+    }
+    let given = step["fix"].as_str().expect("a fix on a failed step");
+    for word in fix {
+        assert!(
+            given.contains(word),
+            "fix of {name} lacks {word:?}: {given}"
+        );
+    }
+}
+
+/// `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...`, killed on drop; and its address.
+fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
+    let mut cmd = command();
+    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
+    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("portcullis serve prints `listening on`");
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            return (child, addr.trim().to_owned());
+        }
+    }
+}
+
+/// The CA of an initialized directory, able to issue.
+fn dir_ca(dir: &Path) -> DevCa {
+    DevCa::from_pem(
+        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Writes a certificate of `profile` from `ca` as device `name` of `dir`.
+fn write_device(dir: &Path, ca: &DevCa, name: &str, profile: &CertProfile) {
+    ca.issue(profile)
+        .unwrap()
+        .write(
+            &dir.join("devices").join(format!("{name}.pem")),
+            &dir.join("devices").join(format!("{name}-key.pem")),
+        )
+        .unwrap();
+}
+
+#[test]
+fn devices_users_and_codes_fail_at_their_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let alice = add_user(&dir, "alice");
+    let bob = add_user(&dir, "bob");
+    let carol = add_user(&dir, "carol");
+    issue_device(&dir, "laptop", "alice");
+    issue_device(&dir, "desk", "bob");
+    issue_device(&dir, "tablet", "carol");
+    // A device certificate of this CA that is bound to no user.
+    write_device(&dir, &dir_ca(&dir), "loose", &CertProfile::device("loose"));
+    let (_server, addr) = serve(&dir, &["--rate-limit", "0"]);
+
+    // Unbound device.
+    let r = doctor(&dir, &addr, "loose", "alice", &["--secret", &alice]);
+    assert_fails_at(&r, "device", &["device_unknown"], &["device bind", "alice"]);
+    assert_eq!(step(&r.1, "channel_binding")["ok"], true);
+    assert_eq!(step(&r.1, "code")["skipped"], true);
+
+    // User mismatch: bob's device, alice named.
+    let r = doctor(&dir, &addr, "desk", "alice", &["--secret", &alice]);
+    assert_fails_at(&r, "device", &["user_mismatch"], &["bound to"]);
+
+    // Wrong code.
+    let wrong = wrong_code(&alice);
+    let r = doctor(&dir, &addr, "laptop", "alice", &["--code", &wrong]);
+    assert_fails_at(&r, "code", &["mfa_failed"], &["current code"]);
+    assert_eq!(step(&r.1, "device")["ok"], true);
+    assert!(!r.1.to_string().contains(&wrong), "the code is not echoed");
+
+    // Reused code: accepted once, refused the second time.
+    let code = totp(&bob).generate(unix_now());
+    let r = doctor(&dir, &addr, "desk", "bob", &["--code", &code]);
+    assert_eq!(r.0, 0, "{}", r.1);
+    let r = doctor(&dir, &addr, "desk", "bob", &["--code", &code]);
+    assert_fails_at(&r, "code", &["mfa_failed"], &["once"]);
+
+    // Locked out: five wrong codes, then even the right one is refused with a wait.
+    let wrong = wrong_code(&carol);
+    for _ in 0..5 {
+        let r = doctor(&dir, &addr, "tablet", "carol", &["--code", &wrong]);
+        assert_fails_at(&r, "code", &["mfa_failed"], &[]);
+    }
+    let r = doctor(&dir, &addr, "tablet", "carol", &["--secret", &carol]);
+    assert_fails_at(&r, "code", &["locked_out", "wait"], &["wait", " s, then"]);
+
+    // Revoked device.
+    run_ok(&["device", "revoke", "laptop", "--dir", s(&dir)]);
+    let r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    assert_fails_at(&r, "device", &["device_revoked"], &["revoked"]);
+}
+
+#[test]
+fn a_skewed_client_clock_says_which_side_is_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let alice = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let (_server, addr) = serve(&dir, &[]);
+
+    // Client 2 minutes ahead: the server clock is behind ours.
+    let r = doctor(
+        &dir,
+        &addr,
+        "laptop",
+        "alice",
+        &["--secret", &alice, "--clock-offset-secs", "120"],
+    );
+    assert_fails_at(
+        &r,
+        "clock",
+        &["clock_skew", "ahead", "behind ours"],
+        &["clock"],
+    );
+    assert_eq!(step(&r.1, "channel_binding")["ok"], true);
+
+    // Client 2 minutes behind: the server clock is ahead of ours.
+    let r = doctor(
+        &dir,
+        &addr,
+        "laptop",
+        "alice",
+        &["--secret", &alice, "--clock-offset-secs", "-120"],
+    );
+    assert_fails_at(
+        &r,
+        "clock",
+        &["clock_skew", "behind", "ahead of ours"],
+        &["clock"],
+    );
+
+    // The code was never reached, so it is still good without an offset.
+    let r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    assert_eq!(r.0, 0, "{}", r.1);
+    assert!(
+        step(&r.1, "clock")["saw"]
+            .as_str()
+            .unwrap()
+            .contains("within the allowed skew")
+    );
+}
+
+#[test]
+fn refused_device_certificates_fail_the_client_certificate_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let alice = add_user(&dir, "alice");
+    let ca = dir_ca(&dir);
+    let now = i64::try_from(unix_now()).unwrap();
+
+    // Expired. (`device bind` refuses expired certificates and those without clientAuth; the
+    // server refuses them in the handshake before any binding is looked up.)
+    let mut expired = CertProfile::device("old");
+    expired.not_before_unix = now - 10 * 86_400;
+    expired.not_after_unix = now - 86_400;
+    write_device(&dir, &ca, "old", &expired);
+
+    // Without clientAuth.
+    let mut server_ish = CertProfile::device("serverish");
+    server_ish.client_auth = false;
+    server_ish.server_auth = true;
+    write_device(&dir, &ca, "serverish", &server_ish);
+
+    // Wrong CA on the server side: a device of another directory's CA, bound here.
+    let other = tmp.path().join("other");
+    run_ok(&["init", "--dir", s(&other)]);
+    add_user(&other, "alice");
+    issue_device(&other, "stranger", "alice");
+    for file in ["stranger.pem", "stranger-key.pem"] {
+        std::fs::copy(
+            other.join("devices").join(file),
+            dir.join("devices").join(file),
+        )
+        .unwrap();
+    }
+    run_ok(&[
+        "device",
+        "bind",
+        "stranger",
+        "--user",
+        "alice",
+        "--cert",
+        s(&dir.join("devices").join("stranger.pem")),
+        "--dir",
+        s(&dir),
+    ]);
+    let (_server, addr) = serve(&dir, &[]);
+
+    let r = doctor(&dir, &addr, "old", "alice", &["--secret", &alice]);
+    assert_fails_at(
+        &r,
+        "client_certificate",
+        &["outside its validity"],
+        &["device issue"],
+    );
+    assert_eq!(step(&r.1, "server_certificate")["ok"], true);
+
+    let r = doctor(&dir, &addr, "serverish", "alice", &["--secret", &alice]);
+    assert_fails_at(
+        &r,
+        "client_certificate",
+        &["lacks the clientAuth"],
+        &["device issue"],
+    );
+
+    let r = doctor(&dir, &addr, "stranger", "alice", &["--secret", &alice]);
+    assert_fails_at(
+        &r,
+        "client_certificate",
+        &["is valid and has clientAuth"],
+        &["does not trust the CA"],
+    );
+}
+
+/// A TLS-terminating proxy on its own thread: accepts TLS with a server certificate of `ca`
+/// (requiring a client certificate of it) and opens its own TLS connection to `upstream` with
+/// its own device certificate, copying the bytes between the two. Returns its address.
+fn terminating_proxy(ca: &DevCa, upstream: String) -> String {
+    let cert = ca
+        .issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap();
+    let accept = portcullis_tls::server_config(
+        vec![cert.cert_der()],
+        cert.key_der(),
+        &[ca.cert_der()],
+        &[ALPN_PCS1],
+    )
+    .unwrap();
+    let device = ca.issue_device("proxy").unwrap();
+    let connect = portcullis_tls::client_config(
+        &[ca.cert_der()],
+        vec![device.cert_der()],
+        device.key_der(),
+        &[ALPN_PCS1],
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(accept);
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let connector = tokio_rustls::TlsConnector::from(connect.clone());
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut down) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(tcp) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
+                        return;
+                    };
+                    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                    let Ok(mut up) = connector.connect(name, tcp).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn a_tls_terminating_proxy_fails_the_channel_binding_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let alice = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let (_server, addr) = serve(&dir, &[]);
+    let proxy = terminating_proxy(&dir_ca(&dir), addr.clone());
+
+    let r = doctor(&dir, &proxy, "laptop", "alice", &["--secret", &alice]);
+    assert_fails_at(
+        &r,
+        "channel_binding",
+        &["binding_mismatch"],
+        &["TLS-terminating proxy or load balancer", "pass TLS through"],
+    );
+    // Everything up to the Prefix passed: the proxy looks like the server.
+    for name in ["tls_version", "alpn", "server_certificate"] {
+        assert_eq!(step(&r.1, name)["ok"], true, "{}", r.1);
+    }
+    // Directly, the same device and user pass (the code was not used up).
+    let r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    assert_eq!(r.0, 0, "{}", r.1);
+}
+
+#[test]
+fn a_server_at_capacity_says_it_is_busy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let alice = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let (_server, addr) = serve(&dir, &["--max-pending", "1", "--rate-limit", "0"]);
+
+    // An idle connection that never starts TLS holds the one slot until the deadline (10 s).
+    let idle = std::net::TcpStream::connect(&addr).unwrap();
+    // The server counts it once it accepted it; the first doctor may come before that.
+    let mut r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    for _ in 0..3 {
+        if r.1["first_failure"] == "device" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+        r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    }
+    assert_fails_at(&r, "device", &["overloaded"], &["busy", "try again in"]);
+    drop(idle);
+}
