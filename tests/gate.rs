@@ -126,9 +126,19 @@ async fn refusals_surface_as_grpc_statuses_and_reach_no_service() {
     let client = server.client(&alice, CodeSource::fixed(wrong_code(&alice.totp)));
     let status = say(&client, &server, "x").await.unwrap_err();
     assert_reject(&status, RejectCode::MfaFailed, tonic::Code::Unauthenticated);
-    assert_eq!(
-        status.message(),
-        "mfa_failed: the one-time code was not accepted"
+    // The server's REASON, then the client's fix.
+    assert!(
+        status
+            .message()
+            .starts_with("mfa_failed: the one-time code was not accepted; "),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("enter the current code")
+            && status.message().contains("wait for the next one"),
+        "{}",
+        status.message()
     );
 
     // MFA_FAILED: a code that was already used.
@@ -478,7 +488,10 @@ async fn a_connection_policy_refuses_with_policy_denied() {
         RejectCode::PolicyDenied,
         tonic::Code::PermissionDenied,
     );
-    assert_eq!(status.message(), "policy_denied: user mallory is suspended");
+    assert_eq!(
+        status.message(),
+        "policy_denied: user mallory is suspended; ask an administrator about the policy"
+    );
 
     let alice = server.enroll("alice", "laptop");
     let client = server.client(&alice, CodeSource::secret(alice.totp.clone()));

@@ -98,8 +98,8 @@ impl Rejection {
     /// The message a caller sees: the REASON, which starts with the reject name. A REASON that
     /// is missing or does not start with the name gets it in front.
     ///
-    /// The server's REASON already names the cause and, for most codes, the fix. When it lacks
-    /// the fix the client knows for the code (see [`advice`]), the fix is added after `; `. A
+    /// The server's REASON names the cause and often the fix. When it lacks the fix the client
+    /// knows for the code (see [`advice`]), the fix is added after `; `, whatever the code. A
     /// missing REASON is replaced by the client's own cause and fix.
     pub(crate) fn message(&self) -> String {
         let name = self.name();
@@ -115,7 +115,7 @@ impl Rejection {
             }
         };
         match advice {
-            Some(a) if a.append && !base.contains(a.marker) => {
+            Some(a) if !base.contains(a.marker) => {
                 format!("{base}; {}", self.fix_text(&a))
             }
             _ => base,
@@ -306,8 +306,8 @@ impl Failure {
     }
 }
 
-/// What the client tells about a reject code: the cause when the server gave no REASON, the
-/// fix, and whether the fix is added to a REASON that lacks it.
+/// What the client tells about a reject code: the cause when the server gave no REASON, and the
+/// fix, which is added to a REASON that lacks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Advice {
     /// The cause, in a few words.
@@ -316,10 +316,6 @@ pub(crate) struct Advice {
     pub(crate) fix: &'static str,
     /// A REASON containing this text already states the fix.
     marker: &'static str,
-    /// Whether the fix is added to the REASON. The REASONs of the codes where it is not are
-    /// the server's whole answer (they carry their own fix); their fix is in the
-    /// `portcullis-fix` metadata only.
-    append: bool,
     /// Whether the fix mentions the Verdict's RETRY_AFTER.
     retry: bool,
 }
@@ -331,13 +327,8 @@ pub(crate) const fn advice(code: RejectCode) -> Advice {
             cause,
             fix,
             marker,
-            append: true,
             retry: false,
         }
-    }
-    const fn kept(mut advice: Advice) -> Advice {
-        advice.append = false;
-        advice
     }
     const fn retry(mut advice: Advice) -> Advice {
         advice.retry = true;
@@ -369,17 +360,17 @@ pub(crate) const fn advice(code: RejectCode) -> Advice {
             "connect as the user the device is bound to, or bind the device to this user",
             "the user",
         ),
-        RejectCode::MfaFailed => kept(a(
+        RejectCode::MfaFailed => a(
             "the one-time code was wrong, already used, or the user has no factor",
             "enter the current code of this user's authenticator (a code is accepted once; \
              wait for the next one); if every code fails, check the authenticator's clock",
             "current code",
-        )),
-        RejectCode::MfaRequired => kept(a(
+        ),
+        RejectCode::MfaRequired => a(
             "the session is expired, revoked or not valid for this device",
             "connect with a one-time code (portcullis login) to start a new session",
             "code",
-        )),
+        ),
         RejectCode::ClockSkew => a(
             "this machine's clock differs from the server's by more than the allowed skew",
             "sync this machine's clock (NTP, e.g. `timedatectl set-ntp true`)",
@@ -397,31 +388,31 @@ pub(crate) const fn advice(code: RejectCode) -> Advice {
              (TLS passthrough) instead of terminating TLS",
             "proxy",
         ),
-        RejectCode::LockedOut => kept(retry(a(
+        RejectCode::LockedOut => retry(a(
             "too many failed codes for this user",
             "wait for the lockout to end, then enter a correct code",
             "wait",
-        ))),
-        RejectCode::RateLimited => kept(retry(a(
+        )),
+        RejectCode::RateLimited => retry(a(
             "too many connection attempts from this address",
             "connect less often (reuse the channel)",
             "less often",
-        ))),
-        RejectCode::Overloaded => kept(retry(a(
+        )),
+        RejectCode::Overloaded => retry(a(
             "the server is at its limit of connections being authenticated",
             "retry shortly",
             "retry",
-        ))),
+        )),
         RejectCode::Timeout => a(
             "the Prefix did not reach the server within its deadline",
             "check the network between client and server (slow link, stalled proxy)",
             "network",
         ),
-        RejectCode::PolicyDenied => kept(a(
+        RejectCode::PolicyDenied => a(
             "the server's policy refuses this user or device",
             "ask an administrator about the policy",
             "administrator",
-        )),
+        ),
     }
 }
 
@@ -748,7 +739,10 @@ mod tests {
             let r = rejection(code.as_u8(), Some(&format!("{}: hint", code.name())), None);
             let status = r.to_status();
             assert_eq!(status.code(), grpc, "{code}");
-            assert_eq!(status.message(), format!("{}: hint", code.name()));
+            assert_eq!(
+                status.message(),
+                format!("{}: hint; {}", code.name(), advice(code).fix)
+            );
             assert_eq!(status.metadata().get(REJECT_METADATA).unwrap(), code.name());
             assert_eq!(
                 status.metadata().get(REF_METADATA).unwrap(),
@@ -775,7 +769,10 @@ mod tests {
         );
         assert_eq!(
             rejection(6, Some("try again"), None).message(),
-            "mfa_failed: try again"
+            format!(
+                "mfa_failed: try again; {}",
+                advice(RejectCode::MfaFailed).fix
+            )
         );
         let unknown = rejection(99, None, Some(5)).to_status();
         assert_eq!(unknown.code(), Code::Unauthenticated);
@@ -791,7 +788,10 @@ mod tests {
         let f = Failure::Rejected(Arc::new(rejection(13, Some("overloaded: busy"), Some(2))));
         let e = f.io_error();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
-        assert_eq!(e.to_string(), "overloaded: busy");
+        assert_eq!(
+            e.to_string(),
+            "overloaded: busy; retry shortly (retry after 2 s)"
+        );
         let f = Failure::Rejected(Arc::new(rejection(6, Some("mfa_failed: no"), None)));
         assert_eq!(f.io_error().kind(), io::ErrorKind::PermissionDenied);
         let tls = Failure::Tls("bad".into());
@@ -829,7 +829,7 @@ mod tests {
         assert_eq!(chain_text(&err), "outer: tls: x");
     }
     #[test]
-    fn every_reject_code_has_a_cause_and_a_fix_and_appends_it_only_when_missing() {
+    fn every_reject_code_has_a_cause_and_a_fix_and_appends_it_when_missing() {
         for code in RejectCode::ALL {
             let a = advice(code);
             assert!(!a.cause.is_empty() && !a.fix.is_empty(), "{code}");
@@ -837,15 +837,14 @@ mod tests {
                 a.fix.contains(a.marker),
                 "{code}: a message with the fix must count as having it"
             );
-            // A REASON without the fix gets it when the code appends.
+            // A REASON without the fix gets it, whatever the code.
             let bare = rejection(code.as_u8(), Some("something"), Some(4)).message();
-            let prefix = format!("{}: something", code.name());
-            if a.append {
-                assert!(bare.starts_with(&format!("{prefix}; ")), "{bare}");
-                assert!(bare.contains(a.fix), "{bare}");
-            } else {
-                assert_eq!(bare, prefix);
-            }
+            let wait = if a.retry { " (retry after 4 s)" } else { "" };
+            assert_eq!(
+                bare,
+                format!("{}: something; {}{wait}", code.name(), a.fix),
+                "{code}"
+            );
             // A REASON that already states the fix is kept as it is.
             let stated = format!("{}: x {}", code.name(), a.marker);
             assert_eq!(
@@ -896,9 +895,27 @@ mod tests {
             None,
         );
         assert!(revoked.message().contains("bind this device again"));
-        // OVERLOADED keeps the server's text; the fix has the wait.
+        // OVERLOADED keeps the server's text and gets the fix, with the wait.
         let busy = rejection(13, Some("overloaded: busy"), Some(2)).to_status();
-        assert_eq!(busy.message(), "overloaded: busy");
+        assert_eq!(
+            busy.message(),
+            "overloaded: busy; retry shortly (retry after 2 s)"
+        );
+        // The server's own "retry shortly" already is the fix.
+        let said = "overloaded: the server is at its limit; retry shortly";
+        assert_eq!(rejection(13, Some(said), Some(1)).message(), said);
+        // LOCKED_OUT gets the fix after the server's wait.
+        let locked = rejection(
+            11,
+            Some("locked_out: too many failed codes for carol; retry in 30 s"),
+            Some(30),
+        )
+        .message();
+        assert_eq!(
+            locked,
+            "locked_out: too many failed codes for carol; retry in 30 s; wait for the lockout \
+             to end, then enter a correct code (retry after 30 s)"
+        );
         assert_eq!(
             busy.metadata().get(FIX_METADATA).unwrap(),
             "retry shortly (retry after 2 s)"

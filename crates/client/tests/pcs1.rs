@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Answer, Pki, TestServer, now_ms};
 use portcullis_client::{
-    Client, ClientError, CodeSource, DEFAULT_AGENT, PortcullisChannel, REF_METADATA,
+    Client, ClientError, CodeSource, DEFAULT_AGENT, FIX_METADATA, PortcullisChannel, REF_METADATA,
     REJECT_METADATA, RETRY_AFTER_METADATA,
 };
 use portcullis_core::codec::Factor;
@@ -208,6 +208,10 @@ async fn later_connections_use_the_session_ticket_and_fresh_nonces() {
     .unwrap();
 }
 
+/// The client's fix for `mfa_failed`, added to a REASON that lacks it.
+const MFA_FAILED_FIX: &str = "enter the current code of this user's authenticator (a code is \
+     accepted once; wait for the next one); if every code fails, check the authenticator's clock";
+
 fn assert_rejected(
     status: &tonic::Status,
     code: RejectCode,
@@ -280,12 +284,21 @@ async fn rejections_surface_as_statuses_with_code_reason_and_metadata() {
             let status = check(&channel).await.unwrap_err();
             let seen = &server.state.seen()[i];
             assert_rejected(&status, code, grpc, retry, seen.verdict.reference);
-            assert_eq!(status.message(), format!("{}: {hint}", code.name()));
+            // The server's REASON, then the client's fix (none of these hints states it).
+            let fix = status
+                .metadata()
+                .get(FIX_METADATA)
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert_eq!(status.message(), format!("{}: {hint}; {fix}", code.name()));
             assert!(seen.preface_before_verdict);
 
             let verdict = client.last_verdict().unwrap();
             assert_eq!(verdict.reject, Some(code));
-            assert_eq!(verdict.reason.as_deref(), Some(status.message()));
+            let reason = verdict.reason.as_deref().unwrap();
+            assert_eq!(reason, format!("{}: {hint}", code.name()));
+            assert!(status.message().starts_with(reason), "{}", status.message());
             assert_eq!(
                 verdict.retry_after,
                 retry.map(|s| Duration::from_secs(u64::from(s)))
@@ -318,14 +331,17 @@ async fn rejections_surface_as_statuses_with_code_reason_and_metadata() {
                 );
                 assert_eq!(
                     status.message(),
-                    "mfa_failed: the one-time code was not accepted"
+                    format!("mfa_failed: the one-time code was not accepted; {MFA_FAILED_FIX}")
                 );
             }
             other => panic!("expected a rejection, got {other:?}"),
         }
         assert_eq!(
             err.to_string(),
-            "the server rejected the connection: mfa_failed: the one-time code was not accepted"
+            format!(
+                "the server rejected the connection: mfa_failed: the one-time code was not \
+                 accepted; {MFA_FAILED_FIX}"
+            )
         );
     })
     .await
