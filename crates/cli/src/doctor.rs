@@ -1,14 +1,15 @@
 //! `portcullis doctor`: walks the path from this machine to a Portcullis server step by step on
 //! one raw connection (TCP, TLS 1.3, ALPN, both certificates, the Prefix and the Verdict, then
 //! one Echo call over the same stream) and says for every step what it saw and, when it fails,
-//! what to do about it.
+//! what to do about it. With `--standard` it walks the path of a standard gRPC client instead:
+//! ALPN `h2`, no Prefix, and one Echo call that only a live session of the device lets in.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use portcullis::demo::{EchoClient, SayRequest};
+use portcullis::demo::{EchoClient, SayReply, SayRequest};
 use portcullis_core::codec::{
     ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
 };
@@ -32,18 +33,25 @@ use crate::dir::Layout;
 /// How long one TCP connect, the handshake or the Verdict may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The ALPN protocol of standard gRPC clients.
+const ALPN_H2: &[u8] = b"h2";
+
 /// The RFC 9266 exporter label.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
 
 /// `portcullis doctor`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("factor").required(true).args(["code", "secret"])))]
+#[command(group(clap::ArgGroup::new("factor").required(true).args(["code", "secret", "standard"])))]
 pub(crate) struct DoctorArgs {
     #[command(flatten)]
     connect: ConnectArgs,
     /// Print one JSON object with every step instead of the report.
     #[arg(long)]
     json: bool,
+    /// Walk the path of a standard gRPC client (ALPN h2, no Prefix, no code) to a server run
+    /// with `--standard-clients`: the Echo call succeeds only while the device has a live session.
+    #[arg(long)]
+    standard: bool,
     /// Testing aid: shift the TIME this doctor sends (and compares SERVER_TIME with) by SECS
     /// seconds, negative for behind, as if this machine's clock were off by that much.
     #[arg(long, value_name = "SECS", hide = true, allow_hyphen_values = true,
@@ -67,6 +75,17 @@ const STEPS: [&str; 11] = [
     "echo",
 ];
 
+/// The steps of `--standard`: the Verdict's steps are replaced by one Echo call over h2.
+const STANDARD_STEPS: [&str; 7] = [
+    "connect",
+    "tls_version",
+    "alpn",
+    "server_certificate",
+    "client_certificate",
+    "device",
+    "live_session",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mark {
     Pass,
@@ -84,13 +103,15 @@ struct Step {
 
 /// The report being filled in, one entry per step of [`STEPS`].
 struct Report {
+    names: &'static [&'static str],
     steps: Vec<Step>,
 }
 
 impl Report {
-    fn new() -> Self {
+    fn new(names: &'static [&'static str]) -> Self {
         Self {
-            steps: STEPS
+            names,
+            steps: names
                 .iter()
                 .map(|_| Step {
                     mark: Mark::Skip,
@@ -101,12 +122,13 @@ impl Report {
         }
     }
 
-    fn index(name: &str) -> usize {
-        STEPS.iter().position(|s| *s == name).unwrap_or(0)
+    fn index(&self, name: &str) -> usize {
+        self.names.iter().position(|s| *s == name).unwrap_or(0)
     }
 
     fn pass(&mut self, name: &str, saw: impl Into<String>) {
-        self.steps[Self::index(name)] = Step {
+        let i = self.index(name);
+        self.steps[i] = Step {
             mark: Mark::Pass,
             saw: saw.into(),
             fix: None,
@@ -114,7 +136,8 @@ impl Report {
     }
 
     fn fail(&mut self, name: &str, saw: impl Into<String>, fix: impl Into<String>) {
-        self.steps[Self::index(name)] = Step {
+        let i = self.index(name);
+        self.steps[i] = Step {
             mark: Mark::Fail,
             saw: saw.into(),
             fix: Some(fix.into()),
@@ -122,7 +145,8 @@ impl Report {
     }
 
     fn skip(&mut self, name: &str, saw: impl Into<String>) {
-        self.steps[Self::index(name)] = Step {
+        let i = self.index(name);
+        self.steps[i] = Step {
             mark: Mark::Skip,
             saw: saw.into(),
             fix: None,
@@ -138,18 +162,19 @@ impl Report {
 pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
     let c = &args.connect;
     c.check_files()?;
-    let code = match (&c.code, &c.secret) {
-        (Some(code), None) => {
+    let code = match (&c.code, &c.secret, args.standard) {
+        (Some(code), None, false) => {
             check_code("--code", code)?;
             Zeroizing::new(code.clone())
         }
-        (None, Some(secret)) => {
+        (None, Some(secret), false) => {
             let config =
                 TotpConfig::from_base32(secret, c.digits, c.algorithm, TotpConfig::DEFAULT_PERIOD)
                     .map_err(|e| format!("--secret: {e}"))?;
             Zeroizing::new(config.generate(now_ms() / 1000))
         }
-        _ => return Err("give one of --code and --secret".into()),
+        (None, None, true) => Zeroizing::new(String::new()),
+        _ => return Err("give one of --code, --secret and --standard".into()),
     };
     let layout = Layout::existing(&c.dir.dir)?;
     let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
@@ -184,14 +209,20 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
         key,
         ours,
         clock_offset_ms: args.clock_offset_secs.saturating_mul(1000),
+        standard: args.standard,
     };
 
-    let mut report = Report::new();
+    let names: &'static [&'static str] = if args.standard {
+        &STANDARD_STEPS
+    } else {
+        &STEPS
+    };
+    let mut report = Report::new(names);
     runtime()?.block_on(walk(&env, &code, &mut report));
 
     let first = report.first_failure();
     if args.json {
-        let steps: Vec<_> = STEPS
+        let steps: Vec<_> = names
             .iter()
             .zip(&report.steps)
             .map(|(name, step)| {
@@ -207,11 +238,11 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
         let out = json!({
             "ok": first.is_none(),
             "steps": steps,
-            "first_failure": first.map(|i| STEPS[i]),
+            "first_failure": first.map(|i| names[i]),
         });
         out!("{out}");
     } else {
-        for (i, (name, step)) in STEPS.iter().zip(&report.steps).enumerate() {
+        for (i, (name, step)) in names.iter().zip(&report.steps).enumerate() {
             let mark = match step.mark {
                 Mark::Pass => "✓",
                 Mark::Fail => "✗",
@@ -223,11 +254,11 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
             }
         }
         match first {
-            None => out!("all {} steps passed", STEPS.len()),
+            None => out!("all {} steps passed", names.len()),
             Some(i) => out!(
                 "step {} ({}) failed: exit code {}",
                 i + 1,
-                STEPS[i],
+                names[i],
                 exit_code(i)
             ),
         }
@@ -252,6 +283,8 @@ struct Env {
     ours: DeviceIdentity,
     /// Added to this machine's clock for the TIME sent and the clock comparison (testing aid).
     clock_offset_ms: i64,
+    /// `--standard`: ALPN h2, no Prefix, and the live-session step.
+    standard: bool,
 }
 
 impl Env {
@@ -510,7 +543,11 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
             return;
         }
     };
-    config.alpn_protocols = vec![ALPN_PCS1.to_vec()];
+    config.alpn_protocols = if env.standard {
+        vec![ALPN_H2.to_vec()]
+    } else {
+        vec![ALPN_PCS1.to_vec()]
+    };
     config.enable_early_data = false;
 
     let Ok(name) = ServerName::try_from(env.name.clone()) else {
@@ -545,6 +582,27 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
 
     let (_, conn) = tls.get_ref();
     report.pass("tls_version", "TLS 1.3 negotiated");
+    if env.standard {
+        if conn.alpn_protocol() != Some(ALPN_H2) {
+            report.fail(
+                "alpn",
+                match conn.alpn_protocol() {
+                    Some(p) => format!(
+                        "the server selected `{}`, not h2",
+                        String::from_utf8_lossy(p)
+                    ),
+                    None => "the server selected no ALPN protocol, not h2".to_owned(),
+                },
+                "start the server with --standard-clients",
+            );
+            return;
+        }
+        report.pass("alpn", "h2 negotiated (standard gRPC client, no Prefix)");
+        let presented = seen.lock().ok().and_then(|s| s.clone());
+        pass_server_certificate(env, presented, report);
+        live_session(env, tls, report).await;
+        return;
+    }
     match conn.alpn_protocol() {
         Some(ALPN_PCS1) => report.pass("alpn", "portcullis/1 negotiated"),
         other => {
@@ -564,18 +622,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
         }
     }
     let presented = seen.lock().ok().and_then(|s| s.clone());
-    let sans = presented
-        .as_ref()
-        .and_then(|der| DeviceIdentity::from_der(der).ok())
-        .map(|id| id.sans.join(", "))
-        .unwrap_or_default();
-    report.pass(
-        "server_certificate",
-        format!(
-            "chains to {} and names `{}` (SANs: {sans})",
-            env.ca_file, env.name
-        ),
-    );
+    pass_server_certificate(env, presented, report);
 
     let binding = match conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None) {
         Ok(b) => b,
@@ -679,6 +726,26 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
     echo(tls, report).await;
 }
 
+/// Passes the server certificate step, listing the presented certificate's SANs.
+fn pass_server_certificate(
+    env: &Env,
+    presented: Option<CertificateDer<'static>>,
+    report: &mut Report,
+) {
+    let sans = presented
+        .as_ref()
+        .and_then(|der| DeviceIdentity::from_der(der).ok())
+        .map(|id| id.sans.join(", "))
+        .unwrap_or_default();
+    report.pass(
+        "server_certificate",
+        format!(
+            "chains to {} and names `{}` (SANs: {sans})",
+            env.ca_file, env.name
+        ),
+    );
+}
+
 async fn read_verdict(
     tls: &mut TlsStream<TcpStream>,
     header: &[u8; HEADER_LEN],
@@ -752,11 +819,20 @@ async fn handshake_failed(
             if *alert == rustls::AlertDescription::NoApplicationProtocol =>
         {
             report.pass("tls_version", "TLS 1.3 negotiated");
-            report.fail(
-                "alpn",
-                "the server refused ALPN portcullis/1 (no_application_protocol)",
-                "point --server at a Portcullis server (`portcullis serve`)",
-            );
+            if env.standard {
+                report.fail(
+                    "alpn",
+                    "the server refused ALPN h2 (no_application_protocol): it does not let \
+                     standard gRPC clients in",
+                    "start the server with --standard-clients",
+                );
+            } else {
+                report.fail(
+                    "alpn",
+                    "the server refused ALPN portcullis/1 (no_application_protocol)",
+                    "point --server at a Portcullis server (`portcullis serve`)",
+                );
+            }
         }
         other => {
             let detail = other.map_or_else(|| e.to_string(), |t| t.to_string());
@@ -988,8 +1064,17 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One Echo call over the accepted connection: HTTP/2 from the first byte after the Verdict.
-async fn echo(tls: TlsStream<TcpStream>, report: &mut Report) {
+/// How one Echo call over a stream went.
+enum EchoOutcome {
+    Reply(SayReply),
+    /// The server answered with a gRPC status.
+    Status(tonic::Status),
+    /// HTTP/2 did not start, or no answer came in time.
+    Failed(String),
+}
+
+/// HTTP/2 over `tls` (from its first byte) and one Echo call on it.
+async fn call_echo(tls: TlsStream<TcpStream>) -> EchoOutcome {
     let slot = Arc::new(Mutex::new(Some(tls)));
     let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
         let stream = slot.lock().ok().and_then(|mut s| s.take());
@@ -1004,42 +1089,154 @@ async fn echo(tls: TlsStream<TcpStream>, report: &mut Report) {
     });
     let endpoint = match tonic::transport::Endpoint::from_shared("http://portcullis.doctor") {
         Ok(e) => e,
-        Err(e) => {
-            report.fail("echo", format!("endpoint: {e}"), "report this");
-            return;
-        }
+        Err(e) => return EchoOutcome::Failed(format!("endpoint: {e}")),
     };
     let result = tokio::time::timeout(STEP_TIMEOUT, async {
-        let channel = endpoint
-            .connect_with_connector(connector)
-            .await
-            .map_err(|e| format!("HTTP/2 did not start: {e}"))?;
-        EchoClient::new(channel)
+        let channel = match endpoint.connect_with_connector(connector).await {
+            Ok(c) => c,
+            Err(e) => return EchoOutcome::Failed(format!("HTTP/2 did not start: {e}")),
+        };
+        match EchoClient::new(channel)
             .say(SayRequest {
                 text: "doctor".into(),
             })
             .await
-            .map(|r| r.into_inner())
-            .map_err(|s| crate::connect::describe_status("Echo", &s))
+        {
+            Ok(r) => EchoOutcome::Reply(r.into_inner()),
+            Err(s) => EchoOutcome::Status(s),
+        }
     })
     .await;
-    match result {
-        Ok(Ok(reply)) => report.pass(
+    result.unwrap_or_else(|_| EchoOutcome::Failed(format!("no Echo reply within {STEP_TIMEOUT:?}")))
+}
+
+/// One Echo call over the accepted connection: HTTP/2 from the first byte after the Verdict.
+async fn echo(tls: TlsStream<TcpStream>, report: &mut Report) {
+    match call_echo(tls).await {
+        EchoOutcome::Reply(reply) => report.pass(
             "echo",
             format!(
                 "Echo answered `{}` (user {}, device {}, via {})",
                 reply.text, reply.user, reply.device, reply.auth_method
             ),
         ),
-        Ok(Err(e)) => report.fail(
+        EchoOutcome::Status(s) => report.fail(
             "echo",
-            e,
+            crate::connect::describe_status("Echo", &s),
             "the gate let the connection in but the service failed: check the server's log",
         ),
-        Err(_) => report.fail(
-            "echo",
-            format!("no Echo reply within {STEP_TIMEOUT:?}"),
-            "check the server's log",
-        ),
+        EchoOutcome::Failed(e) => report.fail("echo", e, "check the server's log"),
     }
+}
+
+/// `--standard`: one Echo call over h2 without a Prefix; the server lets it in only while the
+/// device has a live session, and otherwise answers UNAUTHENTICATED naming the cause.
+async fn live_session(env: &Env, tls: TlsStream<TcpStream>, report: &mut Report) {
+    let fingerprint = env.ours.fingerprint.to_string();
+    let known = format!("fingerprint {fingerprint}: known to the server");
+    let status = match call_echo(tls).await {
+        EchoOutcome::Reply(reply) => {
+            report.pass("client_certificate", client_accepted(env));
+            report.pass("device", format!("{known} and bound to {}", reply.user));
+            report.pass(
+                "live_session",
+                format!(
+                    "Echo answered over h2 via {} (user {}, device {})",
+                    reply.auth_method, reply.user, reply.device
+                ),
+            );
+            return;
+        }
+        EchoOutcome::Failed(e) => {
+            report.fail(
+                "client_certificate",
+                format!(
+                    "{e}; the server may have refused our certificate ({})",
+                    env.ours.subject
+                ),
+                "check that the server trusts the CA that issued this device and that the \
+                 certificate is valid with clientAuth (`portcullis device issue`)",
+            );
+            return;
+        }
+        EchoOutcome::Status(s) => s,
+    };
+    let message = status.message().replace('\n', " ");
+    let reject = message
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if status.code() != tonic::Code::Unauthenticated {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown
+        ) && status.metadata().get("portcullis-reject").is_none()
+        {
+            report.fail(
+                "client_certificate",
+                crate::connect::describe_status("Echo", &status),
+                "check that the server trusts the CA that issued this device and that the \
+                 certificate is valid with clientAuth (`portcullis device issue`)",
+            );
+            return;
+        }
+        report.pass("client_certificate", client_accepted(env));
+        report.pass("device", known);
+        report.fail(
+            "live_session",
+            crate::connect::describe_status("Echo", &status),
+            "the gate let the connection in but the service failed: check the server's log",
+        );
+        return;
+    }
+    report.pass("client_certificate", client_accepted(env));
+    match reject.as_str() {
+        "device_unknown" | "device_revoked" => {
+            let fix = if reject == "device_unknown" {
+                format!(
+                    "bind this device on the server: `portcullis device bind --user {}` (or \
+                     `device issue` there)",
+                    env.user
+                )
+            } else {
+                "the device was revoked: issue and bind a new device certificate".to_owned()
+            };
+            report.fail(
+                "device",
+                format!("fingerprint {fingerprint}: {message}"),
+                fix,
+            );
+        }
+        "mfa_required" => {
+            report.pass("device", known);
+            report.fail(
+                "live_session",
+                message,
+                "run portcullis login from this device",
+            );
+        }
+        _ => {
+            report.pass("device", known);
+            report.fail(
+                "live_session",
+                crate::connect::describe_status("Echo", &status),
+                "see the message; the row of docs/TROUBLESHOOTING.md for its reject names the fix",
+            );
+        }
+    }
+}
+
+/// What the client certificate step says once the server answered over the connection.
+fn client_accepted(env: &Env) -> String {
+    format!(
+        "accepted ({}, valid until {})",
+        env.ours.subject,
+        crate::enroll::format_time(
+            u64::try_from(env.ours.not_after_unix)
+                .unwrap_or(0)
+                .saturating_mul(1000)
+        )
+    )
 }
