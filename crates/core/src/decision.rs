@@ -479,14 +479,8 @@ impl Gate {
         let checked = self
             .check(prefix, facts, now)
             .and_then(|(identity, session)| {
-                match self.policy.as_ref().map(|p| p.check(&identity)) {
-                    Some(Err(hint)) => Err(Refusal::new(
-                        RejectCode::PolicyDenied,
-                        Cause::PolicyDenied,
-                        hint,
-                    )),
-                    _ => Ok((identity, session)),
-                }
+                self.apply_policy(&identity)?;
+                Ok((identity, session))
             })
             .and_then(|(identity, session)| {
                 // A new session is recorded once the connection is sure to be accepted (a
@@ -506,19 +500,147 @@ impl Gate {
                 }
                 Ok((identity, session))
             });
+        Self::decision(now, reference, claimed_user, agent, checked)
+    }
+
+    /// Decides a standard gRPC client (PROTOCOL.md section 7): a connection that negotiated
+    /// ALPN `h2` and sends no Prefix, judged on its client certificate's fingerprint alone.
+    /// The device must be bound and not revoked, its user not locked out, and the device must
+    /// hold a live session in the registry (a service account's device needs none); the
+    /// connection policy then applies. The decision's `claimed_user` is the user the device is
+    /// bound to, when known; its Verdict is what a refusal's gRPC status carries.
+    pub fn decide_standard(&self, fingerprint: &DeviceFingerprint) -> Decision {
+        let now = self.clock.now_ms();
+        let reference = Ref::generate(self.rng.as_ref(), now);
+        let mut user = None;
+        let checked = self
+            .check_standard(fingerprint, now, &mut user)
+            .and_then(|identity| {
+                self.apply_policy(&identity)?;
+                Ok((identity, None))
+            });
+        Self::decision(now, reference, user, None, checked)
+    }
+
+    fn check_standard(
+        &self,
+        fp: &DeviceFingerprint,
+        now: u64,
+        user: &mut Option<String>,
+    ) -> Result<Identity, Refusal> {
+        let device = self.registry.device_by_fingerprint(fp)?.ok_or_else(|| {
+            Refusal::new(
+                RejectCode::DeviceUnknown,
+                Cause::DeviceUnknown,
+                format!(
+                    "device {fp} is bound to no user; bind it with portcullis device bind, then run \
+                     portcullis login"
+                ),
+            )
+        })?;
+        *user = Some(device.user.clone());
+        if device.is_revoked() {
+            return Err(Refusal::new(
+                RejectCode::DeviceRevoked,
+                Cause::DeviceRevoked,
+                format!(
+                    "device {} ({fp}) was revoked; use a device that is bound to you",
+                    device.name
+                ),
+            ));
+        }
+        if let Some(left) = self.registry.lock_state(&device.user)?.remaining_ms(now) {
+            return Err(locked_out(&device.user, left));
+        }
+        // A service account has no second factor: a bound, non-revoked device of it is let in
+        // on its key alone, without a session. The per-method policy then admits it only to the
+        // methods a rule grants it by name or role.
+        if self.registry.user(&device.user)?.is_some_and(|u| u.service) {
+            return Ok(Identity {
+                user: device.user.clone(),
+                device_name: device.name.clone(),
+                fingerprint: device.fingerprint,
+                method: AuthMethod::Device,
+                totp_time_ms: now,
+                session: None,
+            });
+        }
+        if self.config.session_ttl_ms.is_none() {
+            return Err(Refusal::new(
+                RejectCode::MfaRequired,
+                Cause::SessionsDisabled,
+                "sessions are off on this server, so a standard gRPC client cannot be let in; \
+                 use a Portcullis client",
+            ));
+        }
+        let no_session = |cause: Cause| {
+            Refusal::new(
+                RejectCode::MfaRequired,
+                cause,
+                format!(
+                    "no live session for device {} ({fp}); run portcullis login",
+                    device.name
+                ),
+            )
+        };
+        let session = self
+            .registry
+            .live_session_for_device(fp, now)?
+            .ok_or_else(|| no_session(Cause::Other("no_live_session")))?;
+        // The registry answers for the active binding; checked again here, fail closed.
+        if session.user != device.user || session.fingerprint != device.fingerprint {
+            return Err(no_session(Cause::TicketNotForThisDevice));
+        }
+        if session.totp_time_ms < device.created_ms {
+            return Err(no_session(Cause::TicketBeforeBinding));
+        }
+        if !session.is_live(now) {
+            return Err(no_session(Cause::TicketExpired));
+        }
+        Ok(Identity {
+            user: device.user,
+            device_name: device.name,
+            fingerprint: device.fingerprint,
+            method: AuthMethod::Session,
+            totp_time_ms: session.totp_time_ms,
+            session: Some((session.id, session.expires_ms)),
+        })
+    }
+
+    /// The connection policy's answer for an authenticated identity (POLICY_DENIED).
+    fn apply_policy(&self, identity: &Identity) -> Result<(), Refusal> {
+        match self.policy.as_ref().map(|p| p.check(identity)) {
+            Some(Err(hint)) => Err(Refusal::new(
+                RejectCode::PolicyDenied,
+                Cause::PolicyDenied,
+                hint,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The Decision of a check's outcome: the Verdict to write, the identity or the refusal.
+    #[allow(clippy::type_complexity)]
+    fn decision(
+        now: u64,
+        reference: Ref,
+        claimed_user: Option<String>,
+        agent: Option<String>,
+        checked: Result<(Identity, Option<(Vec<u8>, u64)>), Refusal>,
+    ) -> Decision {
         match checked {
             Ok((identity, session)) => Decision {
                 verdict: Verdict::accept(now, reference.0, session),
                 reference,
                 claimed_user,
-                agent: agent.clone(),
+                agent,
                 outcome: Ok(identity),
             },
             Err(r) => Decision {
                 verdict: Verdict::reject(r.code, &r.hint, now, reference.0, r.retry_after_s),
                 reference,
                 claimed_user,
-                agent: agent.clone(),
+                agent,
                 outcome: Err(Rejection {
                     code: r.code,
                     cause: r.cause,

@@ -61,10 +61,6 @@ pub(crate) struct AcceptState {
     pub(crate) revocation: Arc<crate::revocation::Revocation>,
     /// Whether connections that negotiated ALPN `h2` are decided ([`crate::standard`]).
     pub(crate) standard_clients: bool,
-    /// The connection policy, also applied to standard clients.
-    pub(crate) policy: standard::Policy,
-    /// The random source, for the REFs of standard-client decisions.
-    pub(crate) rng: Arc<dyn portcullis_core::Random>,
 }
 
 /// The application protocol a connection negotiated.
@@ -608,10 +604,10 @@ async fn standard_client(
     let deciding = async {
         if state.blocking_registry {
             let state = state.clone();
-            tokio::task::spawn_blocking(move || timed(|| standard::decide(&state, &fingerprint)))
+            tokio::task::spawn_blocking(move || timed(|| state.gate.decide_standard(&fingerprint)))
                 .await
         } else {
-            Ok(timed(|| standard::decide(state, &fingerprint)))
+            Ok(timed(|| state.gate.decide_standard(&fingerprint)))
         }
     };
     let (decision, took) = match timeout_at(deadline, deciding).await {

@@ -478,14 +478,8 @@ impl Builder {
             }
         };
         let auditor = Arc::new(audit::Auditor::new(self.audit_sinks, self.clock.clone()));
-        let mut gate = Gate::new(
-            self.config,
-            registry,
-            ticket_key,
-            self.clock,
-            self.rng.clone(),
-        );
-        if let Some(policy) = self.policy.clone() {
+        let mut gate = Gate::new(self.config, registry, ticket_key, self.clock, self.rng);
+        if let Some(policy) = self.policy {
             gate = gate.with_policy(policy);
         }
         Ok(PortcullisServer {
@@ -502,8 +496,6 @@ impl Builder {
                 auditor,
                 revocation: Arc::new(revocation),
                 standard_clients: self.standard_clients,
-                policy: self.policy,
-                rng: self.rng,
             }),
             metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
             metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),

@@ -4,7 +4,8 @@
 //! Such a client sends no Prefix, so it cannot prove a second factor on the connection. It is
 //! let in on the strength of its device alone: the client certificate's fingerprint must be
 //! bound to a user, not revoked, the user not locked out, and the device must hold a **live
-//! session** in the registry ([`portcullis_core::Registry::live_session_for_device`]): one
+//! session** in the registry ([`portcullis_core::Registry::live_session_for_device`]; the
+//! decision is [`portcullis_core::Gate::decide_standard`]): one
 //! that a Portcullis client (or `portcullis login`) earned from the same device with a TOTP
 //! code, not expired and not revoked. The connection policy
 //! ([`crate::Builder::policy`]) applies as for any connection. The connection is then handed to
@@ -19,18 +20,11 @@
 //! then closes the connection (GOAWAY) after the first response, or when the connection's
 //! deadline passes without a request.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_core::codec::Verdict;
-use portcullis_core::{
-    AuthMethod, Cause, ConnectionPolicy, Decision, DeviceFingerprint, Identity, Ref, RegistryError,
-    RejectCode, Rejection,
-};
+use portcullis_core::{Decision, Ref, RejectCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, timeout_at};
-
-use crate::acceptor::AcceptState;
 
 /// The ALPN id of standard gRPC clients (HTTP/2 over TLS).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -72,182 +66,6 @@ impl GrpcRefusal {
         })
     }
 }
-
-/// A refusal before the identity is known: the code, the internal cause, the hint.
-struct Refusal {
-    code: RejectCode,
-    cause: Cause,
-    hint: String,
-    retry_after_s: Option<u32>,
-}
-
-impl Refusal {
-    fn new(code: RejectCode, cause: Cause, hint: impl Into<String>) -> Self {
-        Self {
-            code,
-            cause,
-            hint: hint.into(),
-            retry_after_s: None,
-        }
-    }
-}
-
-impl From<RegistryError> for Refusal {
-    fn from(e: RegistryError) -> Self {
-        Self {
-            code: RejectCode::Overloaded,
-            cause: Cause::Registry(e.to_string()),
-            hint: "the server cannot check credentials right now; retry shortly".into(),
-            retry_after_s: Some(5),
-        }
-    }
-}
-
-/// Decides a standard-client connection from its client certificate's fingerprint: the
-/// device binding, the user's lockout, a live session of the device, the connection policy.
-/// The decision's `claimed_user` is the user the device is bound to, when known.
-pub(crate) fn decide(state: &AcceptState, fingerprint: &DeviceFingerprint) -> Decision {
-    let now = state.gate.clock().now_ms();
-    let reference = Ref::generate(state.rng.as_ref(), now);
-    let mut user = None;
-    let outcome = check(state, fingerprint, now, &mut user);
-    match outcome {
-        Ok(identity) => Decision {
-            verdict: Verdict::accept(now, reference.0, None),
-            reference,
-            claimed_user: user,
-            agent: None,
-            outcome: Ok(identity),
-        },
-        Err(r) => Decision {
-            verdict: Verdict::reject(r.code, &r.hint, now, reference.0, r.retry_after_s),
-            reference,
-            claimed_user: user,
-            agent: None,
-            outcome: Err(Rejection {
-                code: r.code,
-                cause: r.cause,
-            }),
-        },
-    }
-}
-
-fn check(
-    state: &AcceptState,
-    fp: &DeviceFingerprint,
-    now: u64,
-    user: &mut Option<String>,
-) -> Result<Identity, Refusal> {
-    let gate = &state.gate;
-    let registry = gate.registry();
-    let device = registry.device_by_fingerprint(fp)?.ok_or_else(|| {
-        Refusal::new(
-            RejectCode::DeviceUnknown,
-            Cause::DeviceUnknown,
-            format!(
-                "device {fp} is bound to no user; bind it with portcullis device bind, then run \
-                 portcullis login"
-            ),
-        )
-    })?;
-    *user = Some(device.user.clone());
-    if device.is_revoked() {
-        return Err(Refusal::new(
-            RejectCode::DeviceRevoked,
-            Cause::DeviceRevoked,
-            format!(
-                "device {} ({fp}) was revoked; use a device that is bound to you",
-                device.name
-            ),
-        ));
-    }
-    let lock = registry.lock_state(&device.user)?;
-    if let Some(left) = lock.remaining_ms(now) {
-        let secs = u32::try_from(left.div_ceil(1000)).unwrap_or(u32::MAX);
-        return Err(Refusal {
-            retry_after_s: Some(secs),
-            ..Refusal::new(
-                RejectCode::LockedOut,
-                Cause::LockedOut,
-                format!(
-                    "too many failed codes for {}; retry in {secs} s",
-                    device.user
-                ),
-            )
-        });
-    }
-    // A service account has no second factor: a bound, non-revoked device of it is let in on
-    // its key alone, without a session. The per-method policy then admits it only to the
-    // methods a rule grants it by name or role.
-    if registry.user(&device.user)?.is_some_and(|u| u.service) {
-        let identity = Identity {
-            user: device.user.clone(),
-            device_name: device.name.clone(),
-            fingerprint: device.fingerprint,
-            method: AuthMethod::Device,
-            totp_time_ms: now,
-            session: None,
-        };
-        if let Some(Err(hint)) = state.policy.as_ref().map(|p| p.check(&identity)) {
-            return Err(Refusal::new(
-                RejectCode::PolicyDenied,
-                Cause::PolicyDenied,
-                hint,
-            ));
-        }
-        return Ok(identity);
-    }
-    if gate.config().session_ttl_ms.is_none() {
-        return Err(Refusal::new(
-            RejectCode::MfaRequired,
-            Cause::SessionsDisabled,
-            "sessions are off on this server, so a standard gRPC client cannot be let in; use \
-             a Portcullis client",
-        ));
-    }
-    let no_session = |cause: Cause| {
-        Refusal::new(
-            RejectCode::MfaRequired,
-            cause,
-            format!(
-                "no live session for device {} ({fp}); run portcullis login",
-                device.name
-            ),
-        )
-    };
-    let session = registry
-        .live_session_for_device(fp, now)?
-        .ok_or_else(|| no_session(Cause::Other("no_live_session")))?;
-    // The registry answers for the active binding; checked again here, fail closed.
-    if session.user != device.user || session.fingerprint != device.fingerprint {
-        return Err(no_session(Cause::TicketNotForThisDevice));
-    }
-    if session.totp_time_ms < device.created_ms {
-        return Err(no_session(Cause::TicketBeforeBinding));
-    }
-    if !session.is_live(now) {
-        return Err(no_session(Cause::TicketExpired));
-    }
-    let identity = Identity {
-        user: device.user.clone(),
-        device_name: device.name.clone(),
-        fingerprint: device.fingerprint,
-        method: AuthMethod::Session,
-        totp_time_ms: session.totp_time_ms,
-        session: Some((session.id, session.expires_ms)),
-    };
-    if let Some(Err(hint)) = state.policy.as_ref().map(|p| p.check(&identity)) {
-        return Err(Refusal::new(
-            RejectCode::PolicyDenied,
-            Cause::PolicyDenied,
-            hint,
-        ));
-    }
-    Ok(identity)
-}
-
-/// The connection policy, shared with the gate.
-pub(crate) type Policy = Option<Arc<dyn ConnectionPolicy>>;
 
 /// Encodes a `grpc-message` value as the gRPC spec says: bytes from space to `~` stand for
 /// themselves except `%`; every other byte of the UTF-8 text is `%XX` (upper-case hex).
