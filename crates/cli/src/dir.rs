@@ -212,7 +212,14 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     fs::create_dir_all(layout.devices())
         .map_err(|e| format!("{}: cannot create: {e}", layout.devices().display()))?;
 
-    let ca = DevCa::generate("Portcullis dev CA").map_err(|e| e.to_string())?;
+    // A name of its own for every directory's CA, so that a server naming the CAs it accepts
+    // (and `portcullis doctor` comparing them) tells two directories' CAs apart.
+    let mut id = [0u8; 4];
+    SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|e| format!("random source: {e}"))?;
+    let ca = DevCa::generate(&format!("Portcullis dev CA {:08x}", u32::from_be_bytes(id)))
+        .map_err(|e| e.to_string())?;
     let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
         .iter()
         .map(|s| s.to_string())

@@ -3,6 +3,8 @@
 //! one Echo call over the same stream) and says for every step what it saw and, when it fails,
 //! what to do about it. With `--standard` it walks the path of a standard gRPC client instead:
 //! ALPN `h2`, no Prefix, and one Echo call that only a live session of the device lets in.
+//! `--plaintext` and `--tls12` meet the server as a plaintext (h2c) client and as a TLS
+//! 1.2-only client would, and report what such a client gets.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use portcullis_core::codec::{
     ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
 };
 use portcullis_core::{RejectCode, TotpConfig};
-use portcullis_tls::DeviceIdentity;
+use portcullis_tls::{CaHintResolver, DeviceIdentity};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -41,7 +43,8 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
 
 /// `portcullis doctor`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("factor").required(true).args(["code", "secret", "standard"])))]
+#[command(group(clap::ArgGroup::new("factor").required(true)
+    .args(["code", "secret", "standard", "plaintext", "tls12"])))]
 pub(crate) struct DoctorArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -52,6 +55,14 @@ pub(crate) struct DoctorArgs {
     /// with `--standard-clients`: the Echo call succeeds only while the device has a live session.
     #[arg(long)]
     standard: bool,
+    /// Meet the server as a plaintext (h2c) gRPC client does (`grpcurl -plaintext`): send the
+    /// HTTP/2 preface without TLS and report what the server answers.
+    #[arg(long)]
+    plaintext: bool,
+    /// Meet the server as a client limited to TLS 1.2 does: offer only TLS 1.2 (with the device
+    /// certificate, ALPN h2 and portcullis/1) and report what the server answers.
+    #[arg(long)]
+    tls12: bool,
     /// Testing aid: shift the TIME this doctor sends (and compares SERVER_TIME with) by SECS
     /// seconds, negative for behind, as if this machine's clock were off by that much.
     #[arg(long, value_name = "SECS", hide = true, allow_hyphen_values = true,
@@ -74,6 +85,12 @@ const STEPS: [&str; 11] = [
     "session",
     "echo",
 ];
+
+/// The steps of `--plaintext`: the answer to an HTTP/2 preface sent without TLS.
+const PLAINTEXT_STEPS: [&str; 2] = ["connect", "plaintext"];
+
+/// The steps of `--tls12`: the answer to a ClientHello that offers only TLS 1.2.
+const TLS12_STEPS: [&str; 2] = ["connect", "tls_version"];
 
 /// The steps of `--standard`: the Verdict's steps are replaced by one Echo call over h2.
 const STANDARD_STEPS: [&str; 7] = [
@@ -162,7 +179,8 @@ impl Report {
 pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
     let c = &args.connect;
     c.check_files()?;
-    let code = match (&c.code, &c.secret, args.standard) {
+    let probe = args.standard || args.plaintext || args.tls12;
+    let code = match (&c.code, &c.secret, probe) {
         (Some(code), None, false) => {
             check_code("--code", code)?;
             Zeroizing::new(code.clone())
@@ -174,7 +192,9 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
             Zeroizing::new(config.generate(now_ms() / 1000))
         }
         (None, None, true) => Zeroizing::new(String::new()),
-        _ => return Err("give one of --code, --secret and --standard".into()),
+        _ => {
+            return Err("give one of --code, --secret, --standard, --plaintext and --tls12".into());
+        }
     };
     let layout = Layout::existing(&c.dir.dir)?;
     let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
@@ -214,11 +234,22 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
 
     let names: &'static [&'static str] = if args.standard {
         &STANDARD_STEPS
+    } else if args.plaintext {
+        &PLAINTEXT_STEPS
+    } else if args.tls12 {
+        &TLS12_STEPS
     } else {
         &STEPS
     };
     let mut report = Report::new(names);
-    runtime()?.block_on(walk(&env, &code, &mut report));
+    let rt = runtime()?;
+    if args.plaintext {
+        rt.block_on(walk_plaintext(&env, &mut report));
+    } else if args.tls12 {
+        rt.block_on(walk_tls12(&env, &mut report));
+    } else {
+        rt.block_on(walk(&env, &code, &mut report));
+    }
 
     let first = report.first_failure();
     if args.json {
@@ -522,6 +553,17 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
         }
     };
     let seen = Arc::new(Mutex::new(None));
+    let resolver = match CaHintResolver::new(env.chain.clone(), env.key.clone_key()) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            report.fail(
+                "client_certificate",
+                format!("the device certificate and key do not make a TLS identity: {e}"),
+                "issue the device again with `portcullis device issue`",
+            );
+            return;
+        }
+    };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map(|b| {
@@ -530,15 +572,15 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
                     inner,
                     seen: Arc::clone(&seen),
                 }))
-                .with_client_auth_cert(env.chain.clone(), env.key.clone_key())
+                .with_client_cert_resolver(resolver.clone())
         });
     let mut config = match config {
-        Ok(Ok(config)) => config,
-        Ok(Err(e)) | Err(e) => {
+        Ok(config) => config,
+        Err(e) => {
             report.fail(
-                "client_certificate",
-                format!("the device certificate and key do not make a TLS identity: {e}"),
-                "issue the device again with `portcullis device issue`",
+                "tls_version",
+                format!("this machine's TLS library refused TLS 1.3: {e}"),
+                "this is a TLS library problem; report it",
             );
             return;
         }
@@ -550,19 +592,9 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
     };
     config.enable_early_data = false;
 
-    let Ok(name) = ServerName::try_from(env.name.clone()) else {
-        report.fail(
-            "server_certificate",
-            format!("`{}` is not a valid server name", env.name),
-            "give a DNS name or IP address with --server-name",
-        );
+    let Some(handshake) = handshake(env, config, tcp, "server_certificate", report).await else {
         return;
     };
-    let handshake = tokio::time::timeout(
-        STEP_TIMEOUT,
-        TlsConnector::from(Arc::new(config)).connect(name, tcp),
-    )
-    .await;
     let mut tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -600,7 +632,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
         report.pass("alpn", "h2 negotiated (standard gRPC client, no Prefix)");
         let presented = seen.lock().ok().and_then(|s| s.clone());
         pass_server_certificate(env, presented, report);
-        live_session(env, tls, report).await;
+        live_session(env, tls, resolver.expected_issuers(), report).await;
         return;
     }
     match conn.alpn_protocol() {
@@ -683,7 +715,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
     let header = match verdict {
         Ok(Ok(header)) => header,
         Ok(Err(e)) => {
-            client_cert_refused(env, &e, report);
+            client_cert_refused(env, &e, resolver.expected_issuers(), report);
             return;
         }
         Err(_) => {
@@ -724,6 +756,191 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
         return;
     }
     echo(tls, report).await;
+}
+
+/// The TLS handshake over `tcp` with `config` for the server name of `env`, within
+/// [`STEP_TIMEOUT`]; `None` (with `step` failed) when that name is not a valid server name.
+async fn handshake(
+    env: &Env,
+    config: rustls::ClientConfig,
+    tcp: TcpStream,
+    step: &str,
+    report: &mut Report,
+) -> Option<Result<std::io::Result<TlsStream<TcpStream>>, tokio::time::error::Elapsed>> {
+    let Ok(name) = ServerName::try_from(env.name.clone()) else {
+        report.fail(
+            step,
+            format!("`{}` is not a valid server name", env.name),
+            "give a DNS name or IP address with --server-name",
+        );
+        return None;
+    };
+    Some(
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            TlsConnector::from(Arc::new(config)).connect(name, tcp),
+        )
+        .await,
+    )
+}
+
+/// The HTTP/2 client connection preface and an empty SETTINGS frame: what a plaintext (h2c)
+/// gRPC client sends first.
+const H2C_OPENING: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// What to do when a client cannot reach the server without TLS 1.3.
+const USE_TLS13: &str = "connect with TLS 1.3 and the device certificate: the Portcullis client \
+     (`portcullis call`, the client library), or a standard gRPC client with TLS (grpcurl \
+     without -plaintext, with -cacert/-cert/-key) once the server runs with --standard-clients \
+     and the device has a session (`portcullis login`)";
+
+/// `--plaintext`: the HTTP/2 preface without TLS, as `grpcurl -plaintext` opens, and what the
+/// server answers to it.
+async fn walk_plaintext(env: &Env, report: &mut Report) {
+    let Some(mut tcp) = connect_tcp(env, report).await else {
+        return;
+    };
+    let answer = tokio::time::timeout(STEP_TIMEOUT, async {
+        tcp.write_all(H2C_OPENING).await?;
+        let mut buf = vec![0u8; 64];
+        let mut got = 0;
+        // Up to one frame header or TLS record header; stop early at the end of the stream.
+        while got < 9 {
+            match tcp.read(&mut buf[got..]).await? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        buf.truncate(got);
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await;
+    let closed = "the server closed the connection at the plaintext HTTP/2 preface";
+    let tls_only = "this port speaks TLS only, so a plaintext (h2c) client cannot use it";
+    match answer {
+        Err(_) => report.fail(
+            "plaintext",
+            format!("no answer to the plaintext HTTP/2 preface within {STEP_TIMEOUT:?}"),
+            "check that --server names the right port; a Portcullis port speaks TLS only",
+        ),
+        Ok(Err(e)) => report.fail(
+            "plaintext",
+            format!("{closed} ({e}): {tls_only}"),
+            USE_TLS13,
+        ),
+        Ok(Ok(bytes)) => match bytes.first() {
+            None => report.fail("plaintext", format!("{closed}: {tls_only}"), USE_TLS13),
+            Some(0x15) => report.fail(
+                "plaintext",
+                format!(
+                    "the server answered the plaintext HTTP/2 preface with a TLS alert record \
+                     and closed the connection: {tls_only}"
+                ),
+                USE_TLS13,
+            ),
+            Some(0x16..=0x17) => report.fail(
+                "plaintext",
+                format!("the server answered with a TLS record: {tls_only}"),
+                USE_TLS13,
+            ),
+            Some(_) if bytes.len() >= 9 && bytes[3] == 0x04 => report.pass(
+                "plaintext",
+                "the server answered with an HTTP/2 SETTINGS frame: it speaks plaintext HTTP/2 \
+                 (h2c) here, so this is not a Portcullis port",
+            ),
+            Some(_) if bytes.starts_with(b"HTTP/1.") => report.fail(
+                "plaintext",
+                "the server answered in HTTP/1: it is a plain HTTP server, not a gRPC or \
+                 Portcullis port",
+                "point --server at the Portcullis server's port",
+            ),
+            Some(_) => report.fail(
+                "plaintext",
+                format!(
+                    "the server answered {} bytes that are neither HTTP/2 nor TLS",
+                    bytes.len()
+                ),
+                "point --server at the Portcullis server's port",
+            ),
+        },
+    }
+}
+
+/// `--tls12`: a ClientHello that offers only TLS 1.2, as a client limited to it sends, and what
+/// the server answers. Only the version is in question: the server certificate is not judged.
+async fn walk_tls12(env: &Env, report: &mut Report) {
+    let Some(tcp) = connect_tcp(env, report).await else {
+        return;
+    };
+    let provider = portcullis_tls::provider();
+    let schemes = provider
+        .signature_verification_algorithms
+        .supported_schemes();
+    let builder = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+    {
+        Ok(b) => b
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(schemes))),
+        Err(e) => {
+            report.fail(
+                "tls_version",
+                format!("this machine's TLS library cannot offer TLS 1.2: {e}"),
+                "this is a TLS library problem; report it",
+            );
+            return;
+        }
+    };
+    let mut config = match builder
+        .clone()
+        .with_client_auth_cert(env.chain.clone(), env.key.clone_key())
+    {
+        Ok(c) => c,
+        Err(_) => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_PCS1.to_vec()];
+    let Some(handshake) = handshake(env, config, tcp, "tls_version", report).await else {
+        return;
+    };
+    let no_tls13 = "enable TLS 1.3 in the client (its TLS library and settings; e.g. OpenSSL \
+                    1.1.1 or later): Portcullis speaks TLS 1.3 only, because PCS1 binds to the \
+                    TLS 1.3 exporter";
+    match handshake {
+        Err(_) => report.fail(
+            "tls_version",
+            format!("no answer to a TLS 1.2 ClientHello within {STEP_TIMEOUT:?}"),
+            "check that --server names the Portcullis TLS port",
+        ),
+        Ok(Ok(_)) => report.pass(
+            "tls_version",
+            "the server accepted a TLS 1.2-only client: it is not a Portcullis port (Portcullis \
+             speaks TLS 1.3 only); a TLS terminator in front of the server?",
+        ),
+        Ok(Err(e)) => match tls_error(&e) {
+            Some(rustls::Error::AlertReceived(alert)) => report.fail(
+                "tls_version",
+                format!(
+                    "the server refused a ClientHello offering only TLS 1.2 (alert {}): it \
+                     speaks TLS 1.3 only, so a client limited to TLS 1.2 cannot connect",
+                    portcullis_tls::alert_name(*alert)
+                ),
+                no_tls13,
+            ),
+            Some(rustls::Error::InvalidMessage(_)) => report.fail(
+                "tls_version",
+                "the server did not answer TLS: is it a plaintext server?",
+                "point --server at the Portcullis server's TLS port",
+            ),
+            other => report.fail(
+                "tls_version",
+                format!(
+                    "the server ended a TLS 1.2 handshake: {}",
+                    other.map_or_else(|| e.to_string(), ToString::to_string)
+                ),
+                no_tls13,
+            ),
+        },
+    }
 }
 
 /// Passes the server certificate step, listing the presented certificate's SANs.
@@ -854,7 +1071,12 @@ async fn handshake_failed(
     }
 }
 
-fn client_cert_refused(env: &Env, e: &std::io::Error, report: &mut Report) {
+fn client_cert_refused(
+    env: &Env,
+    e: &std::io::Error,
+    expected: Option<Vec<String>>,
+    report: &mut Report,
+) {
     let now = i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX);
     let mut problems = Vec::new();
     if !env.ours.is_valid_at(now) {
@@ -875,14 +1097,43 @@ fn client_cert_refused(env: &Env, e: &std::io::Error, report: &mut Report) {
     if !env.ours.client_auth {
         problems.push("our certificate lacks the clientAuth extended key usage".to_owned());
     }
+    // The CAs the server named in its certificate request, against our certificate's issuer.
+    let expected = expected.unwrap_or_default();
+    let foreign = !expected.is_empty() && !expected.contains(&env.ours.issuer);
+    let cas = if expected.is_empty() {
+        "the server named no CA it accepts client certificates from".to_owned()
+    } else {
+        format!(
+            "the server accepts client certificates issued by {}",
+            expected.join(" or ")
+        )
+    };
+    if foreign {
+        problems.push(format!(
+            "our certificate is issued by {}, which the server does not name",
+            env.ours.issuer
+        ));
+    }
     let how = match tls_error(e) {
-        Some(rustls::Error::AlertReceived(alert)) => format!("the server sent the alert {alert:?}"),
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!(
+                "the server sent the alert {}",
+                portcullis_tls::alert_name(*alert)
+            )
+        }
         _ if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the server closed the connection right after the handshake".to_owned()
         }
         _ => format!("the connection failed after the handshake: {e}"),
     };
-    let fix = if problems.is_empty() {
+    let fix = if foreign {
+        format!(
+            "issue this device from the CA the server trusts ({}: `portcullis device issue` in \
+             the server's directory), or add {} to the server's client CAs",
+            expected.join(" or "),
+            env.ours.issuer
+        )
+    } else if problems.is_empty() {
         "the server does not trust the CA that issued this device: issue it from the server's \
          CA (`portcullis device issue` in the server's directory), or add our CA to the server's"
             .to_owned()
@@ -890,12 +1141,19 @@ fn client_cert_refused(env: &Env, e: &std::io::Error, report: &mut Report) {
         "issue the device a new certificate with `portcullis device issue`".to_owned()
     };
     let saw = if problems.is_empty() {
+        let same_name = if expected.contains(&env.ours.issuer) {
+            " (another CA of that same name, such as one of another `portcullis init`, is \
+             refused too)"
+        } else {
+            ""
+        };
         format!(
-            "{how}; our certificate ({}) is valid and has clientAuth",
-            env.ours.subject
+            "{how}; {cas}; our certificate ({}, issued by {}) is valid and has \
+             clientAuth{same_name}",
+            env.ours.subject, env.ours.issuer
         )
     } else {
-        format!("{how}; {}", problems.join("; "))
+        format!("{how}; {cas}; {}", problems.join("; "))
     };
     report.fail("client_certificate", saw, fix);
 }
@@ -1028,6 +1286,11 @@ fn interpret(
             };
             let saw = match (reject, verdict.retry_after_s) {
                 (RejectCode::LockedOut, Some(s)) => format!("{saw}; wait {s} s"),
+                (RejectCode::MfaFailed, _) => format!(
+                    "{saw}; the code is wrong, or right but already used: the server tells the \
+                     two apart only in its audit record (ref {reference}: `cause` is \
+                     code_wrong or code_reused)"
+                ),
                 _ => saw,
             };
             report.fail("code", saw, fix);
@@ -1131,7 +1394,12 @@ async fn echo(tls: TlsStream<TcpStream>, report: &mut Report) {
 
 /// `--standard`: one Echo call over h2 without a Prefix; the server lets it in only while the
 /// device has a live session, and otherwise answers UNAUTHENTICATED naming the cause.
-async fn live_session(env: &Env, tls: TlsStream<TcpStream>, report: &mut Report) {
+async fn live_session(
+    env: &Env,
+    tls: TlsStream<TcpStream>,
+    expected: Option<Vec<String>>,
+    report: &mut Report,
+) {
     let fingerprint = env.ours.fingerprint.to_string();
     let known = format!("fingerprint {fingerprint}: known to the server");
     let status = match call_echo(tls).await {
@@ -1148,10 +1416,20 @@ async fn live_session(env: &Env, tls: TlsStream<TcpStream>, report: &mut Report)
             return;
         }
         EchoOutcome::Failed(e) => {
+            let expected = expected.unwrap_or_default();
+            let issuer = if !expected.is_empty() && !expected.contains(&env.ours.issuer) {
+                format!(
+                    "; the server accepts client certificates issued by {}, ours is issued by {}",
+                    expected.join(" or "),
+                    env.ours.issuer
+                )
+            } else {
+                String::new()
+            };
             report.fail(
                 "client_certificate",
                 format!(
-                    "{e}; the server may have refused our certificate ({})",
+                    "{e}; the server may have refused our certificate ({}){issuer}",
                     env.ours.subject
                 ),
                 "check that the server trusts the CA that issued this device and that the \

@@ -305,13 +305,29 @@ fn refused_device_certificates_fail_the_client_certificate_step() {
         &["device issue"],
     );
 
+    // The doctor names the CA the server expects and the one that issued ours.
+    let ours = ca_name(&other);
+    let theirs = ca_name(&dir);
+    assert_ne!(ours, theirs, "every directory's CA has a name of its own");
     let r = doctor(&dir, &addr, "stranger", "alice", &["--secret", &alice]);
     assert_fails_at(
         &r,
         "client_certificate",
-        &["is valid and has clientAuth"],
-        &["does not trust the CA"],
+        &[
+            &format!("the server accepts client certificates issued by {theirs}"),
+            &format!("our certificate is issued by {ours}, which the server does not name"),
+        ],
+        &["issue this device from the CA the server trusts", &theirs],
     );
+}
+
+/// The RFC 4514 name of the CA of an initialized directory.
+fn ca_name(dir: &Path) -> String {
+    let der = portcullis_tls::load_certs(&dir.join("ca.pem"))
+        .unwrap()
+        .remove(0);
+    let id = portcullis_tls::DeviceIdentity::from_der(&der).unwrap();
+    format!("CN={}", id.subject)
 }
 
 /// A TLS-terminating proxy on its own thread: accepts TLS with a server certificate of `ca`
@@ -417,4 +433,142 @@ fn a_server_at_capacity_says_it_is_busy() {
     }
     assert_fails_at(&r, "device", &["overloaded"], &["busy", "try again in"]);
     drop(idle);
+}
+
+/// The report of a probe (`--plaintext`, `--tls12`): two steps, `connect` passed.
+#[track_caller]
+fn assert_probe(result: &(i32, Value), second: &str) -> Value {
+    let (_, report) = result;
+    let names: Vec<_> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["connect", second], "{report}");
+    assert_eq!(step(report, "connect")["ok"], true, "{report}");
+    step(report, second).clone()
+}
+
+/// Binds a loopback port and runs `serve` on it on a thread and runtime of its own; the address.
+fn serve_on_thread<F, Fut>(serve: F) -> String
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    listener.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            serve(tokio::net::TcpListener::from_std(listener).unwrap()).await;
+        });
+    });
+    addr
+}
+
+/// A plaintext (h2c) gRPC server with the Echo service; its address.
+fn h2c_server() -> String {
+    serve_on_thread(|listener| async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(portcullis::demo::service())
+            .serve_with_incoming(incoming)
+            .await;
+    })
+}
+
+/// A TLS server that speaks TLS 1.2 only, with a server certificate of `ca`; its address.
+fn tls12_server(ca: &DevCa) -> String {
+    let cert = ca
+        .issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(portcullis_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert_der()], cert.key_der())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    serve_on_thread(|listener| async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    })
+}
+
+#[test]
+fn plaintext_and_tls12_only_clients_learn_the_port_needs_tls13() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let (_server, addr) = serve(&dir, &[]);
+
+    // A plaintext (h2c) client, as `grpcurl -plaintext`, on the Portcullis TLS port.
+    let r = doctor(&dir, &addr, "laptop", "alice", &["--plaintext"]);
+    let plaintext = assert_probe(&r, "plaintext");
+    assert_eq!(r.0, 12, "{}", r.1);
+    assert_eq!(r.1["first_failure"], "plaintext");
+    let saw = plaintext["saw"].as_str().unwrap();
+    assert!(
+        saw.contains("this port speaks TLS only")
+            && saw.contains("a plaintext (h2c) client cannot use it"),
+        "{saw}"
+    );
+    let fix = plaintext["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("TLS 1.3") && fix.contains("without -plaintext"),
+        "{fix}"
+    );
+
+    // A client limited to TLS 1.2.
+    let r = doctor(&dir, &addr, "laptop", "alice", &["--tls12"]);
+    let tls = assert_probe(&r, "tls_version");
+    assert_eq!(r.0, 12, "{}", r.1);
+    let saw = tls["saw"].as_str().unwrap();
+    assert!(
+        saw.contains("alert protocol_version") && saw.contains("speaks TLS 1.3 only"),
+        "{saw}"
+    );
+    assert!(
+        tls["fix"].as_str().unwrap().contains("enable TLS 1.3"),
+        "{tls}"
+    );
+
+    // The same probes against servers that do take such clients pass, and say that those are
+    // not Portcullis ports: a real h2c gRPC server, and a TLS 1.2-only server.
+    let h2c = h2c_server();
+    let r = doctor(&dir, &h2c, "laptop", "alice", &["--plaintext"]);
+    let plaintext = assert_probe(&r, "plaintext");
+    assert_eq!(r.0, 0, "{}", r.1);
+    assert!(
+        plaintext["saw"]
+            .as_str()
+            .unwrap()
+            .contains("speaks plaintext HTTP/2 (h2c) here, so this is not a Portcullis port"),
+        "{plaintext}"
+    );
+    let old = tls12_server(&dir_ca(&dir));
+    let r = doctor(&dir, &old, "laptop", "alice", &["--tls12"]);
+    let tls = assert_probe(&r, "tls_version");
+    assert_eq!(r.0, 0, "{}", r.1);
+    assert!(
+        tls["saw"]
+            .as_str()
+            .unwrap()
+            .contains("accepted a TLS 1.2-only client"),
+        "{tls}"
+    );
+
+    // The full walk against the TLS 1.2-only server names the version it offered.
+    let r = doctor(&dir, &old, "laptop", "alice", &["--code", "123456"]);
+    assert_fails_at(&r, "tls_version", &["offered TLSv1_2"], &["TLS 1.3"]);
 }

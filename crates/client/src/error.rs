@@ -115,7 +115,7 @@ impl Rejection {
             }
         };
         match advice {
-            Some(a) if !base.contains(a.marker) => {
+            Some(a) if !a.markers.iter().any(|m| base.contains(m)) => {
                 format!("{base}; {}", self.fix_text(&a))
             }
             _ => base,
@@ -314,19 +314,20 @@ pub(crate) struct Advice {
     pub(crate) cause: &'static str,
     /// What to do.
     pub(crate) fix: &'static str,
-    /// A REASON containing this text already states the fix.
-    marker: &'static str,
+    /// A REASON containing one of these phrases already states the fix (the phrases are
+    /// fixes, not single words, so that a REASON merely naming the subject does not count).
+    markers: &'static [&'static str],
     /// Whether the fix mentions the Verdict's RETRY_AFTER.
     retry: bool,
 }
 
 /// The client's advice for each reject code.
 pub(crate) const fn advice(code: RejectCode) -> Advice {
-    const fn a(cause: &'static str, fix: &'static str, marker: &'static str) -> Advice {
+    const fn a(cause: &'static str, fix: &'static str, markers: &'static [&'static str]) -> Advice {
         Advice {
             cause,
             fix,
-            marker,
+            markers,
             retry: false,
         }
     }
@@ -338,100 +339,87 @@ pub(crate) const fn advice(code: RejectCode) -> Advice {
         RejectCode::Malformed => a(
             "the server could not decode the Prefix",
             "use a client that speaks PCS1 version 1 (update portcullis)",
-            "update portcullis",
+            &["update portcullis"],
         ),
         RejectCode::Unsupported => a(
             "the server does not support this PCS version",
             "use a client and a server of the same PCS version (update portcullis)",
-            "update portcullis",
+            &["update portcullis"],
         ),
         RejectCode::DeviceUnknown => a(
             "this device certificate is bound to no user",
             "bind the device to the user with `portcullis device bind`",
-            "device bind",
+            &["device bind"],
         ),
         RejectCode::DeviceRevoked => a(
             "the binding of this device was revoked",
             "ask an administrator to bind this device again, or use another bound device",
-            "ask an administrator",
+            &["ask an administrator"],
         ),
         RejectCode::UserMismatch => a(
             "this device is bound to another user",
             "connect as the user the device is bound to, or bind the device to this user",
-            "the user",
+            &["use the user", "connect as the user"],
         ),
         RejectCode::MfaFailed => a(
             "the one-time code was wrong, already used, or the user has no factor",
             "enter the current code of this user's authenticator (a code is accepted once; \
              wait for the next one); if every code fails, check the authenticator's clock",
-            "current code",
+            &["current code"],
         ),
         RejectCode::MfaRequired => a(
             "the session is expired, revoked or not valid for this device",
             "connect with a one-time code (portcullis login) to start a new session",
-            "code",
+            &[
+                "connect with a one-time code",
+                "send a one-time code",
+                "run portcullis login",
+                "use a Portcullis client",
+            ],
         ),
         RejectCode::ClockSkew => a(
             "this machine's clock differs from the server's by more than the allowed skew",
             "sync this machine's clock (NTP, e.g. `timedatectl set-ntp true`)",
-            "NTP",
+            &["NTP"],
         ),
         RejectCode::Replay => a(
             "the server saw this connection's NONCE before",
             "do not replay connections; if this client did not, report a bug in its random source",
-            "random",
+            &["random source"],
         ),
         RejectCode::BindingMismatch => a(
             "the TLS connection the server sees is not the client's: something between them \
              terminates TLS (a TLS-terminating proxy or load balancer)",
             "connect to the Portcullis server directly, or make the proxy pass TCP through \
              (TLS passthrough) instead of terminating TLS",
-            "proxy",
+            &["connect directly", "pass TCP through", "passthrough"],
         ),
         RejectCode::LockedOut => retry(a(
             "too many failed codes for this user",
             "wait for the lockout to end, then enter a correct code",
-            "wait",
+            &["wait for the lockout"],
         )),
         RejectCode::RateLimited => retry(a(
             "too many connection attempts from this address",
             "connect less often (reuse the channel)",
-            "less often",
+            &["less often"],
         )),
         RejectCode::Overloaded => retry(a(
             "the server is at its limit of connections being authenticated",
             "retry shortly",
-            "retry",
+            &["retry shortly"],
         )),
         RejectCode::Timeout => a(
             "the Prefix did not reach the server within its deadline",
             "check the network between client and server (slow link, stalled proxy)",
-            "network",
+            &["check the network"],
         ),
         RejectCode::PolicyDenied => a(
             "the server's policy refuses this user or device",
             "ask an administrator about the policy",
-            "administrator",
+            &["ask an administrator"],
         ),
     }
-}
-
-/// The TLS name of an alert, as in RFC 8446: `certificate_expired`.
-fn alert_name(alert: rustls::AlertDescription) -> String {
-    let debug = format!("{alert:?}");
-    let mut out = String::with_capacity(debug.len() + 4);
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    // `UnknownCA` and friends: keep acronyms in one word.
-    out.replace("c_a", "ca")
 }
 
 /// The fix for a device certificate the server refused.
@@ -514,7 +502,7 @@ pub(crate) fn describe_tls(err: &rustls::Error) -> String {
             | A::AccessDenied),
         ) => format!(
             "the server refused the client certificate (alert {}): {CLIENT_CERT_FIX}",
-            alert_name(*alert)
+            portcullis_tls::alert_name(*alert)
         ),
         rustls::Error::AlertReceived(A::ProtocolVersion)
         | rustls::Error::PeerIncompatible(
@@ -834,7 +822,7 @@ mod tests {
             let a = advice(code);
             assert!(!a.cause.is_empty() && !a.fix.is_empty(), "{code}");
             assert!(
-                a.fix.contains(a.marker),
+                a.markers.iter().any(|m| a.fix.contains(m)),
                 "{code}: a message with the fix must count as having it"
             );
             // A REASON without the fix gets it, whatever the code.
@@ -846,7 +834,7 @@ mod tests {
                 "{code}"
             );
             // A REASON that already states the fix is kept as it is.
-            let stated = format!("{}: x {}", code.name(), a.marker);
+            let stated = format!("{}: x {}", code.name(), a.markers[0]);
             assert_eq!(
                 rejection(code.as_u8(), Some(&stated), None).message(),
                 stated
@@ -1009,8 +997,11 @@ mod tests {
                 .contains("TLSv1_2, PCS1 needs TLS 1.3")
         );
         assert!(unknown_ca(Some("evil")).contains("certificate for CN=evil"));
-        assert_eq!(alert_name(A::UnknownCA), "unknown_ca");
-        assert_eq!(alert_name(A::CertificateExpired), "certificate_expired");
+        assert_eq!(portcullis_tls::alert_name(A::UnknownCA), "unknown_ca");
+        assert_eq!(
+            portcullis_tls::alert_name(A::CertificateExpired),
+            "certificate_expired"
+        );
         assert_eq!(printable("a\nb\u{1b}c"), "a?b?c");
     }
 

@@ -782,9 +782,12 @@ async fn a_refused_ticket_does_not_resend_the_code_already_accepted() {
             None,
             seen[1].verdict.reference,
         );
+        // The server's REASON, then the client's fix (the REASON's words are not one of its
+        // phrases).
         assert_eq!(
             status.message(),
-            "mfa_required: the session is no longer valid: enter a code"
+            "mfa_required: the session is no longer valid: enter a code; connect with a \
+             one-time code (portcullis login) to start a new session"
         );
         assert!(client.session().is_none(), "the refused ticket was dropped");
         assert_eq!(

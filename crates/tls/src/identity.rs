@@ -64,6 +64,9 @@ pub fn fingerprint(der: &[u8]) -> Result<DeviceFingerprint, CertError> {
 pub struct DeviceIdentity {
     /// The subject's common name; the whole subject name (RFC 4514 style) when it has none.
     pub subject: String,
+    /// The issuer's whole name, RFC 4514 style (`CN=Portcullis CA, O=...`): compare it with
+    /// the certificate authorities a server names in its certificate request.
+    pub issuer: String,
     /// The subject alternative names: DNS names, IP addresses, e-mail addresses and URIs as
     /// text. Other kinds of names are left out.
     pub sans: Vec<String>,
@@ -127,6 +130,7 @@ impl DeviceIdentity {
         let validity = cert.validity();
         Ok(Self {
             subject,
+            issuer: cert.issuer().to_string(),
             sans,
             not_before_unix: validity.not_before.timestamp(),
             not_after_unix: validity.not_after.timestamp(),
@@ -150,6 +154,17 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// The RFC 4514 text (`CN=Portcullis CA, O=...`) of a DER-encoded X.501 distinguished name, as
+/// a server lists the certificate authorities it accepts in its certificate request; `None`
+/// when the bytes are not a name.
+pub fn distinguished_name(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    match x509_parser::x509::X509Name::from_der(der) {
+        Ok(([], name)) => Some(name.to_string()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +184,7 @@ mod tests {
     fn validity_bounds_are_inclusive() {
         let id = DeviceIdentity {
             subject: "d".into(),
+            issuer: "CN=ca".into(),
             sans: vec![],
             not_before_unix: 100,
             not_after_unix: 200,

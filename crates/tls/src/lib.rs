@@ -11,6 +11,8 @@
 //!   revocation lists that can be replaced while the server runs, and the check of a
 //!   certificate against them that a resumed TLS session or an open connection needs;
 //! - [`DeviceIdentity`] and [`fingerprint`]: what the leaf certificate says about a device;
+//! - [`CaHintResolver`]: presents the device certificate and remembers which certificate
+//!   authorities the server said it accepts, to explain a refused device certificate;
 //! - [`devpki`]: a small certificate authority for development and tests (ECDSA P-256).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,11 +21,13 @@ use std::sync::{Arc, OnceLock};
 
 mod crl;
 pub mod devpki;
+mod hints;
 mod identity;
 mod pem;
 
 pub use crl::{ReloadableClientVerifier, RevokedCertificates};
-pub use identity::{CertError, DeviceIdentity, fingerprint};
+pub use hints::CaHintResolver;
+pub use identity::{CertError, DeviceIdentity, distinguished_name, fingerprint};
 pub use pem::{
     PemError, PemErrorKind, load_certs, load_crls, load_key, parse_certs, parse_crls, parse_key,
 };
@@ -212,4 +216,29 @@ pub fn client_config(
 pub fn exporter<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], TlsError> {
     conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None)
         .map_err(TlsError::Exporter)
+}
+
+/// The name of a TLS alert as RFC 8446 writes it (`certificate_expired`, `unknown_ca`), for
+/// messages that people compare with other tools' output.
+///
+/// ```
+/// use portcullis_tls::{alert_name, rustls::AlertDescription};
+/// assert_eq!(alert_name(AlertDescription::ProtocolVersion), "protocol_version");
+/// assert_eq!(alert_name(AlertDescription::UnknownCA), "unknown_ca");
+/// ```
+pub fn alert_name(alert: rustls::AlertDescription) -> String {
+    let debug = format!("{alert:?}");
+    let mut out = String::with_capacity(debug.len() + 4);
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    // `UnknownCA` and friends: keep acronyms in one word.
+    out.replace("c_a", "ca")
 }

@@ -7,8 +7,8 @@ use portcullis_tls::devpki::{CertProfile, DevCa, Issued};
 use portcullis_tls::rustls::pki_types::{IpAddr, ServerName};
 use portcullis_tls::rustls::{self, ClientConfig, ServerConfig};
 use portcullis_tls::{
-    ALPN_PCS1, DeviceIdentity, TlsError, client_config, exporter, fingerprint, parse_crls,
-    server_config, server_config_with_crls,
+    ALPN_PCS1, CaHintResolver, DeviceIdentity, TlsError, client_config, distinguished_name,
+    exporter, fingerprint, parse_crls, server_config, server_config_with_crls,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -403,4 +403,35 @@ fn configs_refuse_bad_inputs() {
     let client = client_cfg(&pki, &pki.device, &[ALPN_PCS1]);
     assert!(!client.enable_early_data);
     assert_eq!(client.alpn_protocols, vec![ALPN_PCS1.to_vec()]);
+}
+
+#[tokio::test]
+async fn hint_resolver_names_the_ca_the_server_expects_for_a_refused_device() {
+    let pki = pki();
+    let other = DevCa::generate("Someone else's CA").unwrap();
+    let stranger = other.issue_device("laptop").unwrap();
+    let resolver =
+        Arc::new(CaHintResolver::new(vec![stranger.cert_der()], stranger.key_der()).unwrap());
+    assert_eq!(resolver.expected_issuers(), None);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.cert_der()).unwrap();
+    let mut client = ClientConfig::builder_with_provider(portcullis_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(resolver.clone());
+    client.alpn_protocols = vec![ALPN_PCS1.to_vec()];
+    let (server_err, _) = refused_client(server_cfg(&pki), Arc::new(client)).await;
+    assert!(
+        matches!(server_err, rustls::Error::InvalidCertificate(_)),
+        "{server_err:?}"
+    );
+    // The server named its own CA; the refused device's issuer is another one.
+    assert_eq!(
+        resolver.expected_issuers(),
+        Some(vec!["CN=Portcullis test CA".to_owned()])
+    );
+    let ours = DeviceIdentity::from_der(&stranger.cert_der()).unwrap();
+    assert_eq!(ours.issuer, "CN=Someone else's CA");
+    assert_eq!(distinguished_name(b"\x04\x01x"), None, "not a name");
 }
