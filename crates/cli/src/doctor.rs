@@ -1051,6 +1051,14 @@ async fn handshake_failed(
                 );
             }
         }
+        Some(rustls::Error::InvalidMessage(invalid)) => report.fail(
+            "tls_version",
+            format!(
+                "the server did not answer TLS ({invalid:?}): is it a plaintext (h2c) server \
+                 or another service?"
+            ),
+            "point --server at the Portcullis server's TLS port",
+        ),
         other => {
             let detail = other.map_or_else(|| e.to_string(), |t| t.to_string());
             match probe_version(env).await {

@@ -119,6 +119,31 @@ fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
     }
 }
 
+/// A directory with user alice and her device `laptop`, served by `portcullis serve EXTRA...`.
+struct Served {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    /// Alice's TOTP secret.
+    alice: String,
+    _server: ChildGuard,
+    addr: String,
+}
+
+fn served(extra: &[&str]) -> Served {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let alice = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let (server, addr) = serve(&dir, extra);
+    Served {
+        _tmp: tmp,
+        dir,
+        alice,
+        _server: server,
+        addr,
+    }
+}
+
 /// The CA of an initialized directory, able to issue.
 fn dir_ca(dir: &Path) -> DevCa {
     DevCa::from_pem(
@@ -194,19 +219,16 @@ fn devices_users_and_codes_fail_at_their_step() {
 
 #[test]
 fn a_skewed_client_clock_says_which_side_is_ahead() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = init_dir(&tmp);
-    let alice = add_user(&dir, "alice");
-    issue_device(&dir, "laptop", "alice");
-    let (_server, addr) = serve(&dir, &[]);
+    let sv = served(&[]);
+    let (dir, alice, addr) = (sv.dir.as_path(), sv.alice.as_str(), sv.addr.as_str());
 
     // Client 2 minutes ahead: the server clock is behind ours.
     let r = doctor(
-        &dir,
-        &addr,
+        dir,
+        addr,
         "laptop",
         "alice",
-        &["--secret", &alice, "--clock-offset-secs", "120"],
+        &["--secret", alice, "--clock-offset-secs", "120"],
     );
     assert_fails_at(
         &r,
@@ -218,11 +240,11 @@ fn a_skewed_client_clock_says_which_side_is_ahead() {
 
     // Client 2 minutes behind: the server clock is ahead of ours.
     let r = doctor(
-        &dir,
-        &addr,
+        dir,
+        addr,
         "laptop",
         "alice",
-        &["--secret", &alice, "--clock-offset-secs", "-120"],
+        &["--secret", alice, "--clock-offset-secs", "-120"],
     );
     assert_fails_at(
         &r,
@@ -232,7 +254,7 @@ fn a_skewed_client_clock_says_which_side_is_ahead() {
     );
 
     // The code was never reached, so it is still good without an offset.
-    let r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    let r = doctor(dir, addr, "laptop", "alice", &["--secret", alice]);
     assert_eq!(r.0, 0, "{}", r.1);
     assert!(
         step(&r.1, "clock")["saw"]
@@ -389,14 +411,11 @@ fn terminating_proxy(ca: &DevCa, upstream: String) -> String {
 
 #[test]
 fn a_tls_terminating_proxy_fails_the_channel_binding_step() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = init_dir(&tmp);
-    let alice = add_user(&dir, "alice");
-    issue_device(&dir, "laptop", "alice");
-    let (_server, addr) = serve(&dir, &[]);
-    let proxy = terminating_proxy(&dir_ca(&dir), addr.clone());
+    let sv = served(&[]);
+    let (dir, alice, addr) = (sv.dir.as_path(), sv.alice.as_str(), sv.addr.as_str());
+    let proxy = terminating_proxy(&dir_ca(dir), addr.to_owned());
 
-    let r = doctor(&dir, &proxy, "laptop", "alice", &["--secret", &alice]);
+    let r = doctor(dir, &proxy, "laptop", "alice", &["--secret", alice]);
     assert_fails_at(
         &r,
         "channel_binding",
@@ -408,28 +427,25 @@ fn a_tls_terminating_proxy_fails_the_channel_binding_step() {
         assert_eq!(step(&r.1, name)["ok"], true, "{}", r.1);
     }
     // Directly, the same device and user pass (the code was not used up).
-    let r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    let r = doctor(dir, addr, "laptop", "alice", &["--secret", alice]);
     assert_eq!(r.0, 0, "{}", r.1);
 }
 
 #[test]
 fn a_server_at_capacity_says_it_is_busy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = init_dir(&tmp);
-    let alice = add_user(&dir, "alice");
-    issue_device(&dir, "laptop", "alice");
-    let (_server, addr) = serve(&dir, &["--max-pending", "1", "--rate-limit", "0"]);
+    let sv = served(&["--max-pending", "1", "--rate-limit", "0"]);
+    let (dir, alice, addr) = (sv.dir.as_path(), sv.alice.as_str(), sv.addr.as_str());
 
     // An idle connection that never starts TLS holds the one slot until the deadline (10 s).
-    let idle = std::net::TcpStream::connect(&addr).unwrap();
+    let idle = std::net::TcpStream::connect(addr).unwrap();
     // The server counts it once it accepted it; the first doctor may come before that.
-    let mut r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+    let mut r = doctor(dir, addr, "laptop", "alice", &["--secret", alice]);
     for _ in 0..3 {
         if r.1["first_failure"] == "device" {
             break;
         }
         thread::sleep(Duration::from_millis(200));
-        r = doctor(&dir, &addr, "laptop", "alice", &["--secret", &alice]);
+        r = doctor(dir, addr, "laptop", "alice", &["--secret", alice]);
     }
     assert_fails_at(&r, "device", &["overloaded"], &["busy", "try again in"]);
     drop(idle);
@@ -493,7 +509,12 @@ fn tls12_server(ca: &DevCa) -> String {
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert_der()], cert.key_der())
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    tls_server(std::sync::Arc::new(config))
+}
+
+/// A TLS server with `config` that completes handshakes and then sends nothing; its address.
+fn tls_server(config: std::sync::Arc<rustls::ServerConfig>) -> String {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     serve_on_thread(|listener| async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -506,14 +527,11 @@ fn tls12_server(ca: &DevCa) -> String {
 
 #[test]
 fn plaintext_and_tls12_only_clients_learn_the_port_needs_tls13() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = init_dir(&tmp);
-    add_user(&dir, "alice");
-    issue_device(&dir, "laptop", "alice");
-    let (_server, addr) = serve(&dir, &[]);
+    let sv = served(&[]);
+    let (dir, addr) = (sv.dir.as_path(), sv.addr.as_str());
 
     // A plaintext (h2c) client, as `grpcurl -plaintext`, on the Portcullis TLS port.
-    let r = doctor(&dir, &addr, "laptop", "alice", &["--plaintext"]);
+    let r = doctor(dir, addr, "laptop", "alice", &["--plaintext"]);
     let plaintext = assert_probe(&r, "plaintext");
     assert_eq!(r.0, 12, "{}", r.1);
     assert_eq!(r.1["first_failure"], "plaintext");
@@ -530,7 +548,7 @@ fn plaintext_and_tls12_only_clients_learn_the_port_needs_tls13() {
     );
 
     // A client limited to TLS 1.2.
-    let r = doctor(&dir, &addr, "laptop", "alice", &["--tls12"]);
+    let r = doctor(dir, addr, "laptop", "alice", &["--tls12"]);
     let tls = assert_probe(&r, "tls_version");
     assert_eq!(r.0, 12, "{}", r.1);
     let saw = tls["saw"].as_str().unwrap();
@@ -546,7 +564,7 @@ fn plaintext_and_tls12_only_clients_learn_the_port_needs_tls13() {
     // The same probes against servers that do take such clients pass, and say that those are
     // not Portcullis ports: a real h2c gRPC server, and a TLS 1.2-only server.
     let h2c = h2c_server();
-    let r = doctor(&dir, &h2c, "laptop", "alice", &["--plaintext"]);
+    let r = doctor(dir, &h2c, "laptop", "alice", &["--plaintext"]);
     let plaintext = assert_probe(&r, "plaintext");
     assert_eq!(r.0, 0, "{}", r.1);
     assert!(
@@ -556,8 +574,8 @@ fn plaintext_and_tls12_only_clients_learn_the_port_needs_tls13() {
             .contains("speaks plaintext HTTP/2 (h2c) here, so this is not a Portcullis port"),
         "{plaintext}"
     );
-    let old = tls12_server(&dir_ca(&dir));
-    let r = doctor(&dir, &old, "laptop", "alice", &["--tls12"]);
+    let old = tls12_server(&dir_ca(dir));
+    let r = doctor(dir, &old, "laptop", "alice", &["--tls12"]);
     let tls = assert_probe(&r, "tls_version");
     assert_eq!(r.0, 0, "{}", r.1);
     assert!(
@@ -569,6 +587,63 @@ fn plaintext_and_tls12_only_clients_learn_the_port_needs_tls13() {
     );
 
     // The full walk against the TLS 1.2-only server names the version it offered.
-    let r = doctor(&dir, &old, "laptop", "alice", &["--code", "123456"]);
+    let r = doctor(dir, &old, "laptop", "alice", &["--code", "123456"]);
     assert_fails_at(&r, "tls_version", &["offered TLSv1_2"], &["TLS 1.3"]);
+}
+
+#[test]
+fn a_wrong_name_a_plaintext_server_and_a_server_without_portcullis_1_fail_early() {
+    let sv = served(&[]);
+    let (dir, alice, addr) = (sv.dir.as_path(), sv.alice.as_str(), sv.addr.as_str());
+
+    // A server name the server certificate does not hold: the SANs it has are listed.
+    let r = doctor(
+        dir,
+        addr,
+        "laptop",
+        "alice",
+        &["--secret", alice, "--server-name", "portcullis.example"],
+    );
+    assert_fails_at(
+        &r,
+        "server_certificate",
+        &[
+            "does not name `portcullis.example`",
+            "SANs",
+            "localhost",
+            "127.0.0.1",
+        ],
+        &["one of the names listed", "--server-name"],
+    );
+
+    // A plaintext (h2c) gRPC server where the Portcullis server was expected.
+    let h2c = h2c_server();
+    let r = doctor(dir, &h2c, "laptop", "alice", &["--secret", alice]);
+    assert_fails_at(
+        &r,
+        "tls_version",
+        &["did not answer TLS", "plaintext (h2c) server"],
+        &["TLS port"],
+    );
+
+    // A TLS server of the same CA that speaks only h2 (a standard gRPC server).
+    let ca = dir_ca(dir);
+    let cert = ca
+        .issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap();
+    let config = portcullis_tls::server_config(
+        vec![cert.cert_der()],
+        cert.key_der(),
+        &[ca.cert_der()],
+        &[b"h2"],
+    )
+    .unwrap();
+    let h2 = tls_server(config);
+    let r = doctor(dir, &h2, "laptop", "alice", &["--secret", alice]);
+    assert_fails_at(
+        &r,
+        "alpn",
+        &["refused ALPN portcullis/1", "no_application_protocol"],
+        &["Portcullis server"],
+    );
 }
