@@ -91,13 +91,30 @@ fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
 
 /// One Echo/Say call from grpcio with the device's certificate; the script's JSON answer.
 fn python_say(python: &str, dir: &Path, addr: &str, device: &str) -> serde_json::Value {
+    python_run(
+        python,
+        &[
+            "--target",
+            addr,
+            "--ca",
+            s(&dir.join("ca.pem")),
+            "--cert",
+            s(&dir.join(format!("devices/{device}.pem"))),
+            "--key",
+            s(&dir.join(format!("devices/{device}-key.pem"))),
+            "--server-name",
+            "localhost",
+            "--text",
+            "from grpcio",
+        ],
+    )
+}
+
+/// echo_say.py with `args`; its JSON answer.
+fn python_run(python: &str, args: &[&str]) -> serde_json::Value {
     let mut cmd = Command::new(python);
     cmd.arg(script())
-        .args(["--target", addr])
-        .args(["--ca", s(&dir.join("ca.pem"))])
-        .args(["--cert", s(&dir.join(format!("devices/{device}.pem")))])
-        .args(["--key", s(&dir.join(format!("devices/{device}-key.pem")))])
-        .args(["--server-name", "localhost", "--text", "from grpcio"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -238,4 +255,44 @@ fn grpcio_reaches_echo_on_a_live_session_and_is_refused_without_one() {
         "{text}"
     );
     assert!(h2.iter().all(|r| r["user"] == "alice"), "{text}");
+}
+
+#[test]
+fn grpcio_without_tls_is_refused_at_once_and_the_audit_names_it() {
+    let Some(python) = python_with_grpcio() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let audit = tmp.path().join("audit.jsonl");
+    let (server, addr) = serve(&dir, &["--standard-clients", "--audit-log", s(&audit)]);
+
+    // A plaintext (h2c) channel, as `grpcurl -plaintext` opens, to the TLS port: the connection
+    // is closed before any HTTP/2, so grpcio fails the call with UNAVAILABLE (it does not wait
+    // out the 15 s deadline) and no portcullis metadata.
+    let refused = python_run(
+        &python,
+        &["--target", &addr, "--plaintext", "--text", "plain"],
+    );
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["code"], "UNAVAILABLE", "{refused}");
+    assert!(
+        refused["metadata"].get("portcullis-reject").is_none(),
+        "{refused}"
+    );
+    server.kill();
+
+    // The server's audit record names the cause: no TLS record came.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect();
+    assert!(!records.is_empty(), "an audit record per connection");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["outcome"] == "closed" && r["cause"] == "not_tls"),
+        "{text}"
+    );
 }

@@ -302,7 +302,28 @@ async fn handshake(
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(Closed::new("tls_handshake_failed", Some(e.to_string()))),
+        Ok(Err(e)) => {
+            // A peer whose first bytes are no TLS record (a plaintext HTTP/2 client, `grpcurl
+            // -plaintext`, an HTTP/1 request) is named as such in the audit record.
+            let not_tls = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|t| {
+                    matches!(
+                        t,
+                        rustls::Error::InvalidMessage(
+                            rustls::InvalidMessage::InvalidContentType
+                                | rustls::InvalidMessage::UnknownProtocolVersion
+                        )
+                    )
+                });
+            let cause = if not_tls {
+                "not_tls"
+            } else {
+                "tls_handshake_failed"
+            };
+            return Err(Closed::new(cause, Some(e.to_string())));
+        }
         Err(_) => return Err(Closed::new("tls_handshake_timeout", None)),
     };
 

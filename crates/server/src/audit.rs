@@ -49,7 +49,8 @@
 //! | `decision_us` | how long the decision itself took, in microseconds; `null` without a Verdict |
 //! | `accept_us` | microseconds from TCP accept to the decision (or to the close) |
 //!
-//! The causes of a `closed` record: `tls_handshake_failed`, `tls_handshake_timeout`,
+//! The causes of a `closed` record: `not_tls` (the first bytes were no TLS record: a plaintext
+//! client such as `grpcurl -plaintext`), `tls_handshake_failed`, `tls_handshake_timeout`,
 //! `alpn_refused`, `tls_version_refused`, `no_usable_client_certificate`,
 //! `prefix_read_failed`, the limit that refused it at accept (`rate_limited`,
 //! `too_many_pending`, `rate_limiter_full`), or `abandoned` when the server stopped while

@@ -7,6 +7,7 @@ Only `grpcio` is needed: the request and reply are encoded by hand (protobuf wir
 
     python3 echo_say.py --target 127.0.0.1:50051 --ca ca.pem \
         --cert devices/laptop.pem --key devices/laptop-key.pem [--text hello]
+    python3 echo_say.py --target 127.0.0.1:50051 --plaintext   # no TLS (h2c), as a mistake
 
 Prints one JSON line and exits 0 whether the call succeeded or not:
     {"ok": true, "reply": {"text": ..., "user": ..., "device": ..., "auth_method": ...}}
@@ -78,13 +79,18 @@ def decode_say_reply(buf):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT of portcullis serve")
-    parser.add_argument("--ca", required=True, help="CA certificate (PEM) of the server")
-    parser.add_argument("--cert", required=True, help="device certificate (PEM)")
-    parser.add_argument("--key", required=True, help="device key (PEM)")
+    parser.add_argument("--ca", help="CA certificate (PEM) of the server")
+    parser.add_argument("--cert", help="device certificate (PEM)")
+    parser.add_argument("--key", help="device key (PEM)")
+    parser.add_argument(
+        "--plaintext", action="store_true", help="connect without TLS (h2c), as grpcurl -plaintext"
+    )
     parser.add_argument("--server-name", default="localhost")
     parser.add_argument("--text", default="hello")
     parser.add_argument("--timeout", type=float, default=15.0)
     args = parser.parse_args()
+    if not args.plaintext and not (args.ca and args.cert and args.key):
+        parser.error("--ca, --cert and --key are required unless --plaintext is given")
 
     try:
         import grpc
@@ -96,13 +102,17 @@ def main():
         with open(path, "rb") as f:
             return f.read()
 
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=read(args.ca),
-        private_key=read(args.key),
-        certificate_chain=read(args.cert),
-    )
-    options = [("grpc.ssl_target_name_override", args.server_name)]
-    with grpc.secure_channel(args.target, credentials, options=options) as channel:
+    if args.plaintext:
+        channel = grpc.insecure_channel(args.target)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.ca),
+            private_key=read(args.key),
+            certificate_chain=read(args.cert),
+        )
+        options = [("grpc.ssl_target_name_override", args.server_name)]
+        channel = grpc.secure_channel(args.target, credentials, options=options)
+    with channel:
         say = channel.unary_unary(
             "/portcullis.demo.v1.Echo/Say",
             request_serializer=lambda text: encode_say_request(text),
