@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use portcullis_core::codec::ALPN_PCS1;
@@ -86,36 +83,6 @@ fn assert_fails_at(result: &(i32, Value), name: &str, saw: &[&str], fix: &[&str]
             given.contains(word),
             "fix of {name} lacks {word:?}: {given}"
         );
-    }
-}
-
-/// `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...`, killed on drop; and its address.
-fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
-    let mut cmd = command();
-    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
-    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + COMMAND_DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .expect("portcullis serve prints `listening on`");
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            return (child, addr.trim().to_owned());
-        }
     }
 }
 

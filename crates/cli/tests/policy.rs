@@ -4,16 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::mpsc;
-use std::thread;
-use std::time::Instant;
 
 use common::{
-    COMMAND_DEADLINE, ChildGuard, Output, add_user, assert_one_line_error, command, init_dir,
-    issue_device, run, s, totp, unix_now,
+    Output, add_user, assert_one_line_error, init_dir, issue_device, run, s, serve, totp, unix_now,
 };
 
 /// The TOML block under `## A complete example` in docs/POLICY.md.
@@ -29,37 +23,6 @@ fn documented_example() -> String {
         .expect("the block ends")
         .0
         .to_owned()
-}
-
-/// Starts `portcullis serve --dir DIR --listen 127.0.0.1:0 --policy FILE` and returns it with
-/// the address of its `listening on` line.
-fn serve(dir: &Path, policy: &Path) -> (ChildGuard, String) {
-    let mut cmd = command();
-    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
-        .args(["--policy", s(policy)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
-    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + COMMAND_DEADLINE;
-    let left = deadline.saturating_duration_since(Instant::now());
-    let line = rx
-        .recv_timeout(left)
-        .unwrap_or_else(|e| panic!("portcullis serve printed nothing: {e:?}"));
-    let addr = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("first line: {line}"))
-        .to_owned();
-    (child, addr)
 }
 
 fn call(dir: &Path, addr: &str, user: &str, secret: &str) -> Output {
@@ -91,7 +54,7 @@ fn serve_applies_the_documented_policy_as_written() {
     issue_device(&dir, "alice-laptop", "alice");
     let mallory = add_user(&dir, "mallory");
     issue_device(&dir, "mallory-laptop", "mallory");
-    let (_server, addr) = serve(&dir, &policy);
+    let (_server, addr) = serve(&dir, &["--policy", s(&policy)]);
 
     // Say needs the role admin or operator, which alice does not hold; mallory is denied.
     let out = call(&dir, &addr, "alice", &alice);

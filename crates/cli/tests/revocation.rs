@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,35 +17,6 @@ type Echo = EchoClient<PortcullisChannel>;
 
 /// The bound on "closed": generous for a loaded machine; the target is under one second.
 const CLOSED_WITHIN: Duration = Duration::from_secs(3);
-
-/// `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...`, killed on drop; returns the
-/// guard and the address it printed.
-fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
-    let mut cmd = command();
-    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
-    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(COMMAND_DEADLINE)
-            .expect("portcullis serve prints `listening on`");
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            return (child, addr.trim().to_owned());
-        }
-    }
-}
 
 /// A client of the device NAME of DIR as USER, with the user's base32 secret.
 fn client(dir: &Path, device: &str, user: &str, secret: &str) -> Client {

@@ -3,46 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::mpsc;
-use std::thread;
-use std::time::Instant;
 
 use common::{
-    COMMAND_DEADLINE, ChildGuard, Output, add_user, assert_one_line_error, command, init_dir,
-    issue_device, run, run_json, run_ok, s, totp, unix_now,
+    Output, add_user, assert_one_line_error, init_dir, issue_device, run, run_json, run_ok, s,
+    serve, totp, unix_now,
 };
-
-/// Starts `portcullis serve --policy FILE` and returns it with its address.
-fn serve(dir: &Path, policy: &Path) -> (ChildGuard, String) {
-    let mut cmd = command();
-    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
-        .args(["--policy", s(policy)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
-    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let left = (Instant::now() + COMMAND_DEADLINE).saturating_duration_since(Instant::now());
-    let line = rx
-        .recv_timeout(left)
-        .unwrap_or_else(|e| panic!("portcullis serve printed nothing: {e:?}"));
-    let addr = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("first line: {line}"))
-        .to_owned();
-    (child, addr)
-}
 
 fn call(dir: &Path, addr: &str, user: &str, secret: &str) -> Output {
     let code = totp(secret).generate(unix_now());
@@ -164,7 +130,7 @@ fn a_rule_that_requires_a_role_admits_its_holders_only() {
     issue_device(&dir, "alice-laptop", "alice");
     let bob = add_user_with_roles(&dir, "bob", &["ops"]);
     issue_device(&dir, "bob-laptop", "bob");
-    let (_server, addr) = serve(&dir, &policy);
+    let (_server, addr) = serve(&dir, &["--policy", s(&policy)]);
 
     let out = call(&dir, &addr, "alice", &alice);
     assert!(

@@ -4,17 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    COMMAND_DEADLINE, ChildGuard, Output, add_user, assert_one_line_error, command, init_dir,
-    issue_device, run, s, totp, unix_now, wrong_code,
+    COMMAND_DEADLINE, ChildGuard, Output, add_user, assert_one_line_error, init_dir, issue_device,
+    run, s, serve_printing, totp, unix_now, wrong_code,
 };
 
 /// A running `portcullis serve` with extra flags and the addresses it printed.
@@ -27,31 +25,7 @@ struct Serving {
 /// Starts `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...` and waits for its
 /// `listening on` and `metrics on` lines.
 fn serve(dir: &Path, extra: &[&str]) -> Serving {
-    let mut cmd = command();
-    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
-    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + COMMAND_DEADLINE;
-    let mut lines = Vec::new();
-    while lines.len() < 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => lines.push(line),
-            Err(e) => panic!("portcullis serve printed {lines:?}, then {e:?}"),
-        }
-    }
+    let (child, lines) = serve_printing(dir, extra, 2);
     let addr = lines[0]
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("first line: {lines:?}"))

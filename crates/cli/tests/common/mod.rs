@@ -240,6 +240,49 @@ pub fn wrong_code(secret: &str) -> String {
         .expect("some repeated-digit code is not near")
 }
 
+/// `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...`, killed on drop (its stderr
+/// discarded); the guard and the first `lines` lines it printed on stdout.
+pub fn serve_printing(dir: &Path, extra: &[&str], lines: usize) -> (ChildGuard, Vec<String>) {
+    let mut cmd = command();
+    cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
+    let out = BufReader::new(child.child().stdout.take().expect("stdout"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    let mut printed = Vec::new();
+    while printed.len() < lines {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => printed.push(line),
+            Err(e) => panic!("portcullis serve printed {printed:?}, then {e:?}"),
+        }
+    }
+    (child, printed)
+}
+
+/// `portcullis serve --dir DIR --listen 127.0.0.1:0 EXTRA...`, killed on drop; the guard and
+/// the address of its first line, `listening on ADDR`.
+pub fn serve(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
+    let (child, lines) = serve_printing(dir, extra, 1);
+    let addr = lines[0]
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line of portcullis serve: {lines:?}"))
+        .trim()
+        .to_owned();
+    (child, addr)
+}
+
 /// `portcullis serve --dir DIR --listen 127.0.0.1:0` in the background; killed on drop.
 pub struct Server {
     child: ChildGuard,
