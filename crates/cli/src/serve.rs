@@ -144,31 +144,21 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         // On a signal, stop accepting and let open connections finish, for at most
-        // SHUTDOWN_GRACE: an idle connection must not keep the process alive.
-        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
-        let signalled = {
-            let stopping = stopping.clone();
-            async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: no new connections");
-                stopping.notify_one();
-            }
-        };
-        let serving = portcullis
-            .server()
-            .layer(policy)
-            .add_service(demo::service())
-            .serve_with_incoming_shutdown(portcullis.incoming(listener), signalled);
-        tokio::select! {
-            served = serving => served.map_err(|e| format!("server: {e}"))?,
-            _ = async {
-                stopping.notified().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => tracing::warn!(
-                "connections still open after {} s; closing them",
-                SHUTDOWN_GRACE.as_secs()
-            ),
-        }
+        // SHUTDOWN_GRACE: an idle or stuck connection must not keep the process alive.
+        portcullis
+            .serve_with_grace(
+                |stop| {
+                    portcullis
+                        .server()
+                        .layer(policy)
+                        .add_service(demo::service())
+                        .serve_with_incoming_shutdown(portcullis.incoming(listener), stop)
+                },
+                shutdown_signal(),
+                SHUTDOWN_GRACE,
+            )
+            .await
+            .map_err(|e| format!("server: {e}"))?;
         tracing::info!("server stopped");
         Ok(())
     })

@@ -69,8 +69,10 @@ pub mod revocation;
 pub mod standard;
 mod stream;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +120,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The longest deadline the builder takes.
 pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// How long [`PortcullisServer::serve_with_grace`] waits for tonic to end after it closed the
+/// connections left at the end of the grace period.
+pub const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Builds a [`PortcullisServer`].
 pub struct Builder {
@@ -614,6 +620,81 @@ impl PortcullisServer {
     /// Must be called within a tokio runtime.
     pub fn serve_metrics(&self, listener: TcpListener) -> std::io::Result<MetricsEndpoint> {
         metrics::spawn_endpoint(self.metrics_handler(), listener)
+    }
+
+    /// Closes every authenticated connection now: their reads and writes fail, so tonic drops
+    /// them, also those in the middle of a call. Returns how many were open. This ends a
+    /// graceful shutdown whose grace period is over; [`PortcullisServer::serve_with_grace`]
+    /// calls it.
+    pub fn close_connections(&self) -> usize {
+        self.state.revocation.close_all()
+    }
+
+    /// Serves with a bounded graceful shutdown. `serve` receives the shutdown signal to hand to
+    /// tonic's `serve_with_incoming_shutdown` and returns tonic's future. Once `signal`
+    /// resolves, the server stops accepting and open connections may finish their calls for at
+    /// most `grace`; those still open then are closed ([`PortcullisServer::close_connections`])
+    /// so that an idle or stuck client cannot keep the server from stopping. Returns tonic's
+    /// result (`Ok` when the connections were closed after the grace period and tonic did not
+    /// end within [`SHUTDOWN_CLOSE_WAIT`] after that).
+    ///
+    /// ```no_run
+    /// # async fn run(portcullis: portcullis_server::PortcullisServer,
+    /// #     listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+    /// use std::time::Duration;
+    /// # let service = tonic_health::server::health_reporter().1;
+    /// portcullis
+    ///     .serve_with_grace(
+    ///         |stop| {
+    ///             portcullis
+    ///                 .server()
+    ///                 .add_service(service)
+    ///                 .serve_with_incoming_shutdown(portcullis.incoming(listener), stop)
+    ///         },
+    ///         async {
+    ///             let _ = tokio::signal::ctrl_c().await;
+    ///         },
+    ///         Duration::from_secs(10),
+    ///     )
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn serve_with_grace<S, E>(
+        &self,
+        serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> S,
+        signal: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) -> Result<(), E>
+    where
+        S: Future<Output = Result<(), E>>,
+    {
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let stop = {
+            let stopping = stopping.clone();
+            Box::pin(async move {
+                signal.await;
+                tracing::info!("shutting down: no new connections");
+                stopping.notify_one();
+            })
+        };
+        let serving = serve(stop);
+        tokio::pin!(serving);
+        tokio::select! {
+            served = &mut serving => return served,
+            () = stopping.notified() => {}
+        }
+        if let Ok(served) = tokio::time::timeout(grace, &mut serving).await {
+            return served;
+        }
+        let closed = self.close_connections();
+        tracing::warn!(
+            closed,
+            grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            "connections still open after the grace period: closed"
+        );
+        tokio::time::timeout(SHUTDOWN_CLOSE_WAIT, &mut serving)
+            .await
+            .unwrap_or(Ok(()))
     }
 
     /// The layer for tonic's `Server::layer` that gives every request its [`AuthContext`].

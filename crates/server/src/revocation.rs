@@ -91,6 +91,7 @@ enum CloseReason {
     CertificateRevoked = 4,
     SessionExpired = 5,
     SessionRevoked = 6,
+    ServerStopping = 7,
 }
 
 impl CloseReason {
@@ -102,6 +103,7 @@ impl CloseReason {
             4 => Self::CertificateRevoked,
             5 => Self::SessionExpired,
             6 => Self::SessionRevoked,
+            7 => Self::ServerStopping,
             _ => return None,
         })
     }
@@ -115,6 +117,7 @@ impl CloseReason {
             Self::CertificateRevoked => "certificate_revoked",
             Self::SessionExpired => "session_expired",
             Self::SessionRevoked => "session_revoked",
+            Self::ServerStopping => "server_stopping",
         }
     }
 
@@ -127,6 +130,7 @@ impl CloseReason {
             Self::CertificateRevoked => "the client certificate is listed in the server's CRL",
             Self::SessionExpired => "the session expired",
             Self::SessionRevoked => "the session was revoked",
+            Self::ServerStopping => "the server is stopping",
         }
     }
 }
@@ -492,6 +496,23 @@ impl Revocation {
     /// Whether a round has anything to do.
     fn has_work(&self) -> bool {
         self.crl_file.is_some() || self.live_count() > 0
+    }
+
+    /// Closes every live connection because the server is stopping; how many were open.
+    pub(crate) fn close_all(&self) -> usize {
+        let entries: Vec<Arc<LiveEntry>> = lock(&self.live)
+            .by_device
+            .values()
+            .flat_map(|entries| entries.values().cloned())
+            .collect();
+        let mut closed = 0;
+        for entry in entries {
+            if entry.reason().is_none() {
+                entry.close(CloseReason::ServerStopping);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// One round: the CRL file, then the live connections against the CRLs, the registry and
