@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use portcullis_core::Registry;
-use portcullis_core::{Random, SystemRandom, TicketKey};
+use portcullis_core::{Clock, Random, SystemClock, SystemRandom, TicketKey};
 use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 use portcullis_tls::devpki::DevCa;
 
@@ -182,7 +182,8 @@ pub(crate) struct InitArgs {
     /// 127.0.0.1 and ::1. Repeatable.
     #[arg(long = "server-name", value_name = "NAME")]
     server_names: Vec<String>,
-    /// Overwrite an existing directory's CA, server certificate, registry and keys.
+    /// Replace an existing directory's CA, server certificate, registry and keys; the previous
+    /// ones (and the devices directory) are moved to DIR/replaced-<UTC time>/.
     #[arg(long)]
     force: bool,
     /// Give an existing directory made by an older portcullis a registry key (registry.key)
@@ -198,7 +199,7 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     let layout = Layout::new(&args.dir);
     if args.dir.exists() && !args.force {
         return Err(format!(
-            "{}: already exists; pass --force to overwrite its CA, server certificate and registry",
+            "{}: already exists; pass --force to replace its CA, server certificate and registry (the old ones are kept in a replaced-<time> directory)",
             args.dir.display()
         ));
     }
@@ -209,6 +210,11 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
             ));
         }
     }
+    let replaced = if args.force {
+        set_aside(&layout)?
+    } else {
+        None
+    };
     fs::create_dir_all(layout.devices())
         .map_err(|e| format!("{}: cannot create: {e}", layout.devices().display()))?;
 
@@ -232,19 +238,6 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     let server = ca.issue_server(&names).map_err(|e| e.to_string())?;
 
     let db = layout.registry();
-    if db.exists() || layout.registry_key().exists() {
-        for path in [
-            db.clone(),
-            db.with_extension("db-wal"),
-            db.with_extension("db-shm"),
-            layout.registry_key(),
-        ] {
-            if path.exists() {
-                fs::remove_file(&path)
-                    .map_err(|e| format!("{}: cannot remove: {e}", path.display()))?;
-            }
-        }
-    }
     let registry_key = SecretKey::create(&layout.registry_key()).map_err(|e| e.to_string())?;
     SqliteRegistry::create_with_key(&db, registry_key).map_err(|e| e.to_string())?;
 
@@ -259,6 +252,13 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
         .map_err(|e| e.to_string())?;
     write_private(&layout.ticket_key(), key.as_ref())?;
 
+    if let Some((aside, devices)) = &replaced {
+        out!(
+            "moved the previous CA, server certificate, registry, keys and {devices} device \
+             files to {} (the old devices cannot connect to the new CA)",
+            aside.display()
+        );
+    }
     out!("initialised {}", args.dir.display());
     out!("  CA              {}", layout.ca_cert().display());
     out!(
@@ -276,6 +276,67 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
         args.dir.display()
     );
     Ok(())
+}
+
+/// `init --force`: moves the files a previous `init` made (and the devices issued since) into
+/// `DIR/replaced-<UTC time>/`, so that nothing is lost: the new CA makes the old device
+/// certificates useless, and the new registry starts empty. Returns that directory and how many
+/// files the devices directory held, or `None` when there was nothing to move. On an error the
+/// files already moved are put back.
+fn set_aside(layout: &Layout) -> CliResult<Option<(PathBuf, usize)>> {
+    let db = layout.registry();
+    let present: Vec<PathBuf> = [
+        layout.ca_cert(),
+        layout.ca_key(),
+        layout.server_cert(),
+        layout.server_key(),
+        db.clone(),
+        db.with_extension("db-wal"),
+        db.with_extension("db-shm"),
+        layout.registry_key(),
+        layout.ticket_key(),
+        layout.devices(),
+    ]
+    .into_iter()
+    .filter(|p| p.exists())
+    .collect();
+    if present.is_empty() {
+        return Ok(None);
+    }
+    let devices = fs::read_dir(layout.devices()).map_or(0, |entries| entries.count());
+    let stamp = crate::enroll::format_time(SystemClock.now_ms()).replace([':', '-'], "");
+    let mut aside = layout.dir.join(format!("replaced-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = layout.dir.join(format!("replaced-{stamp}-{n}"));
+    }
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(&aside)
+        .map_err(|e| format!("{}: cannot create: {e}", aside.display()))?;
+    let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for from in present {
+        let to = aside.join(from.file_name().unwrap_or_default());
+        if let Err(e) = fs::rename(&from, &to) {
+            for (back_from, back_to) in moved.iter().rev() {
+                let _ = fs::rename(back_to, back_from);
+            }
+            let _ = fs::remove_dir(&aside);
+            return Err(format!(
+                "{}: cannot move to {}: {e}",
+                from.display(),
+                aside.display()
+            ));
+        }
+        moved.push((from, to));
+    }
+    Ok(Some((aside, devices)))
 }
 
 /// `portcullis init --add-key`: a registry key for a directory made before registries were

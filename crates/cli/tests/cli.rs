@@ -381,8 +381,30 @@ fn init_errors() {
         "a refused init changed the CA"
     );
     fs::set_permissions(dir.join("ca-key.pem"), fs::Permissions::from_mode(0o644)).unwrap();
-    run_ok(&["init", "--dir", d, "--force"]);
+    add_user(&dir, "olduser");
+    issue_device(&dir, "old-laptop", "olduser");
+    let out = run_ok(&["init", "--dir", d, "--force"]);
     assert_ne!(fs::read(dir.join("ca.pem")).unwrap(), ca_before);
+    // Nothing is lost: the previous files and devices are moved aside, and the output says where.
+    let aside: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("replaced-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let aside = &aside[0];
+    assert!(out.contains(&aside.display().to_string()), "{out}");
+    assert_eq!(fs::read(aside.join("ca.pem")).unwrap(), ca_before);
+    assert!(aside.join("portcullis.db").is_file());
+    assert!(aside.join("registry.key").is_file());
+    assert!(aside.join("devices/old-laptop.pem").is_file());
+    assert!(!dir.join("devices/old-laptop.pem").exists());
+    assert_eq!(mode(aside), 0o700);
     assert_eq!(mode(&dir.join("ca-key.pem")), 0o600);
     assert_eq!(mode(&dir.join("ticket.key")), 0o600);
     assert_eq!(mode(&dir.join("registry.key")), 0o600);
