@@ -11,12 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use portcullis::client::CodeSource;
 use portcullis::core::codec::{ALPN_PCS1, Factor, Prefix, Verdict};
-use portcullis::core::{
-    Clock, ManualClock, MemoryRegistry, Registry, RejectCode, SystemClock, TotpConfig,
-};
-use portcullis::demo::{EchoClient, SayRequest};
+use portcullis::core::{Clock, ManualClock, Registry, RejectCode, SystemClock, TotpConfig};
 use portcullis::server::RateLimit;
 use portcullis::store::SqliteRegistry;
 use portcullis::tls::devpki::{CertProfile, DevCa, Issued};
@@ -44,17 +40,6 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     .await;
 }
 
-async fn new_server(
-    configure: impl FnOnce(portcullis::server::Builder) -> portcullis::server::Builder,
-) -> (TestServer, portcullis::server::PortcullisServer) {
-    start_custom(
-        DevCa::generate("hostile test CA").unwrap(),
-        Arc::new(MemoryRegistry::new()),
-        configure,
-    )
-    .await
-}
-
 /// One attempt on a raw connection: TLS with `config`, a Prefix for `user` with `factor`
 /// (changed by `tamper`), and the Verdict (`None` when the connection ended without one).
 async fn attempt(
@@ -70,6 +55,16 @@ async fn attempt(
     tls.write_all(&p.encode().unwrap()).await.ok()?;
     tls.flush().await.ok()?;
     try_read_verdict(&mut tls).await
+}
+
+/// One attempt of an enrolled user with the current code, untampered.
+async fn attempt_now(
+    server: &TestServer,
+    config: &Arc<rustls::ClientConfig>,
+    who: &Enrolled,
+) -> Option<Verdict> {
+    let code = Factor::Totp(current_code(&who.totp));
+    attempt(server, config, &who.user, code, |_| {}).await
 }
 
 fn pcs1(server: &TestServer, device: &Issued) -> Arc<rustls::ClientConfig> {
@@ -114,7 +109,7 @@ async fn a_prefix_sent_one_byte_at_a_time_is_accepted_within_the_deadline() {
 async fn a_length_of_65535_is_malformed_from_the_header_alone() {
     // A deadline far beyond the test's guard: a server waiting for the announced body would
     // answer TIMEOUT only after the guard has failed the test.
-    let (server, _) = new_server(|b| b.deadline(Duration::from_secs(300))).await;
+    let (server, _) = start_configured(|b| b.deadline(Duration::from_secs(300))).await;
     let alice = server.enroll("alice", "laptop");
     let mut tls = server.raw_tls(&alice.device, &[ALPN_PCS1]).await;
     tls.write_all(b"PCS1\x01\xff\xff").await.unwrap();
@@ -164,26 +159,13 @@ async fn an_http2_preface_without_a_prefix_never_reaches_tonic() {
     server.stop().await;
 }
 
-fn tls12_config(server: &TestServer, device: &Issued) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(server.ca.cert_der()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![device.cert_der()], device.key_der())
-        .unwrap();
-    config.alpn_protocols = vec![ALPN_PCS1.to_vec()];
-    Arc::new(config)
-}
-
 #[tokio::test]
 async fn a_tls12_client_fails_the_handshake() {
     let server = TestServer::start().await;
     let alice = server.enroll("alice", "laptop");
     let outcome = guarded(
         "handshake",
-        tls_with(server.addr, tls12_config(&server, &alice.device)),
+        tls_with(server.addr, server.tls12_config(&alice.device)),
     )
     .await;
     let Err(error) = outcome else {
@@ -194,14 +176,7 @@ async fn a_tls12_client_fails_the_handshake() {
         "{error}"
     );
     // The same device over TLS 1.3 gets in.
-    let verdict = attempt(
-        &server,
-        &pcs1(&server, &alice.device),
-        "alice",
-        Factor::Totp(current_code(&alice.totp)),
-        |_| {},
-    )
-    .await;
+    let verdict = attempt_now(&server, &pcs1(&server, &alice.device), &alice).await;
     assert!(verdict.unwrap().is_accepted());
     server.stop().await;
 }
@@ -218,14 +193,7 @@ async fn a_client_without_alpn_is_closed_without_a_byte() {
     assert_eq!(read_to_close(&mut tls).await.unwrap_or(0), 0);
     assert_eq!(failures(&server, "alice"), 0);
     // The code was never checked, so it still works with ALPN.
-    let verdict = attempt(
-        &server,
-        &pcs1(&server, &alice.device),
-        "alice",
-        Factor::Totp(current_code(&alice.totp)),
-        |_| {},
-    )
-    .await;
+    let verdict = attempt_now(&server, &pcs1(&server, &alice.device), &alice).await;
     assert!(verdict.unwrap().is_accepted());
     server.stop().await;
 }
@@ -298,14 +266,7 @@ async fn expired_not_yet_valid_wrong_ca_and_server_only_certificates_are_refused
     }
     // A good certificate gets in on the same server.
     let alice = server.enroll("alice", "laptop");
-    let verdict = attempt(
-        &server,
-        &pcs1(&server, &alice.device),
-        "alice",
-        Factor::Totp(current_code(&alice.totp)),
-        |_| {},
-    )
-    .await;
+    let verdict = attempt_now(&server, &pcs1(&server, &alice.device), &alice).await;
     assert!(verdict.unwrap().is_accepted());
     assert_eq!(server.calls.load(Ordering::SeqCst), 0);
     server.stop().await;
@@ -315,7 +276,7 @@ async fn expired_not_yet_valid_wrong_ca_and_server_only_certificates_are_refused
 async fn a_server_clock_that_steps_back_reopens_no_code() {
     let t = SystemClock.now_ms();
     let clock = Arc::new(ManualClock::new(t));
-    let (server, _) = new_server({
+    let (server, _) = start_configured({
         let clock = clock.clone();
         move |b| b.clock(clock)
     })
@@ -367,21 +328,17 @@ async fn a_server_clock_that_steps_back_reopens_no_code() {
     server.stop().await;
 }
 
-/// Calls Say through the client library.
+/// Calls Say through the client library; returns the user the service saw.
 async fn say(server: &TestServer, enrolled: &Enrolled) -> Result<String, tonic::Status> {
-    let client = server.client(enrolled, CodeSource::secret(enrolled.totp.clone()));
-    let channel = client.connect_lazy(&server.addr_str()).unwrap();
-    EchoClient::new(channel)
-        .say(SayRequest { text: "x".into() })
-        .await
-        .map(|r| r.into_inner().user)
+    let reply = server.say(&server.secret_client(enrolled)).await;
+    reply.map(|r| r.user)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_idle_connections_do_not_keep_valid_clients_out() {
     // The deadline outlasts the test: the idle connections stay open until they are dropped.
     let (server, portcullis) =
-        new_server(|b| b.deadline(Duration::from_secs(120)).rate_limit(None)).await;
+        start_configured(|b| b.deadline(Duration::from_secs(120)).rate_limit(None)).await;
     let users: Vec<Enrolled> = (0..8)
         .map(|i| server.enroll(&format!("user{i}"), &format!("device{i}")))
         .collect();
@@ -426,7 +383,7 @@ async fn five_hundred_idle_connections_do_not_keep_valid_clients_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_byte_a_second_and_an_unfinished_handshake_are_cut_at_the_deadline() {
     let (server, portcullis) =
-        new_server(|b| b.deadline(Duration::from_secs(2)).rate_limit(None)).await;
+        start_configured(|b| b.deadline(Duration::from_secs(2)).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
     let bob = server.enroll("bob", "phone");
 
@@ -457,19 +414,7 @@ async fn a_byte_a_second_and_an_unfinished_handshake_are_cut_at_the_deadline() {
     assert_eq!(say(&server, &bob).await.unwrap(), "bob");
 
     // The drip gets TIMEOUT; the stuck handshake is closed.
-    let verdict = guarded("the drip's verdict", async {
-        let mut header = [0u8; 7];
-        reader.read_exact(&mut header).await.unwrap();
-        let h = portcullis::core::codec::FrameHeader::parse(
-            &header,
-            portcullis::core::codec::FrameKind::Verdict,
-        )
-        .unwrap();
-        let mut body = vec![0u8; h.body_len];
-        reader.read_exact(&mut body).await.unwrap();
-        Verdict::decode_body(&body).unwrap()
-    })
-    .await;
+    let verdict = guarded("the drip's verdict", read_verdict(&mut reader)).await;
     assert_eq!(verdict.reject_code(), Some(RejectCode::Timeout));
     let mut rest = Vec::new();
     let closed = guarded(
@@ -486,7 +431,7 @@ async fn a_byte_a_second_and_an_unfinished_handshake_are_cut_at_the_deadline() {
 
 #[tokio::test]
 async fn over_the_rate_limit_is_rate_limited_before_any_registry_work() {
-    let (server, portcullis) = new_server(|b| b.rate_limit(Some(RateLimit::new(1, 2)))).await;
+    let (server, portcullis) = start_configured(|b| b.rate_limit(Some(RateLimit::new(1, 2)))).await;
     let alice = server.enroll("alice", "laptop");
     let config = pcs1(&server, &alice.device);
     // Wrong codes, until the source is over its limit (a burst of 2, then 1 a second: the
@@ -528,7 +473,7 @@ async fn over_the_rate_limit_is_rate_limited_before_any_registry_work() {
 
 #[tokio::test]
 async fn over_max_pending_is_overloaded_and_beyond_the_refusal_budget_closed() {
-    let (server, portcullis) = new_server(|b| b.max_pending(2).rate_limit(None)).await;
+    let (server, portcullis) = start_configured(|b| b.max_pending(2).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
     let config = pcs1(&server, &alice.device);
     let idle: Vec<TcpStream> = vec![
@@ -560,41 +505,24 @@ async fn over_max_pending_is_overloaded_and_beyond_the_refusal_budget_closed() {
     // With no budget for refusals, a connection over the cap is closed at TCP accept: no
     // TLS handshake, no Verdict.
     let (server, portcullis) =
-        new_server(|b| b.max_pending(1).refusal_budget(0).rate_limit(None)).await;
+        start_configured(|b| b.max_pending(1).refusal_budget(0).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
     let config = pcs1(&server, &alice.device);
     let idle = TcpStream::connect(server.addr).await.unwrap();
     wait_until("one pending", || portcullis.pending() == 1).await;
-    let v = guarded(
-        "closed at accept",
-        attempt(
-            &server,
-            &config,
-            "alice",
-            Factor::Totp(current_code(&alice.totp)),
-            |_| {},
-        ),
-    )
-    .await;
+    let v = guarded("closed at accept", attempt_now(&server, &config, &alice)).await;
     assert!(v.is_none(), "{v:?}");
     assert_eq!(portcullis.refusing(), 0);
     drop(idle);
     wait_until("slot free", || portcullis.pending() == 0).await;
-    let v = attempt(
-        &server,
-        &config,
-        "alice",
-        Factor::Totp(current_code(&alice.totp)),
-        |_| {},
-    )
-    .await;
+    let v = attempt_now(&server, &config, &alice).await;
     assert!(v.unwrap().is_accepted());
     server.stop().await;
 }
 
 #[tokio::test]
 async fn the_rate_limited_status_reaches_the_client_library() {
-    let (server, _) = new_server(|b| b.rate_limit(Some(RateLimit::new(1, 1)))).await;
+    let (server, _) = start_configured(|b| b.rate_limit(Some(RateLimit::new(1, 1)))).await;
     let alice = server.enroll("alice", "laptop");
     let config = pcs1(&server, &alice.device);
     // Spend the source's burst of 1, then call at once; a second round only if the machine
@@ -663,15 +591,7 @@ async fn lockout_and_single_use_survive_a_restart() {
     )
     .await;
     assert!(v.unwrap().is_accepted());
-    let wrong = {
-        let valid: Vec<String> = (0..3)
-            .map(|i| carol.totp.generate(t / 1000 - 30 + i * 30))
-            .collect();
-        (0u32..)
-            .map(|n| format!("{:06}", (n * 7919) % 1_000_000))
-            .find(|c| !valid.contains(c))
-            .unwrap()
-    };
+    let wrong = wrong_code_at(&carol.totp, t);
     for _ in 0..5 {
         let v = attempt(
             &server,
@@ -765,7 +685,8 @@ fn rss_kib() -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_mixed_attempts_from_64_tasks_decide_right() {
     const NONCE_CAP: usize = 4096;
-    let (server, portcullis) = new_server(|b| b.rate_limit(None).nonce_capacity(NONCE_CAP)).await;
+    let (server, portcullis) =
+        start_configured(|b| b.rate_limit(None).nonce_capacity(NONCE_CAP)).await;
     let totp_users: Vec<Enrolled> = (0..200)
         .map(|i| server.enroll(&format!("t{i}"), &format!("t{i}-dev")))
         .collect();
@@ -787,15 +708,7 @@ async fn two_thousand_mixed_attempts_from_64_tasks_decide_right() {
 
     let mut tickets = Vec::new();
     for (u, config) in session_users.iter().zip(&session_tls) {
-        let v = attempt(
-            &server,
-            config,
-            &u.user,
-            Factor::Totp(current_code(&u.totp)),
-            |_| {},
-        )
-        .await
-        .unwrap();
+        let v = attempt_now(&server, config, u).await.unwrap();
         tickets.push(v.session.expect("a session ticket").0);
     }
 

@@ -5,104 +5,40 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::CountingEcho;
-use portcullis::client::{Client, CodeSource};
-use portcullis::core::codec::ALPN_PCS1;
-use portcullis::core::{
-    Clock, DeviceFingerprint, DeviceRecord, LockState, ManualClock, MemoryRegistry, Registry,
-    RegistryError, SessionId, SessionRecord, SystemClock, TotpAlgorithm, TotpConfig, UserRecord,
-};
-use portcullis::demo::{EchoClient, EchoServer, SayReply, SayRequest};
-use portcullis::server::PortcullisServer;
-use portcullis::server::policy::{Policy, PolicyLayer};
+use common::TestServer;
+use portcullis::client::Client;
+use portcullis::core::{Clock, ManualClock, MemoryRegistry, Registry, SystemClock, TotpConfig};
+use portcullis::server::policy::Policy;
 use portcullis::tls::devpki::{DevCa, Issued};
 
 /// Every test runs under this bound, so that a deadlock fails instead of hanging.
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// The server's memory registry, seen by the policy layer with roles from a fixed map.
-struct WithRoles {
-    inner: Arc<MemoryRegistry>,
-    roles: HashMap<String, Vec<String>>,
-}
-
-impl Registry for WithRoles {
-    fn device_by_fingerprint(
-        &self,
-        fingerprint: &DeviceFingerprint,
-    ) -> Result<Option<DeviceRecord>, RegistryError> {
-        self.inner.device_by_fingerprint(fingerprint)
-    }
-    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
-        self.inner.device_by_name(name)
-    }
-    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
-        self.inner.user(name)
-    }
-    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
-        self.inner.advance_totp_step(user, step)
-    }
-    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
-        self.inner.lock_state(user)
-    }
-    fn update_lock_state(
-        &self,
-        user: &str,
-        update: &mut dyn FnMut(LockState) -> LockState,
-    ) -> Result<LockState, RegistryError> {
-        self.inner.update_lock_state(user, update)
-    }
-    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
-        self.inner.is_session_revoked(id)
-    }
-    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
-        self.inner.revoke_session(id, now_ms)
-    }
-    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
-        Ok(self.roles.get(user).cloned().unwrap_or_default())
-    }
-    fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
-        self.inner.add_user(name, totp, now_ms)
-    }
-    fn bind_device(
-        &self,
-        name: &str,
-        user: &str,
-        fingerprint: &DeviceFingerprint,
-        now_ms: u64,
-    ) -> Result<DeviceRecord, RegistryError> {
-        self.inner.bind_device(name, user, fingerprint, now_ms)
-    }
-    fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError> {
-        self.inner.revoke_device(name, now_ms)
-    }
-    fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError> {
-        self.inner.list_users()
-    }
-    fn list_devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
-        self.inner.list_devices()
-    }
-}
-
-/// A Portcullis server on loopback whose Echo service sits behind a [`PolicyLayer`].
+/// A Portcullis server on loopback whose Echo service sits behind a `PolicyLayer`, with a
+/// manual clock shared by the gate and the layer. Users get their roles from a fixed map when
+/// they are enrolled.
 struct PolicyServer {
-    addr: SocketAddr,
-    ca: DevCa,
+    server: TestServer,
     registry: Arc<MemoryRegistry>,
-    /// Calls that reached the Echo service.
-    calls: Arc<AtomicUsize>,
+    roles: HashMap<String, Vec<String>>,
     clock: Arc<ManualClock>,
-    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Deref for PolicyServer {
+    type Target = TestServer;
+
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
 }
 
 impl PolicyServer {
     async fn start(policy: &str, roles: &[(&str, &[&str])]) -> Self {
-        let policy = Policy::from_toml_str(policy).unwrap();
         let roles = roles
             .iter()
             .map(|(user, roles)| {
@@ -113,64 +49,34 @@ impl PolicyServer {
             })
             .collect();
         let registry = Arc::new(MemoryRegistry::new());
-        let with_roles: Arc<dyn Registry> = Arc::new(WithRoles {
-            inner: registry.clone(),
-            roles,
-        });
         let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
         let ca = DevCa::generate("policy test CA").unwrap();
-        let server_cert = ca
-            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-        let portcullis = PortcullisServer::builder()
-            .identity(
-                vec![server_cert.cert_der()],
-                server_cert.key_der(),
-                &[ca.cert_der()],
-            )
-            .unwrap()
-            .registry(registry.clone())
-            .clock(clock.clone())
-            .build()
-            .unwrap();
-        let layer = PolicyLayer::new(policy, with_roles, clock.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let echo = CountingEcho::default();
-        let calls = echo.calls.clone();
-        let incoming = portcullis.incoming(listener);
-        let task = tokio::spawn(async move {
-            portcullis
-                .server()
-                .layer(layer)
-                .add_service(EchoServer::new(echo))
-                .serve_with_incoming(incoming)
-                .await
-                .unwrap();
-        });
-        Self {
-            addr,
+        let server = common::start_with_policy(
             ca,
+            registry.clone(),
+            policy,
+            registry.clone(),
+            clock.clone(),
+        )
+        .await;
+        Self {
+            server,
             registry,
-            calls,
+            roles,
             clock,
-            _task: task,
         }
     }
 
-    /// Adds `user` with a TOTP secret and binds a new device to it.
+    /// Adds `user` with a TOTP secret and its roles, and binds a new device to it, on the
+    /// server's clock.
     fn enroll(&self, user: &str) -> (Issued, TotpConfig) {
-        let totp = TotpConfig::new(
-            format!("secret-of-{user:0>12}").into_bytes(),
-            6,
-            TotpAlgorithm::Sha1,
-            30,
-        )
-        .unwrap();
+        let totp = common::totp_of(user);
         let now = self.clock.now_ms();
         self.registry.add_user(user, totp.clone(), now).unwrap();
-        let device = self.ca.issue_device(&format!("{user}-laptop")).unwrap();
-        let fp = portcullis::tls::fingerprint(device.cert_der().as_ref()).unwrap();
+        if let Some(roles) = self.roles.get(user) {
+            self.registry.set_user_roles(user, roles).unwrap();
+        }
+        let (device, fp) = self.issue(&format!("{user}-laptop"));
         self.registry
             .bind_device(&format!("{user}-laptop"), user, &fp, now)
             .unwrap();
@@ -181,39 +87,14 @@ impl PolicyServer {
     /// secret and counts how often it was asked.
     fn client(&self, user: &str) -> (Client, Arc<AtomicUsize>) {
         let (device, totp) = self.enroll(user);
-        let asked = Arc::new(AtomicUsize::new(0));
         let clock = self.clock.clone();
-        let counter = asked.clone();
-        let codes = CodeSource::callback(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(totp.generate(clock.now_ms() / 1000))
-        });
-        let tls = portcullis::tls::client_config(
-            &[self.ca.cert_der()],
-            vec![device.cert_der()],
-            device.key_der(),
-            &[ALPN_PCS1],
-        )
-        .unwrap();
-        let client = Client::builder()
-            .tls_config(tls)
-            .server_name("localhost")
-            .user(user)
-            .code_source(codes)
+        let (codes, asked) = common::counting_codes(move || totp.generate(clock.now_ms() / 1000));
+        let client = self
+            .client_builder(&device, user, codes)
             .clock(self.clock.clone())
             .build()
             .unwrap();
         (client, asked)
-    }
-
-    async fn say(&self, client: &Client) -> Result<SayReply, tonic::Status> {
-        let channel = client.connect_lazy(&self.addr.to_string()).unwrap();
-        EchoClient::new(channel)
-            .say(SayRequest {
-                text: "hello".into(),
-            })
-            .await
-            .map(|r| r.into_inner())
     }
 }
 

@@ -4,116 +4,59 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::CountingEcho;
+use common::TestServer;
 use portcullis::client::{Client, CodeSource};
-use portcullis::core::codec::ALPN_PCS1;
 use portcullis::core::{
     AuthMethod, Clock, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig,
 };
-use portcullis::demo::{EchoClient, EchoServer, SayReply, SayRequest};
-use portcullis::server::policy::{Policy, PolicyLayer};
-use portcullis::server::{AuditOutcome, AuditRecord, PortcullisServer};
+use portcullis::demo::{EchoClient, SayRequest};
+use portcullis::server::{AuditOutcome, AuditRecord};
 use portcullis::tls::devpki::{DevCa, Issued};
 
 /// Every test runs under this bound, so that a deadlock fails instead of hanging.
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// A test server whose Echo service sits behind a `PolicyLayer` reading roles from the
+/// server's own memory registry.
 struct Server {
-    addr: SocketAddr,
-    ca: DevCa,
+    server: TestServer,
     registry: Arc<MemoryRegistry>,
-    calls: Arc<AtomicUsize>,
-    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Deref for Server {
+    type Target = TestServer;
+
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
 }
 
 impl Server {
     async fn start(policy: &str) -> Self {
-        let policy = Policy::from_toml_str(policy).unwrap();
         let registry = Arc::new(MemoryRegistry::new());
         let ca = DevCa::generate("service account test CA").unwrap();
-        let server_cert = ca
-            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-        let portcullis = PortcullisServer::builder()
-            .identity(
-                vec![server_cert.cert_der()],
-                server_cert.key_der(),
-                &[ca.cert_der()],
-            )
-            .unwrap()
-            .registry(registry.clone())
-            .build()
-            .unwrap();
-        let layer = PolicyLayer::new(policy, registry.clone(), Arc::new(SystemClock));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let echo = CountingEcho::default();
-        let calls = echo.calls.clone();
-        let incoming = portcullis.incoming(listener);
-        let task = tokio::spawn(async move {
-            portcullis
-                .server()
-                .layer(layer)
-                .add_service(EchoServer::new(echo))
-                .serve_with_incoming(incoming)
-                .await
-                .unwrap();
-        });
-        Self {
-            addr,
-            ca,
-            registry,
-            calls,
-            _task: task,
-        }
+        let clock = Arc::new(SystemClock);
+        let server =
+            common::start_with_policy(ca, registry.clone(), policy, registry.clone(), clock).await;
+        Self { server, registry }
     }
 
     fn device(&self, user: &str) -> Issued {
         let name = format!("{user}-box");
-        let device = self.ca.issue_device(&name).unwrap();
-        let fp = portcullis::tls::fingerprint(device.cert_der().as_ref()).unwrap();
+        let (device, fp) = self.issue(&name);
         self.registry.bind_device(&name, user, &fp, 0).unwrap();
         device
     }
 
     /// A client of `user` whose code source counts how often it is asked and answers `code`.
     fn client(&self, user: &str, device: &Issued, code: String) -> (Client, Arc<AtomicUsize>) {
-        let asked = Arc::new(AtomicUsize::new(0));
-        let counter = asked.clone();
-        let codes = CodeSource::callback(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(code.clone())
-        });
-        let tls = portcullis::tls::client_config(
-            &[self.ca.cert_der()],
-            vec![device.cert_der()],
-            device.key_der(),
-            &[ALPN_PCS1],
-        )
-        .unwrap();
-        let client = Client::builder()
-            .tls_config(tls)
-            .server_name("localhost")
-            .user(user)
-            .code_source(codes)
-            .build()
-            .unwrap();
-        (client, asked)
-    }
-
-    async fn say(&self, client: &Client) -> Result<SayReply, tonic::Status> {
-        let channel = client.connect_lazy(&self.addr.to_string()).unwrap();
-        EchoClient::new(channel)
-            .say(SayRequest {
-                text: "hello".into(),
-            })
-            .await
-            .map(|r| r.into_inner())
+        let (codes, asked) = common::counting_codes(move || code.clone());
+        (self.client_as(device, user, codes), asked)
     }
 }
 
@@ -157,12 +100,7 @@ async fn a_service_account_is_refused_outside_its_list() {
             TotpConfig::new(b"secret-of-alice-000".to_vec(), 6, TotpAlgorithm::Sha1, 30).unwrap();
         server.registry.add_user("alice", totp.clone(), 0).unwrap();
         let alice_device = server.device("alice");
-        let code = totp.generate(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        );
+        let code = common::current_code(&totp);
         let (alice, _) = server.client("alice", &alice_device, code);
         let reply = server.say(&alice).await.unwrap();
         assert_eq!(reply.user, "alice");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use portcullis::client::{Client, CodeSource, FIX_METADATA};
 use portcullis::core::codec::ALPN_PCS1;
-use portcullis::core::{Clock, MemoryRegistry, OffsetClock, RejectCode, SystemClock};
+use portcullis::core::{Clock, OffsetClock, RejectCode, SystemClock};
 use portcullis::demo::{EchoClient, SayReply, SayRequest};
 use portcullis::tls::devpki::{CertProfile, DevCa, Issued};
 use portcullis::tls::rustls;
@@ -30,6 +30,11 @@ async fn say(client: &Client, addr: &str) -> Result<SayReply, tonic::Status> {
     .await
     .expect("a call ends within 10 s")
     .map(|r| r.into_inner())
+}
+
+/// The status of one call to `addr` that must fail.
+async fn refused(client: &Client, addr: &str) -> tonic::Status {
+    say(client, addr).await.unwrap_err()
 }
 
 fn client_with(
@@ -55,6 +60,23 @@ fn config_for(ca: &DevCa, device: &Issued) -> Arc<rustls::ClientConfig> {
         &[ALPN_PCS1],
     )
     .unwrap()
+}
+
+/// The status of one call that must fail, by alice with `device`, trusting `ca` and connecting
+/// to `server_name` at `addr`.
+async fn refused_device(
+    ca: &DevCa,
+    device: &Issued,
+    server_name: &str,
+    addr: &str,
+) -> tonic::Status {
+    let client = client_with(
+        config_for(ca, device),
+        server_name,
+        "alice",
+        CodeSource::fixed("000000"),
+    );
+    refused(&client, addr).await
 }
 
 fn meta<'a>(status: &'a tonic::Status, key: &str) -> &'a str {
@@ -102,20 +124,10 @@ async fn certificate_problems_name_the_certificate_and_the_fix() {
     let server = TestServer::start().await;
     let addr = server.addr_str();
     let alice = server.enroll("alice", "laptop");
-    let code = || CodeSource::fixed("000000");
 
     // Wrong CA on the client side: the client trusts another CA than the server's.
     let other = DevCa::generate("other CA").unwrap();
-    let tls = portcullis::tls::client_config(
-        &[other.cert_der()],
-        vec![alice.device.cert_der()],
-        alice.device.key_der(),
-        &[ALPN_PCS1],
-    )
-    .unwrap();
-    let status = say(&client_with(tls, "localhost", "alice", code()), &addr)
-        .await
-        .unwrap_err();
+    let status = refused_device(&other, &alice.device, "localhost", &addr).await;
     assert_tls(
         &status,
         &[
@@ -130,16 +142,7 @@ async fn certificate_problems_name_the_certificate_and_the_fix() {
     // Wrong CA on the server side: the device certificate comes from a CA the server does not
     // trust. The server's alert arrives after the client's side of the handshake.
     let stranger = other.issue_device("stranger").unwrap();
-    let tls = portcullis::tls::client_config(
-        &[server.ca.cert_der()],
-        vec![stranger.cert_der()],
-        stranger.key_der(),
-        &[ALPN_PCS1],
-    )
-    .unwrap();
-    let status = say(&client_with(tls, "localhost", "alice", code()), &addr)
-        .await
-        .unwrap_err();
+    let status = refused_device(&server.ca, &stranger, "localhost", &addr).await;
     assert_tls(
         &status,
         &["the server refused the client certificate", CLIENT_CERT_FIX],
@@ -151,17 +154,7 @@ async fn certificate_problems_name_the_certificate_and_the_fix() {
     expired.not_before_unix = now - 10 * 86_400;
     expired.not_after_unix = now - 86_400;
     let expired = server.ca.issue(&expired).unwrap();
-    let status = say(
-        &client_with(
-            config_for(&server.ca, &expired),
-            "localhost",
-            "alice",
-            code(),
-        ),
-        &addr,
-    )
-    .await
-    .unwrap_err();
+    let status = refused_device(&server.ca, &expired, "localhost", &addr).await;
     assert_tls(
         &status,
         &["certificate_expired", "issue a new device certificate"],
@@ -172,34 +165,14 @@ async fn certificate_problems_name_the_certificate_and_the_fix() {
     no_client_auth.client_auth = false;
     no_client_auth.server_auth = true;
     let no_client_auth = server.ca.issue(&no_client_auth).unwrap();
-    let status = say(
-        &client_with(
-            config_for(&server.ca, &no_client_auth),
-            "localhost",
-            "alice",
-            code(),
-        ),
-        &addr,
-    )
-    .await
-    .unwrap_err();
+    let status = refused_device(&server.ca, &no_client_auth, "localhost", &addr).await;
     assert_tls(
         &status,
         &["the server refused the client certificate", CLIENT_CERT_FIX],
     );
 
     // The name connected to is not in the server certificate: its SANs are listed.
-    let status = say(
-        &client_with(
-            config_for(&server.ca, &alice.device),
-            "portcullis.example",
-            "alice",
-            code(),
-        ),
-        &addr,
-    )
-    .await
-    .unwrap_err();
+    let status = refused_device(&server.ca, &alice.device, "portcullis.example", &addr).await;
     assert_tls(
         &status,
         &[
@@ -222,12 +195,11 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
 
     // A device certificate from the right CA, bound to nobody.
     let (unbound, _) = server.issue("new-laptop");
-    let status = say(
+    let status = refused(
         &server.client_as(&unbound, "alice", CodeSource::fixed("000000")),
         &addr,
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_rejected(
         &status,
         RejectCode::DeviceUnknown,
@@ -236,12 +208,11 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
     );
 
     // A device of bob's, used as alice.
-    let status = say(
+    let status = refused(
         &server.client_as(&bob.device, "alice", CodeSource::fixed("000000")),
         &addr,
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_rejected(
         &status,
         RejectCode::UserMismatch,
@@ -253,12 +224,11 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
     );
 
     // A wrong code.
-    let status = say(
+    let status = refused(
         &server.client(&alice, CodeSource::fixed(wrong_code(&alice.totp))),
         &addr,
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_rejected(
         &status,
         RejectCode::MfaFailed,
@@ -272,9 +242,7 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
     say(&server.client(&bob, CodeSource::fixed(code.clone())), &addr)
         .await
         .unwrap();
-    let status = say(&server.client(&bob, CodeSource::fixed(code)), &addr)
-        .await
-        .unwrap_err();
+    let status = refused(&server.client(&bob, CodeSource::fixed(code)), &addr).await;
     assert_rejected(
         &status,
         RejectCode::MfaFailed,
@@ -286,24 +254,18 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
     // Locked out: five wrong codes, then even the right one is refused, with the wait.
     let carol = server.enroll("carol", "tablet");
     for _ in 0..5 {
-        let status = say(
+        let status = refused(
             &server.client(&carol, CodeSource::fixed(wrong_code(&carol.totp))),
             &addr,
         )
-        .await
-        .unwrap_err();
+        .await;
         assert_eq!(
             meta(&status, "portcullis-reject"),
             "mfa_failed",
             "{status:?}"
         );
     }
-    let status = say(
-        &server.client(&carol, CodeSource::secret(carol.totp.clone())),
-        &addr,
-    )
-    .await
-    .unwrap_err();
+    let status = refused(&server.secret_client(&carol), &addr).await;
     assert_rejected(
         &status,
         RejectCode::LockedOut,
@@ -319,12 +281,7 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
         .registry
         .revoke_device("laptop", SystemClock.now_ms())
         .unwrap();
-    let status = say(
-        &server.client(&alice, CodeSource::secret(alice.totp.clone())),
-        &addr,
-    )
-    .await
-    .unwrap_err();
+    let status = refused(&server.secret_client(&alice), &addr).await;
     assert_rejected(
         &status,
         RejectCode::DeviceRevoked,
@@ -346,7 +303,7 @@ async fn a_skewed_client_clock_says_by_how_much_and_which_side() {
             CodeSource::secret(alice.totp.clone()),
             Arc::new(OffsetClock::new(SystemClock, offset_ms)),
         );
-        let status = say(&client, &addr).await.unwrap_err();
+        let status = refused(&client, &addr).await;
         assert_rejected(
             &status,
             RejectCode::ClockSkew,
@@ -366,17 +323,7 @@ async fn a_skewed_client_clock_says_by_how_much_and_which_side() {
 /// client certificate) and opens its own TLS connection to `upstream` with its own device
 /// certificate, copying the bytes between the two.
 async fn terminating_proxy(server: &TestServer, upstream: std::net::SocketAddr) -> String {
-    let cert = server
-        .ca
-        .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap();
-    let accept = portcullis::tls::server_config(
-        vec![cert.cert_der()],
-        cert.key_der(),
-        &[server.ca.cert_der()],
-        &[ALPN_PCS1],
-    )
-    .unwrap();
+    let accept = server.server_tls(&[ALPN_PCS1]);
     let (proxy_device, _) = server.issue("proxy");
     let connect = config_for(&server.ca, &proxy_device);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -405,12 +352,7 @@ async fn a_tls_terminating_proxy_is_named_as_the_cause() {
     let server = TestServer::start().await;
     let alice = server.enroll("alice", "laptop");
     let proxy = terminating_proxy(&server, server.addr).await;
-    let status = say(
-        &server.client(&alice, CodeSource::secret(alice.totp.clone())),
-        &proxy,
-    )
-    .await
-    .unwrap_err();
+    let status = refused(&server.secret_client(&alice), &proxy).await;
     assert_rejected(
         &status,
         RejectCode::BindingMismatch,
@@ -423,12 +365,9 @@ async fn a_tls_terminating_proxy_is_named_as_the_cause() {
     );
     assert!(meta(&status, FIX_METADATA).contains("TLS passthrough"));
     // Directly, the same client is accepted.
-    say(
-        &server.client(&alice, CodeSource::secret(alice.totp.clone())),
-        &server.addr_str(),
-    )
-    .await
-    .unwrap();
+    say(&server.secret_client(&alice), &server.addr_str())
+        .await
+        .unwrap();
     server.stop().await;
 }
 
@@ -438,25 +377,13 @@ async fn protocol_mismatches_name_the_other_side() {
     let alice = server.enroll("alice", "laptop");
 
     // A TLS 1.2-only client: the server answers protocol_version.
-    let roots = {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(server.ca.cert_der()).unwrap();
-        roots
-    };
-    let mut tls12 = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![alice.device.cert_der()], alice.device.key_der())
-        .unwrap();
-    tls12.alpn_protocols = vec![ALPN_PCS1.to_vec()];
     let client = client_with(
-        Arc::new(tls12),
+        server.tls12_config(&alice.device),
         "localhost",
         "alice",
         CodeSource::secret(alice.totp.clone()),
     );
-    let status = say(&client, &server.addr_str()).await.unwrap_err();
+    let status = refused(&client, &server.addr_str()).await;
     assert_tls(
         &status,
         &[
@@ -481,22 +408,12 @@ async fn protocol_mismatches_name_the_other_side() {
                 .await;
         }
     });
-    let client = server.client(&alice, CodeSource::secret(alice.totp.clone()));
-    let status = say(&client, &h2c_addr).await.unwrap_err();
+    let client = server.secret_client(&alice);
+    let status = refused(&client, &h2c_addr).await;
     assert_tls(&status, &["did not answer TLS", "plaintext (h2c) server"]);
 
     // A TLS server that does not speak portcullis/1 (a standard gRPC server: ALPN h2 only).
-    let cert = server
-        .ca
-        .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap();
-    let h2_only = portcullis::tls::server_config(
-        vec![cert.cert_der()],
-        cert.key_der(),
-        &[server.ca.cert_der()],
-        &[b"h2"],
-    )
-    .unwrap();
+    let h2_only = server.server_tls(&[b"h2"]);
     let h2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let h2_addr = h2.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -505,7 +422,7 @@ async fn protocol_mismatches_name_the_other_side() {
             let _ = acceptor.accept(tcp).await;
         }
     });
-    let status = say(&client, &h2_addr).await.unwrap_err();
+    let status = refused(&client, &h2_addr).await;
     assert_tls(&status, &["not a Portcullis server", "portcullis/1"]);
 
     // A plaintext client (an HTTP/2 preface, as `grpcurl -plaintext` sends) on the TLS port:
@@ -532,12 +449,7 @@ async fn protocol_mismatches_name_the_other_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_at_capacity_says_when_to_retry() {
-    let (server, portcullis) = start_custom(
-        DevCa::generate("capacity CA").unwrap(),
-        Arc::new(MemoryRegistry::new()),
-        |b| b.max_pending(1).rate_limit(None),
-    )
-    .await;
+    let (server, portcullis) = start_configured(|b| b.max_pending(1).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
     let idle = TcpStream::connect(server.addr).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -547,12 +459,7 @@ async fn a_server_at_capacity_says_when_to_retry() {
     })
     .await
     .expect("the idle connection holds the slot");
-    let status = say(
-        &server.client(&alice, CodeSource::secret(alice.totp.clone())),
-        &server.addr_str(),
-    )
-    .await
-    .unwrap_err();
+    let status = refused(&server.secret_client(&alice), &server.addr_str()).await;
     assert_rejected(
         &status,
         RejectCode::Overloaded,
@@ -570,14 +477,10 @@ async fn a_server_at_capacity_says_when_to_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standard_client_without_a_session_is_told_to_log_in() {
-    let (server, _portcullis) = start_custom(
-        DevCa::generate("standard CA").unwrap(),
-        Arc::new(MemoryRegistry::new()),
-        |b| {
-            b.standard_clients(true)
-                .session_ttl(Some(Duration::from_secs(600)))
-        },
-    )
+    let (server, _portcullis) = start_configured(|b| {
+        b.standard_clients(true)
+            .session_ttl(Some(Duration::from_secs(600)))
+    })
     .await;
     let alice = server.enroll("alice", "laptop");
     let tls = server.tls_config(&alice.device, &[b"h2"]);

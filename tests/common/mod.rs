@@ -14,11 +14,12 @@ use portcullis::core::codec::{
 use portcullis::core::{
     Clock, DeviceFingerprint, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig,
 };
-use portcullis::demo::{Echo, EchoServer, SayReply, SayRequest};
+use portcullis::demo::{Echo, EchoClient, EchoServer, SayReply, SayRequest};
 use portcullis::server::PortcullisServer;
+use portcullis::server::policy::{Policy, PolicyLayer};
 use portcullis::tls::devpki::{DevCa, Issued};
 use portcullis::tls::rustls;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
@@ -101,48 +102,17 @@ impl TestServer {
 
     pub async fn start_with(options: Options, registry: Arc<dyn Registry>) -> Self {
         let ca = DevCa::generate("test CA").unwrap();
-        let server_cert = ca
-            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-        let mut builder = PortcullisServer::builder()
-            .identity(
-                vec![server_cert.cert_der()],
-                server_cert.key_der(),
-                &[ca.cert_der()],
-            )
-            .unwrap()
-            .registry(registry.clone())
-            .deadline(options.deadline)
-            .session_ttl(options.session_ttl)
-            .clock_skew(options.clock_skew);
-        if let Some(policy) = options.policy {
-            builder = builder.policy(policy);
-        }
-        let portcullis = builder.build().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let echo = CountingEcho::default();
-        let calls = echo.calls.clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        let incoming = portcullis.incoming(listener);
-        let task = tokio::spawn(async move {
-            portcullis
-                .server()
-                .add_service(EchoServer::new(echo))
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self {
-            addr,
-            registry,
-            ca,
-            calls,
-            shutdown: Some(tx),
-            task: Some(task),
-        }
+        let configure = |builder: portcullis::server::Builder| {
+            let builder = builder
+                .deadline(options.deadline)
+                .session_ttl(options.session_ttl)
+                .clock_skew(options.clock_skew);
+            match options.policy {
+                Some(policy) => builder.policy(policy),
+                None => builder,
+            }
+        };
+        start_custom(ca, registry, configure).await.0
     }
 
     pub async fn stop(mut self) {
@@ -158,13 +128,7 @@ impl TestServer {
     }
 
     pub fn add_user(&self, user: &str) -> TotpConfig {
-        let totp = TotpConfig::new(
-            format!("secret-of-{user:0>12}").into_bytes(),
-            6,
-            TotpAlgorithm::Sha1,
-            30,
-        )
-        .unwrap();
+        let totp = totp_of(user);
         self.registry
             .add_user(user, totp.clone(), SystemClock.now_ms())
             .unwrap();
@@ -206,7 +170,8 @@ impl TestServer {
         .unwrap()
     }
 
-    fn client_builder(
+    /// A client builder for the device, as `user`, for a test that sets more (a clock).
+    pub fn client_builder(
         &self,
         device: &Issued,
         user: &str,
@@ -241,6 +206,42 @@ impl TestServer {
         self.client_as(&enrolled.device, &enrolled.user, source)
     }
 
+    /// A Portcullis client of an enrolled device whose codes come from the user's secret.
+    pub fn secret_client(&self, enrolled: &Enrolled) -> Client {
+        self.client(enrolled, CodeSource::secret(enrolled.totp.clone()))
+    }
+
+    /// A TLS 1.2-only client config with the device certificate, trusting the server's CA and
+    /// offering ALPN `portcullis/1` (the server must refuse it).
+    pub fn tls12_config(&self, device: &Issued) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.cert_der()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![device.cert_der()], device.key_der())
+            .unwrap();
+        config.alpn_protocols = vec![ALPN_PCS1.to_vec()];
+        Arc::new(config)
+    }
+
+    /// A server config of the server's CA for localhost, asking for a client certificate of
+    /// that CA and offering the ALPN ids `alpn` (for stand-ins: proxies, other servers).
+    pub fn server_tls(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let cert = self
+            .ca
+            .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+        portcullis::tls::server_config(
+            vec![cert.cert_der()],
+            cert.key_der(),
+            &[self.ca.cert_der()],
+            alpn,
+        )
+        .unwrap()
+    }
+
     /// A raw TLS connection with the device certificate and the given ALPN ids.
     pub async fn raw_tls(&self, device: &Issued, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
         self.try_raw_tls(device, alpn).await.unwrap()
@@ -261,6 +262,41 @@ impl TestServer {
     pub fn addr_str(&self) -> String {
         self.addr.to_string()
     }
+
+    /// One Say call with the text `hello` over a new lazy channel of `client`.
+    pub async fn say(&self, client: &Client) -> Result<SayReply, tonic::Status> {
+        let channel = client.connect_lazy(&self.addr_str()).unwrap();
+        EchoClient::new(channel)
+            .say(SayRequest {
+                text: "hello".into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// The TOTP config the tests give `user`: a secret derived from the name, 6 digits, SHA1, 30 s.
+pub fn totp_of(user: &str) -> TotpConfig {
+    TotpConfig::new(
+        format!("secret-of-{user:0>12}").into_bytes(),
+        6,
+        TotpAlgorithm::Sha1,
+        30,
+    )
+    .unwrap()
+}
+
+/// A code source that answers `code()` and counts how often it was asked.
+pub fn counting_codes(
+    code: impl Fn() -> String + Send + Sync + 'static,
+) -> (CodeSource, Arc<AtomicUsize>) {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let source = CodeSource::callback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Ok(code())
+    });
+    (source, asked)
 }
 
 /// The current code of a TOTP config.
@@ -270,7 +306,13 @@ pub fn current_code(totp: &TotpConfig) -> String {
 
 /// A code that is certainly not accepted now: the current code's digits shifted by one.
 pub fn wrong_code(totp: &TotpConfig) -> String {
-    let now = SystemClock.now_ms() / 1000;
+    wrong_code_at(totp, SystemClock.now_ms())
+}
+
+/// A code that is certainly not accepted at `now_ms`: none of the codes of the step of
+/// `now_ms` and the steps either side of it.
+pub fn wrong_code_at(totp: &TotpConfig, now_ms: u64) -> String {
+    let now = now_ms / 1000;
     let valid: Vec<String> = (0..3).map(|i| totp.generate(now - 30 + i * 30)).collect();
     (0u32..)
         .map(|n| format!("{:06}", (n * 7919) % 1_000_000))
@@ -297,14 +339,9 @@ pub fn prefix(tls: &TlsStream<TcpStream>, user: &str, factor: Factor) -> Prefix 
     }
 }
 
-/// Reads exactly one Verdict.
-pub async fn read_verdict(tls: &mut TlsStream<TcpStream>) -> Verdict {
-    let mut header = [0u8; HEADER_LEN];
-    tls.read_exact(&mut header).await.unwrap();
-    let h = FrameHeader::parse(&header, FrameKind::Verdict).unwrap();
-    let mut body = vec![0u8; h.body_len];
-    tls.read_exact(&mut body).await.unwrap();
-    Verdict::decode_body(&body).unwrap()
+/// Reads exactly one Verdict (from a connection or its read half).
+pub async fn read_verdict(tls: &mut (impl AsyncRead + Unpin)) -> Verdict {
+    try_read_verdict(tls).await.expect("a whole Verdict")
 }
 
 /// Sends raw bytes and returns the Verdict the server answers.
@@ -337,6 +374,40 @@ pub async fn start_custom(
     registry: Arc<dyn Registry>,
     configure: impl FnOnce(portcullis::server::Builder) -> portcullis::server::Builder,
 ) -> (TestServer, PortcullisServer) {
+    start_layered(ca, registry, configure, None).await
+}
+
+/// A test server on a new CA and an empty memory registry, whose builder the test shapes;
+/// also returns the server handle, for its gauges.
+pub async fn start_configured(
+    configure: impl FnOnce(portcullis::server::Builder) -> portcullis::server::Builder,
+) -> (TestServer, PortcullisServer) {
+    let ca = DevCa::generate("test CA").unwrap();
+    start_custom(ca, Arc::new(MemoryRegistry::new()), configure).await
+}
+
+/// A test server on a given CA and registry whose Echo service sits behind a [`PolicyLayer`]
+/// applying `policy` (TOML), with roles read from `roles`; the gate and the layer share `clock`.
+pub async fn start_with_policy(
+    ca: DevCa,
+    registry: Arc<dyn Registry>,
+    policy: &str,
+    roles: Arc<dyn Registry>,
+    clock: Arc<dyn Clock>,
+) -> TestServer {
+    let policy = Policy::from_toml_str(policy).unwrap();
+    let layer = PolicyLayer::new(policy, roles, clock.clone());
+    let configure = |builder: portcullis::server::Builder| builder.clock(clock);
+    start_layered(ca, registry, configure, Some(layer)).await.0
+}
+
+/// [`start_custom`], with `policy` (when given) between the Portcullis layer and the service.
+async fn start_layered(
+    ca: DevCa,
+    registry: Arc<dyn Registry>,
+    configure: impl FnOnce(portcullis::server::Builder) -> portcullis::server::Builder,
+    policy: Option<PolicyLayer>,
+) -> (TestServer, PortcullisServer) {
     let server_cert = ca
         .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
         .unwrap();
@@ -359,6 +430,7 @@ pub async fn start_custom(
     let task = tokio::spawn(async move {
         serving
             .server()
+            .layer(tower::util::option_layer(policy))
             .add_service(EchoServer::new(echo))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
@@ -395,7 +467,7 @@ pub async fn tls_with(
 }
 
 /// Reads one Verdict, or `None` when the connection ends (or fails) before a whole one came.
-pub async fn try_read_verdict(tls: &mut TlsStream<TcpStream>) -> Option<Verdict> {
+pub async fn try_read_verdict(tls: &mut (impl AsyncRead + Unpin)) -> Option<Verdict> {
     let mut header = [0u8; HEADER_LEN];
     tls.read_exact(&mut header).await.ok()?;
     let h = FrameHeader::parse(&header, FrameKind::Verdict).ok()?;

@@ -3,18 +3,20 @@
 //! fallback.
 
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Answer, Pki, TestServer, now_ms};
+use common::{Answer, Pki, now_ms};
 use portcullis_client::{
-    Client, ClientError, CodeSource, DEFAULT_AGENT, FIX_METADATA, PortcullisChannel, REF_METADATA,
-    REJECT_METADATA, RETRY_AFTER_METADATA,
+    Client, ClientError, CodeSource, DEFAULT_AGENT, FIX_METADATA, REF_METADATA, REJECT_METADATA,
+    RETRY_AFTER_METADATA,
 };
 use portcullis_core::codec::Factor;
 use portcullis_core::{ManualClock, RejectCode, TotpAlgorithm};
+use support::{check, client, client_builder, counting_client, counting_codes, start, totp};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -22,48 +24,21 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 /// Every test runs under this bound, so that a deadlock fails instead of hanging.
 const LIMIT: Duration = Duration::from_secs(120);
 
-async fn check(channel: &PortcullisChannel) -> Result<ServingStatus, tonic::Status> {
-    let reply = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?;
-    Ok(reply.into_inner().status())
-}
-
-/// A code source that hands out distinct valid codes and counts how often it was asked.
-fn counting_codes() -> (CodeSource, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let source = CodeSource::callback(move || {
-        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(format!("{:06}", 100_000 + n))
-    });
-    (source, calls)
-}
-
-fn client(pki: &Pki, codes: CodeSource) -> Client {
-    Client::builder()
-        .tls_config(pki.client_config())
-        .server_name("localhost")
-        .user("alice")
-        .code_source(codes)
-        .build()
-        .unwrap()
-}
-
-fn totp(factor: &Factor) -> Option<&str> {
-    match factor {
-        Factor::Totp(code) => Some(code),
-        Factor::Session(_) => None,
-    }
+/// Codes of the RFC 6238 Appendix B secret: SHA1 seed "12345678901234567890", 8 digits.
+fn rfc6238_codes() -> CodeSource {
+    CodeSource::base32(
+        "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
+        8,
+        TotpAlgorithm::Sha1,
+        30,
+    )
+    .unwrap()
 }
 
 #[tokio::test]
 async fn an_accepted_call_carries_a_correct_pipelined_prefix() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
         let client = client(&pki, CodeSource::fixed("123456"));
         let channel = client.connect_lazy(&server.addr()).unwrap();
         let before = now_ms();
@@ -121,10 +96,8 @@ async fn an_accepted_call_carries_a_correct_pipelined_prefix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prefix_and_the_http2_preface_leave_in_one_tls_record() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
-        let (codes, calls) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, calls) = counting_client(&pki);
 
         // A lazy channel's connection with a code, an eager one with the ticket it earned,
         // and a ticket refused (MFA_REQUIRED) whose replacement connection replays hyper's
@@ -164,10 +137,8 @@ async fn the_prefix_and_the_http2_preface_leave_in_one_tls_record() {
 #[tokio::test]
 async fn later_connections_use_the_session_ticket_and_fresh_nonces() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
-        let (codes, calls) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, calls) = counting_client(&pki);
 
         let mut channels = Vec::new();
         for _ in 0..3 {
@@ -242,8 +213,7 @@ fn assert_rejected(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_surface_as_statuses_with_code_reason_and_metadata() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
         let cases = [
             (
                 RejectCode::MfaFailed,
@@ -278,8 +248,7 @@ async fn rejections_surface_as_statuses_with_code_reason_and_metadata() {
         ];
         for (i, (code, hint, retry, grpc)) in cases.into_iter().enumerate() {
             server.state.plan([Answer::Reject(code, hint, retry)]);
-            let (codes, _) = counting_codes();
-            let client = client(&pki, codes);
+            let (client, _) = counting_client(&pki);
             let channel = client.connect_lazy(&server.addr()).unwrap();
             let status = check(&channel).await.unwrap_err();
             let seen = &server.state.seen()[i];
@@ -355,8 +324,7 @@ async fn rejections_surface_as_statuses_with_code_reason_and_metadata() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_rejection_is_not_reported_for_a_later_connection() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
         server.state.plan([
             Answer::Reject(
                 RejectCode::MfaFailed,
@@ -366,8 +334,7 @@ async fn a_rejection_is_not_reported_for_a_later_connection() {
             Answer::AcceptThenDrop,
             Answer::Normal,
         ]);
-        let (codes, _) = counting_codes();
-        let client = client(&pki, codes);
+        let (client, _) = counting_client(&pki);
         let channel = client.connect_lazy(&server.addr()).unwrap();
 
         let first = check(&channel).await.unwrap_err();
@@ -396,10 +363,8 @@ async fn a_rejection_is_not_reported_for_a_later_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_ticket_falls_back_to_a_code_without_the_caller_noticing() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
-        let (codes, calls) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, calls) = counting_client(&pki);
         let first = client.connect(&server.addr()).await.unwrap();
         assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
         let old_ticket = server.state.seen()[0].verdict.session.clone().unwrap().0;
@@ -466,10 +431,8 @@ async fn a_refused_ticket_falls_back_to_a_code_without_the_caller_noticing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_larger_than_the_replay_bound_work_with_and_without_fallback() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
-        let (codes, calls) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, calls) = counting_client(&pki);
         let first = client.connect(&server.addr()).await.unwrap();
         assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
 
@@ -507,22 +470,10 @@ async fn requests_larger_than_the_replay_bound_work_with_and_without_fallback() 
 #[tokio::test]
 async fn secret_codes_follow_the_client_clock() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
-        // RFC 6238 Appendix B: SHA1 seed "12345678901234567890", 8 digits, T = 1111111109 s.
+        let (pki, server) = start().await;
+        // RFC 6238 Appendix B, T = 1111111109 s.
         let clock = Arc::new(ManualClock::new(1_111_111_109_000));
-        let codes = CodeSource::base32(
-            "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
-            8,
-            TotpAlgorithm::Sha1,
-            30,
-        )
-        .unwrap();
-        let client = Client::builder()
-            .tls_config(pki.client_config())
-            .server_name("localhost")
-            .user("alice")
-            .code_source(codes)
+        let client = client_builder(pki.client_config(), rfc6238_codes())
             .clock(clock.clone())
             .agent("test-agent/1")
             .build()
@@ -552,17 +503,12 @@ async fn secret_codes_follow_the_client_clock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_failures_are_unavailable_and_say_tls() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
 
         // No client certificate: TLS 1.3 finishes on the client, the server's alert arrives on
         // the first read.
         let (codes, calls) = counting_codes();
-        let no_cert = Client::builder()
-            .tls_config(pki.client_config_without_cert())
-            .server_name("localhost")
-            .user("alice")
-            .code_source(codes)
+        let no_cert = client_builder(pki.client_config_without_cert(), codes)
             .build()
             .unwrap();
         let status = check(&no_cert.connect_lazy(&server.addr()).unwrap())
@@ -708,15 +654,10 @@ const BOUNDED: Duration = Duration::from_secs(5);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_gives_a_verdict_times_out() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
         server.state.plan([Answer::Silent]);
         let (codes, calls) = counting_codes();
-        let client = Client::builder()
-            .tls_config(pki.client_config())
-            .server_name("localhost")
-            .user("alice")
-            .code_source(codes)
+        let client = client_builder(pki.client_config(), codes)
             .connect_timeout(Duration::from_millis(300))
             .build()
             .unwrap();
@@ -760,8 +701,7 @@ async fn a_server_that_never_gives_a_verdict_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_ticket_does_not_resend_the_code_already_accepted() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
         let client = client(&pki, CodeSource::fixed("123456"));
         let first = client.connect(&server.addr()).await.unwrap();
         assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
@@ -804,22 +744,11 @@ async fn a_refused_ticket_does_not_resend_the_code_already_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_source_waits_for_the_next_time_step_after_a_refused_ticket() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
-        // RFC 6238 Appendix B: SHA1 seed "12345678901234567890", 8 digits.
+        let (pki, server) = start().await;
+        // RFC 6238 Appendix B.
         let clock = Arc::new(ManualClock::new(1_111_111_109_000));
-        let codes = CodeSource::base32(
-            "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
-            8,
-            TotpAlgorithm::Sha1,
-            30,
-        )
-        .unwrap();
-        let client = Client::builder()
-            .tls_config(pki.client_config())
-            .server_name("localhost")
-            .user("alice")
-            .code_source(codes.clone())
+        let codes = rfc6238_codes();
+        let client = client_builder(pki.client_config(), codes.clone())
             .clock(clock.clone())
             .build()
             .unwrap();
@@ -872,8 +801,7 @@ async fn a_secret_source_waits_for_the_next_time_step_after_a_refused_ticket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopening_after_a_refused_ticket_is_bounded_too() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = TestServer::start(&pki).await;
+        let (pki, server) = start().await;
         // The second code (the one for the replacement connection) does not come until the
         // test lets it.
         let (release, wait) = std::sync::mpsc::channel::<()>();
@@ -887,11 +815,7 @@ async fn reopening_after_a_refused_ticket_is_bounded_too() {
             }
             Ok(format!("{:06}", 100_000 + n))
         });
-        let client = Client::builder()
-            .tls_config(pki.client_config())
-            .server_name("localhost")
-            .user("alice")
-            .code_source(codes)
+        let client = client_builder(pki.client_config(), codes)
             .connect_timeout(Duration::from_millis(300))
             .build()
             .unwrap();

@@ -3,17 +3,16 @@
 //! doing anything; and the cases where it is not.
 
 mod common;
+mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Pki, TestServer};
-use portcullis_client::{Client, CodeSource, MAX_REPLAY_BYTES, PortcullisChannel, REJECT_METADATA};
-use portcullis_core::codec::Factor;
+use portcullis_client::{CodeSource, MAX_REPLAY_BYTES, REJECT_METADATA};
+use support::{check, check_service, client, counting_client, totp};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// Every test runs under this bound, so that a deadlock fails instead of hanging.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -22,43 +21,14 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// reached the server intact (any other name is NOT_FOUND).
 const SERVICE: &str = "portcullis.test.Sensitive";
 
-async fn check(channel: &PortcullisChannel, service: &str) -> Result<ServingStatus, tonic::Status> {
-    let reply = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await?;
-    Ok(reply.into_inner().status())
-}
-
-/// A code source that hands out distinct codes and counts how often it was asked.
-fn counting_codes() -> (CodeSource, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let source = CodeSource::callback(move || {
-        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(format!("{:06}", 100_000 + n))
-    });
-    (source, calls)
-}
-
-fn client(pki: &Pki, codes: CodeSource) -> Client {
-    Client::builder()
-        .tls_config(pki.client_config())
-        .server_name("localhost")
-        .user("alice")
-        .code_source(codes)
-        .build()
-        .unwrap()
-}
-
-async fn server(pki: &Pki) -> TestServer {
-    let server = TestServer::start(pki).await;
+/// A new PKI and a test server on it that reports [`SERVICE`] as serving.
+async fn start() -> (Pki, TestServer) {
+    let (pki, server) = support::start().await;
     server
         .reporter
         .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
         .await;
-    server
+    (pki, server)
 }
 
 fn codes_sent(server: &TestServer) -> Vec<Option<String>> {
@@ -66,10 +36,7 @@ fn codes_sent(server: &TestServer) -> Vec<Option<String>> {
         .state
         .seen()
         .iter()
-        .map(|s| match &s.prefix.factor {
-            Factor::Totp(code) => Some(code.clone()),
-            Factor::Session(_) => None,
-        })
+        .map(|s| totp(&s.prefix.factor).map(str::to_owned))
         .collect()
 }
 
@@ -89,14 +56,12 @@ fn assert_step_up(status: &tonic::Status) {
 #[tokio::test]
 async fn a_step_up_is_answered_with_a_new_code_and_the_call_is_sent_again() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = server(&pki).await;
-        let (codes, asked) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, asked) = counting_client(&pki);
         let channel = client.connect_lazy(&server.addr()).unwrap();
         let clone = channel.clone();
         assert_eq!(
-            check(&channel, SERVICE).await.unwrap(),
+            check_service(&channel, SERVICE).await.unwrap(),
             ServingStatus::Serving
         );
         assert_eq!(asked.load(Ordering::SeqCst), 1);
@@ -105,7 +70,7 @@ async fn a_step_up_is_answered_with_a_new_code_and_the_call_is_sent_again() {
         // The server's policy now wants a fresher code for the next call.
         server.state.step_up.store(1, Ordering::SeqCst);
         assert_eq!(
-            check(&channel, SERVICE).await.unwrap(),
+            check_service(&channel, SERVICE).await.unwrap(),
             ServingStatus::Serving
         );
         assert_eq!(server.state.stepped_up.load(Ordering::SeqCst), 1);
@@ -124,10 +89,10 @@ async fn a_step_up_is_answered_with_a_new_code_and_the_call_is_sent_again() {
 
         // Later calls, on the channel and on a clone made before, ride the new connection.
         assert_eq!(
-            check(&clone, SERVICE).await.unwrap(),
+            check_service(&clone, SERVICE).await.unwrap(),
             ServingStatus::Serving
         );
-        assert_eq!(check(&channel, "").await.unwrap(), ServingStatus::Serving);
+        assert_eq!(check(&channel).await.unwrap(), ServingStatus::Serving);
         assert_eq!(server.state.seen().len(), 2);
         assert_eq!(asked.load(Ordering::SeqCst), 2);
     })
@@ -138,13 +103,11 @@ async fn a_step_up_is_answered_with_a_new_code_and_the_call_is_sent_again() {
 #[tokio::test]
 async fn the_call_is_sent_again_only_once() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = server(&pki).await;
-        let (codes, asked) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, asked) = counting_client(&pki);
         let channel = client.connect(&server.addr()).await.unwrap();
         server.state.step_up.store(2, Ordering::SeqCst);
-        let status = check(&channel, SERVICE).await.unwrap_err();
+        let status = check_service(&channel, SERVICE).await.unwrap_err();
         assert_step_up(&status);
         assert_eq!(server.state.stepped_up.load(Ordering::SeqCst), 2);
         assert_eq!(asked.load(Ordering::SeqCst), 2);
@@ -157,12 +120,11 @@ async fn the_call_is_sent_again_only_once() {
 #[tokio::test]
 async fn the_code_already_accepted_is_not_sent_again() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = server(&pki).await;
+        let (pki, server) = start().await;
         let client = client(&pki, CodeSource::fixed("123456"));
         let channel = client.connect(&server.addr()).await.unwrap();
         server.state.step_up.store(1, Ordering::SeqCst);
-        let status = check(&channel, SERVICE).await.unwrap_err();
+        let status = check_service(&channel, SERVICE).await.unwrap_err();
         assert_step_up(&status);
         assert_eq!(server.state.seen().len(), 1, "no new connection was made");
         assert_eq!(server.state.stepped_up.load(Ordering::SeqCst), 1);
@@ -174,21 +136,19 @@ async fn the_code_already_accepted_is_not_sent_again() {
 #[tokio::test]
 async fn a_request_over_the_replay_bound_is_not_sent_again() {
     tokio::time::timeout(LIMIT, async {
-        let pki = Pki::new();
-        let server = server(&pki).await;
-        let (codes, asked) = counting_codes();
-        let client = client(&pki, codes);
+        let (pki, server) = start().await;
+        let (client, asked) = counting_client(&pki);
         let channel = client.connect(&server.addr()).await.unwrap();
         server.state.step_up.store(1, Ordering::SeqCst);
         let big = "x".repeat(MAX_REPLAY_BYTES + 1);
-        let status = check(&channel, &big).await.unwrap_err();
+        let status = check_service(&channel, &big).await.unwrap_err();
         assert_step_up(&status);
         assert_eq!(asked.load(Ordering::SeqCst), 1);
         assert_eq!(server.state.seen().len(), 1);
         // A request within the bound is still sent again.
         server.state.step_up.store(1, Ordering::SeqCst);
         let near = "y".repeat(MAX_REPLAY_BYTES - 64);
-        let status = check(&channel, &near).await.unwrap_err();
+        let status = check_service(&channel, &near).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
         assert_eq!(asked.load(Ordering::SeqCst), 2);
         assert_eq!(server.state.seen().len(), 2);
