@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use portcullis_core::codec::{ALPN_PCS1, Verdict};
 use portcullis_core::{Clock, SystemClock, SystemRandom};
+use portcullis_tls::CaHintResolver;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
@@ -37,6 +38,9 @@ pub(crate) struct ClientInner {
     pub(crate) rng: SystemRandom,
     pub(crate) tickets: TicketCache,
     pub(crate) connect_timeout: Duration,
+    /// Around the TLS config's client certificate resolver: the CAs the server last named, for
+    /// the message of a refused device certificate.
+    pub(crate) ca_hints: Arc<CaHintResolver>,
     last_verdict: Mutex<Option<VerdictInfo>>,
     /// The last code a server accepted from this client (wiped when replaced or dropped).
     accepted_code: Mutex<Option<Zeroizing<String>>>,
@@ -195,11 +199,15 @@ impl ClientBuilder {
                 ));
             }
         };
-        if !alpn_ok || tls.enable_early_data {
-            let config = Arc::make_mut(&mut tls);
+        let config = Arc::make_mut(&mut tls);
+        if !alpn_ok || config.enable_early_data {
             config.alpn_protocols = vec![ALPN_PCS1.to_vec()];
             config.enable_early_data = false;
         }
+        let ca_hints = Arc::new(CaHintResolver::wrap(
+            config.client_auth_cert_resolver.clone(),
+        ));
+        config.client_auth_cert_resolver = ca_hints.clone();
         Ok(Client {
             inner: Arc::new(ClientInner {
                 tls: TlsConnector::from(tls),
@@ -211,6 +219,7 @@ impl ClientBuilder {
                 rng: SystemRandom::new(),
                 tickets: TicketCache::default(),
                 connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                ca_hints,
                 last_verdict: Mutex::new(None),
                 accepted_code: Mutex::new(None),
             }),

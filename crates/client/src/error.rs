@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_core::RejectCode;
+use portcullis_tls::CaHintResolver;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
@@ -291,13 +292,21 @@ impl Failure {
         }
     }
 
-    /// A read error while waiting for the Verdict.
-    pub(crate) fn from_read_error(err: &io::Error) -> Self {
-        if err
+    /// A read error while waiting for the Verdict. A device certificate the server refused
+    /// (TLS 1.3 tells the client on its first read) is explained with the CAs the server named
+    /// in its certificate request, as `hints` recorded them.
+    pub(crate) fn from_read_error(err: &io::Error, hints: &CaHintResolver) -> Self {
+        if let Some(tls) = err
             .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
-            return Self::from_tls_io(err, "reading the verdict");
+            let mut message = describe_tls(tls);
+            if client_cert_refused(tls)
+                && let Some(hint) = hints.refusal_hint()
+            {
+                message.push_str(&format!(" ({hint})"));
+            }
+            return Self::Tls(message);
         }
         Self::Io {
             kind: err.kind(),
@@ -476,6 +485,23 @@ fn printable(text: &str) -> String {
         })
         .take(128)
         .collect()
+}
+
+/// Whether a rustls error is the server's refusal of the client certificate.
+fn client_cert_refused(err: &rustls::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        err,
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::UnknownCA
+                | A::CertificateRequired
+                | A::AccessDenied
+        )
+    )
 }
 
 /// One line for a rustls error: the cause and the fix.

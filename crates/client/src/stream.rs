@@ -349,7 +349,9 @@ impl PcsStream {
                 let mut rb = ReadBuf::new(&mut buf[*filled..]);
                 match ready!(Pin::new(io).poll_read(cx, &mut rb)) {
                     Err(e) => {
-                        self.fail(Failure::from_read_error(&e));
+                        let failure =
+                            Failure::from_read_error(&e, &self.guard.target.client.ca_hints);
+                        self.fail(failure);
                         continue;
                     }
                     Ok(()) if rb.filled().is_empty() => {

@@ -433,5 +433,30 @@ async fn hint_resolver_names_the_ca_the_server_expects_for_a_refused_device() {
     );
     let ours = DeviceIdentity::from_der(&stranger.cert_der()).unwrap();
     assert_eq!(ours.issuer, "CN=Someone else's CA");
+    assert_eq!(resolver.presented_issuer(), Some(ours.issuer.clone()));
+    assert_eq!(
+        resolver.refusal_hint().unwrap(),
+        "the server accepts client certificates issued by CN=Portcullis test CA; this one is \
+         issued by CN=Someone else's CA"
+    );
+
+    // Around the resolver of a configuration of this crate: the device still gets in, and the
+    // request's CA is recorded.
+    let mut config = (*client_cfg(&pki, &pki.device, &[ALPN_PCS1])).clone();
+    let wrapped = Arc::new(CaHintResolver::wrap(
+        config.client_auth_cert_resolver.clone(),
+    ));
+    config.client_auth_cert_resolver = wrapped.clone();
+    let (server, client) = handshake(server_cfg(&pki), Arc::new(config)).await;
+    server.expect("the wrapped resolver presents the device certificate");
+    client.unwrap();
+    assert_eq!(
+        wrapped.expected_issuers(),
+        Some(vec!["CN=Portcullis test CA".to_owned()])
+    );
+    assert_eq!(
+        wrapped.presented_issuer().as_deref(),
+        Some("CN=Portcullis test CA")
+    );
     assert_eq!(distinguished_name(b"\x04\x01x"), None, "not a name");
 }
