@@ -689,10 +689,9 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
         binding,
         agent: Some(format!("portcullis-doctor/{}", env!("CARGO_PKG_VERSION"))),
     };
+    // The code in `prefix` is wiped when it is dropped here.
     let encoded = prefix.encode().map(Zeroizing::new);
-    if let Factor::Totp(mut c) = prefix.factor {
-        zeroize::Zeroize::zeroize(&mut c);
-    }
+    drop(prefix);
     let encoded = match encoded {
         Ok(e) => e,
         Err(e) => {

@@ -274,6 +274,17 @@ pub enum Factor {
     Session(Vec<u8>),
 }
 
+/// The code or ticket is wiped from memory when the factor is dropped, wherever the Prefix
+/// that carried it ends (the server after its decision, the client after encoding).
+impl Drop for Factor {
+    fn drop(&mut self) {
+        match self {
+            Self::Totp(code) => zeroize::Zeroize::zeroize(code),
+            Self::Session(ticket) => zeroize::Zeroize::zeroize(ticket),
+        }
+    }
+}
+
 impl fmt::Debug for Factor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
