@@ -110,10 +110,18 @@ impl Layout {
         })
     }
 
-    /// Opens the registry with its key (a registry of an older schema is migrated).
+    /// Opens the registry with its key (a registry of an older schema is migrated). A key that
+    /// does not open the registry's TOTP secrets is refused here, naming the key file.
     pub(crate) fn open_registry(&self) -> CliResult<SqliteRegistry> {
         let key = self.load_registry_key()?;
-        SqliteRegistry::open_with_key(&self.registry(), key).map_err(|e| e.to_string())
+        SqliteRegistry::open_with_key(&self.registry(), key).map_err(|e| match e {
+            StoreError::WrongKey { path } => format!(
+                "{}: the registry key {} does not open the TOTP secrets sealed in this registry; restore the registry.key it was sealed with",
+                path.display(),
+                self.registry_key().display()
+            ),
+            other => other.to_string(),
+        })
     }
 
     /// Loads the dev CA (certificate and key).
@@ -341,7 +349,8 @@ fn set_aside(layout: &Layout) -> CliResult<Option<(PathBuf, usize)>> {
 
 /// `portcullis init --add-key`: a registry key for a directory made before registries were
 /// sealed. Opening the registry with the new key migrates it (its secrets are sealed); a registry
-/// whose secrets are already sealed under another key is left alone, and the new key removed.
+/// whose secrets are already sealed under another key refuses the new key when it is opened (or,
+/// failing that, when its users are read), is left alone, and the new key is removed.
 fn add_key(dir: &Path) -> CliResult {
     let layout = Layout::existing(dir)?;
     let key_path = layout.registry_key();
@@ -353,7 +362,13 @@ fn add_key(dir: &Path) -> CliResult {
     }
     let key = SecretKey::create(&key_path).map_err(|e| e.to_string())?;
     let checked = SqliteRegistry::open_with_key(&layout.registry(), key)
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            StoreError::WrongKey { path } => format!(
+                "{}: the registry's TOTP secrets are sealed under another key: restore its registry.key",
+                path.display()
+            ),
+            other => other.to_string(),
+        })
         .and_then(|registry| {
             registry.list_users().map_err(|e| {
                 format!(

@@ -454,7 +454,7 @@ pub(crate) fn device_list(args: &DeviceListArgs) -> CliResult {
     let registry = layout.open_registry()?;
     let devices = registry.list_devices().map_err(|e| e.to_string())?;
     // Devices of service accounts are exempt from the second factor: shown as such. Users are
-    // read with their TOTP secrets; when that fails (e.g. a wrong registry key) devices are
+    // read with their TOTP secrets; when that fails (e.g. a damaged secret row) devices are
     // still listed, without the service flag (`null` in JSON).
     let services: Option<std::collections::HashSet<String>> =
         registry.list_users().ok().map(|users| {

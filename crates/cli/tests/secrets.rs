@@ -1,6 +1,6 @@
 //! Secrets at rest and in output: the registry key `init` makes, the key file checks of every
-//! command that opens the registry, a wrong key failing closed, and no secret, code, key or
-//! ticket in any log line or error text.
+//! command that opens the registry, a wrong key refused when the registry is opened, and no
+//! secret, code, key or ticket in any log line or error text.
 
 mod common;
 
@@ -188,33 +188,63 @@ fn a_missing_or_broken_key_file_is_one_line_naming_it() {
 }
 
 #[test]
-fn a_wrong_registry_key_fails_closed() {
+fn a_wrong_registry_key_is_refused_by_every_command_that_opens_the_registry() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = init_dir(&tmp);
+    let d = s(&dir);
     let secret = add_user(&dir, "alice");
     issue_device(&dir, "laptop", "alice");
     let key_path = dir.join("registry.key");
+    let right = fs::read(&key_path).unwrap();
+    let before = registry_bytes(&dir);
 
-    // Another key of the right form: the registry opens, but no secret does.
-    let mut other = fs::read(&key_path).unwrap();
-    for b in &mut other {
-        *b ^= 0x5a;
-    }
+    // Another key of the right form: the registry refuses it when it is opened.
+    let other: Vec<u8> = right.iter().map(|b| b ^ 0x5a).collect();
     fs::write(&key_path, &other).unwrap();
     assert_eq!(mode(&key_path), 0o600);
-    let listed = run_json(&["device", "list", "--dir", s(&dir), "--json"]);
-    assert_eq!(listed.as_array().unwrap().len(), 1);
-
-    let server = Server::start_with_env(&dir, &[("RUST_LOG", "info")]);
-    let code = totp(&secret).generate(unix_now());
-    let out = call(&dir, &server, "laptop", "alice", &["--code", &code]);
-    assert_one_line_error(&out, &["Unavailable", "overloaded"]);
-    let log = server_log_with(&server, "connection refused", 1);
-    assert!(
-        log.contains("cannot open the TOTP secret of alice: wrong registry key or corrupt row"),
-        "{log}"
+    let expected = format!(
+        "{}: the registry key {} does not open the TOTP secrets sealed in this registry; restore the registry.key it was sealed with",
+        s(&dir.join("portcullis.db")),
+        s(&key_path)
     );
-    assert!(!log.contains(&code) && !log.contains(&secret), "{log}");
+    let line = assert_one_line_error(&run(&["device", "list", "--dir", d]), &[&expected]);
+    assert_eq!(line, format!("portcullis: {expected}"));
+    for args in [
+        vec!["device", "list", "--dir", d, "--json"],
+        vec!["user", "list", "--dir", d],
+        vec!["user", "add", "bob", "--dir", d],
+        vec!["device", "issue", "tablet", "--user", "alice", "--dir", d],
+        vec!["device", "revoke", "laptop", "--dir", d],
+        vec!["user", "revoke", "alice", "--dir", d],
+        vec!["session", "list", "--dir", d],
+        vec!["serve", "--dir", d, "--listen", "127.0.0.1:0"],
+    ] {
+        let out = run(&args);
+        let line = assert_one_line_error(&out, &[&expected]);
+        for key in [&right, &other] {
+            assert!(!line.to_lowercase().contains(&hex(key)), "{line}");
+        }
+        assert!(!line.contains(&secret), "{line}");
+        assert!(!out.stdout.contains(&secret), "{out:?}");
+    }
+    // The refused commands wrote nothing (no device revoked, no user added): the registry is
+    // as it was, byte for byte.
+    assert!(!dir.join("devices").join("tablet.pem").exists());
+    assert_eq!(
+        registry_bytes(&dir),
+        before,
+        "a refused command changed the registry"
+    );
+
+    // With the right key back, everything works as before.
+    fs::write(&key_path, &right).unwrap();
+    let listed = run_json(&["device", "list", "--dir", d, "--json"]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0]["revoked"].is_null(), "{listed:?}");
+    let server = Server::start(&dir);
+    let out = call(&dir, &server, "laptop", "alice", &["--secret", &secret]);
+    assert!(out.status.success(), "{out:?}");
     server.stop();
 }
 
@@ -239,10 +269,15 @@ fn add_key_gives_an_old_directory_a_key_and_never_a_wrong_one() {
     add_user(&dir, "alice");
     let lost = fs::read(&key_path).unwrap();
     fs::remove_file(&key_path).unwrap();
-    assert_one_line_error(
-        &run(&["init", "--dir", d, "--add-key"]),
-        &["alice", "wrong registry key", "restore"],
+    let line = assert_one_line_error(&run(&["init", "--dir", d, "--add-key"]), &[]);
+    assert_eq!(
+        line,
+        format!(
+            "portcullis: {}: the registry's TOTP secrets are sealed under another key: restore its registry.key",
+            s(&dir.join("portcullis.db"))
+        )
     );
+    assert!(!line.to_lowercase().contains(&hex(&lost)), "{line}");
     assert!(
         !key_path.exists(),
         "a key that opens nothing was left behind"

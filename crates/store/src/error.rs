@@ -78,6 +78,16 @@ pub enum StoreError {
         /// The schema version found in it.
         version: i64,
     },
+    /// The registry was opened with a key that opens none of the TOTP secrets it tried: the
+    /// secrets are sealed under another key. The message holds no secret and no key bytes.
+    #[error(
+        "{}: the registry key does not open the TOTP secrets sealed in this registry; use the registry.key it was sealed with",
+        path.display()
+    )]
+    WrongKey {
+        /// The registry file.
+        path: PathBuf,
+    },
     /// [`SecretKey::load`](crate::SecretKey::load) was given a file that does not exist.
     #[error("{}: no registry key file here (it holds the key that seals the TOTP secrets)", path.display())]
     KeyMissing {
@@ -145,6 +155,7 @@ impl StoreError {
             | Self::TooNew { path, .. }
             | Self::Unsupported { path, .. }
             | Self::NeedsKey { path, .. }
+            | Self::WrongKey { path }
             | Self::KeyMissing { path }
             | Self::KeyExposed { path, .. }
             | Self::KeyLength { path, .. }

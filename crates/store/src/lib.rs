@@ -36,10 +36,11 @@
 //! written: a fresh random 96-bit nonce per secret, and the user's name as additional
 //! authenticated data, so that a sealed secret moved into another user's row does not open. The
 //! key lives in a file of its own (32 bytes, mode 0600; [`SecretKey::load`] refuses a key file
-//! that the group or others may read or write). A secret that does not open (a wrong key, a
-//! moved or damaged row) is a [`RegistryError::Backend`] error naming the user, and the gate
-//! refuses the connection: it fails closed. Decrypted secrets live in buffers that are wiped
-//! when dropped.
+//! that the group or others may read or write). A wrong key is refused when the registry is
+//! opened ([`StoreError::WrongKey`]): [`SqliteRegistry::open_with_key`] tries the first few
+//! sealed secrets. A secret that does not open when it is read (a moved or damaged row) is a
+//! [`RegistryError::Backend`] error naming the user, and the gate refuses the connection: it
+//! fails closed. Decrypted secrets live in buffers that are wiped when dropped.
 //!
 //! [`SqliteRegistry::open`] and [`SqliteRegistry::create`], without a key, store the secrets
 //! unsealed, protected by the file's permissions alone; they are meant for tests and examples.
@@ -129,8 +130,15 @@ impl SqliteRegistry {
     ///
     /// A registry of schema version 1 is migrated: its secrets are sealed under `key`. An empty
     /// file is set up as a new registry; a file that does not exist is an error
-    /// ([`StoreError::Missing`]). A wrong key is found when a secret is first read: that read
-    /// fails with a [`RegistryError::Backend`] that names the user.
+    /// ([`StoreError::Missing`]).
+    ///
+    /// A wrong key is refused here: after any migration, up to three stored secrets are opened
+    /// under `key`; if none opens and at least one fails its authentication tag (another key,
+    /// or damage), the open fails with [`StoreError::WrongKey`]. One secret that opens is
+    /// enough (the others may be damaged; a secret stored unsealed or in an unknown format is
+    /// not counted either way), and a registry without secrets opens under any key. A secret
+    /// that does not open later (a damaged or moved row, or one sealed by another process under
+    /// another key) fails its read with a [`RegistryError::Backend`] that names the user.
     pub fn open_with_key(path: &Path, key: SecretKey) -> Result<Self, StoreError> {
         Self::open_sealed_by(path, sealer(path, Some(key))?)
     }
@@ -171,6 +179,8 @@ impl SqliteRegistry {
             Err(e) => return Err(StoreError::io(path, e)),
         }
         let conn = schema::connect(path, &sealer)?;
+        // After the migration, which seals a version 1 registry's secrets under this key.
+        schema::check_key(&conn, path, &sealer)?;
         Ok(Self::with_connection(path, conn, sealer))
     }
 

@@ -1,5 +1,6 @@
-//! TOTP secrets at rest: sealed under the registry key, bound to their row, refused under a wrong
-//! key (and the gate fails closed), the key file's checks, and the migration of version 1 files.
+//! TOTP secrets at rest: sealed under the registry key, bound to their row, a wrong key refused
+//! when the registry is opened, a secret that does not open failing closed at the gate, the key
+//! file's checks, and the migration of version 1 files.
 
 use std::fs;
 use std::path::Path;
@@ -222,8 +223,57 @@ fn a_registry_without_its_key_cannot_read_sealed_secrets() {
     );
 }
 
+/// The one-line refusal of a registry opened with a key that does not open its secrets.
+fn wrong_key_message(path: &Path) -> String {
+    format!(
+        "{}: the registry key does not open the TOTP secrets sealed in this registry; use the registry.key it was sealed with",
+        path.display()
+    )
+}
+
+/// Opens `path` with `key`, expecting [`StoreError::WrongKey`] naming the file; returns the
+/// error.
+#[track_caller]
+fn assert_wrong_key(path: &Path, key: SecretKey) -> StoreError {
+    let error = SqliteRegistry::open_with_key(path, key).expect_err("a wrong key must not open");
+    assert!(matches!(&error, StoreError::WrongKey { .. }), "{error}");
+    assert_eq!(error.to_string(), wrong_key_message(path));
+    assert_eq!(error.path(), path);
+    error
+}
+
+/// The gate's decision on `code` for alice on the device `fp(7)`, at `now_s`.
+fn decide_alice(
+    registry: Arc<SqliteRegistry>,
+    code: &str,
+    nonce: u8,
+    now_s: u64,
+) -> portcullis_core::Decision {
+    let rng = Arc::new(SystemRandom::new());
+    let gate = Gate::new(
+        GateConfig::default(),
+        registry,
+        TicketKey::generate(rng.as_ref()).unwrap(),
+        Arc::new(ManualClock::new(now_s * 1000)),
+        rng,
+    );
+    let prefix = Prefix {
+        user: "alice".into(),
+        factor: Factor::Totp(code.to_owned()),
+        nonce: [nonce; 16],
+        time_ms: now_s * 1000,
+        binding: [5; 32],
+        agent: None,
+    };
+    let facts = ConnectionFacts {
+        exporter: [5; 32],
+        fingerprint: fp(7),
+    };
+    gate.decide(&prefix.encode().unwrap(), &facts)
+}
+
 #[test]
-fn a_wrong_key_fails_closed_at_the_gate() {
+fn a_wrong_key_is_refused_when_the_registry_is_opened() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("portcullis.db");
     {
@@ -231,37 +281,136 @@ fn a_wrong_key_fails_closed_at_the_gate() {
         registry.add_user("alice", totp(SECRET), 0).unwrap();
         registry.bind_device("laptop", "alice", &fp(7), 0).unwrap();
     }
+    let error = assert_wrong_key(&path, key(2));
+    assert!(!error.to_string().contains('\n'), "{error}");
+    // As a registry error (what a server reports), the same line.
+    assert_eq!(
+        RegistryError::from(error),
+        RegistryError::Backend(wrong_key_message(&path))
+    );
+
+    // More users than are tried: still refused.
+    {
+        let registry = SqliteRegistry::open_with_key(&path, key(1)).unwrap();
+        for name in ["bob", "carol", "dave", "erin"] {
+            registry.add_user(name, totp(OTHER_SECRET), 0).unwrap();
+        }
+    }
+    assert_wrong_key(&path, key(2));
+
+    // The refused opens changed nothing: the right key opens, and the gate lets alice in.
+    let now_s = 1_700_000_000;
+    let code = totp(SECRET).generate(now_s);
+    let right = Arc::new(SqliteRegistry::open_with_key(&path, key(1)).unwrap());
+    assert_eq!(right.list_users().unwrap().len(), 5);
+    let decision = decide_alice(right, &code, 1, now_s);
+    assert!(decision.outcome.is_ok(), "{:?}", decision.outcome.err());
+}
+
+#[test]
+fn a_registry_without_sealed_secrets_opens_under_any_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.db");
+    drop(SqliteRegistry::create_with_key(&path, key(1)).unwrap());
+    let other = SqliteRegistry::open_with_key(&path, key(2)).unwrap();
+    assert!(other.is_sealed());
+    // Users without a TOTP secret seal nothing.
+    other.add_service_user("robot", 0).unwrap();
+    drop(other);
+    let third = SqliteRegistry::open_with_key(&path, key(3)).unwrap();
+    assert_eq!(third.list_users().unwrap().len(), 1);
+    // Once a secret is sealed, the key that sealed it is the one that opens the registry.
+    third.add_user("alice", totp(SECRET), 0).unwrap();
+    drop(third);
+    assert_wrong_key(&path, key(1));
+    assert_wrong_key(&path, key(2));
+    SqliteRegistry::open_with_key(&path, key(3)).unwrap();
+
+    // Secrets stored unsealed (by a registry opened without a key) decide nothing: the
+    // registry opens under a key, and the read of such a secret fails closed.
+    let plain_path = dir.path().join("plain.db");
+    SqliteRegistry::create(&plain_path)
+        .unwrap()
+        .add_user("alice", totp(SECRET), 0)
+        .unwrap();
+    let keyed = SqliteRegistry::open_with_key(&plain_path, key(1)).unwrap();
+    let message = backend_message(keyed.user("alice"));
+    assert!(
+        message.ends_with("cannot open the TOTP secret of alice: it is stored unsealed, which a registry opened with a key refuses"),
+        "{message}"
+    );
+}
+
+#[test]
+fn one_secret_that_opens_proves_the_key_and_a_damaged_one_still_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.db");
+    {
+        let registry = SqliteRegistry::create_with_key(&path, key(1)).unwrap();
+        registry.add_user("alice", totp(SECRET), 0).unwrap();
+        registry.add_user("bob", totp(OTHER_SECRET), 0).unwrap();
+    }
+    let tamper = |user: &str| {
+        let mut damaged = raw_secret(&path, user);
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x01;
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE users SET totp_secret = ?1 WHERE name = ?2",
+                rusqlite::params![damaged, user],
+            )
+            .unwrap();
+    };
+
+    // Alice's row is damaged, bob's opens: the key is right, the registry opens ...
+    tamper("alice");
+    let registry = SqliteRegistry::open_with_key(&path, key(1)).unwrap();
+    assert_eq!(
+        registry
+            .user("bob")
+            .unwrap()
+            .unwrap()
+            .totp
+            .unwrap()
+            .secret(),
+        OTHER_SECRET
+    );
+    // ... and alice's read fails closed.
+    let message = backend_message(registry.user("alice"));
+    assert_eq!(
+        message,
+        format!(
+            "{}: cannot open the TOTP secret of alice: wrong registry key or corrupt row",
+            path.display()
+        )
+    );
+    assert!(registry.list_users().is_err(), "listing must fail closed");
+    drop(registry);
+    // Another key opens neither row.
+    assert_wrong_key(&path, key(2));
+
+    // When no tried secret opens, the registry cannot tell a wrong key from damage: refused.
+    tamper("bob");
+    assert_wrong_key(&path, key(1));
+}
+
+#[test]
+fn a_secret_that_does_not_open_fails_closed_at_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.db");
+    // Opened while empty with key 1; another handle, with key 2, then seals alice's secret:
+    // the first handle holds a key that does not open it.
+    let first = Arc::new(SqliteRegistry::create_with_key(&path, key(1)).unwrap());
+    let second = Arc::new(SqliteRegistry::open_with_key(&path, key(2)).unwrap());
+    second.add_user("alice", totp(SECRET), 0).unwrap();
+    second.bind_device("laptop", "alice", &fp(7), 0).unwrap();
 
     let now_s = 1_700_000_000;
     let code = totp(SECRET).generate(now_s);
-    let decide = |registry: Arc<SqliteRegistry>, nonce: u8| {
-        let rng = Arc::new(SystemRandom::new());
-        let gate = Gate::new(
-            GateConfig::default(),
-            registry,
-            TicketKey::generate(rng.as_ref()).unwrap(),
-            Arc::new(ManualClock::new(now_s * 1000)),
-            rng,
-        );
-        let prefix = Prefix {
-            user: "alice".into(),
-            factor: Factor::Totp(code.clone()),
-            nonce: [nonce; 16],
-            time_ms: now_s * 1000,
-            binding: [5; 32],
-            agent: None,
-        };
-        let facts = ConnectionFacts {
-            exporter: [5; 32],
-            fingerprint: fp(7),
-        };
-        gate.decide(&prefix.encode().unwrap(), &facts)
-    };
-
-    // The wrong key opens the file (devices and lock state are not sealed) ...
-    let wrong = Arc::new(SqliteRegistry::open_with_key(&path, key(2)).unwrap());
-    assert!(wrong.device_by_name("laptop").unwrap().is_some());
-    let message = backend_message(wrong.user("alice"));
+    // Devices and lock state are not sealed; the secret does not open.
+    assert!(first.device_by_name("laptop").unwrap().is_some());
+    let message = backend_message(first.user("alice"));
     assert!(
         message
             .ends_with("cannot open the TOTP secret of alice: wrong registry key or corrupt row"),
@@ -269,19 +418,20 @@ fn a_wrong_key_fails_closed_at_the_gate() {
     );
     assert!(!message.contains(&code));
 
-    // ... but the gate refuses a right code: OVERLOADED, not an acceptance.
-    let decision = decide(wrong.clone(), 1);
+    // The gate refuses a right code: OVERLOADED, not an acceptance ...
+    let decision = decide_alice(first.clone(), &code, 1, now_s);
     let rejection = decision
         .outcome
-        .expect_err("a wrong key must not let anyone in");
+        .expect_err("a secret that does not open must not let anyone in");
     assert_eq!(rejection.code, RejectCode::Overloaded);
-    // No failure was charged and the code was not spent.
-    assert_eq!(wrong.lock_state("alice").unwrap().failures, 0);
-    drop(wrong);
-
-    let right = Arc::new(SqliteRegistry::open_with_key(&path, key(1)).unwrap());
-    let decision = decide(right, 2);
+    // ... no failure was charged, and the code was not spent: the handle with the key that
+    // sealed the secret accepts it.
+    assert_eq!(first.lock_state("alice").unwrap().failures, 0);
+    let decision = decide_alice(second, &code, 2, now_s);
     assert!(decision.outcome.is_ok(), "{:?}", decision.outcome.err());
+    drop(first);
+    // Opened afresh, key 1 is refused at once.
+    assert_wrong_key(&path, key(1));
 }
 
 #[cfg(unix)]
@@ -591,14 +741,12 @@ fn a_version_1_registry_is_migrated_when_opened_with_a_key() {
         again.user("alice").unwrap().unwrap().totp.unwrap().secret(),
         SECRET
     );
-    let message = backend_message(
-        SqliteRegistry::open_with_key(&path, key(4))
-            .unwrap()
-            .user("alice"),
-    );
-    assert!(
-        message.ends_with("wrong registry key or corrupt row"),
-        "{message}"
+    drop(again);
+    assert_wrong_key(&path, key(4));
+    assert_eq!(
+        raw_secret(&path, "alice"),
+        sealed,
+        "a refused open changed the row"
     );
     assert!(SqliteRegistry::open(&path).unwrap().user("carol").is_err());
 }
@@ -608,8 +756,11 @@ fn errors_and_debug_output_show_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("portcullis.db");
     let registry = SqliteRegistry::create_with_key(&path, key(0x5a)).unwrap();
-    registry.add_user("alice", totp(SECRET), 0).unwrap();
+    // Opened while the registry is empty, so that it holds a key that does not open alice's.
     let wrong = SqliteRegistry::open_with_key(&path, key(0x5b)).unwrap();
+    registry.add_user("alice", totp(SECRET), 0).unwrap();
+    let refused = SqliteRegistry::open_with_key(&path, key(0x5b)).unwrap_err();
+    assert!(matches!(refused, StoreError::WrongKey { .. }), "{refused}");
     let texts = [
         format!("{registry:?}"),
         format!("{wrong:?}"),
@@ -617,6 +768,8 @@ fn errors_and_debug_output_show_no_secret() {
         format!("{:?}", wrong.user("alice")),
         format!("{:?}", registry.user("alice").unwrap()),
         format!("{:?}", key(0x5a)),
+        refused.to_string(),
+        format!("{refused:?}"),
     ];
     let base32 = totp(SECRET).secret_base32();
     let hex_secret: String = SECRET.iter().map(|b| format!("{b:02x}")).collect();
@@ -624,7 +777,10 @@ fn errors_and_debug_output_show_no_secret() {
         assert!(!text.contains(&base32), "{text}");
         assert!(!text.to_lowercase().contains(&hex_secret), "{text}");
         assert!(
-            !text.contains("5a, 5a") && !text.contains("90, 90"),
+            !text.contains("5a, 5a")
+                && !text.contains("90, 90")
+                && !text.contains("5b, 5b")
+                && !text.contains("91, 91"),
             "{text}"
         );
         assert!(!contains(text.as_bytes(), SECRET), "{text}");
