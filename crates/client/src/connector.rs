@@ -18,7 +18,7 @@ use portcullis_core::codec::{ALPN_PCS1, Factor, Prefix};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::CodeSource;
 use crate::client::ClientInner;
@@ -166,6 +166,15 @@ async fn open_first(
         }
         None => {
             let code = fetch_code(client).await?;
+            if client.is_accepted_code(&code) {
+                // Sent again it could only be refused, and count towards the user's lockout.
+                return Err(Failure::Code(
+                    "it gave the code the server already accepted from this client, and a code \
+                     is accepted once: give the next code (the session ticket that would have \
+                     spared it is gone: expired, refused or forgotten)"
+                        .into(),
+                ));
+            }
             let (tls, prefix) = open(target, Factor::Totp(code.to_string()), &[]).await?;
             Ok((tls, prefix, Proof::Code(code)))
         }
@@ -233,18 +242,6 @@ pub(crate) async fn fetch_code(client: &Arc<ClientInner>) -> Result<Zeroizing<St
     Ok(code)
 }
 
-/// A Prefix whose code or ticket is wiped when it is dropped.
-struct WipedPrefix(Prefix);
-
-impl Drop for WipedPrefix {
-    fn drop(&mut self) {
-        match &mut self.0.factor {
-            Factor::Totp(code) => code.zeroize(),
-            Factor::Session(ticket) => ticket.zeroize(),
-        }
-    }
-}
-
 /// TCP, TLS 1.3 with ALPN `portcullis/1`, then the Prefix for `factor` encoded, followed by
 /// `trailer`. Nothing is written: the [`PcsStream`] sends these bytes in front of hyper's.
 async fn open(
@@ -253,15 +250,15 @@ async fn open(
     trailer: &[u8],
 ) -> Result<(TlsStream<TcpStream>, Zeroizing<Vec<u8>>), Failure> {
     let client = &target.client;
-    // The factor is wiped when this is dropped, on every path out of here.
-    let mut prefix = WipedPrefix(Prefix {
+    // The factor wipes itself when this is dropped, on every path out of here.
+    let mut prefix = Prefix {
         user: client.user.clone(),
         factor,
         nonce: [0u8; 16],
         time_ms: 0,
         binding: [0u8; 32],
         agent: Some(client.agent.clone()),
-    });
+    };
     let tcp = TcpStream::connect(target.addr.as_str())
         .await
         .map_err(|e| Failure::Io {
@@ -292,17 +289,16 @@ async fn open(
     if conn.alpn_protocol() != Some(ALPN_PCS1) {
         return Err(Failure::Tls(wrong_alpn(conn.alpn_protocol())));
     }
-    prefix.0.binding = conn
+    prefix.binding = conn
         .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
         .map_err(|e| Failure::Tls(format!("could not compute the channel binding: {e}")))?;
     client
         .rng
-        .fill(&mut prefix.0.nonce)
+        .fill(&mut prefix.nonce)
         .map_err(|_| Failure::Random)?;
-    prefix.0.time_ms = client.clock.now_ms();
+    prefix.time_ms = client.clock.now_ms();
     let encoded = Zeroizing::new(
         prefix
-            .0
             .encode()
             .map_err(|e| Failure::Protocol(format!("could not encode the Prefix: {e}")))?,
     );
@@ -317,7 +313,7 @@ async fn open(
     };
     tracing::debug!(
         addr = %target.addr,
-        session = matches!(prefix.0.factor, Factor::Session(_)),
+        session = matches!(prefix.factor, Factor::Session(_)),
         "PCS1 Prefix ready"
     );
     Ok((tls, frame))

@@ -399,6 +399,7 @@ impl PcsStream {
         let client = &target.client;
         client.record_verdict(&verdict);
         if verdict.is_accepted() {
+            let code = self.code.take();
             if let Some((mut ticket, expires_ms)) = verdict.session.take() {
                 client.tickets.store(
                     &target.server_name_text(),
@@ -407,9 +408,12 @@ impl PcsStream {
                     expires_ms,
                 );
                 ticket.zeroize();
-            }
-            if let Some(code) = self.code.take() {
-                client.remember_accepted_code(code);
+                // A code that earned a session was checked and spent by the server. (A service
+                // account's device is let in on its certificate with no session, and its
+                // placeholder code is not spent: it may be sent again.)
+                if let Some(code) = code {
+                    client.remember_accepted_code(code);
+                }
             }
             tracing::debug!(conn = self.guard.id, "PCS1 connection accepted");
             self.replay = None;

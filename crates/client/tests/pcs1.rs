@@ -742,6 +742,35 @@ async fn a_refused_ticket_does_not_resend_the_code_already_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_session_does_not_resend_the_code_already_accepted() {
+    tokio::time::timeout(LIMIT, async {
+        let (pki, server) = start().await;
+        let client = client(&pki, CodeSource::fixed("123456"));
+        let first = client.connect(&server.addr()).await.unwrap();
+        assert_eq!(check(&first).await.unwrap(), ServingStatus::Serving);
+        assert!(client.session().is_some());
+
+        // Without its ticket the client would have to send the fixed code again, which the
+        // server accepted already: it fails here instead, and no Prefix goes out.
+        client.forget_session();
+        let status = check(&client.connect_lazy(&server.addr()).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().starts_with("code: ")
+                && status.message().contains("already accepted")
+                && status.message().contains("give the next code"),
+            "{status:?}"
+        );
+        assert!(!status.message().contains("123456"));
+        assert_eq!(server.state.seen().len(), 1, "no second Prefix");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_source_waits_for_the_next_time_step_after_a_refused_ticket() {
     tokio::time::timeout(LIMIT, async {
         let (pki, server) = start().await;
