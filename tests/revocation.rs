@@ -1,7 +1,7 @@
 //! Revocation that reaches live connections, over real loopback TCP and TLS: a device or user
 //! revoked through a second registry handle on the same SQLite file (as the command line in
 //! another process does), a CRL file replaced while the server runs, a resumed TLS session of a
-//! listed certificate, and connections outliving their session.
+//! listed certificate, a revoked session, and connections outliving their session.
 //!
 //! Latencies are measured and printed (run with `--nocapture` to see them), never asserted
 //! tightly: the bounds below only catch a connection that is not closed at all.
@@ -614,4 +614,48 @@ async fn connections_outliving_their_session_close_only_when_asked() {
     assert_eq!(keeping_server.live_connections(), 1);
     closing.stop().await;
     keeping.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_closes_the_connections_that_hold_or_earned_it() {
+    let server = TestServer::start().await;
+    let alice = server.enroll("alice", "laptop");
+    let bob = server.enroll("bob", "desk");
+    let client = server.client(&alice, CodeSource::secret(alice.totp.clone()));
+    // The first connection earns the session with a code; the second holds its ticket.
+    let (client, earned, _) = connected(client, &server).await;
+    let (_client, mut held, _) = connected(client, &server).await;
+    let reply = say(&mut held).await.unwrap();
+    assert_eq!(reply.auth_method, "session");
+    // Another user's session is left alone.
+    let (_bob, mut other, other_peer) = connected(
+        server.client(&bob, CodeSource::secret(bob.totp.clone())),
+        &server,
+    )
+    .await;
+    let sessions = server.registry.list_sessions(SystemClock.now_ms()).unwrap();
+    let session = sessions
+        .iter()
+        .find(|s| s.user == "alice")
+        .expect("alice's session is recorded");
+
+    let callers = [call_until_failure(earned), call_until_failure(held)];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let revoked_at = Instant::now();
+    server
+        .registry
+        .revoke_session(&session.id, SystemClock.now_ms())
+        .unwrap();
+    for (caller, what) in callers
+        .into_iter()
+        .zip(["earned the session", "holds the ticket"])
+    {
+        let (ok, _, _) = failure_after(caller, revoked_at, what).await;
+        assert!(ok > 0, "{what}: calls went through before the revocation");
+    }
+    // Bob's connection is still the same one.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let reply = say(&mut other).await.unwrap();
+    assert_eq!(peer_of(&reply), other_peer);
+    server.stop().await;
 }

@@ -130,7 +130,8 @@ pub(crate) fn session_revoke(args: &SessionRevokeArgs) -> CliResult {
         |d| format!("{} ({})", d.name, record.fingerprint),
     );
     out!(
-        "revoked session {} of {} on device {device}; its ticket is refused from now on",
+        "revoked session {} of {} on device {device}; its ticket is refused from now on, and \
+         a running server closes the connections that earned or hold it",
         record.id,
         record.user
     );

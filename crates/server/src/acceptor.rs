@@ -542,9 +542,10 @@ async fn authenticate(
             if std::io::Write::write_all(&mut tls.get_mut().1.writer(), &verdict).is_err() {
                 return None;
             }
+            let session = identity.session.as_ref().map(|(id, _)| *id);
             Some(
                 AuthenticatedStream::new(tls, AuthContext::new(identity, peer, decision.reference))
-                    .watched(&state.revocation),
+                    .watched(&state.revocation, session),
             )
         }
         Err(_) => {

@@ -42,12 +42,16 @@
 //! resumption itself stays on. When the lists change, every live connection whose certificate
 //! they now list is closed, in the same round: within about half a second of the new file.
 //!
-//! ## Standard clients
+//! ## Revoked sessions and standard clients
 //!
-//! A standard gRPC client ([`crate::standard`]) is let in on a live session alone. Its
-//! connection is checked like any other (device binding, CRLs) and, in every round, also
-//! against that session: it is closed as soon as the session is revoked (`portcullis session
-//! revoke`) or has expired, whatever [`crate::Builder::close_on_session_expiry`] says.
+//! A connection that earned a session (an accepted code) or holds one (a session ticket) is
+//! also checked, in every round, against that session: it is closed as soon as the session is
+//! revoked (`portcullis session revoke`). Each session is looked up once per round, however
+//! many connections share it.
+//!
+//! A standard gRPC client ([`crate::standard`]) is let in on a live session alone: its
+//! connection is closed also when that session has expired, whatever
+//! [`crate::Builder::close_on_session_expiry`] says.
 //!
 //! ## Expired sessions
 //!
@@ -142,8 +146,10 @@ struct LiveEntry {
     /// The peer's certificates, kept (shared with tonic's connect info) only when the server
     /// checks CRLs.
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-    /// The session a standard client was let in on: the connection lives only as long as it.
+    /// The session the connection holds or earned: it is closed when the session is revoked.
     session: Option<SessionId>,
+    /// A standard client let in on `session` alone: closed also when the session expires.
+    lives_with_session: bool,
     /// 0 while open, else a [`CloseReason`].
     closed: AtomicU8,
     read: AtomicWaker,
@@ -442,12 +448,15 @@ impl Revocation {
     }
 
     /// Registers an authenticated connection: from now on it is closed when its device or
-    /// certificate is revoked, or (for a standard client) when `session` is revoked or expires.
+    /// certificate is revoked, when `session` (the session it holds or earned) is revoked, and,
+    /// with `lives_with_session` (a standard client let in on that session alone), when the
+    /// session expires.
     pub(crate) fn register(
         self: &Arc<Self>,
         auth: Arc<AuthContext>,
         certs: Option<Arc<Vec<CertificateDer<'static>>>>,
         session: Option<SessionId>,
+        lives_with_session: bool,
     ) -> Watch {
         let certs = if self.verifier.is_some() { certs } else { None };
         let mut live = lock(&self.live);
@@ -457,6 +466,7 @@ impl Revocation {
             auth,
             certs,
             session,
+            lives_with_session,
             closed: AtomicU8::new(0),
             read: AtomicWaker::new(),
             write: AtomicWaker::new(),
@@ -573,8 +583,11 @@ impl Revocation {
                 Err(e) => failed = Some(e),
             }
         }
-        // Standard clients live as long as the session they were let in on.
+        // A revoked session closes the connections that hold or earned it; standard clients
+        // live only as long as the session they were let in on. Each session is looked up once
+        // per round, however many connections share it.
         let now = gate.clock().now_ms();
+        let mut revoked_sessions: HashMap<SessionId, bool> = HashMap::new();
         for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
             let Some(id) = &entry.session else {
                 continue;
@@ -582,14 +595,23 @@ impl Revocation {
             if entry.reason().is_some() {
                 continue;
             }
-            if entry.auth.session_expires_ms.is_none_or(|at| at <= now) {
+            if entry.lives_with_session && entry.auth.session_expires_ms.is_none_or(|at| at <= now)
+            {
                 entry.close(CloseReason::SessionExpired);
                 continue;
             }
-            match registry.is_session_revoked(id) {
-                Ok(true) => entry.close(CloseReason::SessionRevoked),
-                Ok(false) => {}
-                Err(e) => failed = Some(e),
+            let revoked = match revoked_sessions.get(id) {
+                Some(revoked) => *revoked,
+                None => match registry.is_session_revoked(id) {
+                    Ok(revoked) => *revoked_sessions.entry(*id).or_insert(revoked),
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                },
+            };
+            if revoked {
+                entry.close(CloseReason::SessionRevoked);
             }
         }
         match failed {

@@ -39,20 +39,39 @@ impl AuthenticatedStream {
         }
     }
 
-    /// Registers the connection with the server's live connections, which may close it.
-    pub(crate) fn watched(self, revocation: &Arc<Revocation>) -> Self {
-        self.watched_session(revocation, None)
-    }
-
-    /// Like [`AuthenticatedStream::watched`], for a connection let in on `session` alone (a
-    /// standard client): it is also closed when that session is revoked or expires.
-    pub(crate) fn watched_session(
-        mut self,
+    /// Registers the connection with the server's live connections, which may close it: when
+    /// its device or certificate is revoked, and when `session` (the session it holds or
+    /// earned) is revoked.
+    pub(crate) fn watched(
+        self,
         revocation: &Arc<Revocation>,
         session: Option<portcullis_core::SessionId>,
     ) -> Self {
-        self.watch =
-            Some(revocation.register(self.info.auth.clone(), self.info.tls.peer_certs(), session));
+        self.register(revocation, session, false)
+    }
+
+    /// Like [`AuthenticatedStream::watched`], for a connection let in on `session` alone (a
+    /// standard client): it is also closed when that session expires.
+    pub(crate) fn watched_session(
+        self,
+        revocation: &Arc<Revocation>,
+        session: Option<portcullis_core::SessionId>,
+    ) -> Self {
+        self.register(revocation, session, true)
+    }
+
+    fn register(
+        mut self,
+        revocation: &Arc<Revocation>,
+        session: Option<portcullis_core::SessionId>,
+        lives_with_session: bool,
+    ) -> Self {
+        self.watch = Some(revocation.register(
+            self.info.auth.clone(),
+            self.info.tls.peer_certs(),
+            session,
+            lives_with_session,
+        ));
         self
     }
 
