@@ -218,11 +218,16 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
             ));
         }
     }
-    let replaced = if args.force {
-        set_aside(&layout)?
-    } else {
-        None
-    };
+    // Said at once, so that it is known also when a later step fails.
+    if args.force
+        && let Some((aside, devices)) = set_aside(&layout)?
+    {
+        out!(
+            "moved the previous CA, server certificate, registry, keys and {devices} device \
+             files to {} (the old devices cannot connect to the new CA)",
+            aside.display()
+        );
+    }
     fs::create_dir_all(layout.devices())
         .map_err(|e| format!("{}: cannot create: {e}", layout.devices().display()))?;
 
@@ -260,13 +265,6 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
         .map_err(|e| e.to_string())?;
     write_private(&layout.ticket_key(), key.as_ref())?;
 
-    if let Some((aside, devices)) = &replaced {
-        out!(
-            "moved the previous CA, server certificate, registry, keys and {devices} device \
-             files to {} (the old devices cannot connect to the new CA)",
-            aside.display()
-        );
-    }
     out!("initialised {}", args.dir.display());
     out!("  CA              {}", layout.ca_cert().display());
     out!(

@@ -493,19 +493,27 @@ fn list(addrs: &[SocketAddr]) -> String {
         .join(", ")
 }
 
-/// Connects once more with a configuration that speaks TLS 1.2 and 1.3 and accepts any server
-/// certificate, only to learn which version the server picks.
-async fn probe_version(env: &Env) -> Option<String> {
+/// A client configuration for the probes that only learn which TLS version a server speaks:
+/// `versions` offered, any server certificate accepted, no client certificate. Never used for
+/// data.
+fn probe_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = portcullis_tls::provider();
     let schemes = provider
         .signature_verification_algorithms
         .supported_schemes();
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .ok()?
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny(schemes)))
-        .with_no_client_auth();
+        .with_no_client_auth())
+}
+
+/// Connects once more with a configuration that speaks TLS 1.2 and 1.3 and accepts any server
+/// certificate, only to learn which version the server picks.
+async fn probe_version(env: &Env) -> Option<String> {
+    let config = probe_config(&[&rustls::version::TLS12, &rustls::version::TLS13]).ok()?;
     let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(env.server.as_str()))
         .await
         .ok()?
@@ -871,16 +879,10 @@ async fn walk_tls12(env: &Env, report: &mut Report) {
     let Some(tcp) = connect_tcp(env, report).await else {
         return;
     };
-    let provider = portcullis_tls::provider();
-    let schemes = provider
-        .signature_verification_algorithms
-        .supported_schemes();
-    let builder = match rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-    {
-        Ok(b) => b
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(schemes))),
+    // No client certificate: under TLS 1.2 it would go out in the clear, to a server this
+    // probe does not verify. The version is all it asks about.
+    let mut config = match probe_config(&[&rustls::version::TLS12]) {
+        Ok(config) => config,
         Err(e) => {
             report.fail(
                 "tls_version",
@@ -889,13 +891,6 @@ async fn walk_tls12(env: &Env, report: &mut Report) {
             );
             return;
         }
-    };
-    let mut config = match builder
-        .clone()
-        .with_client_auth_cert(env.chain.clone(), env.key.clone_key())
-    {
-        Ok(c) => c,
-        Err(_) => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_PCS1.to_vec()];
     let Some(handshake) = handshake(env, config, tcp, "tls_version", report).await else {
@@ -1106,7 +1101,7 @@ fn client_cert_refused(
     }
     // The CAs the server named in its certificate request, against our certificate's issuer.
     let expected = expected.unwrap_or_default();
-    let foreign = !expected.is_empty() && !expected.contains(&env.ours.issuer);
+    let foreign = !expected.is_empty() && !chain_named(env, &expected);
     let cas = if expected.is_empty() {
         "the server named no CA it accepts client certificates from".to_owned()
     } else {
@@ -1148,7 +1143,7 @@ fn client_cert_refused(
         "issue the device a new certificate with `portcullis device issue`".to_owned()
     };
     let saw = if problems.is_empty() {
-        let same_name = if expected.contains(&env.ours.issuer) {
+        let same_name = if chain_named(env, &expected) {
             " (another CA of that same name, such as one of another `portcullis init`, is \
              refused too)"
         } else {
@@ -1163,6 +1158,14 @@ fn client_cert_refused(
         format!("{how}; {cas}; {}", problems.join("; "))
     };
     report.fail("client_certificate", saw, fix);
+}
+
+/// Whether a CA the server named in its certificate request issued a certificate of our chain
+/// (the leaf, or an intermediate sent with it).
+fn chain_named(env: &Env, expected: &[String]) -> bool {
+    env.chain
+        .iter()
+        .any(|der| DeviceIdentity::from_der(der).is_ok_and(|cert| expected.contains(&cert.issuer)))
 }
 
 /// Fills in the steps the Verdict answers; whether it accepted.
@@ -1294,9 +1297,9 @@ fn interpret(
             let saw = match (reject, verdict.retry_after_s) {
                 (RejectCode::LockedOut, Some(s)) => format!("{saw}; wait {s} s"),
                 (RejectCode::MfaFailed, _) => format!(
-                    "{saw}; the code is wrong, or right but already used: the server tells the \
-                     two apart only in its audit record (ref {reference}: `cause` is \
-                     code_wrong or code_reused)"
+                    "{saw}; the code is wrong, or right but already used (or the user has no \
+                     TOTP factor): the server tells these apart only in its audit record (ref \
+                     {reference}: `cause` is code_wrong, code_reused or no_factor)"
                 ),
                 _ => saw,
             };
@@ -1424,7 +1427,7 @@ async fn live_session(
         }
         EchoOutcome::Failed(e) => {
             let expected = expected.unwrap_or_default();
-            let issuer = if !expected.is_empty() && !expected.contains(&env.ours.issuer) {
+            let issuer = if !expected.is_empty() && !chain_named(env, &expected) {
                 format!(
                     "; the server accepts client certificates issued by {}, ours is issued by {}",
                     expected.join(" or "),

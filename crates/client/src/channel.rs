@@ -17,7 +17,7 @@ use tower::{BoxError, ServiceExt};
 
 use crate::ClientError;
 use crate::client::{Client, ClientInner};
-use crate::connector::{Target, fetch_code};
+use crate::connector::{Target, fetch_code_for};
 use crate::error::{REJECT_METADATA, find_connect_failure, io_messages};
 
 /// The most request bytes a channel keeps to send a call again after `step_up_required`
@@ -220,11 +220,10 @@ async fn step_up(
     }
     let client: &Arc<ClientInner> = &target.client;
     client.tickets.forget();
-    let code = fetch_code(client)
+    let (code, spent) = fetch_code_for(target)
         .await
         .map_err(|failure| StepUpFailed::Error(Box::new(failure.to_status())))?;
-    if client.is_accepted_code(&code) {
-        tracing::debug!("step-up required, but the code source gave the code already accepted");
+    if spent.is_some() {
         return Err(StepUpFailed::GiveUp);
     }
     tracing::debug!(addr = %target.addr, "step-up required; connecting with a new code");

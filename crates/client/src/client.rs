@@ -1,5 +1,6 @@
 //! [`Client`] and its builder.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use portcullis_core::codec::{ALPN_PCS1, Verdict};
 use portcullis_core::{Clock, SystemClock, SystemRandom};
 use portcullis_tls::CaHintResolver;
 use rustls::pki_types::ServerName;
+use subtle::ConstantTimeEq;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
@@ -42,8 +44,17 @@ pub(crate) struct ClientInner {
     /// the message of a refused device certificate.
     pub(crate) ca_hints: Arc<CaHintResolver>,
     last_verdict: Mutex<Option<VerdictInfo>>,
-    /// The last code a server accepted from this client (wiped when replaced or dropped).
-    accepted_code: Mutex<Option<Zeroizing<String>>>,
+    /// Per server (TLS server name and address, as the ticket cache): the last code it accepted
+    /// from this client, wiped when replaced or dropped.
+    spent_codes: Mutex<HashMap<(String, String), SpentCode>>,
+}
+
+/// A code a server accepted: spent there.
+struct SpentCode {
+    code: Zeroizing<String>,
+    /// The acceptance came with a session ticket: the code was checked as a TOTP code (a
+    /// service account's device is let in without a session, its placeholder code unspent).
+    earned_session: bool,
 }
 
 impl ClientInner {
@@ -52,19 +63,34 @@ impl ClientInner {
             Some(VerdictInfo::of(verdict));
     }
 
-    /// Remembers `code` as the last code a server accepted; the previous one is wiped.
-    pub(crate) fn remember_accepted_code(&self, code: Zeroizing<String>) {
-        *self.accepted_code.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
-    }
-
-    /// Whether `code` is the last code a server accepted from this client: sending it again
-    /// could only fail (the server accepts a code once) and count towards the user's lockout.
-    pub(crate) fn is_accepted_code(&self, code: &str) -> bool {
-        self.accepted_code
+    /// Remembers `code` as the last code the server `(server_name, addr)` accepted; the
+    /// previous one is wiped.
+    pub(crate) fn remember_spent_code(
+        &self,
+        server_name: &str,
+        addr: &str,
+        code: Zeroizing<String>,
+        earned_session: bool,
+    ) {
+        self.spent_codes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|accepted| accepted.as_bytes() == code.as_bytes())
+            .insert(
+                (server_name.to_owned(), addr.to_owned()),
+                SpentCode {
+                    code,
+                    earned_session,
+                },
+            );
+    }
+
+    /// Whether `code` is the last code the server `(server_name, addr)` accepted from this
+    /// client, and if so whether that acceptance earned a session. Sending it again could only
+    /// fail (a server accepts a code once) and count towards the user's lockout.
+    pub(crate) fn spent_code(&self, server_name: &str, addr: &str, code: &str) -> Option<bool> {
+        let spent = self.spent_codes.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = spent.get(&(server_name.to_owned(), addr.to_owned()))?;
+        bool::from(entry.code.as_bytes().ct_eq(code.as_bytes())).then_some(entry.earned_session)
     }
 }
 
@@ -110,8 +136,10 @@ pub struct ClientBuilder {
 
 impl ClientBuilder {
     /// The rustls client config (required): trusted CAs and the device's client certificate.
-    /// PCS1 offers exactly the ALPN `portcullis/1`: a config with no ALPN gets it (on a
-    /// copy); one that offers anything else is refused. Early data is turned off.
+    /// PCS1 offers exactly the ALPN `portcullis/1`: a config with no ALPN gets it; one that
+    /// offers anything else is refused. Early data is turned off. The client works on a copy
+    /// whose certificate resolver is wrapped in a [`CaHintResolver`], so that a refused device
+    /// certificate can be explained with the CAs the server named.
     pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
         self
@@ -221,7 +249,7 @@ impl ClientBuilder {
                 connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
                 ca_hints,
                 last_verdict: Mutex::new(None),
-                accepted_code: Mutex::new(None),
+                spent_codes: Mutex::new(HashMap::new()),
             }),
         })
     }

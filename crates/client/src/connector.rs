@@ -165,8 +165,10 @@ async fn open_first(
             Ok((tls, prefix, Proof::Ticket(ticket)))
         }
         None => {
-            let code = fetch_code(client).await?;
-            if client.is_accepted_code(&code) {
+            let (code, spent) = fetch_code_for(target).await?;
+            // A code spent on a session there: a service account's placeholder code, accepted
+            // without a session, may go again.
+            if spent == Some(true) {
                 // Sent again it could only be refused, and count towards the user's lockout.
                 return Err(Failure::Code(
                     "it gave the code the server already accepted from this client, and a code \
@@ -205,9 +207,8 @@ pub(crate) async fn redial(
 ) -> Result<Reopened, Failure> {
     let timeout = target.client.connect_timeout;
     let attempt = async {
-        let code = fetch_code(&target.client).await?;
-        if target.client.is_accepted_code(&code) {
-            tracing::debug!("the code source gave the code already accepted; not sending it again");
+        let (code, spent) = fetch_code_for(&target).await?;
+        if spent.is_some() {
             return Err(Failure::Rejected(refusal));
         }
         let (tls, frame) = open(&target, Factor::Totp(code.to_string()), &replay).await?;
@@ -223,6 +224,22 @@ pub(crate) async fn redial(
             ),
         }),
     }
+}
+
+/// A code from the code source for a connection to `target`, and whether the server there
+/// already accepted that very code from this client (`Some`; `Some(true)` when it earned a
+/// session with it): such a code is not to be sent again.
+pub(crate) async fn fetch_code_for(
+    target: &Target,
+) -> Result<(Zeroizing<String>, Option<bool>), Failure> {
+    let code = fetch_code(&target.client).await?;
+    let spent = target
+        .client
+        .spent_code(&target.server_name_text(), &target.addr, &code);
+    if spent.is_some() {
+        tracing::debug!("the code source gave the code this server already accepted");
+    }
+    Ok((code, spent))
 }
 
 /// Asks the code source for a code; a callback runs on the blocking pool.

@@ -24,10 +24,13 @@
 //!   code until it expires. A ticket is only sent to the address and the TLS server name it
 //!   was issued under. When the server answers MFA_REQUIRED to a ticket, the connection is
 //!   reopened with a code and the bytes already written are replayed: the caller sees no
-//!   error. If the code source gives the code the server already accepted from this client
+//!   error. If the code source gives the code that server already accepted from this client
 //!   (a fixed code, or a TOTP secret within the same time step), that code is not sent again
 //!   (the server would refuse it and count the attempt towards the user's lockout): the call
-//!   fails with the MFA_REQUIRED status instead.
+//!   fails with the MFA_REQUIRED status instead. The same holds for a new connection without
+//!   a ticket (it expired, or [`Client::forget_session`] dropped it) whose code earned a
+//!   session there already: the call fails at once, UNAUTHENTICATED `code: ...`, saying to
+//!   give the next code.
 //! - **Bounded waits.** Every connection waits at most the connect timeout for TCP and TLS,
 //!   and again for the Verdict; a server that never answers makes the call fail with
 //!   UNAVAILABLE, `timeout: no Verdict from the server within N s`.

@@ -27,10 +27,10 @@
 //! (UNAVAILABLE).
 //!
 //! **No reused code.** A connection that proved itself with a code and is accepted remembers
-//! that code in the client. If, after MFA_REQUIRED, the code source gives that same code again
-//! (a fixed code, or a TOTP secret still in the same time step), it is not sent: the server
-//! would refuse it and count the attempt towards the user's lockout. The caller gets the
-//! MFA_REQUIRED refusal instead.
+//! that code in the client, for that server (TLS server name and address). If, after
+//! MFA_REQUIRED, the code source gives that same code again (a fixed code, or a TOTP secret
+//! still in the same time step), it is not sent: the server would refuse it and count the
+//! attempt towards the user's lockout. The caller gets the MFA_REQUIRED refusal instead.
 //!
 //! A write that fails before the Verdict is in (a server that rejects and closes quickly) is
 //! not reported at once: the stream first reads the Verdict, so the caller learns the reason,
@@ -400,6 +400,7 @@ impl PcsStream {
         client.record_verdict(&verdict);
         if verdict.is_accepted() {
             let code = self.code.take();
+            let earned_session = verdict.session.is_some();
             if let Some((mut ticket, expires_ms)) = verdict.session.take() {
                 client.tickets.store(
                     &target.server_name_text(),
@@ -408,12 +409,14 @@ impl PcsStream {
                     expires_ms,
                 );
                 ticket.zeroize();
-                // A code that earned a session was checked and spent by the server. (A service
-                // account's device is let in on its certificate with no session, and its
-                // placeholder code is not spent: it may be sent again.)
-                if let Some(code) = code {
-                    client.remember_accepted_code(code);
-                }
+            }
+            if let Some(code) = code {
+                client.remember_spent_code(
+                    &target.server_name_text(),
+                    &target.addr,
+                    code,
+                    earned_session,
+                );
             }
             tracing::debug!(conn = self.guard.id, "PCS1 connection accepted");
             self.replay = None;

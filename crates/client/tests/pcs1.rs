@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Answer, Pki, now_ms};
+use common::{Answer, Pki, TestServer, now_ms};
 use portcullis_client::{
     Client, ClientError, CodeSource, DEFAULT_AGENT, FIX_METADATA, REF_METADATA, REJECT_METADATA,
     RETRY_AFTER_METADATA,
@@ -765,6 +765,12 @@ async fn a_forgotten_session_does_not_resend_the_code_already_accepted() {
         );
         assert!(!status.message().contains("123456"));
         assert_eq!(server.state.seen().len(), 1, "no second Prefix");
+
+        // Another server (another address) never saw the code: it goes out there.
+        let other = TestServer::start(&pki).await;
+        let channel = client.connect(&other.addr()).await.unwrap();
+        assert_eq!(check(&channel).await.unwrap(), ServingStatus::Serving);
+        assert_eq!(totp(&other.state.seen()[0].prefix.factor), Some("123456"));
     })
     .await
     .unwrap();

@@ -58,7 +58,8 @@
 //! Off by default: with [`crate::Builder::close_on_session_expiry`] a live connection is also
 //! closed once the session ticket it holds or was given expires, so that no connection outlives
 //! the proof of its second factor. Without it, a connection that was accepted stays open as long
-//! as client and server keep it, and only reconnects need a valid ticket or a new code.
+//! as client and server keep it (unless its device, certificate or session is revoked), and only
+//! reconnects need a valid ticket or a new code.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -587,7 +588,8 @@ impl Revocation {
         // live only as long as the session they were let in on. Each session is looked up once
         // per round, however many connections share it.
         let now = gate.clock().now_ms();
-        let mut revoked_sessions: HashMap<SessionId, bool> = HashMap::new();
+        // `None`: the lookup failed this round (not asked again until the next).
+        let mut revoked_sessions: HashMap<SessionId, Option<bool>> = HashMap::new();
         for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
             let Some(id) = &entry.session else {
                 continue;
@@ -600,17 +602,13 @@ impl Revocation {
                 entry.close(CloseReason::SessionExpired);
                 continue;
             }
-            let revoked = match revoked_sessions.get(id) {
-                Some(revoked) => *revoked,
-                None => match registry.is_session_revoked(id) {
-                    Ok(revoked) => *revoked_sessions.entry(*id).or_insert(revoked),
-                    Err(e) => {
-                        failed = Some(e);
-                        continue;
-                    }
-                },
-            };
-            if revoked {
+            let revoked = *revoked_sessions.entry(*id).or_insert_with(|| {
+                registry
+                    .is_session_revoked(id)
+                    .map_err(|e| failed = Some(e))
+                    .ok()
+            });
+            if revoked == Some(true) {
                 entry.close(CloseReason::SessionRevoked);
             }
         }

@@ -37,8 +37,8 @@
 //! authenticated data, so that a sealed secret moved into another user's row does not open. The
 //! key lives in a file of its own (32 bytes, mode 0600; [`SecretKey::load`] refuses a key file
 //! that the group or others may read or write). A wrong key is refused when the registry is
-//! opened ([`StoreError::WrongKey`]): [`SqliteRegistry::open_with_key`] tries the first few
-//! sealed secrets. A secret that does not open when it is read (a moved or damaged row) is a
+//! opened ([`StoreError::WrongKey`]): [`SqliteRegistry::open_with_key`] tries the sealed
+//! secrets until one opens. A secret that does not open when it is read (a moved or damaged row) is a
 //! [`RegistryError::Backend`] error naming the user, and the gate refuses the connection: it
 //! fails closed. Decrypted secrets live in buffers that are wiped when dropped.
 //!
@@ -132,10 +132,10 @@ impl SqliteRegistry {
     /// file is set up as a new registry; a file that does not exist is an error
     /// ([`StoreError::Missing`]).
     ///
-    /// A wrong key is refused here: after any migration, up to three stored secrets are opened
-    /// under `key`; if none opens and at least one fails its authentication tag (another key,
-    /// or damage), the open fails with [`StoreError::WrongKey`]. One secret that opens is
-    /// enough (the others may be damaged; a secret stored unsealed or in an unknown format is
+    /// A wrong key is refused here: after any migration, the stored secrets are opened under
+    /// `key` in turn until one opens; if none opens and at least one fails its authentication
+    /// tag (another key, or damage), the open fails with [`StoreError::WrongKey`]. One secret
+    /// that opens is enough (the others may be damaged; a secret stored unsealed or in an unknown format is
     /// not counted either way), and a registry without secrets opens under any key. A secret
     /// that does not open later (a damaged or moved row, or one sealed by another process under
     /// another key) fails its read with a [`RegistryError::Backend`] that names the user.

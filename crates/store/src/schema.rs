@@ -324,45 +324,38 @@ fn seal_secrets(
     Ok(())
 }
 
-/// The most sealed TOTP secrets [`check_key`] tries to open.
-const KEY_CHECK_ROWS: i64 = 3;
-
 /// Refuses a key under which the registry's TOTP secrets do not open, so that a wrong key shows
 /// when the registry is opened rather than at the first login.
 ///
-/// Tries the first [`KEY_CHECK_ROWS`] stored secrets. One that opens proves the key (the
-/// plaintext is wiped at once); if none opens and at least one failed its authentication tag,
-/// the open is refused with [`StoreError::WrongKey`]. A secret stored unsealed or in an unknown
-/// format decides nothing: the read of that user reports it. A registry without secrets opens
-/// under any key. Does nothing for a registry opened without a key.
+/// Tries the stored secrets in turn until one opens, which proves the key (its plaintext is
+/// wiped at once): with the right key that is the first one, unless rows are damaged. If none
+/// opens and at least one failed its authentication tag, the open is refused with
+/// [`StoreError::WrongKey`]. A secret stored unsealed or in an unknown format decides nothing:
+/// the read of that user reports it. A registry without secrets opens under any key. Does
+/// nothing for a registry opened without a key.
 pub(crate) fn check_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
     if !sealer.is_sealed() {
         return Ok(());
     }
-    let rows = conn
-        .prepare("SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL LIMIT ?1")
-        .and_then(|mut stmt| {
-            stmt.query_map([KEY_CHECK_ROWS], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    Zeroizing::new(r.get::<_, Vec<u8>>(1)?),
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(|e| StoreError::from_sqlite(path, &e))?;
-    let mut refused = 0usize;
-    for (name, stored) in rows {
+    let sqlite = |e: rusqlite::Error| StoreError::from_sqlite(path, &e);
+    let mut stmt = conn
+        .prepare("SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL")
+        .map_err(sqlite)?;
+    let mut rows = stmt.query([]).map_err(sqlite)?;
+    let mut refused = false;
+    while let Some(row) = rows.next().map_err(sqlite)? {
+        let name: String = row.get(0).map_err(sqlite)?;
+        let stored = Zeroizing::new(row.get::<_, Vec<u8>>(1).map_err(sqlite)?);
         match sealer.open(&name, stored) {
             Ok(secret) => {
                 drop(Zeroizing::new(secret));
                 return Ok(());
             }
-            Err(SecretError::WrongKeyOrCorrupt) => refused += 1,
+            Err(SecretError::WrongKeyOrCorrupt) => refused = true,
             Err(_) => {}
         }
     }
-    if refused > 0 {
+    if refused {
         Err(StoreError::WrongKey {
             path: path.to_owned(),
         })

@@ -349,6 +349,8 @@ fn one_secret_that_opens_proves_the_key_and_a_damaged_one_still_fails_closed() {
         let registry = SqliteRegistry::create_with_key(&path, key(1)).unwrap();
         registry.add_user("alice", totp(SECRET), 0).unwrap();
         registry.add_user("bob", totp(OTHER_SECRET), 0).unwrap();
+        registry.add_user("carol", totp(OTHER_SECRET), 0).unwrap();
+        registry.add_user("dave", totp(OTHER_SECRET), 0).unwrap();
     }
     let tamper = |user: &str| {
         let mut damaged = raw_secret(&path, user);
@@ -390,8 +392,14 @@ fn one_secret_that_opens_proves_the_key_and_a_damaged_one_still_fails_closed() {
     // Another key opens neither row.
     assert_wrong_key(&path, key(2));
 
-    // When no tried secret opens, the registry cannot tell a wrong key from damage: refused.
+    // Three damaged rows: the secrets are tried until one opens, so the right key still opens.
     tamper("bob");
+    tamper("carol");
+    drop(SqliteRegistry::open_with_key(&path, key(1)).unwrap());
+    assert_wrong_key(&path, key(2));
+
+    // When no secret opens, the registry cannot tell a wrong key from damage: refused.
+    tamper("dave");
     assert_wrong_key(&path, key(1));
 }
 

@@ -7,7 +7,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::{DeviceIdentity, TlsError, distinguished_name, provider};
+use crate::{TlsError, distinguished_name, provider};
 
 /// Where the certificate presented comes from.
 #[derive(Debug)]
@@ -31,7 +31,8 @@ struct Seen {
 /// (`certificate_authorities`), and the issuer of the certificate presented, so that a refused
 /// device certificate can be explained with the CA the server expected.
 ///
-/// One resolver serves any number of connections; it remembers the latest request it saw. Use
+/// One resolver serves any number of connections; it remembers the latest request it saw (with
+/// connections to several servers at once, that of whichever handshake came last). Use
 /// it with
 /// [`ConfigBuilder::with_client_cert_resolver`](rustls::ConfigBuilder::with_client_cert_resolver),
 /// or put it around the resolver a configuration already has with [`CaHintResolver::wrap`].
@@ -96,7 +97,9 @@ impl CaHintResolver {
     pub fn presented_issuer(&self) -> Option<String> {
         let presented = self.seen.lock().ok()?.presented.clone()?;
         let leaf = presented.cert.first()?;
-        DeviceIdentity::from_der(leaf).ok().map(|id| id.issuer)
+        crate::identity::parse(leaf)
+            .ok()
+            .map(|cert| cert.issuer().to_string())
     }
 
     /// One clause for a message about a refused client certificate, when the latest request
@@ -126,10 +129,16 @@ impl ResolvesClientCert for CaHintResolver {
             Source::Inner(inner) => inner.resolve(root_hint_subjects, sigschemes),
         };
         if let Ok(mut seen) = self.seen.lock() {
-            *seen = Seen {
-                expected: Some(root_hint_subjects.iter().map(|d| d.to_vec()).collect()),
-                presented: chosen.clone(),
-            };
+            // The same server names the same CAs on every handshake: copied only when they
+            // change.
+            let same = seen.expected.as_ref().is_some_and(|names| {
+                names.len() == root_hint_subjects.len()
+                    && names.iter().zip(root_hint_subjects).all(|(a, b)| a == b)
+            });
+            if !same {
+                seen.expected = Some(root_hint_subjects.iter().map(|d| d.to_vec()).collect());
+            }
+            seen.presented.clone_from(&chosen);
         }
         chosen
     }
