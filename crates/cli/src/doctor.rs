@@ -746,18 +746,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
             return;
         }
     };
-    report.pass(
-        "client_certificate",
-        format!(
-            "accepted ({}, valid until {})",
-            env.ours.subject,
-            crate::enroll::format_time(
-                u64::try_from(env.ours.not_after_unix)
-                    .unwrap_or(0)
-                    .saturating_mul(1000)
-            )
-        ),
-    );
+    report.pass("client_certificate", client_accepted(env));
     let accepted = interpret(env, &verdict, sent_ms, received_ms, report);
     if !accepted {
         return;
@@ -1084,16 +1073,8 @@ fn client_cert_refused(
     if !env.ours.is_valid_at(now) {
         problems.push(format!(
             "our certificate is outside its validity ({} to {})",
-            crate::enroll::format_time(
-                u64::try_from(env.ours.not_before_unix)
-                    .unwrap_or(0)
-                    .saturating_mul(1000)
-            ),
-            crate::enroll::format_time(
-                u64::try_from(env.ours.not_after_unix)
-                    .unwrap_or(0)
-                    .saturating_mul(1000)
-            )
+            format_unix_s(env.ours.not_before_unix),
+            format_unix_s(env.ours.not_after_unix)
         ));
     }
     if !env.ours.client_auth {
@@ -1521,10 +1502,11 @@ fn client_accepted(env: &Env) -> String {
     format!(
         "accepted ({}, valid until {})",
         env.ours.subject,
-        crate::enroll::format_time(
-            u64::try_from(env.ours.not_after_unix)
-                .unwrap_or(0)
-                .saturating_mul(1000)
-        )
+        format_unix_s(env.ours.not_after_unix)
     )
+}
+
+/// A certificate time (Unix seconds) as RFC 3339; times before 1970 as the epoch.
+fn format_unix_s(secs: i64) -> String {
+    crate::enroll::format_time(u64::try_from(secs).unwrap_or(0).saturating_mul(1000))
 }
