@@ -267,6 +267,7 @@ impl FrameWriter {
 
 /// The second factor a Prefix carries.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Factor {
     /// A TOTP code, 6 to 8 ASCII digits.
     Totp(String),

@@ -1,9 +1,25 @@
 //! The ordered decision of PROTOCOL.md section 5, step 4: first failure wins.
 //!
-//! [`Gate::decide`] takes the Prefix frame and what the TLS layer knows of the connection (its
-//! exporter and the client certificate's fingerprint) and returns the [`Decision`]: the Verdict
-//! to write, the identity on accept, and on reject the precise internal [`Cause`] for the audit
-//! record (the client only learns the reject code).
+//! The gate decides a connection in four phases, as rustls's `Acceptor` keeps the handshake
+//! apart from the I/O:
+//!
+//! 1. [`Gate::plan`] decodes the Prefix and runs the checks that need no stored state (channel
+//!    binding, clock skew, the ticket's seal). It either decides at once
+//!    ([`Planned::Decided`]) or says what to read ([`Planned::Fetch`] with a [`Plan`], whose
+//!    [`Plan::need`] names the device, its user and the session);
+//! 2. the caller **fetches** that [`Snapshot`] from a [`GateStore`], in one read;
+//! 3. [`Gate::decide`] judges the snapshot with the gate's clock, without I/O (the nonce store
+//!    is the gate's own memory): an [`Outcome`] with the [`Effects`] to write;
+//! 4. the caller **commits** the effects in one conditional, atomic write, and
+//!    [`Gate::finish`] turns the outcome and what the commit found ([`Committed`]) into the
+//!    [`Decision`]: the Verdict to write, the identity on accept, and on reject the precise
+//!    internal [`Cause`] for the audit record (the client only learns the reject code). A
+//!    commit that lost its condition (the TOTP step was taken meanwhile, or the user got locked
+//!    out) turns an accept into the refusal it now is.
+//!
+//! [`Gate::authenticate`] runs the four phases against the gate's own store; a server that
+//! needs a deadline between them (nothing may be committed once the client was told TIMEOUT)
+//! runs them itself.
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,9 +27,10 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 use crate::codec::{DecodeError, Factor, Prefix, Verdict};
+use crate::store::{Committed, Effects, GateStore, Need, SessionNeed, Snapshot, UserState};
 use crate::{
-    Clock, DeviceFingerprint, DeviceRecord, LockoutPolicy, NonceError, NonceStore, Random,
-    Registry, RegistryError, RejectCode, SessionClaims, SessionId, SessionRecord, TicketKey,
+    Clock, DeviceFingerprint, DeviceRecord, LockState, LockoutPolicy, NonceError, NonceStore,
+    Random, RegistryError, RejectCode, SessionClaims, SessionId, SessionRecord, TicketKey,
 };
 
 /// A correlation id: 16 random bytes, sent in the Verdict and written in the audit record.
@@ -80,6 +97,7 @@ pub struct ConnectionFacts {
 
 /// How the second factor was proven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum AuthMethod {
     /// A TOTP code on this connection.
     Totp,
@@ -122,6 +140,8 @@ pub struct Identity {
     pub totp_time_ms: u64,
     /// The session this connection holds or was given, and when it expires.
     pub session: Option<(SessionId, u64)>,
+    /// The user's roles when the connection was decided, sorted (for per-method policy).
+    pub roles: Vec<String>,
 }
 
 /// A rule applied to an authenticated identity before its connection is accepted: return
@@ -153,6 +173,7 @@ where
 
 /// The precise internal cause of a refusal: for the audit record only, never sent to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Cause {
     /// The frame breaks the codec rules (the detail names the rule).
     Decode(DecodeError),
@@ -191,14 +212,16 @@ pub enum Cause {
     TicketBeforeBinding,
     /// The session's record was revoked.
     TicketRevoked,
+    /// A standard client's device holds no live session.
+    NoLiveSession,
     /// The connection policy refused the authenticated identity.
     PolicyDenied,
     /// The registry failed; the connection is refused (fail closed).
     Registry(String),
     /// The random source failed while sealing a ticket.
     Random,
-    /// A cause decided outside the core (server limits, deadline, ALPN, ...).
-    Other(&'static str),
+    /// A cause decided by the server around the core (limits, deadline, TLS, ...).
+    Server(ServerCause),
 }
 
 impl Cause {
@@ -224,10 +247,11 @@ impl Cause {
             Self::TicketNotForThisDevice => "ticket_not_for_this_device",
             Self::TicketBeforeBinding => "ticket_before_binding",
             Self::TicketRevoked => "ticket_revoked",
+            Self::NoLiveSession => "no_live_session",
             Self::PolicyDenied => "policy_denied",
             Self::Registry(_) => "registry_error",
             Self::Random => "random_failure",
-            Self::Other(name) => name,
+            Self::Server(cause) => cause.as_str(),
         }
     }
 }
@@ -240,6 +264,72 @@ impl fmt::Display for Cause {
             Self::Registry(e) => write!(f, "registry_error: {e}"),
             other => f.write_str(other.as_str()),
         }
+    }
+}
+
+/// The causes a server decides around the core: its limits, its deadline, and what the TLS
+/// layer saw. Every refusal or close that is not the gate's own has one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ServerCause {
+    /// The source's rate limit is spent (RATE_LIMITED).
+    RateLimited,
+    /// The rate limiter tracks as many sources as it may (OVERLOADED).
+    RateLimiterFull,
+    /// As many connections are being authenticated as allowed (OVERLOADED).
+    TooManyPending,
+    /// The client certificate is listed in a certificate revocation list (DEVICE_REVOKED).
+    CertificateRevoked,
+    /// No complete Prefix arrived within the deadline (TIMEOUT).
+    PrefixTimeout,
+    /// The decision did not finish within the deadline (TIMEOUT); nothing was committed.
+    DecisionTimeout,
+    /// A check failed unexpectedly (a panic); the connection is refused (OVERLOADED).
+    GateFailed,
+    /// The first bytes were no TLS record (a plaintext client).
+    NotTls,
+    /// The TLS handshake failed.
+    TlsHandshakeFailed,
+    /// The TLS handshake did not finish within the deadline.
+    TlsHandshakeTimeout,
+    /// The client offered no ALPN id the server speaks.
+    AlpnRefused,
+    /// The client negotiated a TLS version other than 1.3.
+    TlsVersionRefused,
+    /// The client sent no certificate the server could use.
+    NoUsableClientCertificate,
+    /// Reading the Prefix failed (the connection broke).
+    PrefixReadFailed,
+    /// The client went away before the connection was decided.
+    Abandoned,
+}
+
+impl ServerCause {
+    /// A stable snake_case name for logs, audit records and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::RateLimiterFull => "rate_limiter_full",
+            Self::TooManyPending => "too_many_pending",
+            Self::CertificateRevoked => "certificate_revoked",
+            Self::PrefixTimeout => "prefix_timeout",
+            Self::DecisionTimeout => "decision_timeout",
+            Self::GateFailed => "gate_failed",
+            Self::NotTls => "not_tls",
+            Self::TlsHandshakeFailed => "tls_handshake_failed",
+            Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::AlpnRefused => "alpn_refused",
+            Self::TlsVersionRefused => "tls_version_refused",
+            Self::NoUsableClientCertificate => "no_usable_client_certificate",
+            Self::PrefixReadFailed => "prefix_read_failed",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+impl fmt::Display for ServerCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -319,12 +409,121 @@ fn locked_out(user: &str, left_ms: u64) -> Refusal {
     .retry_after(secs)
 }
 
+fn mfa_failed(cause: Cause) -> Refusal {
+    Refusal::new(
+        RejectCode::MfaFailed,
+        cause,
+        "the one-time code was not accepted",
+    )
+}
+
 fn seconds_ceil(ms: u64) -> u32 {
     u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
 
-/// The sans-IO gate: holds the registry, the nonce store, the ticket key, the clock and the
-/// random source, and decides each Prefix in the order of PROTOCOL.md section 5.
+/// An accepted identity and, for the Verdict, the session ticket it carries and its expiry.
+type Accepted = (Identity, Option<(Vec<u8>, u64)>);
+
+/// Phase 1's answer ([`Gate::plan`]).
+#[derive(Debug)]
+pub enum Planned {
+    /// Decided without stored state: a frame that does not decode, a binding or clock that
+    /// fails. Nothing is read or written.
+    Decided(Decision),
+    /// Read [`Plan::need`], then [`Gate::decide`].
+    Fetch(Plan),
+}
+
+/// What phase 1 learnt of a connection, and what it needs read ([`Plan::need`]).
+pub struct Plan {
+    need: Need,
+    now: u64,
+    reference: Ref,
+    kind: PlanKind,
+}
+
+enum PlanKind {
+    /// A Prefix that passed binding and clock; its ticket opened (or not) under the key.
+    Prefix {
+        prefix: Prefix,
+        claims: Option<SessionClaims>,
+    },
+    /// A standard client (ALPN h2, no Prefix).
+    Standard,
+}
+
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The Prefix's factor is never shown.
+        f.debug_struct("Plan")
+            .field("need", &self.need)
+            .field("now", &self.now)
+            .field("reference", &self.reference)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plan {
+    /// What the store must read for this connection, in one read.
+    pub fn need(&self) -> &Need {
+        &self.need
+    }
+
+    /// The time of the decision, Unix ms.
+    pub fn now_ms(&self) -> u64 {
+        self.now
+    }
+
+    fn claimed_user(&self) -> Option<String> {
+        match &self.kind {
+            PlanKind::Prefix { prefix, .. } => Some(prefix.user.clone()),
+            PlanKind::Standard => None,
+        }
+    }
+
+    fn agent(&self) -> Option<String> {
+        match &self.kind {
+            PlanKind::Prefix { prefix, .. } => prefix.agent.clone(),
+            PlanKind::Standard => None,
+        }
+    }
+}
+
+/// Phase 3's answer ([`Gate::decide`]): the decision as it stands, and the [`Effects`] to
+/// commit before it holds ([`Gate::finish`]).
+pub struct Outcome {
+    effects: Effects,
+    now: u64,
+    reference: Ref,
+    claimed_user: Option<String>,
+    agent: Option<String>,
+    checked: Result<Accepted, Refusal>,
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outcome")
+            .field("effects", &self.effects)
+            .field("accepted", &self.checked.is_ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outcome {
+    /// What must be written before the decision holds ([`GateStore::commit`]).
+    pub fn effects(&self) -> &Effects {
+        &self.effects
+    }
+
+    /// Whether the connection is accepted, should the commit hold.
+    pub fn is_accept(&self) -> bool {
+        self.checked.is_ok()
+    }
+}
+
+/// The sans-IO gate: holds the store, the nonce store, the ticket key, the clock and the random
+/// source, and decides each connection in the order of PROTOCOL.md section 5, in the four
+/// phases of the [module documentation](self).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -340,7 +539,7 @@ fn seconds_ceil(ms: u64) -> u32 {
 /// let clock = Arc::new(ManualClock::new(1_700_000_000_000));
 /// let rng = Arc::new(SystemRandom::new());
 /// let key = TicketKey::generate(rng.as_ref()).unwrap();
-/// let gate = Gate::new(GateConfig::default(), registry, key, clock, rng);
+/// let gate = Gate::new(GateConfig::default(), registry.clone(), key, clock, rng);
 ///
 /// let facts = ConnectionFacts { exporter: [5; 32], fingerprint };
 /// let prefix = Prefix {
@@ -351,12 +550,19 @@ fn seconds_ceil(ms: u64) -> u32 {
 ///     binding: [5; 32],
 ///     agent: None,
 /// };
-/// let decision = gate.decide(&prefix.encode().unwrap(), &facts);
+/// // The four phases, by hand (a server runs them with a deadline in between).
+/// let Planned::Fetch(plan) = gate.plan(&prefix.encode().unwrap(), &facts) else {
+///     unreachable!("binding and clock are right");
+/// };
+/// let snapshot = registry.snapshot_now(plan.need());
+/// let outcome = gate.decide(plan, snapshot);
+/// let committed = registry.commit_now(outcome.effects());
+/// let decision = gate.finish(outcome, committed);
 /// assert_eq!(decision.outcome.unwrap().method, AuthMethod::Totp);
 /// ```
 pub struct Gate {
     config: GateConfig,
-    registry: Arc<dyn Registry>,
+    store: Arc<dyn GateStore>,
     nonces: NonceStore,
     tickets: TicketKey,
     clock: Arc<dyn Clock>,
@@ -380,7 +586,7 @@ impl Gate {
     /// still be remembered at that instant.
     pub fn new(
         config: GateConfig,
-        registry: Arc<dyn Registry>,
+        store: Arc<dyn GateStore>,
         tickets: TicketKey,
         clock: Arc<dyn Clock>,
         rng: Arc<dyn Random>,
@@ -393,7 +599,7 @@ impl Gate {
         Self {
             nonces: NonceStore::new(config.nonce_capacity, retention),
             config,
-            registry,
+            store,
             tickets,
             clock,
             rng,
@@ -412,9 +618,9 @@ impl Gate {
         &self.config
     }
 
-    /// The registry.
-    pub fn registry(&self) -> &Arc<dyn Registry> {
-        &self.registry
+    /// The store the gate reads and commits to in [`Gate::authenticate`].
+    pub fn store(&self) -> &Arc<dyn GateStore> {
+        &self.store
     }
 
     /// The nonce store (for purging and metrics).
@@ -462,149 +668,190 @@ impl Gate {
         self.refuse(code, Cause::Decode(error), &hint, None)
     }
 
-    /// Decides one Prefix frame (header and body) for a connection.
-    pub fn decide(&self, frame: &[u8], facts: &ConnectionFacts) -> Decision {
+    /// Runs the four phases for one Prefix frame (header and body) against the gate's store:
+    /// [`Gate::plan`], one snapshot, [`Gate::decide`], one commit, [`Gate::finish`].
+    pub async fn authenticate(&self, frame: &[u8], facts: &ConnectionFacts) -> Decision {
+        match self.plan(frame, facts) {
+            Planned::Decided(decision) => decision,
+            Planned::Fetch(plan) => self.run(plan).await,
+        }
+    }
+
+    /// Runs the four phases for a standard gRPC client (PROTOCOL.md section 7): a connection
+    /// that negotiated ALPN `h2` and sends no Prefix, judged on its client certificate's
+    /// fingerprint alone ([`Gate::plan_standard`]).
+    pub async fn authenticate_standard(&self, fingerprint: &DeviceFingerprint) -> Decision {
+        self.run(self.plan_standard(fingerprint)).await
+    }
+
+    /// Phases 2 to 4 for a plan, against the gate's store.
+    pub async fn run(&self, plan: Plan) -> Decision {
+        let snapshot = self.store.snapshot(plan.need()).await;
+        let outcome = self.decide(plan, snapshot);
+        let committed = self.commit(&outcome).await;
+        self.finish(outcome, committed)
+    }
+
+    /// Phase 4 against the gate's store: commits the outcome's effects (none to write: at once).
+    pub async fn commit(&self, outcome: &Outcome) -> Result<Committed, RegistryError> {
+        if outcome.effects.is_none() {
+            return Ok(Committed::Applied);
+        }
+        self.store.commit(&outcome.effects).await
+    }
+
+    /// Phase 1 for a Prefix frame (header and body): decodes it and checks what needs no
+    /// stored state, in the order of PROTOCOL.md section 5: the channel binding (in constant
+    /// time), then the clock skew. A ticket is opened here (it names the session to read).
+    pub fn plan(&self, frame: &[u8], facts: &ConnectionFacts) -> Planned {
         match Prefix::decode(frame) {
-            Ok(prefix) => self.decide_prefix(&prefix, facts),
-            Err(e) => self.refuse_decode(e),
+            Ok(prefix) => self.plan_prefix(prefix, facts),
+            Err(e) => Planned::Decided(self.refuse_decode(e)),
         }
     }
 
-    /// Decides an already decoded Prefix (steps 4.2 to 4.7).
-    pub fn decide_prefix(&self, prefix: &Prefix, facts: &ConnectionFacts) -> Decision {
+    /// Phase 1 for an already decoded Prefix ([`Gate::plan`]).
+    pub fn plan_prefix(&self, prefix: Prefix, facts: &ConnectionFacts) -> Planned {
         let now = self.clock.now_ms();
         let reference = Ref::generate(self.rng.as_ref(), now);
-        let claimed_user = Some(prefix.user.clone());
-        let agent = prefix.agent.clone();
-        let checked = self
-            .check(prefix, facts, now)
-            .and_then(|(identity, session)| {
-                self.apply_policy(&identity)?;
-                Ok((identity, session))
-            })
-            .and_then(|(identity, session)| {
-                // A new session is recorded once the connection is sure to be accepted (a
-                // session the policy refused must not let a standard client in), and no ticket
-                // goes out without its record: a registry failure refuses (fail closed).
-                if let (AuthMethod::Totp, Some((id, expires_ms))) =
-                    (identity.method, identity.session)
-                {
-                    self.registry.record_session(&SessionRecord {
-                        id,
-                        user: identity.user.clone(),
-                        fingerprint: identity.fingerprint,
-                        totp_time_ms: identity.totp_time_ms,
-                        expires_ms,
-                        revoked_ms: None,
-                    })?;
-                }
-                Ok((identity, session))
-            });
-        Self::decision(now, reference, claimed_user, agent, checked)
-    }
-
-    /// Decides a standard gRPC client (PROTOCOL.md section 7): a connection that negotiated
-    /// ALPN `h2` and sends no Prefix, judged on its client certificate's fingerprint alone.
-    /// The device must be bound and not revoked, its user not locked out, and the device must
-    /// hold a live session in the registry (a service account's device needs none); the
-    /// connection policy then applies. The decision's `claimed_user` is the user the device is
-    /// bound to, when known; its Verdict is what a refusal's gRPC status carries.
-    pub fn decide_standard(&self, fingerprint: &DeviceFingerprint) -> Decision {
-        let now = self.clock.now_ms();
-        let reference = Ref::generate(self.rng.as_ref(), now);
-        let mut user = None;
-        let checked = self
-            .check_standard(fingerprint, now, &mut user)
-            .and_then(|identity| {
-                self.apply_policy(&identity)?;
-                Ok((identity, None))
-            });
-        Self::decision(now, reference, user, None, checked)
-    }
-
-    fn check_standard(
-        &self,
-        fp: &DeviceFingerprint,
-        now: u64,
-        user: &mut Option<String>,
-    ) -> Result<Identity, Refusal> {
-        let device = self.registry.device_by_fingerprint(fp)?.ok_or_else(|| {
-            Refusal::new(
-                RejectCode::DeviceUnknown,
-                Cause::DeviceUnknown,
-                format!(
-                    "device {fp} is bound to no user; bind it with portcullis device bind, then run \
-                     portcullis login"
-                ),
-            )
-        })?;
-        *user = Some(device.user.clone());
-        if device.is_revoked() {
-            return Err(Refusal::new(
-                RejectCode::DeviceRevoked,
-                Cause::DeviceRevoked,
-                format!(
-                    "device {} ({fp}) was revoked; use a device that is bound to you",
-                    device.name
-                ),
+        if let Err(refusal) = self.check_stateless(&prefix, facts, now) {
+            let claimed_user = Some(prefix.user.clone());
+            let agent = prefix.agent.clone();
+            return Planned::Decided(Self::decision(
+                now,
+                reference,
+                claimed_user,
+                agent,
+                Err(refusal),
             ));
         }
-        if let Some(left) = self.registry.lock_state(&device.user)?.remaining_ms(now) {
-            return Err(locked_out(&device.user, left));
-        }
-        // A service account has no second factor: a bound, non-revoked device of it is let in
-        // on its key alone, without a session. The per-method policy then admits it only to the
-        // methods a rule grants it by name or role.
-        if self.registry.user(&device.user)?.is_some_and(|u| u.service) {
-            return Ok(Identity {
-                user: device.user.clone(),
-                device_name: device.name.clone(),
-                fingerprint: device.fingerprint,
-                method: AuthMethod::Device,
-                totp_time_ms: now,
-                session: None,
-            });
-        }
-        if self.config.session_ttl_ms.is_none() {
-            return Err(Refusal::new(
-                RejectCode::MfaRequired,
-                Cause::SessionsDisabled,
-                "sessions are off on this server, so a standard gRPC client cannot be let in; \
-                 use a Portcullis client",
-            ));
-        }
-        let no_session = |cause: Cause| {
-            Refusal::new(
-                RejectCode::MfaRequired,
-                cause,
-                format!(
-                    "no live session for device {} ({fp}); run portcullis login",
-                    device.name
-                ),
-            )
+        let (secret, claims) = match &prefix.factor {
+            Factor::Totp(_) => (true, None),
+            Factor::Session(ticket) if self.config.session_ttl_ms.is_some() => {
+                (false, self.tickets.open(ticket))
+            }
+            Factor::Session(_) => (false, None),
         };
-        let session = self
-            .registry
-            .live_session_for_device(fp, now)?
-            .ok_or_else(|| no_session(Cause::Other("no_live_session")))?;
-        // The registry answers for the active binding; checked again here, fail closed.
-        if session.user != device.user || session.fingerprint != device.fingerprint {
-            return Err(no_session(Cause::TicketNotForThisDevice));
-        }
-        if session.totp_time_ms < device.created_ms {
-            return Err(no_session(Cause::TicketBeforeBinding));
-        }
-        if !session.is_live(now) {
-            return Err(no_session(Cause::TicketExpired));
-        }
-        Ok(Identity {
-            user: device.user,
-            device_name: device.name,
-            fingerprint: device.fingerprint,
-            method: AuthMethod::Session,
-            totp_time_ms: session.totp_time_ms,
-            session: Some((session.id, session.expires_ms)),
+        let session = match &claims {
+            Some(c) => SessionNeed::ById(c.id),
+            None => SessionNeed::None,
+        };
+        Planned::Fetch(Plan {
+            need: Need {
+                fingerprint: facts.fingerprint,
+                secret,
+                session,
+                now_ms: now,
+            },
+            now,
+            reference,
+            kind: PlanKind::Prefix { prefix, claims },
         })
+    }
+
+    /// Phase 1 for a standard gRPC client (PROTOCOL.md section 7): nothing to check without
+    /// state; the device, its user and the device's live session are to be read.
+    pub fn plan_standard(&self, fingerprint: &DeviceFingerprint) -> Plan {
+        let now = self.clock.now_ms();
+        let reference = Ref::generate(self.rng.as_ref(), now);
+        let session = if self.config.session_ttl_ms.is_some() {
+            SessionNeed::LiveForDevice
+        } else {
+            SessionNeed::None
+        };
+        Plan {
+            need: Need {
+                fingerprint: *fingerprint,
+                secret: false,
+                session,
+                now_ms: now,
+            },
+            now,
+            reference,
+            kind: PlanKind::Standard,
+        }
+    }
+
+    /// Phase 3: judges the snapshot read for `plan` (or the failure to read it, which refuses
+    /// with OVERLOADED: fail closed) in the order of PROTOCOL.md section 5 (device binding,
+    /// lockout, nonce, factor, then the connection policy). No I/O: the only state it changes
+    /// is the gate's own nonce store. The [`Outcome`] holds once its effects are committed
+    /// ([`Gate::finish`]).
+    pub fn decide(&self, plan: Plan, snapshot: Result<Snapshot, RegistryError>) -> Outcome {
+        let claimed_user = plan.claimed_user();
+        let agent = plan.agent();
+        let Plan {
+            need,
+            now,
+            reference,
+            kind,
+        } = plan;
+        let fp = need.fingerprint;
+        // The claimed user of a standard client is the user its device is bound to.
+        let device_user = match (&kind, &snapshot) {
+            (PlanKind::Standard, Ok(s)) => s.device.as_ref().map(|d| d.user.clone()),
+            _ => None,
+        };
+        let claimed_user = claimed_user.or(device_user);
+        let mut effects = Effects::None;
+        let checked = match snapshot {
+            Err(e) => Err(Refusal::from(e)),
+            Ok(snapshot) => match &kind {
+                PlanKind::Prefix { prefix, claims } => {
+                    self.check_prefix(prefix, claims.as_ref(), &fp, snapshot, now, &mut effects)
+                }
+                PlanKind::Standard => self.check_standard(&fp, snapshot, now).map(|i| (i, None)),
+            },
+        };
+        let checked = checked.and_then(|(identity, session)| match self.apply_policy(&identity) {
+            Ok(()) => Ok((identity, session)),
+            Err(refusal) => {
+                // A refused connection gets no session (it must not let a standard client
+                // in); the code it spent stays spent.
+                if let Effects::AcceptStep { session, .. } = &mut effects {
+                    *session = None;
+                }
+                Err(refusal)
+            }
+        });
+        Outcome {
+            effects,
+            now,
+            reference,
+            claimed_user,
+            agent,
+            checked,
+        }
+    }
+
+    /// Phase 4's end: the [`Decision`] once the outcome's effects were committed (or failed to
+    /// be). A commit that lost its condition turns the outcome into the refusal it now is: the
+    /// step taken meanwhile is a reused code (MFA_FAILED), a lockout set off meanwhile is
+    /// LOCKED_OUT. A failed commit refuses with OVERLOADED (fail closed).
+    pub fn finish(&self, outcome: Outcome, committed: Result<Committed, RegistryError>) -> Decision {
+        let Outcome {
+            effects,
+            now,
+            reference,
+            claimed_user,
+            agent,
+            checked,
+        } = outcome;
+        let checked = match committed {
+            Err(e) => Err(Refusal::from(e)),
+            Ok(Committed::Applied) => checked,
+            Ok(Committed::StepTaken(_)) => Err(mfa_failed(Cause::CodeReused)),
+            Ok(Committed::LockedOut(state)) => {
+                let user = match &effects {
+                    Effects::AcceptStep { user, .. } | Effects::ChargeFailure { user, .. } => {
+                        user.as_str()
+                    }
+                    Effects::None => claimed_user.as_deref().unwrap_or(""),
+                };
+                Err(locked_out(user, state.remaining_ms(now).unwrap_or(1)))
+            }
+        };
+        Self::decision(now, reference, claimed_user, agent, checked)
     }
 
     /// The connection policy's answer for an authenticated identity (POLICY_DENIED).
@@ -620,13 +867,12 @@ impl Gate {
     }
 
     /// The Decision of a check's outcome: the Verdict to write, the identity or the refusal.
-    #[allow(clippy::type_complexity)]
     fn decision(
         now: u64,
         reference: Ref,
         claimed_user: Option<String>,
         agent: Option<String>,
-        checked: Result<(Identity, Option<(Vec<u8>, u64)>), Refusal>,
+        checked: Result<Accepted, Refusal>,
     ) -> Decision {
         match checked {
             Ok((identity, session)) => Decision {
@@ -649,14 +895,13 @@ impl Gate {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn check(
+    /// Steps 4.2 and 4.3: channel binding (in constant time) and clock skew.
+    fn check_stateless(
         &self,
         prefix: &Prefix,
         facts: &ConnectionFacts,
         now: u64,
-    ) -> Result<(Identity, Option<(Vec<u8>, u64)>), Refusal> {
-        // 4.2 channel binding, in constant time.
+    ) -> Result<(), Refusal> {
         if !bool::from(prefix.binding.ct_eq(&facts.exporter)) {
             return Err(Refusal::new(
                 RejectCode::BindingMismatch,
@@ -665,7 +910,6 @@ impl Gate {
                  server terminates TLS (a proxy or load balancer); connect directly",
             ));
         }
-        // 4.3 clock skew.
         let diff = i128::from(prefix.time_ms) - i128::from(now);
         if diff.unsigned_abs() > u128::from(self.config.clock_skew_ms) {
             let secs = diff.unsigned_abs().div_ceil(1000);
@@ -680,10 +924,47 @@ impl Gate {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Steps 4.4 to 4.7 on the snapshot.
+    fn check_prefix(
+        &self,
+        prefix: &Prefix,
+        claims: Option<&SessionClaims>,
+        fp: &DeviceFingerprint,
+        snapshot: Snapshot,
+        now: u64,
+        effects: &mut Effects,
+    ) -> Result<Accepted, Refusal> {
         // 4.4 device binding.
-        let device = self.device(prefix, facts)?;
+        let device = snapshot.device.ok_or_else(|| {
+            Refusal::new(
+                RejectCode::DeviceUnknown,
+                Cause::DeviceUnknown,
+                format!("device {fp} is bound to no user; bind it with `portcullis device bind`"),
+            )
+        })?;
+        if device.is_revoked() {
+            return Err(Refusal::new(
+                RejectCode::DeviceRevoked,
+                Cause::DeviceRevoked,
+                format!("device {} ({fp}) was revoked", device.name),
+            ));
+        }
+        if device.user != prefix.user {
+            return Err(Refusal::new(
+                RejectCode::UserMismatch,
+                Cause::UserMismatch,
+                format!(
+                    "device {} is not bound to user {}; use the user it was issued for",
+                    device.name, prefix.user
+                ),
+            ));
+        }
         // 4.5 lockout.
-        let lock = self.registry.lock_state(&prefix.user)?;
+        let user = snapshot.user;
+        let lock = user.as_ref().map(|u| u.lock).unwrap_or_default();
         if let Some(left) = lock.remaining_ms(now) {
             return Err(locked_out(&prefix.user, left));
         }
@@ -710,62 +991,30 @@ impl Gate {
         // handshake and the binding above) is its factor, so the frame's factor is not checked,
         // no failure is charged and no session is issued. What it may call is limited by the
         // per-method policy, which admits a service account only where a rule names it.
-        if let Some(user) = self.registry.user(&prefix.user)?
+        if let Some(user) = &user
             && user.service
         {
-            let identity = Identity {
-                user: user.name,
-                device_name: device.name.clone(),
-                fingerprint: device.fingerprint,
-                method: AuthMethod::Device,
-                totp_time_ms: now,
-                session: None,
-            };
-            return Ok((identity, None));
+            return Ok((identity(&device, user, AuthMethod::Device, now, None), None));
         }
         match &prefix.factor {
-            Factor::Session(ticket) => self.check_session(ticket, prefix, &device, now),
-            Factor::Totp(code) => self.check_totp(code, prefix, &device, now),
+            Factor::Session(ticket) => {
+                self.check_session(ticket, claims, prefix, &device, user, snapshot.session, now)
+            }
+            Factor::Totp(code) => self.check_totp(code, &device, user, now, effects),
         }
     }
 
-    fn device(&self, prefix: &Prefix, facts: &ConnectionFacts) -> Result<DeviceRecord, Refusal> {
-        let fp = facts.fingerprint;
-        let device = self.registry.device_by_fingerprint(&fp)?.ok_or_else(|| {
-            Refusal::new(
-                RejectCode::DeviceUnknown,
-                Cause::DeviceUnknown,
-                format!("device {fp} is bound to no user; bind it with `portcullis device bind`"),
-            )
-        })?;
-        if device.is_revoked() {
-            return Err(Refusal::new(
-                RejectCode::DeviceRevoked,
-                Cause::DeviceRevoked,
-                format!("device {} ({fp}) was revoked", device.name),
-            ));
-        }
-        if device.user != prefix.user {
-            return Err(Refusal::new(
-                RejectCode::UserMismatch,
-                Cause::UserMismatch,
-                format!(
-                    "device {} is not bound to user {}; use the user it was issued for",
-                    device.name, prefix.user
-                ),
-            ));
-        }
-        Ok(device)
-    }
-
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     fn check_session(
         &self,
         ticket: &[u8],
+        claims: Option<&SessionClaims>,
         prefix: &Prefix,
         device: &DeviceRecord,
+        user: Option<UserState>,
+        record: Option<SessionRecord>,
         now: u64,
-    ) -> Result<(Identity, Option<(Vec<u8>, u64)>), Refusal> {
+    ) -> Result<Accepted, Refusal> {
         let refuse = |cause: Cause| {
             Refusal::new(
                 RejectCode::MfaRequired,
@@ -776,10 +1025,7 @@ impl Gate {
         if self.config.session_ttl_ms.is_none() {
             return Err(refuse(Cause::SessionsDisabled));
         }
-        let claims: SessionClaims = self
-            .tickets
-            .open(ticket)
-            .ok_or_else(|| refuse(Cause::TicketInvalid))?;
+        let claims = claims.ok_or_else(|| refuse(Cause::TicketInvalid))?;
         if claims.user != prefix.user || claims.fingerprint != device.fingerprint {
             return Err(refuse(Cause::TicketNotForThisDevice));
         }
@@ -792,7 +1038,7 @@ impl Gate {
         // The ticket must also have a live record: revoking the record (`portcullis session
         // revoke`, a revoked device or user) ends the session, and a ticket whose record is
         // gone or does not match is not one this server issued.
-        let Some(record) = self.registry.session(&claims.id)? else {
+        let Some(record) = record.filter(|r| r.id == claims.id) else {
             return Err(refuse(Cause::TicketInvalid));
         };
         if record.revoked_ms.is_some() {
@@ -808,64 +1054,50 @@ impl Gate {
         if !record.is_live(now) {
             return Err(refuse(Cause::TicketExpired));
         }
-        let identity = Identity {
-            user: claims.user,
-            device_name: device.name.clone(),
-            fingerprint: device.fingerprint,
-            method: crate::AuthMethod::Session,
-            totp_time_ms: claims.totp_time_ms,
-            session: Some((claims.id, claims.expires_ms)),
+        let Some(user) = user else {
+            return Err(refuse(Cause::TicketInvalid));
         };
+        let identity = identity(
+            device,
+            &user,
+            AuthMethod::Session,
+            claims.totp_time_ms,
+            Some((claims.id, claims.expires_ms)),
+        );
         Ok((identity, Some((ticket.to_vec(), claims.expires_ms))))
     }
 
-    #[allow(clippy::type_complexity)]
+    /// The code against the snapshot. Whatever the code, the result is one write: a matching
+    /// step to accept ([`Effects::AcceptStep`]), or a failure to charge
+    /// ([`Effects::ChargeFailure`]) for a wrong code, a reused one, or a user without a factor.
     fn check_totp(
         &self,
         code: &str,
-        prefix: &Prefix,
         device: &DeviceRecord,
+        user: Option<UserState>,
         now: u64,
-    ) -> Result<(Identity, Option<(Vec<u8>, u64)>), Refusal> {
-        let mfa_failed = |cause| {
-            Refusal::new(
-                RejectCode::MfaFailed,
-                cause,
-                "the one-time code was not accepted",
-            )
-        };
-        let Some(user) = self.registry.user(&prefix.user)? else {
+        effects: &mut Effects,
+    ) -> Result<Accepted, Refusal> {
+        let Some(user) = user else {
             return Err(mfa_failed(Cause::NoFactor));
         };
-        // Charge the attempt as a failure before the code is checked, in one atomic step with
-        // the lock check: attempts racing each other cannot all find the user unlocked, and
-        // a registry failure refuses before the code is tried. A success clears the count.
-        let policy = self.config.lockout;
-        let mut locked_for = None;
-        self.registry.update_lock_state(
-            &prefix.user,
-            &mut |state| match state.remaining_ms(now) {
-                Some(left) => {
-                    locked_for = Some(left);
-                    state
-                }
-                None => policy.after_failure(state, now),
-            },
-        )?;
-        if let Some(left) = locked_for {
-            return Err(locked_out(&prefix.user, left));
-        }
+        let lockout = self.config.lockout;
+        let charge = Effects::ChargeFailure {
+            user: user.name.clone(),
+            now_ms: now,
+            lockout,
+        };
         let Some(totp) = user.totp.as_ref() else {
+            *effects = charge;
             return Err(mfa_failed(Cause::NoFactor));
         };
-        match totp.matching_step(code, now / 1000) {
-            None => return Err(mfa_failed(Cause::CodeWrong)),
-            // Single use and "a success clears the count" in one registry change.
-            Some(step) => {
-                if !self.registry.accept_totp_step(&prefix.user, step)? {
-                    return Err(mfa_failed(Cause::CodeReused));
-                }
-            }
+        let Some(step) = totp.matching_step(code, now / 1000) else {
+            *effects = charge;
+            return Err(mfa_failed(Cause::CodeWrong));
+        };
+        if user.last_step.is_some_and(|last| last >= step) {
+            *effects = charge;
+            return Err(mfa_failed(Cause::CodeReused));
         }
         let session = match self.config.session_ttl_ms {
             Some(ttl) => {
@@ -881,7 +1113,7 @@ impl Gate {
                 self.rng.fill(&mut id).map_err(|e| cannot_issue(e.into()))?;
                 let claims = SessionClaims {
                     id: SessionId(id),
-                    user: prefix.user.clone(),
+                    user: user.name.clone(),
                     fingerprint: device.fingerprint,
                     totp_time_ms: now,
                     expires_ms: now.saturating_add(ttl),
@@ -894,14 +1126,130 @@ impl Gate {
             }
             None => None,
         };
-        let identity = Identity {
-            user: prefix.user.clone(),
-            device_name: device.name.clone(),
-            fingerprint: device.fingerprint,
-            method: crate::AuthMethod::Totp,
-            totp_time_ms: now,
-            session: session.as_ref().map(|(c, _)| (c.id, c.expires_ms)),
+        *effects = Effects::AcceptStep {
+            user: user.name.clone(),
+            step,
+            now_ms: now,
+            lockout,
+            session: session.as_ref().map(|(c, _)| SessionRecord {
+                id: c.id,
+                user: c.user.clone(),
+                fingerprint: c.fingerprint,
+                totp_time_ms: c.totp_time_ms,
+                expires_ms: c.expires_ms,
+                revoked_ms: None,
+            }),
         };
+        let identity = identity(
+            device,
+            &user,
+            AuthMethod::Totp,
+            now,
+            session.as_ref().map(|(c, _)| (c.id, c.expires_ms)),
+        );
         Ok((identity, session.map(|(c, t)| (t, c.expires_ms))))
+    }
+
+    /// Section 7 on the snapshot: the device must be bound and not revoked, its user not locked
+    /// out, and the device must hold a live session (a service account's device needs none).
+    fn check_standard(
+        &self,
+        fp: &DeviceFingerprint,
+        snapshot: Snapshot,
+        now: u64,
+    ) -> Result<Identity, Refusal> {
+        let Some(device) = snapshot.device else {
+            return Err(Refusal::new(
+                RejectCode::DeviceUnknown,
+                Cause::DeviceUnknown,
+                format!(
+                    "device {fp} is bound to no user; bind it with portcullis device bind, then \
+                     run portcullis login"
+                ),
+            ));
+        };
+        if device.is_revoked() {
+            return Err(Refusal::new(
+                RejectCode::DeviceRevoked,
+                Cause::DeviceRevoked,
+                format!(
+                    "device {} ({fp}) was revoked; use a device that is bound to you",
+                    device.name
+                ),
+            ));
+        }
+        let user = snapshot.user;
+        let lock: LockState = user.as_ref().map(|u| u.lock).unwrap_or_default();
+        if let Some(left) = lock.remaining_ms(now) {
+            return Err(locked_out(&device.user, left));
+        }
+        // A service account has no second factor: a bound, non-revoked device of it is let in
+        // on its key alone, without a session. The per-method policy then admits it only to the
+        // methods a rule grants it by name or role.
+        if let Some(user) = &user
+            && user.service
+        {
+            return Ok(identity(&device, user, AuthMethod::Device, now, None));
+        }
+        if self.config.session_ttl_ms.is_none() {
+            return Err(Refusal::new(
+                RejectCode::MfaRequired,
+                Cause::SessionsDisabled,
+                "sessions are off on this server, so a standard gRPC client cannot be let in; \
+                 use a Portcullis client",
+            ));
+        }
+        let no_session = |cause: Cause| {
+            Refusal::new(
+                RejectCode::MfaRequired,
+                cause,
+                format!(
+                    "no live session for device {} ({fp}); run portcullis login",
+                    device.name
+                ),
+            )
+        };
+        let session = snapshot
+            .session
+            .ok_or_else(|| no_session(Cause::NoLiveSession))?;
+        // The store answers for the active binding; checked again here, fail closed.
+        if session.user != device.user || session.fingerprint != device.fingerprint {
+            return Err(no_session(Cause::TicketNotForThisDevice));
+        }
+        if session.totp_time_ms < device.created_ms {
+            return Err(no_session(Cause::TicketBeforeBinding));
+        }
+        if !session.is_live(now) {
+            return Err(no_session(Cause::TicketExpired));
+        }
+        let Some(user) = user else {
+            return Err(no_session(Cause::NoFactor));
+        };
+        Ok(identity(
+            &device,
+            &user,
+            AuthMethod::Session,
+            session.totp_time_ms,
+            Some((session.id, session.expires_ms)),
+        ))
+    }
+}
+
+/// The identity of an accepted connection.
+fn identity(
+    device: &DeviceRecord,
+    user: &UserState,
+    method: AuthMethod,
+    totp_time_ms: u64,
+    session: Option<(SessionId, u64)>,
+) -> Identity {
+    Identity {
+        user: user.name.clone(),
+        device_name: device.name.clone(),
+        fingerprint: device.fingerprint,
+        method,
+        totp_time_ms,
+        session,
+        roles: user.roles.clone(),
     }
 }

@@ -6,13 +6,15 @@
 //!
 //! - [`codec`]: the PCS1 frames (Prefix and Verdict), strict in what they accept;
 //! - [`Gate`]: the ordered decision of PROTOCOL.md section 5 (binding, clock skew, device
-//!   binding, lockout, nonce, factor);
+//!   binding, lockout, nonce, factor), in four phases: plan, fetch, decide, commit;
 //! - [`TotpConfig`]: RFC 6238 codes on top of `totp-rs`, single use per time step through the
 //!   [`Registry`];
 //! - [`NonceStore`]: the replay-nonce store (expiring entries, a hard cap, fail closed);
 //! - [`TicketKey`]: session tickets sealed with AES-256-GCM;
 //! - [`LockoutPolicy`]: 5 failed codes lock a user out, with doubling waits;
-//! - [`Registry`]: users and device bindings, with [`MemoryRegistry`] for tests;
+//! - [`store`]: what the gate reads and writes ([`GateStore`]: one snapshot, one conditional
+//!   commit), the sessions ([`SessionStore`]) and the administration ([`Admin`]), with
+//!   [`MemoryRegistry`] implementing all three;
 //! - [`RejectCode`]: the stable reasons a client can act on.
 //!
 //! The I/O lives elsewhere: `portcullis-tls` (rustls), `portcullis-server` (the acceptor in front
@@ -26,22 +28,29 @@ mod env;
 mod fingerprint;
 mod lockout;
 mod nonce;
+mod memory;
 mod registry;
 mod reject;
+pub mod store;
 mod ticket;
 mod totp;
 
 pub use decision::{
     AuthMethod, Cause, ConnectionFacts, ConnectionPolicy, Decision, Gate, GateConfig, Identity,
-    Ref, Rejection,
+    Outcome, Plan, Planned, Ref, Rejection, ServerCause,
 };
 pub use env::{Clock, ManualClock, OffsetClock, Random, RandomError, SystemClock, SystemRandom};
 pub use fingerprint::{DeviceFingerprint, FingerprintParseError};
 pub use lockout::{LockState, LockoutPolicy};
 pub use nonce::{NonceError, NonceStore};
+pub use memory::MemoryRegistry;
 pub use registry::{
-    DeviceRecord, MemoryRegistry, Registry, RegistryError, SessionRecord, UserRecord, check_name,
-    check_role, normalize_roles,
+    DeviceRecord, RegistryError, SessionRecord, UserRecord, check_name, check_role,
+    normalize_roles,
+};
+pub use store::{
+    Admin, Committed, Effects, GateStore, Need, Registry, SessionNeed, SessionStore, Snapshot,
+    StoreFuture, UserState,
 };
 pub use reject::RejectCode;
 pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};

@@ -5,6 +5,7 @@ use std::fmt;
 /// Why a server refused a connection: the STATUS byte of a rejecting Verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum RejectCode {
     /// The Prefix breaks section 2 or 3.
     Malformed = 1,
