@@ -1,11 +1,12 @@
 //! # portcullis-store
 //!
-//! The embedded registry of Portcullis: [`SqliteRegistry`] implements
-//! [`portcullis_core::Registry`] on a single SQLite file, with the same behaviour as
-//! [`portcullis_core::MemoryRegistry`].
+//! The embedded registry of Portcullis: [`SqliteRegistry`] implements the store traits of
+//! [`portcullis_core::store`] ([`GateStore`], [`SessionStore`], [`Admin`]) on a single SQLite
+//! file, with the same behaviour as [`portcullis_core::MemoryRegistry`]: both pass the
+//! conformance suite of `portcullis-core`'s `test-util` feature.
 //!
 //! ```
-//! use portcullis_core::{DeviceFingerprint, Registry, TotpAlgorithm, TotpConfig};
+//! use portcullis_core::*;
 //! use portcullis_store::{SecretKey, SqliteRegistry};
 //!
 //! let dir = tempfile::tempdir().unwrap();
@@ -15,9 +16,21 @@
 //! registry.add_user("alice", totp, 0).unwrap();
 //! let fp = DeviceFingerprint::from_bytes([1; 32]);
 //! registry.bind_device("laptop", "alice", &fp, 0).unwrap();
-//! assert_eq!(registry.device_by_fingerprint(&fp).unwrap().unwrap().user, "alice");
-//! assert!(registry.advance_totp_step("alice", 10).unwrap());
-//! assert!(!registry.advance_totp_step("alice", 10).unwrap());
+//!
+//! // What the gate does per connection: one read, then one conditional write.
+//! let need = Need { fingerprint: fp, secret: true, session: SessionNeed::None, now_ms: 300_000 };
+//! let snapshot = registry.snapshot_now(&need).unwrap();
+//! assert_eq!(snapshot.user.unwrap().name, "alice");
+//! let accept = Effects::AcceptStep {
+//!     user: "alice".into(),
+//!     step: 10,
+//!     now_ms: 300_000,
+//!     lockout: LockoutPolicy::default(),
+//!     session: None,
+//! };
+//! assert_eq!(registry.commit_now(&accept).unwrap(), Committed::Applied);
+//! // The same step again has lost its condition: a failure is charged instead.
+//! assert!(matches!(registry.commit_now(&accept).unwrap(), Committed::StepTaken(_)));
 //! ```
 //!
 //! ## Sharing the file
@@ -27,7 +40,14 @@
 //! process is refused by the next connection. The database runs in WAL mode (readers do not wait
 //! for a writer), a connection waits up to 5 seconds for another one's write lock, and every
 //! change is one statement or one `BEGIN IMMEDIATE` transaction, so that
-//! [`Registry::advance_totp_step`] accepts a TOTP step once across all processes.
+//! [`GateStore::commit`] accepts a TOTP step once across all processes.
+//!
+//! ## The accept path
+//!
+//! Per connection, the gate makes one read transaction ([`SqliteRegistry::snapshot_now`]: the
+//! device joined with its user, then the session) on a connection of its own, and at most one
+//! write transaction ([`SqliteRegistry::commit_now`]: none for a session ticket). Statements are
+//! prepared once and cached; the sealed secret is opened once, after the connection is released.
 //!
 //! ## Secrets at rest
 //!
@@ -63,11 +83,11 @@
 //! table of session records. Tickets issued before have no record and are refused once: their
 //! holders send a one-time code again. A registry of version 3 (or older) is migrated to version
 //! 4 when it is opened: users gain a service flag ([`UserRecord::service`]) and roles
-//! ([`Registry::user_roles`]); existing users are not service accounts and hold no role.
+//! ([`Admin::user_roles`]); existing users are not service accounts and hold no role.
 //!
 //! ## Sessions
 //!
-//! Every session the gate issues is recorded ([`Registry::record_session`]) with its user,
+//! Every session the gate issues is recorded by the commit that accepts its code, with its user,
 //! device fingerprint, TOTP time and expiry, and stays until some time after it expires:
 //! recording a session deletes a bounded number of records that expired by then (by the
 //! session's own time and by the registry's clock, whichever is earlier). Revoking a session,
@@ -77,6 +97,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod gate;
 mod schema;
 mod secret;
 
@@ -86,9 +107,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use portcullis_core::store::ready;
 use portcullis_core::{
-    Clock, DeviceFingerprint, DeviceRecord, LockState, Registry, RegistryError, SessionId,
-    SessionRecord, SystemClock, TotpAlgorithm, TotpConfig, UserRecord, check_name, normalize_roles,
+    Admin, Clock, Committed, DeviceFingerprint, DeviceRecord, Effects, GateStore, LockState, Need,
+    RegistryError, SessionId, SessionRecord, SessionStore, Snapshot, StoreFuture, SystemClock,
+    TotpAlgorithm, TotpConfig, UserRecord, check_name, normalize_roles,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use zeroize::Zeroizing;
@@ -111,7 +134,10 @@ pub const APPLICATION_ID: u32 = 0x5043_5331;
 /// `Send + Sync`). Other processes may open the same file at the same time.
 pub struct SqliteRegistry {
     path: PathBuf,
+    /// Changes: commits and every administrative call.
     conn: Mutex<Connection>,
+    /// The gate's snapshots: in WAL mode a reader never waits for the writer.
+    reader: Mutex<Connection>,
     clock: Arc<dyn Clock>,
     sealer: Sealer,
 }
@@ -181,14 +207,14 @@ impl SqliteRegistry {
         let conn = schema::connect(path, &sealer)?;
         // After the migration, which seals a version 1 registry's secrets under this key.
         schema::check_key(&conn, path, &sealer)?;
-        Ok(Self::with_connection(path, conn, sealer))
+        Self::with_connection(path, conn, sealer)
     }
 
     fn create_sealed_by(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         let file = create_private_file(path)?;
         drop(file);
-        match schema::connect(path, &sealer) {
-            Ok(conn) => Ok(Self::with_connection(path, conn, sealer)),
+        match schema::connect(path, &sealer).and_then(|conn| Self::with_connection(path, conn, sealer)) {
+            Ok(registry) => Ok(registry),
             Err(e) => {
                 remove_database_files(path);
                 Err(e)
@@ -221,20 +247,33 @@ impl SqliteRegistry {
         self.sealer.is_sealed()
     }
 
-    fn with_connection(path: &Path, conn: Connection, sealer: Sealer) -> Self {
-        Self {
+    /// The registry on `conn` (set up and migrated), with a second connection for the gate's
+    /// reads.
+    fn with_connection(path: &Path, conn: Connection, sealer: Sealer) -> Result<Self, StoreError> {
+        let reader = schema::connect(path, &sealer)?;
+        Ok(Self {
             path: path.to_owned(),
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             clock: Arc::new(SystemClock),
             sealer,
-        }
+        })
     }
 
-    /// The connection. A panic while it was held (in an [`Registry::update_lock_state`] closure,
-    /// say) rolled its transaction back when the transaction was dropped, so the connection is
-    /// still sound and is used on.
+    /// The connection. A panic while it was held rolled its transaction back when the
+    /// transaction was dropped, so the connection is still sound and is used on.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The writer connection (an alias of the administrative one), for the gate's commits.
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        self.conn()
+    }
+
+    /// The reader connection, for the gate's snapshots.
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A SQLite failure. The message is SQLite's, which never contains bound values (secrets).
@@ -437,10 +476,6 @@ impl DeviceRow {
 /// The columns of a session record, in the order [`SessionRow::read`] reads them.
 const SESSION_COLUMNS: &str = "id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms";
 
-/// [`SESSION_COLUMNS`] of the table aliased `s`.
-const SESSION_COLUMNS_S: &str =
-    "s.id, s.user, s.fingerprint, s.totp_time_ms, s.expires_ms, s.revoked_ms";
-
 /// The most expired session records one new session deletes.
 const PURGE_BATCH: i64 = 64;
 
@@ -496,186 +531,17 @@ impl UserRow {
     }
 }
 
-impl Registry for SqliteRegistry {
-    fn device_by_fingerprint(
-        &self,
-        fingerprint: &DeviceFingerprint,
-    ) -> Result<Option<DeviceRecord>, RegistryError> {
-        let conn = self.conn();
-        let row = conn
-            .prepare_cached(
-                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
-                 WHERE fingerprint = ?1
-                 ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
-            )
-            .and_then(|mut stmt| {
-                stmt.query_row(params![fingerprint.as_bytes()], DeviceRow::read)
-                    .optional()
-            })
-            .map_err(|e| self.backend(e))?;
-        row.map(|r| self.device_record(r)).transpose()
+impl GateStore for SqliteRegistry {
+    fn snapshot<'a>(&'a self, need: &'a Need) -> StoreFuture<'a, Snapshot> {
+        ready(self.snapshot_now(need))
     }
 
-    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
-        let conn = self.conn();
-        let row = conn
-            .prepare_cached(
-                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
-                 WHERE name = ?1
-                 ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
-            )
-            .and_then(|mut stmt| stmt.query_row(params![name], DeviceRow::read).optional())
-            .map_err(|e| self.backend(e))?;
-        row.map(|r| self.device_record(r)).transpose()
+    fn commit<'a>(&'a self, effects: &'a Effects) -> StoreFuture<'a, Committed> {
+        ready(self.commit_now(effects))
     }
+}
 
-    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
-        let conn = self.conn();
-        let row = conn
-            .prepare_cached(
-                "SELECT name, totp_secret, digits, algorithm, period, created_ms, service FROM users
-                 WHERE name = ?1",
-            )
-            .and_then(|mut stmt| stmt.query_row(params![name], UserRow::read).optional())
-            .map_err(|e| self.backend(e))?;
-        row.map(|r| self.user_record(r)).transpose()
-    }
-
-    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
-        self.set_step_if_later(user, step, false)
-    }
-
-    fn accept_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
-        self.set_step_if_later(user, step, true)
-    }
-
-    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
-        let conn = self.conn();
-        let row = conn
-            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row(params![user], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-            })
-            .map_err(|e| self.backend(e))?;
-        match row {
-            None => Ok(LockState::default()),
-            Some((failures, locked_until_ms)) => {
-                self.lock_from_row(user, failures, locked_until_ms)
-            }
-        }
-    }
-
-    fn update_lock_state(
-        &self,
-        user: &str,
-        update: &mut dyn FnMut(LockState) -> LockState,
-    ) -> Result<LockState, RegistryError> {
-        let mut conn = self.conn();
-        // IMMEDIATE takes the write lock before the read, so no other connection changes the
-        // state between the read and the write.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.backend(e))?;
-        let row = tx
-            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row(params![user], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-            })
-            .map_err(|e| self.backend(e))?;
-        let Some((failures, locked_until_ms)) = row else {
-            return Err(RegistryError::NotFound(format!("user {user}")));
-        };
-        let current = self.lock_from_row(user, failures, locked_until_ms)?;
-        let wanted = update(current);
-        let stored = LockState {
-            failures: wanted.failures,
-            locked_until_ms: wanted.locked_until_ms.min(i64::MAX as u64),
-        };
-        tx.prepare_cached("UPDATE users SET failures = ?2, locked_until_ms = ?3 WHERE name = ?1")
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    user,
-                    i64::from(stored.failures),
-                    db_ms(stored.locked_until_ms)
-                ])
-            })
-            .map_err(|e| self.backend(e))?;
-        tx.commit().map_err(|e| self.backend(e))?;
-        Ok(stored)
-    }
-
-    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?1 AND revoked_ms IS NOT NULL)",
-        )
-        .and_then(|mut stmt| stmt.query_row(params![&id.0[..]], |r| r.get::<_, bool>(0)))
-        .map_err(|e| self.backend(e))
-    }
-
-    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
-        let conn = self.conn();
-        // One statement: a session revoked before keeps its first revocation time.
-        let row = conn
-            .prepare_cached(&format!(
-                "UPDATE sessions SET revoked_ms = coalesce(revoked_ms, ?2) WHERE id = ?1
-                 RETURNING {SESSION_COLUMNS}"
-            ))
-            .and_then(|mut stmt| {
-                stmt.query_row(params![&id.0[..], db_ms(now_ms)], SessionRow::read)
-                    .optional()
-            })
-            .map_err(|e| self.backend(e))?;
-        match row {
-            Some(row) => self.session_record(row),
-            None => Err(RegistryError::NotFound(format!("session {id}"))),
-        }
-    }
-
-    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
-        let horizon = db_ms(session.totp_time_ms.min(self.clock.now_ms()));
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.backend(e))?;
-        // Forget a bounded number of expired records while here, so that the table stays small
-        // without a purge ever holding the write lock for long.
-        tx.prepare_cached(
-            "DELETE FROM sessions WHERE id IN
-             (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT ?2)",
-        )
-        .and_then(|mut stmt| stmt.execute(params![horizon, PURGE_BATCH]))
-        .map_err(|e| self.backend(e))?;
-        tx.prepare_cached(
-            "INSERT INTO sessions (id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                &session.id.0[..],
-                session.user,
-                session.fingerprint.as_bytes(),
-                db_ms(session.totp_time_ms),
-                db_ms(session.expires_ms),
-                session.revoked_ms.map(db_ms),
-            ])
-        })
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                RegistryError::AlreadyExists(format!("session {}", session.id))
-            } else {
-                self.backend(e)
-            }
-        })?;
-        tx.commit().map_err(|e| self.backend(e))
-    }
-
+impl SessionStore for SqliteRegistry {
     fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
         let conn = self.conn();
         let row = conn
@@ -699,14 +565,7 @@ impl Registry for SqliteRegistry {
         // The active binding of the fingerprint, and of its sessions the newest live one that
         // was earned for the binding's user since it was bound.
         let row = conn
-            .prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS_S} FROM sessions s
-                 JOIN devices d ON d.fingerprint = s.fingerprint AND d.revoked_ms IS NULL
-                 WHERE s.fingerprint = ?1 AND s.user = d.user
-                   AND s.totp_time_ms >= d.created_ms
-                   AND s.revoked_ms IS NULL AND s.expires_ms > ?2
-                 ORDER BY s.totp_time_ms DESC, s.expires_ms DESC, s.id DESC LIMIT 1"
-            ))
+            .prepare_cached(gate::LIVE_SESSION)
             .and_then(|mut stmt| {
                 stmt.query_row(
                     params![fingerprint.as_bytes(), db_ms(now_ms)],
@@ -731,6 +590,91 @@ impl Registry for SqliteRegistry {
             })
             .map_err(|e| self.backend(e))?;
         rows.into_iter().map(|r| self.session_record(r)).collect()
+    }
+
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
+        let conn = self.conn();
+        // One statement: a session revoked before keeps its first revocation time.
+        let row = conn
+            .prepare_cached(&format!(
+                "UPDATE sessions SET revoked_ms = coalesce(revoked_ms, ?2) WHERE id = ?1
+                 RETURNING {SESSION_COLUMNS}"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![&id.0[..], db_ms(now_ms)], SessionRow::read)
+                    .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        match row {
+            Some(row) => self.session_record(row),
+            None => Err(RegistryError::NotFound(format!("session {id}"))),
+        }
+    }
+}
+
+impl Admin for SqliteRegistry {
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached(
+                "SELECT name, totp_secret, digits, algorithm, period, created_ms, service FROM users
+                 WHERE name = ?1",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![name], UserRow::read).optional())
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.user_record(r)).transpose()
+    }
+
+    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        match row {
+            None => Ok(LockState::default()),
+            Some((failures, locked_until_ms)) => {
+                self.lock_from_row(user, failures, locked_until_ms)
+            }
+        }
+    }
+
+    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        let conn = self.conn();
+        conn.prepare_cached("SELECT role FROM user_roles WHERE user = ?1 ORDER BY role")
+            .and_then(|mut stmt| {
+                stmt.query_map(params![user], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+            })
+            .map_err(|e| self.backend(e))
+    }
+
+    fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
+        let roles = normalize_roles(roles)?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        self.require_user(&tx, user)?;
+        tx.prepare_cached("DELETE FROM user_roles WHERE user = ?1")
+            .and_then(|mut stmt| stmt.execute(params![user]))
+            .map_err(|e| self.backend(e))?;
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT INTO user_roles (user, role) VALUES (?1, ?2)")
+                .map_err(|e| self.backend(e))?;
+            for role in &roles {
+                insert
+                    .execute(params![user, role])
+                    .map_err(|e| self.backend(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.backend(e))
     }
 
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
@@ -782,37 +726,36 @@ impl Registry for SqliteRegistry {
         Ok(())
     }
 
-    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+    fn device_by_fingerprint(
+        &self,
+        fingerprint: &DeviceFingerprint,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
         let conn = self.conn();
-        conn.prepare_cached("SELECT role FROM user_roles WHERE user = ?1 ORDER BY role")
+        let row = conn
+            .prepare_cached(
+                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
+                 WHERE fingerprint = ?1
+                 ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
+            )
             .and_then(|mut stmt| {
-                stmt.query_map(params![user], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<String>>>()
+                stmt.query_row(params![fingerprint.as_bytes()], DeviceRow::read)
+                    .optional()
             })
-            .map_err(|e| self.backend(e))
+            .map_err(|e| self.backend(e))?;
+        row.map(|r| self.device_record(r)).transpose()
     }
 
-    fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
-        let roles = normalize_roles(roles)?;
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        let conn = self.conn();
+        let row = conn
+            .prepare_cached(
+                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices
+                 WHERE name = ?1
+                 ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![name], DeviceRow::read).optional())
             .map_err(|e| self.backend(e))?;
-        self.require_user(&tx, user)?;
-        tx.prepare_cached("DELETE FROM user_roles WHERE user = ?1")
-            .and_then(|mut stmt| stmt.execute(params![user]))
-            .map_err(|e| self.backend(e))?;
-        {
-            let mut insert = tx
-                .prepare_cached("INSERT INTO user_roles (user, role) VALUES (?1, ?2)")
-                .map_err(|e| self.backend(e))?;
-            for role in &roles {
-                insert
-                    .execute(params![user, role])
-                    .map_err(|e| self.backend(e))?;
-            }
-        }
-        tx.commit().map_err(|e| self.backend(e))
+        row.map(|r| self.device_record(r)).transpose()
     }
 
     fn bind_device(
@@ -983,39 +926,6 @@ impl SqliteRegistry {
             failures,
             locked_until_ms,
         })
-    }
-}
-
-impl SqliteRegistry {
-    /// Records `step` as the user's last accepted step if it is later than the stored one, in
-    /// one statement (SQLite's write lock makes compare and set one step, across connections
-    /// and processes); with `clear_lock`, the same statement clears the lockout state.
-    fn set_step_if_later(
-        &self,
-        user: &str,
-        step: u64,
-        clear_lock: bool,
-    ) -> Result<bool, RegistryError> {
-        let step = i64::try_from(step).map_err(|_| {
-            RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
-        })?;
-        let conn = self.conn();
-        let sql = if clear_lock {
-            "UPDATE users SET last_step = ?2, failures = 0, locked_until_ms = 0
-             WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)"
-        } else {
-            "UPDATE users SET last_step = ?2
-             WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)"
-        };
-        let changed = conn
-            .prepare_cached(sql)
-            .and_then(|mut stmt| stmt.execute(params![user, step]))
-            .map_err(|e| self.backend(e))?;
-        if changed > 0 {
-            return Ok(true);
-        }
-        self.require_user(&conn, user)?;
-        Ok(false)
     }
 }
 

@@ -1,0 +1,301 @@
+//! The accept path on SQLite: one read transaction for the snapshot, one write transaction for
+//! the commit.
+//!
+//! The snapshot is two cached statements in one deferred (read) transaction on the reader
+//! connection: the device of the fingerprint joined with its user (lockout state, last step,
+//! roles, and the sealed secret only when the code is to be checked), then the session asked
+//! for. The rows are copied out and the connection is released before anything is decoded: the
+//! secret is opened (AES-256-GCM) once, outside the lock.
+//!
+//! The commit is one `BEGIN IMMEDIATE` transaction on the writer connection. An accepted step
+//! is one conditional `UPDATE` (the step still newer, the user not locked out) plus the
+//! session's `INSERT`; when the condition fails, the same transaction reads why and charges
+//! the failure (a reused code) or writes nothing (a locked-out user). A wrong code is the same
+//! one transaction with the failure charge. SQLite's write lock makes each commit one step
+//! across connections and processes.
+
+use portcullis_core::{
+    Committed, DeviceRecord, Effects, LockState, LockoutPolicy, Need, RegistryError, SessionNeed,
+    SessionRecord, Snapshot, UserState,
+};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use crate::{
+    DeviceRow, PURGE_BATCH, SESSION_COLUMNS, SessionRow, SqliteRegistry,
+    UserRow, db_ms, is_unique_violation,
+};
+
+/// The device of a fingerprint (the active binding, else the most recently revoked one) and its
+/// user's row, with the lockout state, the last step and the roles (comma-separated: role
+/// names have no commas). The secret is read only when `?2` is true.
+const DEVICE_AND_USER: &str = "
+    SELECT d.name, d.user, d.fingerprint, d.created_ms, d.revoked_ms,
+           u.name, CASE WHEN ?2 THEN u.totp_secret END, u.digits, u.algorithm, u.period,
+           u.created_ms, u.service, u.failures, u.locked_until_ms, u.last_step,
+           u.totp_secret IS NOT NULL,
+           (SELECT group_concat(role, ',') FROM
+               (SELECT role FROM user_roles WHERE user = d.user ORDER BY role))
+    FROM devices d LEFT JOIN users u ON u.name = d.user
+    WHERE d.fingerprint = ?1
+    ORDER BY d.revoked_ms IS NULL DESC, d.created_ms DESC, d.id DESC LIMIT 1";
+
+/// A user row as the snapshot reads it.
+struct GateUserRow {
+    row: UserRow,
+    failures: i64,
+    locked_until_ms: i64,
+    last_step: Option<i64>,
+    has_totp: bool,
+    roles: Option<String>,
+}
+
+impl SqliteRegistry {
+    /// [`portcullis_core::GateStore::snapshot`], at once: one read transaction.
+    pub fn snapshot_now(&self, need: &Need) -> Result<Snapshot, RegistryError> {
+        let (device, user, session) = {
+            let mut conn = self.reader();
+            let tx = conn.transaction().map_err(|e| self.backend(e))?;
+            let found = tx
+                .prepare_cached(DEVICE_AND_USER)
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![need.fingerprint.as_bytes(), need.secret], |r| {
+                        let device = DeviceRow::read(r)?;
+                        let user = match r.get::<_, Option<String>>(5)? {
+                            None => None,
+                            Some(name) => Some(GateUserRow {
+                                row: UserRow {
+                                    name,
+                                    secret: r
+                                        .get::<_, Option<Vec<u8>>>(6)?
+                                        .map(zeroize::Zeroizing::new),
+                                    digits: r.get(7)?,
+                                    algorithm: r.get(8)?,
+                                    period: r.get(9)?,
+                                    created_ms: r.get(10)?,
+                                    service: r.get::<_, i64>(11)? != 0,
+                                },
+                                failures: r.get(12)?,
+                                locked_until_ms: r.get(13)?,
+                                last_step: r.get(14)?,
+                                has_totp: r.get(15)?,
+                                roles: r.get(16)?,
+                            }),
+                        };
+                        Ok((device, user))
+                    })
+                    .optional()
+                })
+                .map_err(|e| self.backend(e))?;
+            let (device, user) = match found {
+                Some((device, user)) => (Some(device), user),
+                None => (None, None),
+            };
+            let session = match need.session {
+                SessionNeed::None => None,
+                SessionNeed::ById(id) => tx
+                    .prepare_cached(&format!(
+                        "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
+                    ))
+                    .and_then(|mut stmt| {
+                        stmt.query_row(params![&id.0[..]], SessionRow::read)
+                            .optional()
+                    })
+                    .map_err(|e| self.backend(e))?,
+                SessionNeed::LiveForDevice if device.is_some() => tx
+                    .prepare_cached(LIVE_SESSION)
+                    .and_then(|mut stmt| {
+                        stmt.query_row(
+                            params![need.fingerprint.as_bytes(), db_ms(need.now_ms)],
+                            SessionRow::read,
+                        )
+                        .optional()
+                    })
+                    .map_err(|e| self.backend(e))?,
+                SessionNeed::LiveForDevice => None,
+            };
+            tx.commit().map_err(|e| self.backend(e))?;
+            (device, user, session)
+        };
+        // The connection is free again: decode, and open the secret, outside the lock.
+        let device: Option<DeviceRecord> = device.map(|d| self.device_record(d)).transpose()?;
+        let user = user.map(|u| self.gate_user(u)).transpose()?;
+        let session = session.map(|s| self.session_record(s)).transpose()?;
+        Ok(Snapshot {
+            device,
+            user,
+            session,
+        })
+    }
+
+    fn gate_user(&self, u: GateUserRow) -> Result<UserState, RegistryError> {
+        let name = u.row.name.clone();
+        let lock = self.lock_from_row(&name, u.failures, u.locked_until_ms)?;
+        let last_step = u
+            .last_step
+            .map(|s| self.stored_u64(s, "user last_step"))
+            .transpose()?;
+        let roles = u
+            .roles
+            .map(|r| r.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let has_totp = u.has_totp;
+        let record = if u.row.secret.is_some() {
+            self.user_record(u.row)?
+        } else {
+            // The secret was not asked for: the parameters alone say nothing the gate uses.
+            portcullis_core::UserRecord {
+                name: u.row.name,
+                totp: None,
+                created_ms: self.stored_u64(u.row.created_ms, "user created_ms")?,
+                service: u.row.service,
+            }
+        };
+        Ok(UserState {
+            name,
+            totp: record.totp,
+            has_totp,
+            service: record.service,
+            created_ms: record.created_ms,
+            lock,
+            last_step,
+            roles,
+        })
+    }
+
+    /// [`portcullis_core::GateStore::commit`], at once: one write transaction.
+    pub fn commit_now(&self, effects: &Effects) -> Result<Committed, RegistryError> {
+        let (user, now_ms, lockout) = match effects {
+            Effects::None => return Ok(Committed::Applied),
+            Effects::AcceptStep {
+                user,
+                now_ms,
+                lockout,
+                ..
+            }
+            | Effects::ChargeFailure {
+                user,
+                now_ms,
+                lockout,
+            } => (user.as_str(), *now_ms, *lockout),
+        };
+        let mut conn = self.writer();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        if let Effects::AcceptStep { step, session, .. } = effects {
+            let step = i64::try_from(*step).map_err(|_| {
+                RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
+            })?;
+            // The fast path: the step still newer and the user not locked out, in one
+            // statement.
+            let accepted = tx
+                .prepare_cached(
+                    "UPDATE users SET last_step = ?2, failures = 0, locked_until_ms = 0
+                     WHERE name = ?1 AND (last_step IS NULL OR last_step < ?2)
+                       AND locked_until_ms <= ?3",
+                )
+                .and_then(|mut stmt| stmt.execute(params![user, step, db_ms(now_ms)]))
+                .map_err(|e| self.backend(e))?;
+            if accepted > 0 {
+                if let Some(session) = session {
+                    self.insert_session(&tx, session)?;
+                }
+                tx.commit().map_err(|e| self.backend(e))?;
+                return Ok(Committed::Applied);
+            }
+        }
+        // A failure to charge: a wrong code, or a step taken meanwhile (the condition above
+        // failed), unless the user is locked out.
+        let row = tx
+            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        let Some((failures, locked_until_ms)) = row else {
+            return Err(RegistryError::NotFound(format!("user {user}")));
+        };
+        let current = self.lock_from_row(user, failures, locked_until_ms)?;
+        if current.remaining_ms(now_ms).is_some() {
+            // Nothing to write: the transaction ends without a change.
+            return Ok(Committed::LockedOut(current));
+        }
+        let charged = charge(&lockout, current, now_ms);
+        tx.prepare_cached("UPDATE users SET failures = ?2, locked_until_ms = ?3 WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    user,
+                    i64::from(charged.failures),
+                    db_ms(charged.locked_until_ms)
+                ])
+            })
+            .map_err(|e| self.backend(e))?;
+        tx.commit().map_err(|e| self.backend(e))?;
+        Ok(match effects {
+            Effects::AcceptStep { .. } => Committed::StepTaken(charged),
+            _ => Committed::Applied,
+        })
+    }
+
+    /// Records a session the gate issued, inside the commit's transaction, and forgets a
+    /// bounded number of expired records while here (so that the table stays small without a
+    /// purge ever holding the write lock for long).
+    fn insert_session(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        session: &SessionRecord,
+    ) -> Result<(), RegistryError> {
+        let horizon = db_ms(session.totp_time_ms.min(self.clock.now_ms()));
+        tx.prepare_cached(
+            "DELETE FROM sessions WHERE id IN
+             (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT ?2)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![horizon, PURGE_BATCH]))
+        .map_err(|e| self.backend(e))?;
+        tx.prepare_cached(
+            "INSERT INTO sessions (id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                &session.id.0[..],
+                session.user,
+                session.fingerprint.as_bytes(),
+                db_ms(session.totp_time_ms),
+                db_ms(session.expires_ms),
+                session.revoked_ms.map(db_ms),
+            ])
+        })
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                RegistryError::AlreadyExists(format!("session {}", session.id))
+            } else {
+                self.backend(e)
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// The lockout state after one more failure, as SQLite stores it (times past `i64::MAX` ms are
+/// kept as `i64::MAX`).
+fn charge(policy: &LockoutPolicy, current: LockState, now_ms: u64) -> LockState {
+    let wanted = policy.after_failure(current, now_ms);
+    LockState {
+        failures: wanted.failures,
+        locked_until_ms: wanted.locked_until_ms.min(i64::MAX as u64),
+    }
+}
+
+/// The newest live session of the active binding of a fingerprint, earned by the binding's
+/// user since it was bound.
+pub(crate) const LIVE_SESSION: &str = "SELECT s.id, s.user, s.fingerprint, s.totp_time_ms, s.expires_ms, s.revoked_ms
+     FROM sessions s
+     JOIN devices d ON d.fingerprint = s.fingerprint AND d.revoked_ms IS NULL
+     WHERE s.fingerprint = ?1 AND s.user = d.user
+       AND s.totp_time_ms >= d.created_ms
+       AND s.revoked_ms IS NULL AND s.expires_ms > ?2
+     ORDER BY s.totp_time_ms DESC, s.expires_ms DESC, s.id DESC LIMIT 1";
