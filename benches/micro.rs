@@ -7,8 +7,9 @@
 //! | bench | what one iteration is |
 //! |---|---|
 //! | `codec/decode_prefix` | `Prefix::decode` of the 89-byte test vector of PROTOCOL.md section 8 |
-//! | `decision/accept_session` | `Gate::decide` of a Prefix with a session ticket, accepted |
-//! | `decision/accept_totp` | `Gate::decide` of a Prefix with a TOTP code, accepted (issues a ticket) |
+//! | `decision/accept_session` | the four phases (plan, snapshot, decide, commit: `Gate::authenticate`) of a Prefix with a session ticket, accepted, on the in-memory registry |
+//! | `decision/accept_totp` | the same for a Prefix with a TOTP code, accepted (issues a ticket and records its session) |
+//! | `decision_sqlite/accept_session`, `decision_sqlite/accept_totp` | the same on a SQLite registry file (one read transaction; for a code, one write transaction) |
 //! | `nonce/insert_1thread` | one fresh nonce into a store holding 1,000,000 to 2,000,000 |
 //! | `nonce/insert_2threads_contending` | two threads each insert one fresh nonce into the same store |
 //! | `totp/check` | `TotpConfig::matching_step` of a valid 6-digit SHA-1 code |
@@ -26,10 +27,11 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use portcullis::core::codec::{Factor, Prefix};
 use portcullis::core::{
-    Clock, ConnectionFacts, DeviceFingerprint, Gate, GateConfig, ManualClock, MemoryRegistry,
-    NonceStore, Registry, SessionClaims, SessionId, SystemRandom, TicketKey, TotpAlgorithm,
-    TotpConfig,
+    Clock, ConnectionFacts, Decision, DeviceFingerprint, Gate, GateConfig, ManualClock,
+    MemoryRegistry, NonceStore, Registry, SessionClaims, SessionId, SystemRandom, TicketKey,
+    TotpAlgorithm, TotpConfig,
 };
+use portcullis::store::SqliteRegistry;
 
 /// The Prefix test vector of PROTOCOL.md section 8 (USER `alice`, TOTP `287082`).
 const PREFIX_VECTOR: &str = "50435331010052010005616c696365020006323837303832030010000102030405060708090a0b0c0d0e0f\
@@ -81,18 +83,44 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-/// A gate over a [`MemoryRegistry`] holding the user `alice` with one bound device, on a
+/// Runs a future that is ready at once (the in-memory and SQLite stores never wait).
+fn ready<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("the store is expected to answer at once"),
+    }
+}
+
+/// A gate over a registry holding the user `alice` with one bound device, on a
 /// [`ManualClock`], with the default settings (60 s skew, 1 h sessions, 1,000,000 nonces).
 struct GateFixture {
     gate: Gate,
     clock: Arc<ManualClock>,
     totp: TotpConfig,
     facts: ConnectionFacts,
+    /// The SQLite registry's folder, kept as long as the fixture.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl GateFixture {
+    /// On a [`MemoryRegistry`].
     fn new() -> Self {
-        let registry = Arc::new(MemoryRegistry::new());
+        Self::on(Arc::new(MemoryRegistry::new()), None)
+    }
+
+    /// On a SQLite registry file in a new temporary folder, its secrets sealed under a key as
+    /// `portcullis init` makes it.
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = portcullis::store::SecretKey::create(&dir.path().join("registry.key")).unwrap();
+        let registry =
+            SqliteRegistry::create_with_key(&dir.path().join("portcullis.db"), key).unwrap();
+        Self::on(Arc::new(registry), Some(dir))
+    }
+
+    fn on(registry: Arc<dyn Registry>, dir: Option<tempfile::TempDir>) -> Self {
         let totp =
             TotpConfig::new(b"12345678901234567890".to_vec(), 6, TotpAlgorithm::Sha1, 30).unwrap();
         registry.add_user("alice", totp.clone(), 0).unwrap();
@@ -112,7 +140,13 @@ impl GateFixture {
                 exporter: EXPORTER,
                 fingerprint,
             },
+            _dir: dir,
         }
+    }
+
+    /// All four phases of one frame.
+    fn decide(&self, frame: &[u8]) -> Decision {
+        ready(self.gate.authenticate(frame, &self.facts))
     }
 
     /// The Prefix frame a client sends at `now_ms` (its clock agrees with the server's).
@@ -135,8 +169,8 @@ impl GateFixture {
     }
 
     /// Decides `frame` and stops the bench if it was refused.
-    fn accept(&self, frame: &[u8]) -> portcullis::core::Decision {
-        let decision = self.gate.decide(frame, &self.facts);
+    fn accept(&self, frame: &[u8]) -> Decision {
+        let decision = self.decide(frame);
         if let Err(refusal) = &decision.outcome {
             panic!("the bench decision was refused: {}", refusal.cause);
         }
@@ -164,11 +198,20 @@ impl GateFixture {
 }
 
 fn decision(c: &mut Criterion) {
-    let mut group = c.benchmark_group("decision");
+    decision_on(c, "decision", GateFixture::new);
+}
+
+fn decision_sqlite(c: &mut Criterion) {
+    decision_on(c, "decision_sqlite", GateFixture::sqlite);
+}
+
+fn decision_on(c: &mut Criterion, name: &str, fixture: fn() -> GateFixture) {
+    let mut group = c.benchmark_group(name);
+    let new_fixture = fixture;
 
     // A session ticket earned once, by a TOTP decision at setup; then every iteration decides a
     // SESSION Prefix with a nonce of its own, prepared outside the measured time.
-    let fixture = GateFixture::new();
+    let fixture = new_fixture();
     let mut ticket = fixture.earn_ticket();
     group.bench_function("accept_session", |b| {
         b.iter_custom(|iters| {
@@ -185,7 +228,7 @@ fn decision(c: &mut Criterion) {
             let mut refused = None;
             let start = Instant::now();
             for frame in &frames {
-                let decision = fixture.gate.decide(black_box(frame), &fixture.facts);
+                let decision = fixture.decide(black_box(frame));
                 if let Err(refusal) = &decision.outcome {
                     refused.get_or_insert(refusal.cause.clone());
                 }
@@ -207,7 +250,7 @@ fn decision(c: &mut Criterion) {
     //
     // A step whose code equals the previous step's code is skipped: a code is good once, and
     // that one was just used (about once in a million steps for 6 digits).
-    let fixture = GateFixture::new();
+    let fixture = new_fixture();
     let period_ms = fixture.totp.period() * 1000;
     let mut step = fixture.clock.now_ms() / period_ms;
     let mut previous_code = fixture.totp.generate(step * period_ms / 1000);
@@ -227,7 +270,7 @@ fn decision(c: &mut Criterion) {
             let start = Instant::now();
             for (now, frame) in &frames {
                 fixture.clock.set_ms(*now);
-                let decision = fixture.gate.decide(black_box(frame), &fixture.facts);
+                let decision = fixture.decide(black_box(frame));
                 if let Err(refusal) = &decision.outcome {
                     refused.get_or_insert(refusal.cause.clone());
                 }
@@ -248,7 +291,7 @@ fn decision(c: &mut Criterion) {
         fixture.totp_frame(fixture.clock.now_ms()),
     );
     assert_eq!(now / period_ms, step);
-    assert!(!fixture.gate.decide(&frame, &fixture.facts).is_accepted());
+    assert!(!fixture.decide(&frame).is_accepted());
     group.finish();
 }
 
@@ -409,6 +452,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = codec, decision, nonce, totp, ticket, tls
+    targets = codec, decision, decision_sqlite, nonce, totp, ticket, tls
 }
 criterion_main!(benches);

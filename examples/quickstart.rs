@@ -10,7 +10,7 @@ use std::sync::Arc;
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::codec::ALPN_PCS1;
 use portcullis::core::{
-    Clock, OffsetClock, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
+    Admin, Clock, OffsetClock, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
 };
 use portcullis::demo::{self, EchoClient, SayRequest};
 use portcullis::server::PortcullisServer;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use portcullis::client::Client;
-use portcullis::core::{Clock, ManualClock, MemoryRegistry, Registry, SystemClock, TotpConfig};
+use portcullis::core::{Admin, Clock, ManualClock, MemoryRegistry, SystemClock, TotpConfig};
 use portcullis::server::policy::Policy;
 use portcullis::tls::devpki::{DevCa, Issued};
 
@@ -51,14 +51,7 @@ impl PolicyServer {
         let registry = Arc::new(MemoryRegistry::new());
         let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
         let ca = DevCa::generate("policy test CA").unwrap();
-        let server = common::start_with_policy(
-            ca,
-            registry.clone(),
-            policy,
-            registry.clone(),
-            clock.clone(),
-        )
-        .await;
+        let server = common::start_with_policy(ca, registry.clone(), policy, clock.clone()).await;
         Self {
             server,
             registry,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::codec::{ALPN_PCS1, Factor};
-use portcullis::core::{Clock, ManualClock, Registry, RejectCode, SystemClock};
+use portcullis::core::{Admin, Clock, ManualClock, Registry, RejectCode, SystemClock};
 use portcullis::demo::{EchoClient, SayReply, SayRequest};
 use portcullis::server::PortcullisServer;
 use portcullis::store::SqliteRegistry;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::TestServer;
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::{
-    AuthMethod, Clock, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig,
+    Admin, AuthMethod, Clock, MemoryRegistry, SystemClock, TotpAlgorithm, TotpConfig,
 };
 use portcullis::demo::{EchoClient, SayRequest};
 use portcullis::server::{AuditOutcome, AuditRecord};
@@ -41,8 +41,7 @@ impl Server {
         let registry = Arc::new(MemoryRegistry::new());
         let ca = DevCa::generate("service account test CA").unwrap();
         let clock = Arc::new(SystemClock);
-        let server =
-            common::start_with_policy(ca, registry.clone(), policy, registry.clone(), clock).await;
+        let server = common::start_with_policy(ca, registry.clone(), policy, clock).await;
         Self { server, registry }
     }
 

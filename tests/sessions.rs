@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use portcullis::core::codec::{ALPN_PCS1, Factor};
-use portcullis::core::{Clock, Registry, RejectCode, SystemClock};
+use portcullis::core::{Admin, Clock, RejectCode, SessionStore, SystemClock};
 use portcullis::store::SqliteRegistry;
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::codec::ALPN_PCS1;
-use portcullis::core::{Clock, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig};
+use portcullis::core::{Admin, Clock, MemoryRegistry, SystemClock, TotpAlgorithm, TotpConfig};
 use portcullis::demo::{Echo, EchoClient, EchoServer, SayReply, SayRequest};
 use portcullis::server::PortcullisServer;
 use portcullis::tls::devpki::DevCa;

@@ -14,8 +14,8 @@ use common::CountingEcho;
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::codec::ALPN_PCS1;
 use portcullis::core::{
-    AuthMethod, Clock, DeviceFingerprint, MemoryRegistry, Registry, RejectCode, SystemClock,
-    TotpAlgorithm, TotpConfig,
+    Admin, AuthMethod, Clock, DeviceFingerprint, MemoryRegistry, RejectCode, SessionStore,
+    SystemClock, TotpAlgorithm, TotpConfig,
 };
 use portcullis::demo::{EchoClient, EchoServer, SayReply, SayRequest};
 use portcullis::server::limits::RateLimit;

@@ -387,16 +387,15 @@ pub async fn start_configured(
 }
 
 /// A test server on a given CA and registry whose Echo service sits behind a [`PolicyLayer`]
-/// applying `policy` (TOML), with roles read from `roles`; the gate and the layer share `clock`.
+/// applying `policy` (TOML); the gate and the layer share `clock`.
 pub async fn start_with_policy(
     ca: DevCa,
     registry: Arc<dyn Registry>,
     policy: &str,
-    roles: Arc<dyn Registry>,
     clock: Arc<dyn Clock>,
 ) -> TestServer {
     let policy = Policy::from_toml_str(policy).unwrap();
-    let layer = PolicyLayer::new(policy, roles, clock.clone());
+    let layer = PolicyLayer::new(policy, clock.clone());
     let configure = |builder: portcullis::server::Builder| builder.clock(clock);
     start_layered(ca, registry, configure, Some(layer)).await.0
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use portcullis_core::Registry;
+use portcullis_core::Admin;
 use portcullis_core::{Clock, Random, SystemClock, SystemRandom, TicketKey};
 use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 use portcullis_tls::devpki::DevCa;

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use portcullis_core::{
-    Clock, DeviceRecord, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
+    Admin, Clock, DeviceRecord, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
     normalize_roles,
 };
 use portcullis_tls::DeviceIdentity;
@@ -143,7 +143,7 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
     Ok(())
 }
 
-fn set_roles(registry: &dyn Registry, user: &str, roles: &[String]) -> CliResult {
+fn set_roles(registry: &dyn Admin, user: &str, roles: &[String]) -> CliResult {
     if roles.is_empty() {
         return Ok(());
     }
@@ -281,7 +281,7 @@ fn check_device_name(name: &str) -> CliResult {
     Ok(())
 }
 
-fn ensure_user(registry: &dyn Registry, user: &str) -> CliResult {
+fn ensure_user(registry: &dyn Admin, user: &str) -> CliResult {
     match registry.user(user).map_err(|e| e.to_string())? {
         Some(_) => Ok(()),
         None => Err(format!(
@@ -290,7 +290,7 @@ fn ensure_user(registry: &dyn Registry, user: &str) -> CliResult {
     }
 }
 
-fn ensure_device_name_free(registry: &dyn Registry, name: &str) -> CliResult {
+fn ensure_device_name_free(registry: &dyn Admin, name: &str) -> CliResult {
     match registry.device_by_name(name).map_err(|e| e.to_string())? {
         Some(d) if !d.is_revoked() => Err(format!(
             "device {name} already exists (bound to {})",

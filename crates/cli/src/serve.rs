@@ -91,7 +91,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         Some(path) => Policy::from_toml_file(path).map_err(|e| e.to_string())?,
         None => Policy::default(),
     };
-    let policy = PolicyLayer::new(policy, registry.clone(), Arc::new(SystemClock));
+    let policy = PolicyLayer::new(policy, Arc::new(SystemClock));
     let ticket_key = layout.load_ticket_key()?;
 
     use std::io::IsTerminal;

@@ -1,7 +1,9 @@
 //! `portcullis session ...`: the sessions the gate issued, and revoking one.
 
 use clap::Args;
-use portcullis_core::{Clock, DeviceRecord, Registry, SessionId, SessionRecord, SystemClock};
+use portcullis_core::{
+    Admin, Clock, DeviceRecord, SessionId, SessionRecord, SessionStore, SystemClock,
+};
 use serde_json::json;
 
 use crate::dir::Layout;

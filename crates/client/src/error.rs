@@ -428,6 +428,12 @@ pub(crate) const fn advice(code: RejectCode) -> Advice {
             "ask an administrator about the policy",
             &["ask an administrator"],
         ),
+        // A code of a newer protocol revision than this client knows.
+        _ => a(
+            "the server refused the connection for a reason this client does not know",
+            "update portcullis",
+            &["update portcullis"],
+        ),
     }
 }
 

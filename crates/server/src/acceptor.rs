@@ -14,7 +14,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use portcullis_core::codec::{ALPN_PCS1, FrameHeader, FrameKind, HEADER_LEN};
-use portcullis_core::{Cause, ConnectionFacts, Gate, RejectCode};
+use portcullis_core::{
+    Cause, Committed, ConnectionFacts, Decision, Gate, Plan, Planned, RegistryError, RejectCode,
+    ServerCause, Snapshot,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -104,7 +107,7 @@ impl AcceptState {
                 Err(Limited::Source { retry_after_s }) => {
                     return Err(EarlyRefusal {
                         code: RejectCode::RateLimited,
-                        cause: "rate_limited",
+                        cause: ServerCause::RateLimited,
                         hint: format!(
                             "too many connection attempts from {}; retry in {retry_after_s} s",
                             peer.ip()
@@ -115,7 +118,7 @@ impl AcceptState {
                 Err(Limited::Full) => {
                     return Err(EarlyRefusal {
                         code: RejectCode::Overloaded,
-                        cause: "rate_limiter_full",
+                        cause: ServerCause::RateLimiterFull,
                         hint: "the server is tracking too many sources of connections; retry \
                                shortly"
                             .into(),
@@ -129,7 +132,7 @@ impl AcceptState {
             .try_acquire_owned()
             .map_err(|_| EarlyRefusal {
                 code: RejectCode::Overloaded,
-                cause: "too_many_pending",
+                cause: ServerCause::TooManyPending,
                 hint: format!(
                     "the server is at its limit of {} connections being authenticated; retry \
                      shortly",
@@ -143,7 +146,7 @@ impl AcceptState {
 /// A refusal decided at TCP accept, before the Prefix.
 struct EarlyRefusal {
     code: RejectCode,
-    cause: &'static str,
+    cause: ServerCause,
     hint: String,
     retry_after_s: u32,
 }
@@ -212,7 +215,7 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
                             });
                         }
                         Err(refusal) => {
-                            if refusal.cause == "rate_limiter_full" {
+                            if refusal.cause == ServerCause::RateLimiterFull {
                                 purge(&state, &purging);
                             }
                             match state.refusing.clone().try_acquire_owned() {
@@ -272,19 +275,19 @@ fn purge(state: &Arc<AcceptState>, purging: &Arc<AtomicBool>) {
 
 /// Why a connection was closed before a Verdict could be written to it.
 struct Closed {
-    cause: &'static str,
+    cause: ServerCause,
     detail: Option<String>,
 }
 
 impl Closed {
-    fn new(cause: &'static str, detail: Option<String>) -> Self {
+    fn new(cause: ServerCause, detail: Option<String>) -> Self {
         Self { cause, detail }
     }
 
     fn describe(&self) -> String {
         match &self.detail {
             Some(detail) => format!("{}: {detail}", self.cause),
-            None => self.cause.to_owned(),
+            None => self.cause.as_str().to_owned(),
         }
     }
 }
@@ -318,13 +321,13 @@ async fn handshake(
                     )
                 });
             let cause = if not_tls {
-                "not_tls"
+                ServerCause::NotTls
             } else {
-                "tls_handshake_failed"
+                ServerCause::TlsHandshakeFailed
             };
             return Err(Closed::new(cause, Some(e.to_string())));
         }
-        Err(_) => return Err(Closed::new("tls_handshake_timeout", None)),
+        Err(_) => return Err(Closed::new(ServerCause::TlsHandshakeTimeout, None)),
     };
 
     let (facts, protocol, alpn_ok) = {
@@ -362,9 +365,9 @@ async fn handshake(
             .map(|p| String::from_utf8_lossy(p).into_owned());
         let version = tls.get_ref().1.protocol_version();
         let cause = if protocol.is_none() {
-            "alpn_refused"
+            ServerCause::AlpnRefused
         } else {
-            "tls_version_refused"
+            ServerCause::TlsVersionRefused
         };
         let _ = timeout_at(deadline, tls.shutdown()).await;
         return Err(Closed::new(
@@ -374,7 +377,7 @@ async fn handshake(
     }
     let (Some((fingerprint, exporter)), Some(protocol)) = (facts, protocol) else {
         let _ = timeout_at(deadline, tls.shutdown()).await;
-        return Err(Closed::new("no_usable_client_certificate", None));
+        return Err(Closed::new(ServerCause::NoUsableClientCertificate, None));
     };
     Ok((
         tls,
@@ -403,7 +406,7 @@ async fn refuse_early(state: &AcceptState, tcp: TcpStream, peer: SocketAddr, ear
     let deciding = Instant::now();
     let decision = state.gate.refuse(
         early.code,
-        Cause::Other(early.cause),
+        Cause::Server(early.cause),
         &early.hint,
         Some(early.retry_after_s),
     );
@@ -460,7 +463,7 @@ async fn authenticate(
         let (decision, took) = timed(|| {
             state.gate.refuse(
                 RejectCode::DeviceRevoked,
-                Cause::Other("certificate_revoked"),
+                Cause::Server(ServerCause::CertificateRevoked),
                 "the client certificate is listed in the server's certificate revocation list",
                 None,
             )
@@ -477,7 +480,7 @@ async fn authenticate(
         Err(_) => timed(|| {
             state.gate.refuse(
                 RejectCode::Timeout,
-                Cause::Other("prefix_timeout"),
+                Cause::Server(ServerCause::PrefixTimeout),
                 &format!(
                     "no complete Prefix within {} ms of the connection",
                     state.deadline.as_millis()
@@ -486,43 +489,17 @@ async fn authenticate(
             )
         }),
         Ok(Err(ReadError::Io(e))) => {
-            attempt.closed(None, "prefix_read_failed", Some(e.to_string()));
+            attempt.closed(None, ServerCause::PrefixReadFailed, Some(e.to_string()));
             return None;
         }
         Ok(Err(ReadError::Decode(e))) => timed(|| state.gate.refuse_decode(e)),
         Ok(Ok(frame)) => {
-            let gate = state.gate.clone();
-            let deciding = async move {
-                if state.blocking_registry {
-                    tokio::task::spawn_blocking(move || timed(|| gate.decide(&frame, &facts))).await
-                } else {
-                    // Microseconds of work: inline, without a thread hand-off per connection.
-                    // A panic in a check ends this task only: the connection is dropped (and
-                    // its attempt recorded as abandoned).
-                    Ok(timed(|| gate.decide(&frame, &facts)))
-                }
+            let start = Instant::now();
+            let decision = match state.gate.plan(&frame, &facts) {
+                Planned::Decided(decision) => decision,
+                Planned::Fetch(plan) => decide_within(state, plan, deadline).await,
             };
-            match timeout_at(deadline, deciding).await {
-                Ok(Ok(decided)) => decided,
-                // The decision is part of the deadline (PROTOCOL.md section 5, step 1).
-                Err(_) => timed(|| {
-                    state.gate.refuse(
-                        RejectCode::Timeout,
-                        Cause::Other("decision_timeout"),
-                        "the server did not decide within the deadline; retry",
-                        None,
-                    )
-                }),
-                // A panic in a check refuses the connection (fail closed).
-                Ok(Err(_)) => timed(|| {
-                    state.gate.refuse(
-                        RejectCode::Overloaded,
-                        Cause::Other("gate_failed"),
-                        "the server could not check credentials; retry shortly",
-                        Some(5),
-                    )
-                }),
-            }
+            (decision, start.elapsed())
         }
     };
     attempt.decided(&decision, took);
@@ -605,6 +582,82 @@ async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Zeroizing<Vec<u8>>
     Ok(frame)
 }
 
+/// Phases 2 to 4 of the gate for a plan, under the connection's deadline: one fetch, the
+/// decision, one commit (PROTOCOL.md section 5, step 1: the decision is part of the deadline).
+///
+/// Nothing is committed once the deadline has passed: a fetch that outlives it is abandoned
+/// (its read may finish in the background, but nothing is decided on it) and the connection is
+/// refused with TIMEOUT, so that a client told TIMEOUT keeps its code unspent, its nonce
+/// unused and its failure count unchanged. A commit that has started is awaited to its end
+/// (it is one bounded write) and its result stands: cancelling it could leave a code spent
+/// behind a TIMEOUT.
+///
+/// With [`crate::Builder::blocking_registry`], the fetch and the commit each run on tokio's
+/// blocking pool; otherwise inline (an embedded store answers in microseconds). A panic in a
+/// check or in the store refuses with OVERLOADED (fail closed).
+async fn decide_within(
+    state: &Arc<AcceptState>,
+    plan: Plan,
+    deadline: tokio::time::Instant,
+) -> Decision {
+    let gate = &state.gate;
+    let timed_out = || {
+        gate.refuse(
+            RejectCode::Timeout,
+            Cause::Server(ServerCause::DecisionTimeout),
+            "the server did not decide within the deadline; retry",
+            None,
+        )
+    };
+    let failed = || {
+        gate.refuse(
+            RejectCode::Overloaded,
+            Cause::Server(ServerCause::GateFailed),
+            "the server could not check credentials; retry shortly",
+            Some(5),
+        )
+    };
+    let need = *plan.need();
+    let snapshot: Result<Snapshot, RegistryError> = if state.blocking_registry {
+        let store = gate.store().clone();
+        let handle = tokio::runtime::Handle::current();
+        let fetch = tokio::task::spawn_blocking(move || handle.block_on(store.snapshot(&need)));
+        match timeout_at(deadline, fetch).await {
+            Err(_) => return timed_out(),
+            Ok(Err(_)) => return failed(),
+            Ok(Ok(snapshot)) => snapshot,
+        }
+    } else {
+        match timeout_at(deadline, gate.store().snapshot(&need)).await {
+            Err(_) => return timed_out(),
+            Ok(snapshot) => snapshot,
+        }
+    };
+    if tokio::time::Instant::now() >= deadline {
+        return timed_out();
+    }
+    let outcome = gate.decide(plan, snapshot);
+    if outcome.effects().is_none() {
+        return gate.finish(outcome, Ok(Committed::Applied));
+    }
+    // The last point at which the decision may still be dropped.
+    if tokio::time::Instant::now() >= deadline {
+        return timed_out();
+    }
+    let committed = if state.blocking_registry {
+        let store = gate.store().clone();
+        let effects = outcome.effects().clone();
+        let handle = tokio::runtime::Handle::current();
+        match tokio::task::spawn_blocking(move || handle.block_on(store.commit(&effects))).await {
+            Ok(committed) => committed,
+            Err(_) => return failed(),
+        }
+    } else {
+        gate.commit(&outcome).await
+    };
+    gate.finish(outcome, committed)
+}
+
 /// Runs `f` and measures how long it took.
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let start = Instant::now();
@@ -622,35 +675,10 @@ async fn standard_client(
     attempt: Attempt,
     deadline: tokio::time::Instant,
 ) -> Option<AuthenticatedStream> {
-    let fingerprint = facts.fingerprint;
-    let deciding = async {
-        if state.blocking_registry {
-            let state = state.clone();
-            tokio::task::spawn_blocking(move || timed(|| state.gate.decide_standard(&fingerprint)))
-                .await
-        } else {
-            Ok(timed(|| state.gate.decide_standard(&fingerprint)))
-        }
-    };
-    let (decision, took) = match timeout_at(deadline, deciding).await {
-        Ok(Ok(decided)) => decided,
-        Err(_) => timed(|| {
-            state.gate.refuse(
-                RejectCode::Timeout,
-                Cause::Other("decision_timeout"),
-                "the server did not decide within the deadline; retry",
-                None,
-            )
-        }),
-        Ok(Err(_)) => timed(|| {
-            state.gate.refuse(
-                RejectCode::Overloaded,
-                Cause::Other("gate_failed"),
-                "the server could not check credentials; retry shortly",
-                Some(5),
-            )
-        }),
-    };
+    let start = Instant::now();
+    let plan = state.gate.plan_standard(&facts.fingerprint);
+    let decision = decide_within(state, plan, deadline).await;
+    let took = start.elapsed();
     attempt.decided(&decision, took);
     match decision.outcome {
         Ok(identity) => {

@@ -66,7 +66,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portcullis_core::codec::DecodeError;
-use portcullis_core::{AuthMethod, Cause, Clock, Decision, DeviceFingerprint, Ref, RejectCode};
+use portcullis_core::{
+    AuthMethod, Cause, Clock, Decision, DeviceFingerprint, Ref, RejectCode, ServerCause,
+};
 use serde::{Serialize, Serializer};
 
 use crate::metrics::Metrics;
@@ -447,17 +449,17 @@ impl Attempt {
     pub(crate) fn closed(
         mut self,
         code: Option<RejectCode>,
-        cause: &'static str,
+        cause: ServerCause,
         detail: Option<String>,
     ) {
         self.close(code, cause, detail);
     }
 
-    fn close(&mut self, code: Option<RejectCode>, cause: &'static str, detail: Option<String>) {
+    fn close(&mut self, code: Option<RejectCode>, cause: ServerCause, detail: Option<String>) {
         self.done = true;
         let mut record = self.record(AuditOutcome::Closed);
         record.code = code;
-        record.cause = Some(cause);
+        record.cause = Some(cause.as_str());
         record.detail = detail;
         self.auditor.emit(&record);
     }
@@ -466,7 +468,7 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.done {
-            self.close(None, "abandoned", None);
+            self.close(None, ServerCause::Abandoned, None);
         }
     }
 }
@@ -551,7 +553,11 @@ mod tests {
         ));
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         drop(Attempt::new(&auditor, peer));
-        Attempt::new(&auditor, peer).closed(Some(RejectCode::RateLimited), "rate_limited", None);
+        Attempt::new(&auditor, peer).closed(
+            Some(RejectCode::RateLimited),
+            ServerCause::RateLimited,
+            None,
+        );
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[0].outcome, AuditOutcome::Closed);

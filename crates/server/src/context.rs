@@ -1,7 +1,8 @@
 //! What handlers learn about the connection a request came in on.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use portcullis_core::{AuthMethod, DeviceFingerprint, Identity, Ref};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -36,6 +37,44 @@ pub struct AuthContext {
     pub peer_addr: SocketAddr,
     /// The REF of the connection's Verdict and audit record.
     pub reference: Ref,
+    /// Whether the user is a service account (method `device`: no second factor).
+    pub service: bool,
+    /// The user's roles, shared by every request of the connection and kept current by the
+    /// server's revocation round.
+    roles: LiveRoles,
+}
+
+/// The roles of a connection's user: read when the connection was decided, replaced by the
+/// revocation round when they change in the registry, so that per-call policy reads no
+/// registry.
+#[derive(Clone)]
+struct LiveRoles(Arc<RwLock<Arc<[String]>>>);
+
+impl LiveRoles {
+    fn new(roles: Vec<String>) -> Self {
+        Self(Arc::new(RwLock::new(roles.into())))
+    }
+
+    fn get(&self) -> Arc<[String]> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl PartialEq for LiveRoles {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for LiveRoles {}
+
+impl fmt::Debug for LiveRoles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.get().iter()).finish()
+    }
 }
 
 impl AuthContext {
@@ -49,7 +88,27 @@ impl AuthContext {
             session_expires_ms: identity.session.map(|(_, expires)| expires),
             peer_addr,
             reference,
+            service: identity.method == AuthMethod::Device,
+            roles: LiveRoles::new(identity.roles),
         }
+    }
+
+    /// The user's roles (sorted), as the registry holds them now: read when the connection was
+    /// decided and refreshed by the server's revocation round (every 250 ms), so that a role
+    /// change reaches live connections without a registry read per call.
+    pub fn roles(&self) -> Arc<[String]> {
+        self.roles.get()
+    }
+
+    /// Replaces the user's roles on this connection (and every request of it); whether they
+    /// changed.
+    pub(crate) fn update_roles(&self, roles: &[String]) -> bool {
+        let mut held = self.roles.0.write().unwrap_or_else(PoisonError::into_inner);
+        if **held == *roles {
+            return false;
+        }
+        *held = roles.into();
+        true
     }
 
     /// The context of a request, or UNAUTHENTICATED when the request did not come through the

@@ -256,7 +256,7 @@ impl Builder {
     /// client still gets `portcullis/1`). A connection that negotiates `h2` sends no Prefix: it
     /// reaches the services only when its client certificate's device is bound, not revoked,
     /// its user not locked out, and the device holds a live session in the registry
-    /// ([`portcullis_core::Registry::live_session_for_device`], earned by a Portcullis client's
+    /// ([`portcullis_core::SessionStore::live_session_for_device`], earned by a Portcullis client's
     /// code); the connection policy applies too. Any other such connection gets, on every
     /// request, a gRPC status naming the cause and the fix, and is closed. Each attempt is
     /// audited (with `alpn` `h2`), and the deadline, [`Builder::max_pending`] and the rate

@@ -12,7 +12,9 @@
 //!
 //! 1. the user is not in `deny_users`;
 //! 2. `allow_users` is empty, or the user is in it;
-//! 3. `roles` is empty, or the user has at least one of them ([`Registry::user_roles`]);
+//! 3. `roles` is empty, or the user has at least one of them ([`AuthContext::roles`]: the
+//!    roles the registry held when the connection was decided, kept current by the server's
+//!    revocation round, so that no call reads the registry);
 //! 4. `fresh_totp_secs` is unset, or the connection's TOTP check (for a session: the check
 //!    that earned the session, [`AuthContext::totp_time_ms`]) is at most that many seconds old.
 //!
@@ -30,7 +32,7 @@
 //! |---|---|---|
 //! | conditions 1 to 3 | PERMISSION_DENIED | `policy_denied` |
 //! | condition 4 | UNAUTHENTICATED | `step_up_required` |
-//! | the registry cannot answer for the roles | UNAVAILABLE | `policy_unavailable` |
+//! | the roles cannot be known ([`Policy::decide`] with a failing source) | UNAVAILABLE | `policy_unavailable` |
 //!
 //! A Portcullis client answers `step_up_required` by itself: it opens a new connection with a
 //! fresh code and sends the call again.
@@ -57,13 +59,12 @@
 //! and put behind the Portcullis layer, so that requests carry their [`AuthContext`]:
 //!
 //! ```no_run
-//! # fn f(portcullis: portcullis_server::PortcullisServer,
-//! #      registry: std::sync::Arc<dyn portcullis_core::Registry>) -> Result<(), Box<dyn std::error::Error>> {
+//! # fn f(portcullis: portcullis_server::PortcullisServer) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use portcullis_server::policy::{Policy, PolicyLayer};
 //!
 //! let policy = Policy::from_toml_file("policy.toml")?;
-//! let layer = PolicyLayer::new(policy, registry, Arc::new(portcullis_core::SystemClock));
+//! let layer = PolicyLayer::new(policy, Arc::new(portcullis_core::SystemClock));
 //! let server = portcullis.server().layer(layer); // then add_service, serve_with_incoming
 //! # Ok(()) }
 //! ```
@@ -76,7 +77,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use portcullis_core::{Clock, Registry, RegistryError};
+use portcullis_core::{Clock, RegistryError};
 use serde::Deserialize;
 use tonic::body::Body;
 use tonic::metadata::MetadataValue;
@@ -530,20 +531,16 @@ pub struct PolicyLayer {
 
 struct Shared {
     policy: Policy,
-    registry: Arc<dyn Registry>,
     clock: Arc<dyn Clock>,
 }
 
 impl PolicyLayer {
-    /// A layer that applies `policy`, reading roles from `registry` and judging the age of
-    /// TOTP checks by `clock` (use the clock the server's gate uses).
-    pub fn new(policy: Policy, registry: Arc<dyn Registry>, clock: Arc<dyn Clock>) -> Self {
+    /// A layer that applies `policy`, judging the age of TOTP checks by `clock` (use the clock
+    /// the server's gate uses). What it needs of the user (roles, service account, TOTP time)
+    /// travels with the connection's [`AuthContext`]: no call reads the registry.
+    pub fn new(policy: Policy, clock: Arc<dyn Clock>) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                policy,
-                registry,
-                clock,
-            }),
+            shared: Arc::new(Shared { policy, clock }),
         }
     }
 
@@ -610,32 +607,21 @@ where
         };
         let shared = &self.shared;
         let path = request.uri().path();
+        let roles = auth.roles();
         let decision = shared.policy.decide(
             path,
             &auth.user,
             auth.totp_time_ms,
             shared.clock.now_ms(),
-            || shared.registry.user_roles(&auth.user),
+            || Ok(roles.to_vec()),
         );
-        // A service account (looked up on every call: nothing is cached) may call only the
-        // methods a rule grants it by name or role.
+        // A service account may call only the methods a rule grants it by name or role.
         let decision = decision.and_then(|()| {
-            let unavailable = |e: RegistryError| {
-                tracing::warn!(user = %auth.user, error = %e, "policy: cannot read the user");
-                Refusal::Unavailable(format!(
-                    "user {} could not be read; try again later",
-                    auth.user
-                ))
-            };
-            let user = shared.registry.user(&auth.user).map_err(unavailable)?;
-            if !user.is_some_and(|u| u.service) {
-                return Ok(());
+            if auth.service {
+                shared.policy.decide_service(path, &auth.user, &roles)
+            } else {
+                Ok(())
             }
-            let roles = shared
-                .registry
-                .user_roles(&auth.user)
-                .map_err(unavailable)?;
-            shared.policy.decide_service(path, &auth.user, &roles)
         });
         if let Err(refusal) = decision {
             tracing::info!(

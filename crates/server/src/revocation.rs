@@ -71,7 +71,7 @@ use std::task::Waker;
 use std::time::{Duration, SystemTime};
 
 use atomic_waker::AtomicWaker;
-use portcullis_core::{DeviceFingerprint, Gate, SessionId};
+use portcullis_core::{DeviceFingerprint, Gate, Need, SessionId, SessionNeed};
 use portcullis_tls::{CertificateDer, PrivateKeyDer, ReloadableClientVerifier};
 use tokio::time::MissedTickBehavior;
 
@@ -556,60 +556,76 @@ impl Revocation {
             }
         }
 
-        let registry = gate.registry();
+        // One snapshot per device and session held (the same read the gate makes to decide a
+        // connection): the binding, the user's current roles, and the session's record.
+        let store = gate.store();
+        let now = gate.clock().now_ms();
+        let handle = tokio::runtime::Handle::current();
         let mut failed = None;
         for (fingerprint, entries) in &snapshot {
-            if entries.iter().all(|e| e.reason().is_some()) {
-                continue;
+            let mut by_session: HashMap<Option<SessionId>, Vec<&Arc<LiveEntry>>> = HashMap::new();
+            for entry in entries.iter().filter(|e| e.reason().is_none()) {
+                // Standard clients live only as long as the session they were let in on.
+                if entry.session.is_some()
+                    && entry.lives_with_session
+                    && entry.auth.session_expires_ms.is_none_or(|at| at <= now)
+                {
+                    entry.close(CloseReason::SessionExpired);
+                    continue;
+                }
+                by_session.entry(entry.session).or_default().push(entry);
             }
-            match registry.device_by_fingerprint(fingerprint) {
-                Ok(device) => {
-                    for entry in entries {
-                        let reason = match &device {
-                            None => Some(CloseReason::DeviceUnbound),
-                            Some(d) if d.is_revoked() => Some(CloseReason::DeviceRevoked),
-                            Some(d)
-                                if d.user != entry.auth.user
-                                    || d.name != entry.auth.device_name =>
+            for (session, entries) in by_session {
+                let need = Need {
+                    fingerprint: *fingerprint,
+                    secret: false,
+                    session: session.map_or(SessionNeed::None, SessionNeed::ById),
+                    now_ms: now,
+                };
+                let read = match handle.block_on(store.snapshot(&need)) {
+                    Ok(read) => read,
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                };
+                for entry in entries {
+                    let reason = match &read.device {
+                        None => Some(CloseReason::DeviceUnbound),
+                        Some(d) if d.is_revoked() => Some(CloseReason::DeviceRevoked),
+                        Some(d)
+                            if d.user != entry.auth.user || d.name != entry.auth.device_name =>
+                        {
+                            Some(CloseReason::DeviceRebound)
+                        }
+                        // A revoked session closes the connections that hold or earned it.
+                        Some(_)
+                            if session.is_some()
+                                && read
+                                    .session
+                                    .as_ref()
+                                    .is_some_and(|s| s.revoked_ms.is_some()) =>
+                        {
+                            Some(CloseReason::SessionRevoked)
+                        }
+                        Some(_) => None,
+                    };
+                    match reason {
+                        Some(reason) => entry.close(reason),
+                        None => {
+                            // A role change reaches the live connection's next call.
+                            if let Some(user) = &read.user
+                                && entry.auth.update_roles(&user.roles)
                             {
-                                Some(CloseReason::DeviceRebound)
+                                tracing::debug!(
+                                    user = %user.name,
+                                    roles = ?user.roles,
+                                    "roles of a live connection updated"
+                                );
                             }
-                            Some(_) => None,
-                        };
-                        if let Some(reason) = reason {
-                            entry.close(reason);
                         }
                     }
                 }
-                Err(e) => failed = Some(e),
-            }
-        }
-        // A revoked session closes the connections that hold or earned it; standard clients
-        // live only as long as the session they were let in on. Each session is looked up once
-        // per round, however many connections share it.
-        let now = gate.clock().now_ms();
-        // `None`: the lookup failed this round (not asked again until the next).
-        let mut revoked_sessions: HashMap<SessionId, Option<bool>> = HashMap::new();
-        for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
-            let Some(id) = &entry.session else {
-                continue;
-            };
-            if entry.reason().is_some() {
-                continue;
-            }
-            if entry.lives_with_session && entry.auth.session_expires_ms.is_none_or(|at| at <= now)
-            {
-                entry.close(CloseReason::SessionExpired);
-                continue;
-            }
-            let revoked = *revoked_sessions.entry(*id).or_insert_with(|| {
-                registry
-                    .is_session_revoked(id)
-                    .map_err(|e| failed = Some(e))
-                    .ok()
-            });
-            if revoked == Some(true) {
-                entry.close(CloseReason::SessionRevoked);
             }
         }
         match failed {

@@ -261,6 +261,17 @@ impl State {
                     (Verdict::accept(now, reference, None), drop_after)
                 }
             }
+            // A factor this fake server does not know.
+            _ => (
+                Verdict::reject(
+                    RejectCode::Unsupported,
+                    "unknown factor",
+                    now,
+                    reference,
+                    None,
+                ),
+                false,
+            ),
         }
     }
 }

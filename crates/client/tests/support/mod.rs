@@ -76,10 +76,10 @@ pub async fn check(channel: &PortcullisChannel) -> Result<ServingStatus, tonic::
     check_service(channel, "").await
 }
 
-/// The code a Prefix's factor carries; `None` for a session ticket.
+/// The code a Prefix's factor carries; `None` for a session ticket (or any other factor).
 pub fn totp(factor: &Factor) -> Option<&str> {
     match factor {
         Factor::Totp(code) => Some(code),
-        Factor::Session(_) => None,
+        _ => None,
     }
 }
