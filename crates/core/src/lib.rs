@@ -23,6 +23,8 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+#[cfg(feature = "test-util")]
+pub mod conformance;
 mod decision;
 mod env;
 mod fingerprint;
