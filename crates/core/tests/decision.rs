@@ -1,12 +1,16 @@
 //! The gate's decision against PROTOCOL.md section 5 step 4 and section 6: every reject code the
 //! core decides with its internal cause, the order of the checks (first failure wins, and a
 //! refusal consumes nothing a later step would), single use of a code per time step, lockout,
-//! sessions, and the REASON rules of section 4.
+//! sessions, the REASON rules of section 4, and the four phases (plan, fetch, decide, commit)
+//! with what each of them reads and writes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
+use std::task::{Context, Poll, Waker};
 
 use portcullis_core::codec::{DecodeError, Factor, Prefix, Verdict};
+use portcullis_core::store::ready;
 use portcullis_core::*;
 
 /// The start of a 30-second TOTP step (1_699_999_980 is a multiple of 30).
@@ -28,13 +32,34 @@ fn totp_config(secret: &[u8]) -> TotpConfig {
     TotpConfig::new(secret.to_vec(), 6, TotpAlgorithm::Sha1, 30).unwrap()
 }
 
-/// A registry around [`MemoryRegistry`] that can make a user factorless or fail entirely.
+/// Runs a future that must be ready at once: the core has no runtime, and the memory
+/// registry's futures (and so the gate's, over it) never wait.
+#[track_caller]
+fn at_once<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("a memory registry future was not ready at once"),
+    }
+}
+
+/// A registry around [`MemoryRegistry`] that can make a user factorless or fail entirely, and
+/// counts the gate's reads and writes.
 struct Wrapped {
     inner: MemoryRegistry,
     no_factor_user: &'static str,
+    /// Makes every call fail.
     broken: AtomicBool,
-    /// Makes only the session-record calls fail.
+    /// Makes the session table unreachable: the session-store calls, a snapshot that reads a
+    /// session, and a commit that records one fail.
     records_broken: AtomicBool,
+    /// [`GateStore::snapshot`] calls.
+    snapshots: AtomicUsize,
+    /// [`GateStore::commit`] calls.
+    commits: AtomicUsize,
 }
 
 impl Wrapped {
@@ -61,59 +86,61 @@ impl Wrapped {
             no_factor_user,
             broken: AtomicBool::new(false),
             records_broken: AtomicBool::new(false),
+            snapshots: AtomicUsize::new(0),
+            commits: AtomicUsize::new(0),
         }
+    }
+
+    /// (snapshots, commits) so far.
+    fn io(&self) -> (usize, usize) {
+        (
+            self.snapshots.load(Ordering::SeqCst),
+            self.commits.load(Ordering::SeqCst),
+        )
+    }
+
+    fn read(&self, need: &Need) -> Result<Snapshot, RegistryError> {
+        self.check()?;
+        if need.session != SessionNeed::None {
+            self.check_records()?;
+        }
+        let mut snapshot = self.inner.snapshot_now(need)?;
+        if let Some(user) = snapshot
+            .user
+            .as_mut()
+            .filter(|u| u.name == self.no_factor_user)
+        {
+            user.totp = None;
+            user.has_totp = false;
+        }
+        Ok(snapshot)
+    }
+
+    fn write(&self, effects: &Effects) -> Result<Committed, RegistryError> {
+        self.check()?;
+        if let Effects::AcceptStep {
+            session: Some(_), ..
+        } = effects
+        {
+            self.check_records()?;
+        }
+        self.inner.commit_now(effects)
     }
 }
 
-impl Registry for Wrapped {
-    fn device_by_fingerprint(
-        &self,
-        fingerprint: &DeviceFingerprint,
-    ) -> Result<Option<DeviceRecord>, RegistryError> {
-        self.check()?;
-        self.inner.device_by_fingerprint(fingerprint)
+impl GateStore for Wrapped {
+    fn snapshot<'a>(&'a self, need: &'a Need) -> StoreFuture<'a, Snapshot> {
+        self.snapshots.fetch_add(1, Ordering::SeqCst);
+        ready(self.read(need))
     }
-    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
-        self.check()?;
-        self.inner.device_by_name(name)
+
+    fn commit<'a>(&'a self, effects: &'a Effects) -> StoreFuture<'a, Committed> {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        ready(self.write(effects))
     }
-    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
-        self.check()?;
-        Ok(self.inner.user(name)?.map(|mut u| {
-            if u.name == self.no_factor_user {
-                u.totp = None;
-            }
-            u
-        }))
-    }
-    fn advance_totp_step(&self, user: &str, step: u64) -> Result<bool, RegistryError> {
-        self.check()?;
-        self.inner.advance_totp_step(user, step)
-    }
-    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
-        self.check()?;
-        self.inner.lock_state(user)
-    }
-    fn update_lock_state(
-        &self,
-        user: &str,
-        update: &mut dyn FnMut(LockState) -> LockState,
-    ) -> Result<LockState, RegistryError> {
-        self.check()?;
-        self.inner.update_lock_state(user, update)
-    }
-    fn is_session_revoked(&self, id: &SessionId) -> Result<bool, RegistryError> {
-        self.check()?;
-        self.inner.is_session_revoked(id)
-    }
-    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
-        self.check_records()?;
-        self.inner.revoke_session(id, now_ms)
-    }
-    fn record_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
-        self.check_records()?;
-        self.inner.record_session(session)
-    }
+}
+
+impl SessionStore for Wrapped {
     fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, RegistryError> {
         self.check_records()?;
         self.inner.session(id)
@@ -130,9 +157,52 @@ impl Registry for Wrapped {
         self.check_records()?;
         self.inner.list_sessions(now_ms)
     }
+    fn revoke_session(&self, id: &SessionId, now_ms: u64) -> Result<SessionRecord, RegistryError> {
+        self.check_records()?;
+        self.inner.revoke_session(id, now_ms)
+    }
+}
+
+impl Admin for Wrapped {
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, RegistryError> {
+        self.check()?;
+        Ok(self.inner.user(name)?.map(|mut u| {
+            if u.name == self.no_factor_user {
+                u.totp = None;
+            }
+            u
+        }))
+    }
+    fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
+        self.check()?;
+        self.inner.lock_state(user)
+    }
+    fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        self.check()?;
+        self.inner.user_roles(user)
+    }
+    fn set_user_roles(&self, user: &str, roles: &[String]) -> Result<(), RegistryError> {
+        self.check()?;
+        self.inner.set_user_roles(user, roles)
+    }
     fn add_user(&self, name: &str, totp: TotpConfig, now_ms: u64) -> Result<(), RegistryError> {
         self.check()?;
         self.inner.add_user(name, totp, now_ms)
+    }
+    fn add_service_user(&self, name: &str, now_ms: u64) -> Result<(), RegistryError> {
+        self.check()?;
+        self.inner.add_service_user(name, now_ms)
+    }
+    fn device_by_fingerprint(
+        &self,
+        fingerprint: &DeviceFingerprint,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.check()?;
+        self.inner.device_by_fingerprint(fingerprint)
+    }
+    fn device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.check()?;
+        self.inner.device_by_name(name)
     }
     fn bind_device(
         &self,
@@ -147,6 +217,10 @@ impl Registry for Wrapped {
     fn revoke_device(&self, name: &str, now_ms: u64) -> Result<DeviceRecord, RegistryError> {
         self.check()?;
         self.inner.revoke_device(name, now_ms)
+    }
+    fn revoke_user(&self, user: &str, now_ms: u64) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.check()?;
+        self.inner.revoke_user(user, now_ms)
     }
     fn list_users(&self) -> Result<Vec<UserRecord>, RegistryError> {
         self.check()?;
@@ -292,9 +366,15 @@ impl World {
             exporter: EXPORTER,
             fingerprint: fp,
         };
-        let d = gate.decide(&prefix.encode().unwrap(), &facts);
+        let d = at_once(gate.authenticate(&prefix.encode().unwrap(), &facts));
         check_invariants(&d, Some(prefix), self.now());
         d
+    }
+
+    /// Whether the recorded session with this id is revoked.
+    fn is_revoked(&self, id: &SessionId) -> bool {
+        let record = self.registry.session(id).unwrap();
+        record.expect("a recorded session").revoked_ms.is_some()
     }
 
     /// Accepts a fresh TOTP Prefix for `user` from `fp`: the identity and the session ticket.
@@ -302,6 +382,38 @@ impl World {
         let d = self.decide(&self.totp(user, &self.code(user)), fp);
         let identity = d.outcome.clone().unwrap();
         (identity, d.verdict.session)
+    }
+
+    /// Phase 1 for `prefix` from `fp` on this world's gate: the plan, when there is state to
+    /// read.
+    #[track_caller]
+    fn plan(&self, prefix: &Prefix, fp: DeviceFingerprint) -> Plan {
+        match self.gate.plan(&prefix.encode().unwrap(), &facts(fp)) {
+            Planned::Fetch(plan) => plan,
+            Planned::Decided(d) => panic!("decided in phase 1: {:?}", d.outcome),
+        }
+    }
+
+    /// Phases 2 and 3: the snapshot `plan` needs, read from this world's registry, and judged.
+    fn fetch_and_decide(&self, plan: Plan) -> Outcome {
+        let snapshot = at_once(self.registry.snapshot(plan.need()));
+        self.gate.decide(plan, snapshot)
+    }
+
+    /// Phase 4: commits the outcome's effects through the gate and finishes the decision.
+    fn commit_and_finish(&self, outcome: Outcome, prefix: &Prefix) -> Decision {
+        let committed = at_once(self.gate.commit(&outcome));
+        let d = self.gate.finish(outcome, committed);
+        check_invariants(&d, Some(prefix), self.now());
+        d
+    }
+}
+
+/// What TLS knows of a connection from the device `fp`.
+fn facts(fingerprint: DeviceFingerprint) -> ConnectionFacts {
+    ConnectionFacts {
+        exporter: EXPORTER,
+        fingerprint,
     }
 }
 
@@ -357,6 +469,8 @@ fn check_invariants(d: &Decision, prefix: Option<&Prefix>, now: u64) {
                 Some(Factor::Session(ticket)) => {
                     assert!(!reason.contains(&hex::encode(ticket)), "{reason}");
                 }
+                // These tests build only TOTP and SESSION Prefixes.
+                Some(other) => panic!("a factor these tests never send: {other:?}"),
                 None => {}
             }
         }
@@ -474,7 +588,7 @@ fn malformed_and_unsupported_frames() {
     };
     let good = w.totp("alice", &w.code("alice")).encode().unwrap();
 
-    let d = w.gate.decide(b"GET / HTTP/1.1\r\n\r\n", &facts);
+    let d = at_once(w.gate.authenticate(b"GET / HTTP/1.1\r\n\r\n", &facts));
     check_invariants(&d, None, w.now());
     assert!(matches!(
         &d.outcome,
@@ -487,7 +601,7 @@ fn malformed_and_unsupported_frames() {
 
     let mut pcs2 = good.clone();
     pcs2[3] = b'2';
-    let d = w.gate.decide(&pcs2, &facts);
+    let d = at_once(w.gate.authenticate(&pcs2, &facts));
     check_invariants(&d, None, w.now());
     assert!(matches!(
         &d.outcome,
@@ -498,7 +612,7 @@ fn malformed_and_unsupported_frames() {
     ));
 
     let verdict = Verdict::accept(1, [0; 16], None).encode().unwrap();
-    let d = w.gate.decide(&verdict, &facts);
+    let d = at_once(w.gate.authenticate(&verdict, &facts));
     check_invariants(&d, None, w.now());
     assert_eq!(
         d.outcome.as_ref().unwrap_err().code,
@@ -518,7 +632,7 @@ fn malformed_and_unsupported_frames() {
     five_digits.remove(at + 3);
     let body = u16::try_from(five_digits.len() - 7).unwrap();
     five_digits[5..7].copy_from_slice(&body.to_be_bytes());
-    let d = w.gate.decide(&five_digits, &facts);
+    let d = at_once(w.gate.authenticate(&five_digits, &facts));
     check_invariants(&d, None, w.now());
     assert!(matches!(
         &d.outcome,
@@ -536,7 +650,7 @@ fn malformed_and_unsupported_frames() {
     assert_eq!(d.outcome.as_ref().unwrap_err().code, RejectCode::Malformed);
 
     // None of these consumed alice's step: the good frame is still accepted.
-    expect_accept(&w.gate.decide(&good, &facts));
+    expect_accept(&at_once(w.gate.authenticate(&good, &facts)));
 }
 
 #[test]
@@ -861,7 +975,7 @@ fn mfa_required_for_a_revoked_session() {
     let now = w.now();
     let record = w.registry.revoke_session(&sid, now).unwrap();
     assert_eq!(record.revoked_ms, Some(now));
-    assert!(w.registry.is_session_revoked(&sid).unwrap());
+    assert!(w.is_revoked(&sid));
     expect(
         &w.decide(&w.session("alice", &s1.unwrap().0), LAPTOP),
         RejectCode::MfaRequired,
@@ -937,7 +1051,7 @@ fn a_ticket_without_its_record_is_refused() {
     // In its own world it works, until the record is revoked by revoking the device.
     expect_accept(&w.decide(&w.session("alice", &ticket), LAPTOP));
     w.registry.revoke_device("laptop", w.now()).unwrap();
-    assert!(w.registry.is_session_revoked(&sid).unwrap());
+    assert!(w.is_revoked(&sid));
     assert_eq!(
         w.registry
             .live_session_for_device(&LAPTOP, w.now())
@@ -958,11 +1072,7 @@ fn revoking_a_user_revokes_the_sessions_of_all_the_devices() {
         let record = w.registry.session(&id.session.unwrap().0).unwrap().unwrap();
         assert_eq!(record.revoked_ms, Some(w.now()));
     }
-    assert!(
-        !w.registry
-            .is_session_revoked(&bob.session.unwrap().0)
-            .unwrap()
-    );
+    assert!(!w.is_revoked(&bob.session.unwrap().0));
     expect(
         &w.decide(&w.session("alice", &phone_ticket.unwrap().0), PHONE),
         RejectCode::DeviceRevoked,
@@ -988,9 +1098,21 @@ fn a_failing_session_record_refuses_the_totp_accept_and_the_ticket() {
     assert!(d.verdict.session.is_none());
     let d = w.decide(&w.session("alice", &ticket), LAPTOP);
     assert_eq!(d.outcome.as_ref().unwrap_err().code, RejectCode::Overloaded);
+    assert_eq!(
+        d.outcome.as_ref().unwrap_err().cause,
+        Cause::Registry("registry: session table is unreachable".into())
+    );
     wrapped.records_broken.store(false, Ordering::SeqCst);
     expect_accept(&w.decide(&w.session("alice", &ticket), LAPTOP));
     assert_eq!(w.registry.list_sessions(w.now()).unwrap().len(), 1);
+    // The failed commit wrote nothing, atomically: the code's step was not spent and no failure
+    // was charged, so the same code is accepted now and records its session.
+    assert_eq!(
+        w.registry.lock_state("alice").unwrap(),
+        LockState::default()
+    );
+    expect_accept(&w.decide(&w.totp("alice", &w.code("alice")), LAPTOP));
+    assert_eq!(w.registry.list_sessions(w.now()).unwrap().len(), 2);
 }
 
 #[test]
@@ -1349,7 +1471,7 @@ fn the_same_code_on_twenty_threads_is_accepted_exactly_once() {
                     fingerprint: LAPTOP,
                 };
                 barrier.wait();
-                gate.decide(&frame, &facts).outcome
+                at_once(gate.authenticate(&frame, &facts)).outcome
             })
         })
         .collect();
@@ -1365,9 +1487,12 @@ fn the_same_code_on_twenty_threads_is_accepted_exactly_once() {
             }
         );
     }
-    // Every attempt is charged before its code is checked, and the one success clears the
-    // count: what remains are the losers charged after the success.
-    assert!(w.registry.lock_state("alice").unwrap().failures <= 19);
+    // A failure is charged at commit, one write per loser: a loser's commit finds the step
+    // taken (Committed::StepTaken), or its snapshot already showed it taken (CodeReused with
+    // Effects::ChargeFailure). Either way it is charged after the winner's commit cleared the
+    // count, so exactly the 19 losers remain charged. (Before the four phases every attempt was
+    // charged before its code was checked, and only `<= 19` could be said.)
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 19);
 }
 
 #[test]
@@ -1386,7 +1511,7 @@ fn the_same_code_on_twenty_threads_with_the_default_lockout() {
                     fingerprint: PHONE,
                 };
                 barrier.wait();
-                gate.decide(&frame, &facts).outcome
+                at_once(gate.authenticate(&frame, &facts)).outcome
             })
         })
         .collect();
@@ -1403,6 +1528,19 @@ fn the_same_code_on_twenty_threads_with_the_default_lockout() {
             "{r:?}"
         );
     }
+    // Now that failures are charged at commit the split is exact: no loser is charged before
+    // the winner's commit (a loser only learns that the code is reused from the winner's
+    // write), so the first 5 losers to commit are charged and set off the lockout, and the 14
+    // after them find the user locked (at decide or at commit) and write nothing.
+    let count = |cause: Cause| {
+        outcomes
+            .iter()
+            .filter(|o| matches!(o, Err(r) if r.cause == cause))
+            .count()
+    };
+    assert_eq!(count(Cause::CodeReused), 5, "{outcomes:?}");
+    assert_eq!(count(Cause::LockedOut), 14, "{outcomes:?}");
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 5);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1537,7 +1675,7 @@ fn refusals_decided_outside_the_core() {
     let w = World::new();
     let d = w.gate.refuse(
         RejectCode::Timeout,
-        Cause::Other("deadline"),
+        Cause::Server(ServerCause::PrefixTimeout),
         "the Prefix did not arrive within 10 s",
         None,
     );
@@ -1548,7 +1686,7 @@ fn refusals_decided_outside_the_core() {
     );
     let d = w.gate.refuse(
         RejectCode::RateLimited,
-        Cause::Other("rate_limit"),
+        Cause::Server(ServerCause::RateLimited),
         &"x".repeat(1000),
         Some(7),
     );
@@ -1574,8 +1712,10 @@ fn decisions_never_show_the_code_or_the_ticket_in_debug() {
 }
 
 /// Attempts that race each other cannot each find the user unlocked: with the default policy
-/// (5 failures lock), 40 wrong codes at once are checked at most 5 times; the others are
-/// refused LOCKED_OUT before their code is looked at.
+/// (5 failures lock), 40 wrong codes at once are refused MFA_FAILED exactly 5 times. Each is
+/// charged by its commit, which is conditional on the user not being locked: the commits after
+/// the 5th find the user locked and write nothing, and the decisions whose snapshot already
+/// showed the lock are refused before their code is looked at; all 35 are LOCKED_OUT.
 #[test]
 fn concurrent_wrong_codes_cannot_outrun_the_lockout() {
     let w = World::new();
@@ -1600,7 +1740,7 @@ fn concurrent_wrong_codes_cannot_outrun_the_lockout() {
                     fingerprint: LAPTOP,
                 };
                 barrier.wait();
-                gate.decide(&frame, &facts).outcome
+                at_once(gate.authenticate(&frame, &facts)).outcome
             })
         })
         .collect();
@@ -1615,6 +1755,7 @@ fn concurrent_wrong_codes_cannot_outrun_the_lockout() {
         .count();
     assert_eq!(code_checked, 5, "{outcomes:?}");
     assert_eq!(locked, 35);
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 5);
 }
 
 #[test]
@@ -1657,4 +1798,555 @@ fn a_totp_accept_the_policy_refuses_records_no_session() {
     let d = w.decide_on(&gate, &w.totp("bob", &w.code("bob")), BOB_DESK);
     expect_accept(&d);
     assert_eq!(w.registry.list_sessions(w.now()).unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The four phases: plan (no state), fetch (one read), decide (no I/O), commit (one write).
+
+/// The 30-second time step [`T0`] falls in.
+const STEP0: u64 = T0 / STEP_MS;
+/// The device of a service account; its hex is all letters.
+const SERVICE: DeviceFingerprint = DeviceFingerprint::from_bytes([0xfb; 32]);
+
+fn charge(user: &str, now_ms: u64) -> Effects {
+    Effects::ChargeFailure {
+        user: user.into(),
+        now_ms,
+        lockout: LockoutPolicy::default(),
+    }
+}
+
+#[test]
+fn plan_decides_garbage_binding_and_clock_without_a_need() {
+    let wrapped = Arc::new(Wrapped::new(""));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    let mut bad_binding = w.totp("alice", &w.code("alice"));
+    bad_binding.binding[3] ^= 1;
+    let mut skewed = w.totp("alice", &w.code("alice"));
+    skewed.time_ms = T0 + 61_000;
+    // Even with the store down: phase 1 does not reach it.
+    wrapped.broken.store(true, Ordering::SeqCst);
+    for (frame, code, cause) in [
+        (
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            RejectCode::Malformed,
+            "frame_malformed",
+        ),
+        (
+            bad_binding.encode().unwrap(),
+            RejectCode::BindingMismatch,
+            "binding_mismatch",
+        ),
+        (
+            skewed.encode().unwrap(),
+            RejectCode::ClockSkew,
+            "clock_skew",
+        ),
+    ] {
+        match w.gate.plan(&frame, &facts(LAPTOP)) {
+            Planned::Decided(d) => {
+                check_invariants(&d, Prefix::decode(&frame).ok().as_ref(), w.now());
+                let rejection = d.outcome.unwrap_err();
+                assert_eq!((rejection.code, rejection.cause.as_str()), (code, cause));
+            }
+            Planned::Fetch(plan) => panic!("{code}: a Need {:?}", plan.need()),
+        }
+    }
+    // Nothing was read or written, and no nonce was remembered.
+    assert_eq!(wrapped.io(), (0, 0));
+    assert_eq!(w.gate.nonces().len(), 0);
+    // A frame that passes binding and clock is left to the snapshot, whatever its device.
+    wrapped.broken.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        w.gate.plan(
+            &w.totp("mallory", "123456").encode().unwrap(),
+            &facts(STRANGER)
+        ),
+        Planned::Fetch(_)
+    ));
+    assert_eq!(wrapped.io(), (0, 0));
+}
+
+#[test]
+fn the_need_asks_for_the_secret_only_for_a_code_and_names_the_tickets_session() {
+    let w = World::new();
+    let code = w.code("alice");
+    let plan = w.plan(&w.totp("alice", &code), LAPTOP);
+    assert_eq!(
+        plan.need(),
+        &Need {
+            fingerprint: LAPTOP,
+            secret: true,
+            session: SessionNeed::None,
+            now_ms: T0,
+        }
+    );
+    assert_eq!(plan.now_ms(), T0);
+    // The plan does not show the code.
+    assert!(!format!("{plan:?}").contains(code.as_str()));
+    // The device is the connection's: who it belongs to is read, not planned.
+    assert_eq!(
+        w.plan(&w.totp("mallory", "123456"), STRANGER)
+            .need()
+            .fingerprint,
+        STRANGER
+    );
+
+    let (identity, session) = w.login("alice", LAPTOP);
+    let (sid, _) = identity.session.unwrap();
+    let ticket = session.unwrap().0;
+    w.advance(1_000);
+    let plan = w.plan(&w.session("alice", &ticket), LAPTOP);
+    assert_eq!(
+        plan.need(),
+        &Need {
+            fingerprint: LAPTOP,
+            secret: false,
+            session: SessionNeed::ById(sid),
+            now_ms: T0 + 1_000,
+        }
+    );
+    assert!(!format!("{plan:?}").contains(&hex::encode(&ticket)));
+    // A ticket that does not open under the key names no session (and asks for no secret).
+    let mut forged = ticket.clone();
+    forged[5] ^= 1;
+    let need = *w.plan(&w.session("alice", &forged), LAPTOP).need();
+    assert_eq!((need.secret, need.session), (false, SessionNeed::None));
+    // Neither does a good ticket on a gate with sessions off.
+    let off = w.sibling(GateConfig {
+        session_ttl_ms: None,
+        ..GateConfig::default()
+    });
+    match off.plan(
+        &w.session("alice", &ticket).encode().unwrap(),
+        &facts(LAPTOP),
+    ) {
+        Planned::Fetch(plan) => {
+            assert_eq!(plan.need().session, SessionNeed::None);
+            assert!(!plan.need().secret);
+        }
+        Planned::Decided(d) => panic!("decided in phase 1: {:?}", d.outcome),
+    }
+    // A standard client: the device's live session, never a secret; nothing with sessions off.
+    assert_eq!(
+        w.gate.plan_standard(&LAPTOP).need(),
+        &Need {
+            fingerprint: LAPTOP,
+            secret: false,
+            session: SessionNeed::LiveForDevice,
+            now_ms: T0 + 1_000,
+        }
+    );
+    assert_eq!(off.plan_standard(&LAPTOP).need().session, SessionNeed::None);
+}
+
+#[test]
+fn decide_says_what_to_write_for_codes() {
+    let wrapped = Arc::new(Wrapped::new("carol"));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    const CAROL: DeviceFingerprint = DeviceFingerprint::from_bytes([0xca; 32]);
+    w.registry
+        .add_user("carol", totp_config(ALICE_SECRET), T0 - 1)
+        .unwrap();
+    w.registry
+        .bind_device("tablet", "carol", &CAROL, T0 - 1)
+        .unwrap();
+
+    // A wrong code: one failure to charge.
+    let p = w.totp("alice", &w.wrong_code("alice"));
+    let outcome = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(!outcome.is_accept());
+    assert_eq!(outcome.effects(), &charge("alice", T0));
+    expect(
+        &w.commit_and_finish(outcome, &p),
+        RejectCode::MfaFailed,
+        Cause::CodeWrong,
+    );
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 1);
+
+    // A matching code: its step, and the session to record with it.
+    let p = w.totp("alice", &w.code("alice"));
+    let outcome = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(outcome.is_accept());
+    let effects = outcome.effects().clone();
+    let d = w.commit_and_finish(outcome, &p);
+    let id = expect_accept(&d);
+    let (sid, expires) = id.session.unwrap();
+    let record = SessionRecord {
+        id: sid,
+        user: "alice".into(),
+        fingerprint: LAPTOP,
+        totp_time_ms: T0,
+        expires_ms: expires,
+        revoked_ms: None,
+    };
+    assert_eq!(
+        effects,
+        Effects::AcceptStep {
+            user: "alice".into(),
+            step: STEP0,
+            now_ms: T0,
+            lockout: LockoutPolicy::default(),
+            session: Some(record.clone()),
+        }
+    );
+    assert_eq!(w.registry.session(&sid).unwrap(), Some(record));
+    assert_eq!(
+        w.registry.lock_state("alice").unwrap(),
+        LockState::default()
+    );
+
+    // The same code again: reused, charged exactly like a wrong code.
+    let p = w.totp("alice", &w.code("alice"));
+    let outcome = w.fetch_and_decide(w.plan(&p, PHONE));
+    assert_eq!(outcome.effects(), &charge("alice", T0));
+    expect(
+        &w.commit_and_finish(outcome, &p),
+        RejectCode::MfaFailed,
+        Cause::CodeReused,
+    );
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 1);
+
+    // A user without a factor: charged too (it counts towards lockout like any failed code).
+    let p = w.totp("carol", &w.code("alice"));
+    let outcome = w.fetch_and_decide(w.plan(&p, CAROL));
+    assert_eq!(outcome.effects(), &charge("carol", T0));
+    expect(
+        &w.commit_and_finish(outcome, &p),
+        RejectCode::MfaFailed,
+        Cause::NoFactor,
+    );
+    assert_eq!(w.registry.lock_state("carol").unwrap().failures, 1);
+
+    // A matching code on a gate with sessions off: the step alone.
+    let off = w.sibling(GateConfig {
+        session_ttl_ms: None,
+        ..GateConfig::default()
+    });
+    let p = w.totp("bob", &w.code("bob"));
+    let Planned::Fetch(plan) = off.plan(&p.encode().unwrap(), &facts(BOB_DESK)) else {
+        panic!("binding and clock are right");
+    };
+    let snapshot = at_once(w.registry.snapshot(plan.need()));
+    let outcome = off.decide(plan, snapshot);
+    assert!(outcome.is_accept());
+    assert_eq!(
+        outcome.effects(),
+        &Effects::AcceptStep {
+            user: "bob".into(),
+            step: STEP0,
+            now_ms: T0,
+            lockout: LockoutPolicy::default(),
+            session: None,
+        }
+    );
+    let committed = at_once(off.commit(&outcome));
+    assert_eq!(committed, Ok(Committed::Applied));
+    let d = off.finish(outcome, committed);
+    check_invariants(&d, Some(&p), w.now());
+    assert_eq!(expect_accept(&d).session, None);
+
+    // Refusals before the factor write nothing.
+    for (p, fp) in [
+        (w.totp("alice", &w.wrong_code("alice")), STRANGER),
+        (w.totp("alice", &w.wrong_code("alice")), BOB_DESK),
+    ] {
+        let outcome = w.fetch_and_decide(w.plan(&p, fp));
+        assert_eq!(outcome.effects(), &Effects::None, "{outcome:?}");
+    }
+    // One read per decision; one write per code checked (the sessions-off gate shares the
+    // store), none for the refusals before the factor.
+    assert_eq!(wrapped.io(), (7, 5));
+}
+
+#[test]
+fn a_policy_refused_accept_spends_the_step_but_records_no_session() {
+    let w = World::new();
+    for _ in 0..2 {
+        w.decide(&w.totp("alice", &w.wrong_code("alice")), LAPTOP);
+    }
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 2);
+    let gate = w
+        .sibling(GateConfig::default())
+        .with_policy(Arc::new(|id: &Identity| {
+            if id.user == "alice" {
+                Err("alice may not connect".to_owned())
+            } else {
+                Ok(())
+            }
+        }));
+    let code = w.code("alice");
+    let p = w.totp("alice", &code);
+    let Planned::Fetch(plan) = gate.plan(&p.encode().unwrap(), &facts(LAPTOP)) else {
+        panic!("binding and clock are right");
+    };
+    let snapshot = at_once(w.registry.snapshot(plan.need()));
+    let outcome = gate.decide(plan, snapshot);
+    assert!(!outcome.is_accept());
+    // The code was good: its step is written, without the session a refused connection must
+    // not get (it would let a standard client in).
+    assert_eq!(
+        outcome.effects(),
+        &Effects::AcceptStep {
+            user: "alice".into(),
+            step: STEP0,
+            now_ms: T0,
+            lockout: LockoutPolicy::default(),
+            session: None,
+        }
+    );
+    let committed = at_once(gate.commit(&outcome));
+    assert_eq!(committed, Ok(Committed::Applied));
+    let d = gate.finish(outcome, committed);
+    check_invariants(&d, Some(&p), w.now());
+    expect(&d, RejectCode::PolicyDenied, Cause::PolicyDenied);
+    assert_eq!(reason(&d), "policy_denied: alice may not connect");
+    // No session; the count is cleared and the step is spent.
+    assert!(w.registry.list_sessions(w.now()).unwrap().is_empty());
+    assert_eq!(
+        w.registry.lock_state("alice").unwrap(),
+        LockState::default()
+    );
+    expect(
+        &w.decide(&w.totp("alice", &code), LAPTOP),
+        RejectCode::MfaFailed,
+        Cause::CodeReused,
+    );
+}
+
+#[test]
+fn a_ticket_and_a_service_account_write_nothing() {
+    let wrapped = Arc::new(Wrapped::new(""));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    let (_, session) = w.login("alice", LAPTOP);
+    let ticket = session.unwrap().0;
+    assert_eq!(wrapped.io(), (1, 1));
+
+    // A session ticket.
+    w.advance(1_000);
+    let p = w.session("alice", &ticket);
+    let outcome = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(outcome.is_accept());
+    assert_eq!(outcome.effects(), &Effects::None);
+    let d = w.commit_and_finish(outcome, &p);
+    assert_eq!(expect_accept(&d).method, AuthMethod::Session);
+
+    // A service account: its device key is its factor; the frame's is not looked at.
+    w.registry.add_service_user("backup", T0 - 1).unwrap();
+    w.registry
+        .bind_device("backup-host", "backup", &SERVICE, T0 - 1)
+        .unwrap();
+    w.registry
+        .set_user_roles("backup", &["ops".to_owned()])
+        .unwrap();
+    let p = w.totp("backup", "000000");
+    let outcome = w.fetch_and_decide(w.plan(&p, SERVICE));
+    assert!(outcome.is_accept());
+    assert_eq!(outcome.effects(), &Effects::None);
+    let d = w.commit_and_finish(outcome, &p);
+    let id = expect_accept(&d);
+    assert_eq!(id.method, AuthMethod::Device);
+    assert_eq!((id.session, &id.roles), (None, &vec!["ops".to_owned()]));
+    assert_eq!(d.verdict.session, None);
+    // The same device as a standard client.
+    let plan = w.gate.plan_standard(&SERVICE);
+    let outcome = w.fetch_and_decide(plan);
+    assert_eq!(outcome.effects(), &Effects::None);
+    let d = w.gate.finish(outcome, Ok(Committed::Applied));
+    assert_eq!(expect_accept(&d).method, AuthMethod::Device);
+
+    // Three more reads, and no write: the gate does not call the store for a commit with
+    // nothing to write.
+    assert_eq!(wrapped.io(), (4, 1));
+    let outcome = w.fetch_and_decide(w.plan(&w.session("alice", &ticket), LAPTOP));
+    assert_eq!(at_once(w.gate.commit(&outcome)), Ok(Committed::Applied));
+    assert_eq!(wrapped.io(), (5, 1));
+}
+
+/// Issue 10: one read and at most one write per connection, and a wrong code and a reused one
+/// cost the same number of writes.
+#[test]
+fn a_wrong_and_a_reused_code_each_cost_one_read_and_one_write() {
+    let wrapped = Arc::new(Wrapped::new(""));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    // The refusal's cause (None: accepted) and the (reads, writes) the decision cost.
+    let cost = |prefix: &Prefix, fp: DeviceFingerprint| {
+        let before = wrapped.io();
+        let d = w.decide(prefix, fp);
+        let after = wrapped.io();
+        (
+            d.outcome.err().map(|r| r.cause),
+            (after.0 - before.0, after.1 - before.1),
+        )
+    };
+    let code = w.code("alice");
+    let wrong = w.wrong_code("alice");
+    let totp = |code: &str| w.totp("alice", code);
+    assert_eq!(
+        cost(&totp(&wrong), LAPTOP),
+        (Some(Cause::CodeWrong), (1, 1))
+    );
+    assert_eq!(cost(&totp(&code), LAPTOP), (None, (1, 1)));
+    assert_eq!(
+        cost(&totp(&code), LAPTOP),
+        (Some(Cause::CodeReused), (1, 1))
+    );
+    // A ticket: a read, no write.
+    let ticket = w.login("bob", BOB_DESK).1.unwrap().0;
+    assert_eq!(cost(&w.session("bob", &ticket), BOB_DESK), (None, (1, 0)));
+    // Refused before the factor: a read, no write.
+    assert_eq!(
+        cost(&totp(&code), STRANGER),
+        (Some(Cause::DeviceUnknown), (1, 0))
+    );
+    let replayed = totp(&wrong);
+    w.decide(&replayed, LAPTOP);
+    assert_eq!(cost(&replayed, LAPTOP), (Some(Cause::NonceReplay), (1, 0)));
+    // Refused in phase 1: nothing.
+    let mut skewed = totp(&code);
+    skewed.time_ms = T0 - 120_000;
+    assert_eq!(
+        cost(&skewed, LAPTOP),
+        (Some(Cause::ClockSkew(-120_000)), (0, 0))
+    );
+}
+
+#[test]
+fn a_commit_that_finds_the_step_taken_is_a_reused_code() {
+    let w = World::new();
+    let code = w.code("alice");
+    let p = w.totp("alice", &code);
+    let outcome = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(outcome.is_accept());
+    assert!(matches!(
+        outcome.effects(),
+        Effects::AcceptStep { step: STEP0, .. }
+    ));
+    // Meanwhile another connection with the same code decides and commits first.
+    expect_accept(&w.decide(&w.totp("alice", &code), PHONE));
+    // The first commit finds the step taken: a failure is charged instead, and the accept
+    // turns into the reused code it now is.
+    let committed = at_once(w.registry.commit(outcome.effects())).unwrap();
+    let Committed::StepTaken(state) = committed else {
+        panic!("the step was taken meanwhile: {committed:?}");
+    };
+    assert_eq!(state.failures, 1);
+    let d = w.gate.finish(outcome, Ok(committed));
+    check_invariants(&d, Some(&p), w.now());
+    expect(&d, RejectCode::MfaFailed, Cause::CodeReused);
+    assert_eq!(reason(&d), "mfa_failed: the one-time code was not accepted");
+    assert_eq!(w.registry.lock_state("alice").unwrap(), state);
+    // Only the winner's session is recorded.
+    let sessions = w.registry.list_sessions(w.now()).unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].fingerprint, PHONE);
+}
+
+#[test]
+fn a_commit_that_finds_the_user_locked_is_locked_out_and_writes_nothing() {
+    let w = World::new();
+    let p = w.totp("alice", &w.code("alice"));
+    let accept = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(accept.is_accept());
+    let q = w.totp("alice", &w.wrong_code("alice"));
+    let wrong = w.fetch_and_decide(w.plan(&q, PHONE));
+    assert_eq!(wrong.effects(), &charge("alice", T0));
+    // Meanwhile five wrong codes lock alice out.
+    lock_alice(&w);
+    let committed = at_once(w.registry.commit(accept.effects())).unwrap();
+    let Committed::LockedOut(state) = committed else {
+        panic!("alice was locked meanwhile: {committed:?}");
+    };
+    assert_eq!(state.failures, 5);
+    assert_eq!(state.remaining_ms(w.now()), Some(30_000));
+    let d = w.gate.finish(accept, Ok(committed));
+    check_invariants(&d, Some(&p), w.now());
+    expect(&d, RejectCode::LockedOut, Cause::LockedOut);
+    assert_eq!(d.verdict.retry_after_s, Some(30));
+    assert!(reason(&d).contains("alice"), "{}", reason(&d));
+    // The wrong code's commit finds the lock too, and charges nothing more.
+    let d = w.commit_and_finish(wrong, &q);
+    expect(&d, RejectCode::LockedOut, Cause::LockedOut);
+    assert_eq!(w.registry.lock_state("alice").unwrap(), state);
+    assert!(w.registry.list_sessions(w.now()).unwrap().is_empty());
+    // The accept's step was not spent: once the lock lifts, the same code (one step old now)
+    // gets in.
+    w.advance(30_000);
+    expect_accept(&w.decide(&w.totp("alice", &w.code_at("alice", T0)), LAPTOP));
+}
+
+#[test]
+fn a_store_error_at_fetch_or_commit_refuses_with_overloaded() {
+    let wrapped = Arc::new(Wrapped::new(""));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    #[track_caller]
+    fn overloaded(d: &Decision) {
+        expect(
+            d,
+            RejectCode::Overloaded,
+            Cause::Registry("registry: database is unreachable".into()),
+        );
+        assert_eq!(d.verdict.retry_after_s, Some(5));
+        assert_eq!(d.verdict.session, None);
+        assert!(!reason(d).contains("unreachable"), "{}", reason(d));
+    }
+    let code = w.code("alice");
+
+    // At fetch: nothing to write.
+    wrapped.broken.store(true, Ordering::SeqCst);
+    let p = w.totp("alice", &code);
+    let outcome = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(!outcome.is_accept());
+    assert_eq!(outcome.effects(), &Effects::None);
+    overloaded(&w.commit_and_finish(outcome, &p));
+    // A server that read the snapshot itself hands the error in the same way.
+    let p = w.totp("alice", &code);
+    let outcome = w.gate.decide(
+        w.plan(&p, LAPTOP),
+        Err(RegistryError::Backend("database is unreachable".into())),
+    );
+    assert_eq!(outcome.effects(), &Effects::None);
+    overloaded(&w.commit_and_finish(outcome, &p));
+
+    // At commit: an accept and a wrong code are both refused, fail closed.
+    wrapped.broken.store(false, Ordering::SeqCst);
+    let p = w.totp("alice", &code);
+    let accept = w.fetch_and_decide(w.plan(&p, LAPTOP));
+    assert!(accept.is_accept());
+    let q = w.totp("alice", &w.wrong_code("alice"));
+    let wrong = w.fetch_and_decide(w.plan(&q, LAPTOP));
+    assert!(!wrong.effects().is_none());
+    wrapped.broken.store(true, Ordering::SeqCst);
+    overloaded(&w.commit_and_finish(accept, &p));
+    overloaded(&w.commit_and_finish(wrong, &q));
+    // Nothing was written: no failure charged, and the code is still good.
+    wrapped.broken.store(false, Ordering::SeqCst);
+    assert_eq!(
+        w.registry.lock_state("alice").unwrap(),
+        LockState::default()
+    );
+    expect_accept(&w.decide(&w.totp("alice", &code), LAPTOP));
+}
+
+#[test]
+fn a_decision_that_is_never_committed_spends_nothing() {
+    let wrapped = Arc::new(Wrapped::new(""));
+    let w = World::build(GateConfig::default(), wrapped.clone());
+    let code = w.code("alice");
+    // A server whose deadline passes between decide and commit drops the outcome.
+    let accept = w.fetch_and_decide(w.plan(&w.totp("alice", &code), LAPTOP));
+    assert!(matches!(accept.effects(), Effects::AcceptStep { .. }));
+    drop(accept);
+    let wrong = w.fetch_and_decide(w.plan(&w.totp("alice", &w.wrong_code("alice")), LAPTOP));
+    assert_eq!(wrong.effects(), &charge("alice", T0));
+    drop(wrong);
+    assert_eq!(wrapped.io(), (2, 0));
+    // The step is not taken, no failure is charged, no session is recorded.
+    assert_eq!(
+        w.registry.lock_state("alice").unwrap(),
+        LockState::default()
+    );
+    assert!(w.registry.list_sessions(w.now()).unwrap().is_empty());
+    // The code still works on a new connection (with a new nonce, as every connection has).
+    expect_accept(&w.decide(&w.totp("alice", &code), LAPTOP));
 }

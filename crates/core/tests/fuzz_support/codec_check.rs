@@ -145,6 +145,7 @@ fn check_prefix(p: &Prefix, frame_len: usize) {
             "TOTP must be 6 to 8 ASCII digits"
         ),
         Factor::Session(t) => assert!((1..=1024).contains(&t.len()), "SESSION length {}", t.len()),
+        other => panic!("the decoder made a factor the checks do not know: {other:?}"),
     }
     if let Some(agent) = &p.agent {
         assert!(agent.len() <= 64, "AGENT length {}", agent.len());
