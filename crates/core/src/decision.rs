@@ -442,6 +442,9 @@ pub struct Plan {
     kind: PlanKind,
 }
 
+// One plan per connection, moved a few times: boxing the Prefix would cost an allocation for
+// nothing.
+#[allow(clippy::large_enum_variant)]
 enum PlanKind {
     /// A Prefix that passed binding and clock; its ticket opened (or not) under the key.
     Prefix {
@@ -522,8 +525,11 @@ impl Outcome {
 }
 
 /// The sans-IO gate: holds the store, the nonce store, the ticket key, the clock and the random
-/// source, and decides each connection in the order of PROTOCOL.md section 5, in the four
-/// phases of the [module documentation](self).
+/// source, and decides each connection in the order of PROTOCOL.md section 5, in four phases:
+/// [`Gate::plan`] (what to read), one fetch of a [`Snapshot`] from a [`GateStore`],
+/// [`Gate::decide`] (no I/O: the verdict and the [`Effects`] to write), and one commit of the
+/// effects, after which [`Gate::finish`] makes the [`Decision`]. [`Gate::authenticate`] runs
+/// them all against the gate's store.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -828,7 +834,11 @@ impl Gate {
     /// be). A commit that lost its condition turns the outcome into the refusal it now is: the
     /// step taken meanwhile is a reused code (MFA_FAILED), a lockout set off meanwhile is
     /// LOCKED_OUT. A failed commit refuses with OVERLOADED (fail closed).
-    pub fn finish(&self, outcome: Outcome, committed: Result<Committed, RegistryError>) -> Decision {
+    pub fn finish(
+        &self,
+        outcome: Outcome,
+        committed: Result<Committed, RegistryError>,
+    ) -> Decision {
         let Outcome {
             effects,
             now,
@@ -1088,6 +1098,14 @@ impl Gate {
             lockout,
         };
         let Some(totp) = user.totp.as_ref() else {
+            if user.has_totp {
+                // The store has a secret but did not give it: it failed, not the client.
+                // Refused without a charge (fail closed).
+                return Err(Refusal::from(RegistryError::Backend(format!(
+                    "the TOTP secret of {} was asked for and not returned",
+                    user.name
+                ))));
+            }
             *effects = charge;
             return Err(mfa_failed(Cause::NoFactor));
         };
