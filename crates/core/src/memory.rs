@@ -102,12 +102,20 @@ impl MemoryRegistry {
 }
 
 fn snapshot(s: &MemoryState, need: &Need) -> Snapshot {
-    let device = newest(s.devices.iter().filter(|d| d.fingerprint == need.fingerprint));
+    let device = newest(
+        s.devices
+            .iter()
+            .filter(|d| d.fingerprint == need.fingerprint),
+    );
     let user = device.as_ref().and_then(|d| {
         let (record, last_step, lock) = s.users.get(&d.user)?;
         Some(UserState {
             name: record.name.clone(),
-            totp: if need.secret { record.totp.clone() } else { None },
+            totp: if need.secret {
+                record.totp.clone()
+            } else {
+                None
+            },
             has_totp: record.totp.is_some(),
             service: record.service,
             created_ms: record.created_ms,
@@ -171,7 +179,8 @@ fn commit(s: &mut MemoryState, effects: &Effects) -> Result<Committed, RegistryE
             *lock = LockState::default();
             if let Some(session) = session {
                 // Expired records are of no use any more: forget them while here.
-                s.sessions.retain(|_, r| r.expires_ms > session.totp_time_ms);
+                s.sessions
+                    .retain(|_, r| r.expires_ms > session.totp_time_ms);
                 s.sessions.insert(session.id, session.clone());
             }
         }

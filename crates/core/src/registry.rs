@@ -119,4 +119,3 @@ pub fn normalize_roles(roles: &[String]) -> Result<Vec<String>, RegistryError> {
     roles.dedup();
     Ok(roles)
 }
-

@@ -21,8 +21,8 @@ use portcullis_core::{
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use crate::{
-    DeviceRow, PURGE_BATCH, SESSION_COLUMNS, SessionRow, SqliteRegistry,
-    UserRow, db_ms, is_unique_violation,
+    DeviceRow, PURGE_BATCH, SESSION_COLUMNS, SessionRow, SqliteRegistry, UserRow, db_ms,
+    is_unique_violation,
 };
 
 /// The device of a fingerprint (the active binding, else the most recently revoked one) and its
@@ -292,7 +292,8 @@ fn charge(policy: &LockoutPolicy, current: LockState, now_ms: u64) -> LockState 
 
 /// The newest live session of the active binding of a fingerprint, earned by the binding's
 /// user since it was bound.
-pub(crate) const LIVE_SESSION: &str = "SELECT s.id, s.user, s.fingerprint, s.totp_time_ms, s.expires_ms, s.revoked_ms
+pub(crate) const LIVE_SESSION: &str =
+    "SELECT s.id, s.user, s.fingerprint, s.totp_time_ms, s.expires_ms, s.revoked_ms
      FROM sessions s
      JOIN devices d ON d.fingerprint = s.fingerprint AND d.revoked_ms IS NULL
      WHERE s.fingerprint = ?1 AND s.user = d.user

@@ -213,7 +213,9 @@ impl SqliteRegistry {
     fn create_sealed_by(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         let file = create_private_file(path)?;
         drop(file);
-        match schema::connect(path, &sealer).and_then(|conn| Self::with_connection(path, conn, sealer)) {
+        match schema::connect(path, &sealer)
+            .and_then(|conn| Self::with_connection(path, conn, sealer))
+        {
             Ok(registry) => Ok(registry),
             Err(e) => {
                 remove_database_files(path);
