@@ -18,7 +18,9 @@ use portcullis_core::{
     Committed, DeviceRecord, Effects, LockState, LockoutPolicy, Need, RegistryError, SessionNeed,
     SessionRecord, Snapshot, UserState,
 };
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use std::sync::atomic::Ordering;
+
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     DeviceRow, PURGE_BATCH, SESSION_COLUMNS, SessionRow, SqliteRegistry, UserRow, db_ms,
@@ -27,17 +29,61 @@ use crate::{
 
 /// The device of a fingerprint (the active binding, else the most recently revoked one) and its
 /// user's row, with the lockout state, the last step and the roles (comma-separated: role
-/// names have no commas). The secret is read only when `?2` is true.
+/// names have no commas; sorted after the read). The secret is read only when `?2` is true.
+/// Both lookups of the binding walk an index: no sort, no temporary table.
 const DEVICE_AND_USER: &str = "
     SELECT d.name, d.user, d.fingerprint, d.created_ms, d.revoked_ms,
            u.name, CASE WHEN ?2 THEN u.totp_secret END, u.digits, u.algorithm, u.period,
            u.created_ms, u.service, u.failures, u.locked_until_ms, u.last_step,
            u.totp_secret IS NOT NULL,
-           (SELECT group_concat(role, ',') FROM
-               (SELECT role FROM user_roles WHERE user = d.user ORDER BY role))
+           (SELECT group_concat(role, ',') FROM user_roles WHERE user = d.user)
     FROM devices d LEFT JOIN users u ON u.name = d.user
-    WHERE d.fingerprint = ?1
-    ORDER BY d.revoked_ms IS NULL DESC, d.created_ms DESC, d.id DESC LIMIT 1";
+    WHERE d.id = coalesce(
+        (SELECT id FROM devices WHERE fingerprint = ?1 AND revoked_ms IS NULL),
+        (SELECT id FROM devices WHERE fingerprint = ?1 ORDER BY created_ms DESC, id DESC LIMIT 1))";
+
+/// How often a new session purges expired records, in the sessions' own time (ms).
+const PURGE_EVERY_MS: u64 = 60_000;
+
+/// A transaction begun and ended with cached statements: rusqlite's `Transaction` prepares
+/// `BEGIN` and `COMMIT` anew each time, which costs more than the gate's own statements. Rolled
+/// back when dropped uncommitted (an error, a lost condition).
+struct Tx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> Tx<'c> {
+    fn begin(conn: &'c Connection, begin: &'static str) -> rusqlite::Result<Self> {
+        conn.prepare_cached(begin)?.execute([])?;
+        Ok(Self { conn, open: true })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self
+                .conn
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut stmt| stmt.execute([]));
+        }
+    }
+}
 
 /// A user row as the snapshot reads it.
 struct GateUserRow {
@@ -53,8 +99,14 @@ impl SqliteRegistry {
     /// [`portcullis_core::GateStore::snapshot`], at once: one read transaction.
     pub fn snapshot_now(&self, need: &Need) -> Result<Snapshot, RegistryError> {
         let (device, user, session) = {
-            let mut conn = self.reader();
-            let tx = conn.transaction().map_err(|e| self.backend(e))?;
+            let conn = self.reader();
+            // One statement is a consistent read of its own; two need a read transaction.
+            let begin = if need.session == SessionNeed::None {
+                None
+            } else {
+                Some(Tx::begin(&conn, "BEGIN DEFERRED").map_err(|e| self.backend(e))?)
+            };
+            let tx: &Connection = &conn;
             let found = tx
                 .prepare_cached(DEVICE_AND_USER)
                 .and_then(|mut stmt| {
@@ -113,7 +165,9 @@ impl SqliteRegistry {
                     .map_err(|e| self.backend(e))?,
                 SessionNeed::LiveForDevice => None,
             };
-            tx.commit().map_err(|e| self.backend(e))?;
+            if let Some(begin) = begin {
+                begin.commit().map_err(|e| self.backend(e))?;
+            }
             (device, user, session)
         };
         // The connection is free again: decode, and open the secret, outside the lock.
@@ -134,10 +188,11 @@ impl SqliteRegistry {
             .last_step
             .map(|s| self.stored_u64(s, "user last_step"))
             .transpose()?;
-        let roles = u
+        let mut roles: Vec<String> = u
             .roles
             .map(|r| r.split(',').map(str::to_owned).collect())
             .unwrap_or_default();
+        roles.sort();
         let has_totp = u.has_totp;
         let record = if u.row.secret.is_some() {
             self.user_record(u.row)?
@@ -178,10 +233,8 @@ impl SqliteRegistry {
                 lockout,
             } => (user.as_str(), *now_ms, *lockout),
         };
-        let mut conn = self.writer();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.backend(e))?;
+        let conn = self.writer();
+        let tx = Tx::begin(&conn, "BEGIN IMMEDIATE").map_err(|e| self.backend(e))?;
         if let Effects::AcceptStep { step, session, .. } = effects {
             let step = i64::try_from(*step).map_err(|_| {
                 RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
@@ -245,16 +298,22 @@ impl SqliteRegistry {
     /// purge ever holding the write lock for long).
     fn insert_session(
         &self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &Connection,
         session: &SessionRecord,
     ) -> Result<(), RegistryError> {
-        let horizon = db_ms(session.totp_time_ms.min(self.clock.now_ms()));
-        tx.prepare_cached(
-            "DELETE FROM sessions WHERE id IN
-             (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT ?2)",
-        )
-        .and_then(|mut stmt| stmt.execute(params![horizon, PURGE_BATCH]))
-        .map_err(|e| self.backend(e))?;
+        let horizon = session.totp_time_ms.min(self.clock.now_ms());
+        // At most once a minute (of the sessions' own time): the purge is a statement SQLite
+        // plans anew on every run, dearer than the insert itself.
+        let last = self.last_purge_ms.load(Ordering::Relaxed);
+        if horizon < last || horizon - last >= PURGE_EVERY_MS {
+            tx.prepare_cached(
+                "DELETE FROM sessions WHERE id IN
+                 (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT ?2)",
+            )
+            .and_then(|mut stmt| stmt.execute(params![db_ms(horizon), PURGE_BATCH]))
+            .map_err(|e| self.backend(e))?;
+            self.last_purge_ms.store(horizon, Ordering::Relaxed);
+        }
         tx.prepare_cached(
             "INSERT INTO sessions (id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -83,14 +83,17 @@
 //! table of session records. Tickets issued before have no record and are refused once: their
 //! holders send a one-time code again. A registry of version 3 (or older) is migrated to version
 //! 4 when it is opened: users gain a service flag ([`UserRecord::service`]) and roles
-//! ([`Admin::user_roles`]); existing users are not service accounts and hold no role.
+//! ([`Admin::user_roles`]); existing users are not service accounts and hold no role. A
+//! registry of version 4 (or older) is migrated to version 5 when it is opened: session
+//! records keep only their index by device, so that recording one writes fewer pages.
 //!
 //! ## Sessions
 //!
 //! Every session the gate issues is recorded by the commit that accepts its code, with its user,
 //! device fingerprint, TOTP time and expiry, and stays until some time after it expires:
 //! recording a session deletes a bounded number of records that expired by then (by the
-//! session's own time and by the registry's clock, whichever is earlier). Revoking a session,
+//! session's own time and by the registry's clock, whichever is earlier), at most once a
+//! minute of that time. Revoking a session,
 //! a device or a user marks the records revoked; revoking a device or a user does so in the
 //! same transaction as the device bindings.
 #![forbid(unsafe_code)]
@@ -105,6 +108,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use portcullis_core::store::ready;
@@ -123,7 +127,7 @@ use secret::Sealer;
 
 /// The version of the registry's schema that this build writes and reads
 /// (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The `PRAGMA application_id` of a registry file: `PCS1` in ASCII.
 pub const APPLICATION_ID: u32 = 0x5043_5331;
@@ -140,6 +144,8 @@ pub struct SqliteRegistry {
     reader: Mutex<Connection>,
     clock: Arc<dyn Clock>,
     sealer: Sealer,
+    /// When a new session last purged expired records (the sessions' time, Unix ms).
+    last_purge_ms: AtomicU64,
 }
 
 impl fmt::Debug for SqliteRegistry {
@@ -259,6 +265,7 @@ impl SqliteRegistry {
             reader: Mutex::new(reader),
             clock: Arc::new(SystemClock),
             sealer,
+            last_purge_ms: AtomicU64::new(0),
         })
     }
 

@@ -104,6 +104,17 @@ CREATE TABLE user_roles (
 ) STRICT, WITHOUT ROWID;
 ";
 
+/// The first schema version with service accounts and roles.
+const ROLES_SINCE: i64 = 4;
+
+/// From version 4 to 5, and for a new registry after the others: the session records keep one
+/// index, by device, for the accept path's lookups. Every index costs a page written per new
+/// session (a TOTP accept); the administrative scans by user or expiry read the table instead.
+const V4_TO_V5: &str = "
+DROP INDEX IF EXISTS sessions_by_expiry;
+DROP INDEX IF EXISTS sessions_by_user;
+";
+
 /// What the header and catalogue of a database say about it.
 struct Identity {
     application_id: u32,
@@ -220,6 +231,7 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
         tx.execute_batch(SCHEMA_V3).map_err(sqlite)?;
         tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
         tx.execute_batch(V3_TO_V4).map_err(sqlite)?;
+        tx.execute_batch(V4_TO_V5).map_err(sqlite)?;
         // The header stores the id as a signed 32-bit integer.
         tx.pragma_update(None, "application_id", APPLICATION_ID as i32)
             .map_err(sqlite)?;
@@ -236,7 +248,8 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
 /// Migrates an older registry to [`SCHEMA_VERSION`] in one transaction. From version 1, every
 /// TOTP secret is sealed under the registry's key, in place; from version 2 (or 1),
 /// `revoked_sessions` gives way to `sessions`; from version 3 (or older), users gain a service
-/// flag and roles ([`V3_TO_V4`]). Another process may be migrating the same file
+/// flag and roles ([`V3_TO_V4`]); from version 4 (or older), sessions keep one index
+/// ([`V4_TO_V5`]). Another process may be migrating the same file
 /// at the same moment: the write lock decides, and the loser finds the work done.
 ///
 /// The raw secrets must not outlive the migration in the file: `secure_delete` makes SQLite
@@ -280,7 +293,10 @@ fn migrate_in_transaction(
         tx.execute_batch(V2_TO_V3).map_err(sqlite)?;
         tx.execute_batch(SESSIONS_V3).map_err(sqlite)?;
     }
-    tx.execute_batch(V3_TO_V4).map_err(sqlite)?;
+    if identity.user_version < ROLES_SINCE {
+        tx.execute_batch(V3_TO_V4).map_err(sqlite)?;
+    }
+    tx.execute_batch(V4_TO_V5).map_err(sqlite)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sqlite)?;
     tx.commit().map_err(sqlite)
