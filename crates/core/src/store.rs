@@ -21,7 +21,7 @@
 //! - [`Admin`]: users, devices and roles: what the command line changes and lists.
 //! - [`Registry`]: all three, the shape of a complete backend ([`crate::MemoryRegistry`],
 //!   `portcullis-store`'s SQLite registry). Every backend passes the conformance suite of the
-//!   `test-util` feature ([`crate::conformance`]).
+//!   `test-util` feature (the `conformance` module).
 //!
 //! No method has a default that drops data or skips a check: a backend implements each one.
 

@@ -9,8 +9,9 @@
 //! Every connection handed to tonic is registered here, under its device fingerprint, until
 //! tonic drops it. A background task (one per server, started by
 //! [`crate::PortcullisServer::incoming`]) runs every [`REVOCATION_CHECK_INTERVAL`] (250 ms) and,
-//! only for the fingerprints that have live connections, asks the registry
-//! ([`portcullis_core::Registry::device_by_fingerprint`]) whether the binding still stands. A
+//! only for the fingerprints that have live connections, reads the same snapshot the gate reads
+//! to decide a connection ([`portcullis_core::GateStore::snapshot`]: the binding, its user's
+//! roles, and the session a connection holds), one per device and session. A
 //! connection is closed when its device binding was revoked (`portcullis device revoke`, or
 //! `portcullis user revoke`, which revokes every device of a user), when the fingerprint is now
 //! bound under another name or to another user, or when it is bound to nothing. The registry
@@ -19,6 +20,11 @@
 //! connections within about a quarter of a second, well under one second. Its session tickets
 //! stop working at the same moment, since a ticket only opens a connection whose device
 //! binding stands (PROTOCOL.md section 5, step 4.4).
+//!
+//! The same round carries role changes to live connections: each connection's
+//! [`AuthContext::roles`] is replaced by the roles its user holds now, so that per-call policy
+//! ([`crate::policy::PolicyLayer`]) never reads the registry and still sees a role granted or
+//! taken away within a round.
 //!
 //! Closing a connection makes its stream fail every read and write from then on (a waiting
 //! read is woken at once); hyper then drops the connection and every request on it fails. The

@@ -4,8 +4,8 @@
 //! Such a client sends no Prefix, so it cannot prove a second factor on the connection. It is
 //! let in on the strength of its device alone: the client certificate's fingerprint must be
 //! bound to a user, not revoked, the user not locked out, and the device must hold a **live
-//! session** in the registry ([`portcullis_core::Registry::live_session_for_device`]; the
-//! decision is [`portcullis_core::Gate::decide_standard`]): one
+//! session** in the registry ([`portcullis_core::SessionStore::live_session_for_device`]; the
+//! decision is [`portcullis_core::Gate::plan_standard`]): one
 //! that a Portcullis client (or `portcullis login`) earned from the same device with a TOTP
 //! code, not expired and not revoked. The connection policy
 //! ([`crate::Builder::policy`]) applies as for any connection. The connection is then handed to

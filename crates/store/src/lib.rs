@@ -132,7 +132,8 @@ pub const SCHEMA_VERSION: i64 = 5;
 /// The `PRAGMA application_id` of a registry file: `PCS1` in ASCII.
 pub const APPLICATION_ID: u32 = 0x5043_5331;
 
-/// A [`Registry`] kept in a SQLite file.
+/// A complete registry ([`portcullis_core::Registry`]: the gate's store, the sessions and the
+/// administration) kept in a SQLite file.
 ///
 /// One connection, behind a mutex; open one `SqliteRegistry` per process and share it (it is
 /// `Send + Sync`). Other processes may open the same file at the same time.
