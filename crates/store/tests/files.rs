@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::Path;
 
-use portcullis_core::{Registry, RegistryError, TotpAlgorithm, TotpConfig};
+use portcullis_core::{Admin, RegistryError, TotpAlgorithm, TotpConfig};
 use portcullis_store::{APPLICATION_ID, SCHEMA_VERSION, SqliteRegistry, StoreError};
 use rusqlite::Connection;
 

@@ -8,8 +8,10 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use portcullis_core::{DeviceFingerprint, Registry, TotpAlgorithm, TotpConfig};
+use portcullis_core::{Admin, Committed, DeviceFingerprint, Effects, TotpAlgorithm, TotpConfig};
 use portcullis_store::SqliteRegistry;
+
+mod common;
 
 const CHILD_DB: &str = "PORTCULLIS_STORE_CHILD_DB";
 const STEPS: u64 = 100;
@@ -55,7 +57,21 @@ fn start_together(db: &Path) {
     }
 }
 
-/// Every thread tries every step in order; prints the steps this process won.
+/// A code of alice's that matched `step`. The lockout policy never locks: the many commits
+/// that lose the race are each charged a failure, and must not lock alice out of the steps
+/// that follow.
+fn accept(step: u64) -> Effects {
+    Effects::AcceptStep {
+        user: "alice".into(),
+        step,
+        now_ms: 0,
+        lockout: common::NEVER_LOCK,
+        session: None,
+    }
+}
+
+/// Every thread commits every step in order; prints the steps this process won (the commits
+/// that were applied).
 #[test]
 #[ignore = "run by advancing_from_several_processes_accepts_each_step_at_most_once"]
 fn child_advance_steps() {
@@ -70,7 +86,9 @@ fn child_advance_steps() {
             thread::spawn(move || {
                 barrier.wait();
                 (1..=STEPS)
-                    .filter(|&step| registry.advance_totp_step("alice", step).unwrap())
+                    .filter(|&step| {
+                        registry.commit_now(&accept(step)).unwrap() == Committed::Applied
+                    })
                     .collect::<Vec<_>>()
             })
         })
@@ -141,7 +159,10 @@ fn advancing_from_several_processes_accepts_each_step_at_most_once() {
     // Every thread ends on the last step, and nobody goes past it: it was accepted exactly once.
     assert_eq!(won.iter().filter(|&&s| s == STEPS).count(), 1);
     let registry = SqliteRegistry::open(&db).unwrap();
-    assert!(!registry.advance_totp_step("alice", STEPS).unwrap());
+    assert!(matches!(
+        registry.commit_now(&accept(STEPS)).unwrap(),
+        Committed::StepTaken(_)
+    ));
 }
 
 /// Revokes the device `laptop`.

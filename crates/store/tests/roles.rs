@@ -1,12 +1,16 @@
-//! Roles and service accounts (`Registry::user_roles`, `set_user_roles`, `add_service_user`),
+//! Roles and service accounts (`Admin::user_roles`, `set_user_roles`, `add_service_user`),
 //! run against `MemoryRegistry` (the reference) and `SqliteRegistry`; the migration from schema
 //! version 3 at the end.
 
 use std::path::Path;
 
-use portcullis_core::{MemoryRegistry, Registry, RegistryError, TotpAlgorithm, TotpConfig};
+use portcullis_core::{
+    Admin, Committed, MemoryRegistry, Registry, RegistryError, TotpAlgorithm, TotpConfig,
+};
 use portcullis_store::{SCHEMA_VERSION, SqliteRegistry};
 use rusqlite::Connection;
+
+mod common;
 
 fn totp() -> TotpConfig {
     TotpConfig::new(vec![9; 20], 6, TotpAlgorithm::Sha1, 30).unwrap()
@@ -131,7 +135,10 @@ fn a_version_3_registry_is_migrated_to_roles_and_service_flags() {
     {
         let r = SqliteRegistry::create(&path).unwrap();
         r.add_user("alice", totp(), 0).unwrap();
-        assert!(r.advance_totp_step("alice", 42).unwrap());
+        assert_eq!(
+            r.commit_now(&common::accept("alice", 42, 0)),
+            Ok(Committed::Applied)
+        );
     }
     // Back to version 3: no service flag, no roles table.
     Connection::open(&path)
@@ -150,7 +157,11 @@ fn a_version_3_registry_is_migrated_to_roles_and_service_flags() {
     let alice = r.user("alice").unwrap().unwrap();
     assert!(!alice.service);
     assert_eq!(alice.totp.unwrap().secret(), &[9; 20]);
-    assert!(!r.advance_totp_step("alice", 42).unwrap());
+    // The step accepted before the migration is still taken.
+    assert!(matches!(
+        r.commit_now(&common::accept("alice", 42, 0)),
+        Ok(Committed::StepTaken(_))
+    ));
     assert!(r.user_roles("alice").unwrap().is_empty());
     r.set_user_roles("alice", &roles(&["admin"])).unwrap();
     r.add_service_user("bot", 1).unwrap();

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use portcullis_core::codec::{Factor, Prefix};
 use portcullis_core::{
-    ConnectionFacts, DeviceFingerprint, Gate, GateConfig, ManualClock, Registry, RegistryError,
-    RejectCode, SystemRandom, TicketKey, TotpAlgorithm, TotpConfig,
+    Admin, Committed, ConnectionFacts, DeviceFingerprint, Gate, GateConfig, ManualClock,
+    RegistryError, RejectCode, SystemRandom, TicketKey, TotpAlgorithm, TotpConfig,
 };
 use portcullis_store::{SCHEMA_VERSION, SecretKey, SqliteRegistry, StoreError};
 use rusqlite::Connection;
+
+mod common;
 
 /// 20 bytes that look like nothing else in a database file.
 const SECRET: &[u8; 20] =
@@ -269,7 +271,7 @@ fn decide_alice(
         exporter: [5; 32],
         fingerprint: fp(7),
     };
-    gate.decide(&prefix.encode().unwrap(), &facts)
+    common::now(gate.authenticate(&prefix.encode().unwrap(), &facts))
 }
 
 #[test]
@@ -729,8 +731,14 @@ fn a_version_1_registry_is_migrated_when_opened_with_a_key() {
         "laptop"
     );
     assert_eq!(registry.lock_state("alice").unwrap().failures, 2);
-    assert!(!registry.advance_totp_step("alice", 56_666_666).unwrap());
-    assert!(registry.advance_totp_step("alice", 56_666_667).unwrap());
+    assert!(matches!(
+        registry.commit_now(&common::accept("alice", 56_666_666, 0)),
+        Ok(Committed::StepTaken(_))
+    ));
+    assert_eq!(
+        registry.commit_now(&common::accept("alice", 56_666_667, 0)),
+        Ok(Committed::Applied)
+    );
 
     // The secrets are sealed, and the clear ones are gone from the files.
     let sealed = raw_secret(&path, "alice");

@@ -1,16 +1,19 @@
-//! Session records (`Registry::record_session` and the methods that read and revoke them), run
-//! against `MemoryRegistry` (the reference) and `SqliteRegistry`; what only SQLite does (the
-//! bounded purge, the migration from schema version 2) at the end.
+//! Session records (recorded by the commit that accepts a step, `GateStore::commit`, and read
+//! and revoked through `SessionStore`), run against `MemoryRegistry` (the reference) and
+//! `SqliteRegistry`; what only SQLite does (the bounded purge, the migration from schema
+//! version 2) at the end.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use portcullis_core::{
-    DeviceFingerprint, ManualClock, MemoryRegistry, Registry, RegistryError, SessionId,
-    SessionRecord, TotpAlgorithm, TotpConfig,
+    Admin, Committed, DeviceFingerprint, ManualClock, MemoryRegistry, Registry, RegistryError,
+    SessionId, SessionRecord, SessionStore, TotpAlgorithm, TotpConfig,
 };
 use portcullis_store::{SCHEMA_VERSION, SecretKey, SqliteRegistry};
 use rusqlite::Connection;
+
+mod common;
 
 fn fp(byte: u8) -> DeviceFingerprint {
     DeviceFingerprint::from_bytes([byte; 32])
@@ -51,13 +54,13 @@ fn records_contract(r: &dyn Registry) {
     let phone = record(3, "alice", 2, 1_500, 9_000);
     let bob = record(4, "bob", 3, 1_200, 9_000);
     for s in [&first, &second, &phone, &bob] {
-        r.record_session(s).unwrap();
+        common::record(r, s);
     }
     assert_eq!(r.session(&first.id).unwrap(), Some(first.clone()));
     assert_eq!(r.session(&SessionId([9; 16])).unwrap(), None);
     // An id is recorded once: a second record never replaces the first.
     assert_eq!(
-        r.record_session(&record(1, "bob", 3, 2_500, 9_000)),
+        common::commit(r, &common::recording(&record(1, "bob", 3, 2_500, 9_000))),
         Err(RegistryError::AlreadyExists(format!(
             "session {}",
             first.id
@@ -103,15 +106,13 @@ fn records_contract(r: &dyn Registry) {
 /// A device revoked and bound again: the sessions of the old binding stay dead.
 fn rebinding_contract(r: &dyn Registry) {
     enroll(r);
-    r.record_session(&record(1, "alice", 1, 1_000, 50_000))
-        .unwrap();
-    r.record_session(&record(2, "bob", 3, 1_000, 50_000))
-        .unwrap();
+    common::record(r, &record(1, "alice", 1, 1_000, 50_000));
+    common::record(r, &record(2, "bob", 3, 1_000, 50_000));
     let revoked = r.revoke_device("laptop", 2_000).unwrap();
     assert_eq!(revoked.revoked_ms, Some(2_000));
     // The device's sessions, and no other.
-    assert!(r.is_session_revoked(&SessionId([1; 16])).unwrap());
-    assert!(!r.is_session_revoked(&SessionId([2; 16])).unwrap());
+    assert!(common::is_revoked(r, &SessionId([1; 16])));
+    assert!(!common::is_revoked(r, &SessionId([2; 16])));
     assert_eq!(
         r.session(&SessionId([1; 16])).unwrap().unwrap().revoked_ms,
         Some(2_000)
@@ -121,28 +122,25 @@ fn rebinding_contract(r: &dyn Registry) {
     // The same key bound again, to Bob: neither Alice's old session nor a session of Alice's
     // made before the new binding counts for it.
     r.bind_device("laptop-2", "bob", &fp(1), 4_000).unwrap();
-    r.record_session(&record(3, "alice", 1, 3_500, 50_000))
-        .unwrap();
-    r.record_session(&record(4, "bob", 1, 3_900, 50_000))
-        .unwrap();
+    common::record(r, &record(3, "alice", 1, 3_500, 50_000));
+    common::record(r, &record(4, "bob", 1, 3_900, 50_000));
     assert_eq!(r.live_session_for_device(&fp(1), 5_000).unwrap(), None);
     let fresh = record(5, "bob", 1, 4_500, 50_000);
-    r.record_session(&fresh).unwrap();
+    common::record(r, &fresh);
     assert_eq!(
         r.live_session_for_device(&fp(1), 5_000).unwrap(),
         Some(fresh)
     );
 
     // Revoking a user revokes the sessions of all the user's devices, in the same change.
-    r.record_session(&record(6, "alice", 2, 5_000, 50_000))
-        .unwrap();
+    common::record(r, &record(6, "alice", 2, 5_000, 50_000));
     let devices = r.revoke_user("alice", 6_000).unwrap();
     assert_eq!(
         devices.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
         ["phone"]
     );
     for id in [1, 3, 6] {
-        assert!(r.is_session_revoked(&SessionId([id; 16])).unwrap(), "{id}");
+        assert!(common::is_revoked(r, &SessionId([id; 16])), "{id}");
     }
     // Alice's session 1 keeps the time of its first revocation.
     assert_eq!(
@@ -150,7 +148,7 @@ fn rebinding_contract(r: &dyn Registry) {
         Some(2_000)
     );
     for id in [2, 4, 5] {
-        assert!(!r.is_session_revoked(&SessionId([id; 16])).unwrap(), "{id}");
+        assert!(!common::is_revoked(r, &SessionId([id; 16])), "{id}");
     }
     assert_eq!(r.live_session_for_device(&fp(2), 6_000).unwrap(), None);
     assert_eq!(
@@ -167,16 +165,15 @@ fn purge_contract(r: &dyn Registry) {
     enroll(r);
     let old = record(1, "alice", 1, 1_000, 2_000);
     let live = record(2, "alice", 1, 1_500, 9_000);
-    r.record_session(&old).unwrap();
-    r.record_session(&live).unwrap();
+    common::record(r, &old);
+    common::record(r, &live);
     r.revoke_session(&old.id, 1_800).unwrap();
     // Reading never forgets.
     assert!(r.session(&old.id).unwrap().is_some());
     assert_eq!(r.list_sessions(3_000).unwrap().len(), 1);
-    r.record_session(&record(3, "alice", 2, 3_000, 9_000))
-        .unwrap();
+    common::record(r, &record(3, "alice", 2, 3_000, 9_000));
     assert_eq!(r.session(&old.id).unwrap(), None);
-    assert!(!r.is_session_revoked(&old.id).unwrap());
+    assert!(!common::is_revoked(r, &old.id));
     assert!(matches!(
         r.revoke_session(&old.id, 3_000),
         Err(RegistryError::NotFound(_))
@@ -213,7 +210,7 @@ fn session_records_survive_a_reopen() {
     {
         let r = SqliteRegistry::create(&path).unwrap();
         enroll(&r);
-        r.record_session(&s).unwrap();
+        common::record(&r, &s);
         r.revoke_session(&s.id, 2_000).unwrap();
     }
     let r = SqliteRegistry::open(&path).unwrap();
@@ -240,15 +237,12 @@ fn sqlite_forgets_a_bounded_number_of_expired_records_per_new_session() {
     let r = sqlite(dir.path(), 1_000_000);
     enroll(&r);
     for i in 0..100u8 {
-        r.record_session(&record(i, "alice", 1, 1_000, 2_000 + u64::from(i)))
-            .unwrap();
+        common::record(&r, &record(i, "alice", 1, 1_000, 2_000 + u64::from(i)));
     }
     assert_eq!(session_rows(&path), 100);
-    r.record_session(&record(200, "alice", 1, 5_000, 9_000))
-        .unwrap();
+    common::record(&r, &record(200, "alice", 1, 5_000, 9_000));
     assert_eq!(session_rows(&path), 101 - 64);
-    r.record_session(&record(201, "alice", 1, 5_000, 9_000))
-        .unwrap();
+    common::record(&r, &record(201, "alice", 1, 5_000, 9_000));
     assert_eq!(session_rows(&path), 2);
 }
 
@@ -259,9 +253,8 @@ fn sqlite_forgets_nothing_its_own_clock_still_finds_live() {
     let r = sqlite(dir.path(), 1_500);
     enroll(&r);
     let old = record(1, "alice", 1, 1_000, 2_000);
-    r.record_session(&old).unwrap();
-    r.record_session(&record(2, "alice", 1, 3_000, 9_000))
-        .unwrap();
+    common::record(&r, &old);
+    common::record(&r, &record(2, "alice", 1, 3_000, 9_000));
     assert_eq!(r.session(&old.id).unwrap(), Some(old));
 }
 
@@ -309,7 +302,10 @@ fn a_version_2_registry_is_migrated_without_a_key() {
     {
         let r = SqliteRegistry::create(&path).unwrap();
         enroll(&r);
-        assert!(r.advance_totp_step("alice", 77).unwrap());
+        assert_eq!(
+            r.commit_now(&common::accept("alice", 77, 0)),
+            Ok(Committed::Applied)
+        );
     }
     downgrade_to_v2(&path);
     assert_eq!(user_version(&path), 2);
@@ -328,11 +324,14 @@ fn a_version_2_registry_is_migrated_without_a_key() {
         r.user("alice").unwrap().unwrap().totp.unwrap().secret(),
         &[9; 20]
     );
-    assert!(!r.advance_totp_step("alice", 77).unwrap());
+    assert!(matches!(
+        r.commit_now(&common::accept("alice", 77, 0)),
+        Ok(Committed::StepTaken(_))
+    ));
     // The revoked ids of version 2 had no records: there is nothing to list.
     assert!(r.list_sessions(0).unwrap().is_empty());
     let s = record(1, "alice", 1, 1_000, 9_000);
-    r.record_session(&s).unwrap();
+    common::record(&r, &s);
     assert_eq!(r.live_session_for_device(&fp(1), 2_000).unwrap(), Some(s));
     drop(r);
     // Opening again changes nothing.

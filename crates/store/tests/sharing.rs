@@ -6,11 +6,15 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use portcullis_core::{
-    DeviceFingerprint, LockState, LockoutPolicy, ManualClock, Registry, RegistryError, SessionId,
-    SessionRecord, TotpAlgorithm, TotpConfig,
+    Admin, Committed, DeviceFingerprint, Effects, LockState, LockoutPolicy, ManualClock,
+    RegistryError, SessionId, SessionRecord, SessionStore, TotpAlgorithm, TotpConfig,
 };
 use portcullis_store::SqliteRegistry;
 use rusqlite::Connection;
+
+mod common;
+
+use common::{NEVER_LOCK, accept, charge, is_revoked};
 
 fn fp(byte: u8) -> DeviceFingerprint {
     DeviceFingerprint::from_bytes([byte; 32])
@@ -93,7 +97,21 @@ fn a_totp_step_is_accepted_once_among_twenty_threads_on_two_connections() {
                 let mut won = Vec::new();
                 for step in 1..=ROUNDS {
                     barrier.wait();
-                    won.push(registry.advance_totp_step("alice", step).unwrap());
+                    // The lockout policy never locks: the failures charged to the losers of
+                    // one round must not lock alice out of the next.
+                    let effects = Effects::AcceptStep {
+                        user: "alice".into(),
+                        step,
+                        now_ms: 0,
+                        lockout: NEVER_LOCK,
+                        session: None,
+                    };
+                    let committed = registry.commit_now(&effects).unwrap();
+                    assert!(
+                        matches!(committed, Committed::Applied | Committed::StepTaken(_)),
+                        "{committed:?}"
+                    );
+                    won.push(committed == Committed::Applied);
                 }
                 won
             })
@@ -104,7 +122,10 @@ fn a_totp_step_is_accepted_once_among_twenty_threads_on_two_connections() {
         let winners = results.iter().filter(|won| won[round]).count();
         assert_eq!(winners, 1, "step {} accepted {winners} times", round + 1);
     }
-    assert!(!registries[0].advance_totp_step("alice", ROUNDS).unwrap());
+    assert!(matches!(
+        registries[0].commit_now(&accept("alice", ROUNDS, 0)),
+        Ok(Committed::StepTaken(_))
+    ));
 }
 
 #[test]
@@ -123,13 +144,12 @@ fn lock_state_updates_are_not_lost_between_connections() {
             let barrier = Arc::clone(&barrier);
             thread::spawn(move || {
                 barrier.wait();
-                for _ in 0..UPDATES {
-                    registry
-                        .update_lock_state("alice", &mut |s: LockState| LockState {
-                            failures: s.failures + 1,
-                            locked_until_ms: s.locked_until_ms + 10,
-                        })
+                for i in 0..UPDATES {
+                    // A policy that never locks, so that every charge is written.
+                    let committed = registry
+                        .commit_now(&charge("alice", u64::from(i), NEVER_LOCK))
                         .unwrap();
+                    assert_eq!(committed, Committed::Applied);
                 }
             })
         })
@@ -142,7 +162,7 @@ fn lock_state_updates_are_not_lost_between_connections() {
         registries[1].lock_state("alice").unwrap(),
         LockState {
             failures: total,
-            locked_until_ms: u64::from(total) * 10
+            locked_until_ms: 0
         }
     );
 }
@@ -182,27 +202,29 @@ fn a_session_revoked_through_one_handle_is_revoked_for_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
     let clock = Arc::new(ManualClock::new(1_000));
-    let first = SqliteRegistry::create(&path)
-        .unwrap()
-        .with_clock(clock.clone());
+    let first = with_alice(&path).with_clock(clock.clone());
     let second = SqliteRegistry::open(&path).unwrap().with_clock(clock);
     let id = SessionId([1; 16]);
-    first
-        .record_session(&SessionRecord {
-            id,
-            user: "alice".into(),
-            fingerprint: fp(1),
-            totp_time_ms: 1_000,
-            expires_ms: 9_000,
-            revoked_ms: None,
-        })
-        .unwrap();
-    assert!(!second.is_session_revoked(&id).unwrap());
+    // Recorded as the gate records a session: with the step that earned it.
+    let session = SessionRecord {
+        id,
+        user: "alice".into(),
+        fingerprint: fp(1),
+        totp_time_ms: 1_000,
+        expires_ms: 9_000,
+        revoked_ms: None,
+    };
+    assert_eq!(
+        first.commit_now(&common::recording(&session)),
+        Ok(Committed::Applied)
+    );
+    assert_eq!(second.session(&id).unwrap(), Some(session));
+    assert!(!is_revoked(&second, &id));
     assert_eq!(
         second.revoke_session(&id, 2_000).unwrap().revoked_ms,
         Some(2_000)
     );
-    assert!(first.is_session_revoked(&id).unwrap());
+    assert!(is_revoked(&first, &id));
     assert_eq!(first.session(&id).unwrap().unwrap().revoked_ms, Some(2_000));
     let raw = Connection::open(&path).unwrap();
     let rows: i64 = raw
@@ -216,20 +238,36 @@ fn a_lock_that_never_ends_stays_locked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
     let registry = with_alice(&path);
-    let policy = LockoutPolicy::default();
-    let forever = LockState {
-        failures: u32::MAX - 1,
-        locked_until_ms: u64::MAX - 5,
-    };
-    let stored = registry
-        .update_lock_state("alice", &mut |_| {
-            policy.after_failure(forever, u64::MAX - 5)
-        })
+    // One failure short of the largest count (a state no commit reaches in a test's time).
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE users SET failures = ?1 WHERE name = 'alice'",
+            [i64::from(u32::MAX - 1)],
+        )
         .unwrap();
+    // One more failure at the end of time: the count saturates, and the lock's end, past what
+    // SQLite stores, is kept as the largest time it does.
+    let policy = LockoutPolicy::default();
+    assert_eq!(
+        registry.commit_now(&charge("alice", u64::MAX - 5, policy)),
+        Ok(Committed::Applied)
+    );
+    let stored = registry.lock_state("alice").unwrap();
     assert_eq!(stored.failures, u32::MAX);
     assert_eq!(stored.locked_until_ms, i64::MAX as u64);
-    assert_eq!(registry.lock_state("alice").unwrap(), stored);
     assert!(stored.remaining_ms(1_700_000_000_000).is_some());
+    // Locked: neither a failure nor a right code changes anything.
+    let now_ms = 1_700_000_000_000;
+    assert_eq!(
+        registry.commit_now(&charge("alice", now_ms, policy)),
+        Ok(Committed::LockedOut(stored))
+    );
+    assert_eq!(
+        registry.commit_now(&accept("alice", 1, now_ms)),
+        Ok(Committed::LockedOut(stored))
+    );
+    assert_eq!(registry.lock_state("alice").unwrap(), stored);
 }
 
 #[test]
@@ -237,33 +275,80 @@ fn a_step_beyond_the_stored_range_is_refused_without_changing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
     let registry = with_alice(&path);
-    assert!(registry.advance_totp_step("alice", 7).unwrap());
+    assert_eq!(
+        registry.commit_now(&accept("alice", 7, 0)),
+        Ok(Committed::Applied)
+    );
     assert!(matches!(
-        registry.advance_totp_step("alice", u64::MAX),
+        registry.commit_now(&accept("alice", u64::MAX, 0)),
         Err(RegistryError::Invalid(_))
     ));
-    assert!(registry.advance_totp_step("alice", 8).unwrap());
+    // No failure was charged, and the next step is still free.
+    assert_eq!(registry.lock_state("alice").unwrap(), LockState::default());
+    assert_eq!(
+        registry.commit_now(&accept("alice", 8, 0)),
+        Ok(Committed::Applied)
+    );
 }
 
 #[test]
-fn a_panicking_lock_update_changes_nothing_and_the_registry_works_on() {
+fn a_commit_that_fails_midway_changes_nothing_and_the_registry_works_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
-    let registry = Arc::new(with_alice(&path));
+    let registry = with_alice(&path);
+    let session = SessionRecord {
+        id: SessionId([1; 16]),
+        user: "alice".into(),
+        fingerprint: fp(1),
+        totp_time_ms: 1_000,
+        expires_ms: 9_000,
+        revoked_ms: None,
+    };
+    let with_session = |step: u64| Effects::AcceptStep {
+        user: "alice".into(),
+        step,
+        now_ms: 1_000,
+        lockout: LockoutPolicy::default(),
+        session: Some(session.clone()),
+    };
+    assert_eq!(
+        registry.commit_now(&with_session(1)),
+        Ok(Committed::Applied)
+    );
+    let policy = LockoutPolicy::default();
+    for _ in 0..2 {
+        assert_eq!(
+            registry.commit_now(&charge("alice", 1_000, policy)),
+            Ok(Committed::Applied)
+        );
+    }
     let set = LockState {
         failures: 2,
         locked_until_ms: 0,
     };
-    registry.update_lock_state("alice", &mut |_| set).unwrap();
-    let r = Arc::clone(&registry);
-    let panicked = thread::spawn(move || {
-        r.update_lock_state("alice", &mut |_| panic!("update closure fails"))
-    })
-    .join();
-    assert!(panicked.is_err());
     assert_eq!(registry.lock_state("alice").unwrap(), set);
-    // The write lock was released: another connection can write.
+    // Step 2 with a session id already recorded: the step is written, then the session's
+    // insert fails, and the whole transaction is rolled back.
+    assert_eq!(
+        registry.commit_now(&with_session(2)),
+        Err(RegistryError::AlreadyExists(format!(
+            "session {}",
+            session.id
+        )))
+    );
+    // The failure count was not cleared (the step was not recorded) ...
+    assert_eq!(registry.lock_state("alice").unwrap(), set);
+    // ... and the write lock was released: another connection can write, and step 2 is still
+    // free; then the first connection works on.
     let other = SqliteRegistry::open(&path).unwrap();
-    assert!(other.advance_totp_step("alice", 3).unwrap());
-    assert!(registry.advance_totp_step("alice", 4).unwrap());
+    assert_eq!(
+        other.commit_now(&accept("alice", 2, 1_000)),
+        Ok(Committed::Applied)
+    );
+    assert_eq!(
+        registry.commit_now(&accept("alice", 3, 1_000)),
+        Ok(Committed::Applied)
+    );
+    assert_eq!(registry.lock_state("alice").unwrap(), LockState::default());
+    assert_eq!(registry.session(&session.id).unwrap(), Some(session));
 }
