@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::TestServer;
-use portcullis::client::Client;
+use portcullis::client::{Client, PortcullisChannel};
 use portcullis::core::{Admin, Clock, ManualClock, MemoryRegistry, SystemClock, TotpConfig};
+use portcullis::demo::{EchoClient, SayReply, SayRequest};
 use portcullis::server::policy::Policy;
 use portcullis::tls::devpki::{DevCa, Issued};
 
@@ -173,6 +174,73 @@ async fn a_user_without_the_role_is_refused_before_the_service() {
         let (carol, _) = server.client("carol");
         assert_denied(&server.say(&carol).await.unwrap_err(), "carol");
         assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
+
+/// One Say call over `channel` (the connection it holds).
+async fn say_on(channel: &PortcullisChannel) -> Result<SayReply, tonic::Status> {
+    EchoClient::new(channel.clone())
+        .say(SayRequest {
+            text: "hello".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Calls over `channel` until the call succeeds (`ok`) or is refused (`!ok`), as a caller would retry;
+/// how long it took. Fails after 5 s.
+async fn until_call(channel: &PortcullisChannel, ok: bool) -> Duration {
+    let start = std::time::Instant::now();
+    while say_on(channel).await.is_ok() != ok {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no change within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// Roles travel with the connection (no registry read per call); a role granted or taken
+/// away in the registry reaches a connection already open through the server's revocation
+/// round (every 250 ms).
+#[tokio::test]
+async fn a_role_change_reaches_a_live_connection_within_a_round() {
+    tokio::time::timeout(LIMIT, async {
+        let server = PolicyServer::start(
+            r#"
+            [[rule]]
+            service = "portcullis.demo.v1.Echo"
+            roles = ["admin"]
+            "#,
+            &[("bob", &["viewer"])],
+        )
+        .await;
+        let (bob, asked) = server.client("bob");
+        // One channel, one connection: every call below goes over it.
+        let channel = bob.connect(&server.addr_str()).await.unwrap();
+        assert_denied(
+            &say_on(&channel).await.unwrap_err(),
+            "user bob has none of them",
+        );
+        let set = |roles: &[&str]| {
+            let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+            server.registry.set_user_roles("bob", &roles).unwrap();
+        };
+        set(&["admin", "viewer"]);
+        let granted = until_call(&channel, true).await;
+        set(&["viewer"]);
+        let taken = until_call(&channel, false).await;
+        assert_denied(
+            &say_on(&channel).await.unwrap_err(),
+            "user bob has none of them",
+        );
+        // One code: no other connection was opened.
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        eprintln!("role granted after {granted:?}, taken away after {taken:?}");
+        assert!(server.calls.load(Ordering::SeqCst) >= 1);
     })
     .await
     .unwrap();
