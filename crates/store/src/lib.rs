@@ -85,15 +85,15 @@
 //! 4 when it is opened: users gain a service flag ([`UserRecord::service`]) and roles
 //! ([`Admin::user_roles`]); existing users are not service accounts and hold no role. A
 //! registry of version 4 (or older) is migrated to version 5 when it is opened: session
-//! records keep only their index by device, so that recording one writes fewer pages.
+//! records lose their index by user, so that recording one writes one page less.
 //!
 //! ## Sessions
 //!
 //! Every session the gate issues is recorded by the commit that accepts its code, with its user,
 //! device fingerprint, TOTP time and expiry, and stays until some time after it expires:
 //! recording a session deletes a bounded number of records that expired by then (by the
-//! session's own time and by the registry's clock, whichever is earlier), at most once a
-//! minute of that time. Revoking a session,
+//! session's own time and by the registry's clock, whichever is earlier), at most once per
+//! second of that time. Revoking a session,
 //! a device or a user marks the records revoked; revoking a device or a user does so in the
 //! same transaction as the device bindings.
 #![forbid(unsafe_code)]

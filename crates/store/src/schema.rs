@@ -107,11 +107,11 @@ CREATE TABLE user_roles (
 /// The first schema version with service accounts and roles.
 const ROLES_SINCE: i64 = 4;
 
-/// From version 4 to 5, and for a new registry after the others: the session records keep one
-/// index, by device, for the accept path's lookups. Every index costs a page written per new
-/// session (a TOTP accept); the administrative scans by user or expiry read the table instead.
+/// From version 4 to 5, and for a new registry after the others: the session records lose
+/// their index by user. Every index costs a page written per new session (a TOTP accept); the
+/// one scan by user (`revoke_user`, an administrative change) reads the table instead. The
+/// index by device serves the accept path, the index by expiry the purge.
 const V4_TO_V5: &str = "
-DROP INDEX IF EXISTS sessions_by_expiry;
 DROP INDEX IF EXISTS sessions_by_user;
 ";
 
@@ -248,7 +248,7 @@ fn initialize(mut conn: Connection, path: &Path) -> Result<Connection, StoreErro
 /// Migrates an older registry to [`SCHEMA_VERSION`] in one transaction. From version 1, every
 /// TOTP secret is sealed under the registry's key, in place; from version 2 (or 1),
 /// `revoked_sessions` gives way to `sessions`; from version 3 (or older), users gain a service
-/// flag and roles ([`V3_TO_V4`]); from version 4 (or older), sessions keep one index
+/// flag and roles ([`V3_TO_V4`]); from version 4 (or older), sessions lose their index by user
 /// ([`V4_TO_V5`]). Another process may be migrating the same file
 /// at the same moment: the write lock decides, and the loser finds the work done.
 ///

@@ -256,13 +256,13 @@ fn a_newer_schema_is_refused() {
     }
     let error = open_error(&path);
     assert!(
-        matches!(error, StoreError::TooNew { version: 5, .. }),
+        matches!(error, StoreError::TooNew { version: 6, .. }),
         "{error}"
     );
     assert_eq!(
         error.to_string(),
         format!(
-            "{}: registry schema version 5 is newer than this portcullis (4)",
+            "{}: registry schema version 6 is newer than this portcullis (5)",
             path.display()
         )
     );

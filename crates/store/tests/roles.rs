@@ -153,7 +153,7 @@ fn a_version_3_registry_is_migrated_to_roles_and_service_flags() {
 
     let r = SqliteRegistry::open(&path).unwrap();
     assert_eq!(user_version(&path), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
     let alice = r.user("alice").unwrap().unwrap();
     assert!(!alice.service);
     assert_eq!(alice.totp.unwrap().secret(), &[9; 20]);

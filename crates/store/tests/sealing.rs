@@ -708,7 +708,7 @@ fn a_version_1_registry_is_migrated_when_opened_with_a_key() {
 
     let registry = SqliteRegistry::open_with_key(&path, key(3)).unwrap();
     assert_eq!(user_version(&path), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
 
     // Everything reads as before.
     let alice = registry.user("alice").unwrap().unwrap();

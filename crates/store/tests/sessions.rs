@@ -242,8 +242,11 @@ fn sqlite_forgets_a_bounded_number_of_expired_records_per_new_session() {
     assert_eq!(session_rows(&path), 100);
     common::record(&r, &record(200, "alice", 1, 5_000, 9_000));
     assert_eq!(session_rows(&path), 101 - 64);
-    common::record(&r, &record(201, "alice", 1, 5_000, 9_000));
-    assert_eq!(session_rows(&path), 2);
+    // At most one purge per second of the sessions' time.
+    common::record(&r, &record(201, "alice", 1, 5_500, 9_000));
+    assert_eq!(session_rows(&path), 102 - 64);
+    common::record(&r, &record(202, "alice", 1, 6_000, 9_000));
+    assert_eq!(session_rows(&path), 3);
 }
 
 #[test]
@@ -312,8 +315,8 @@ fn a_version_2_registry_is_migrated_without_a_key() {
     assert_eq!(tables(&path), ["devices", "revoked_sessions", "users"]);
 
     let r = SqliteRegistry::open(&path).unwrap();
-    assert_eq!(SCHEMA_VERSION, 4);
-    assert_eq!(user_version(&path), 4);
+    assert_eq!(SCHEMA_VERSION, 5);
+    assert_eq!(user_version(&path), 5);
     assert_eq!(
         tables(&path),
         ["devices", "sessions", "user_roles", "users"]
@@ -351,7 +354,7 @@ fn a_sealed_version_2_registry_is_migrated_and_its_secrets_still_open() {
     }
     downgrade_to_v2(&path);
     let r = SqliteRegistry::open_with_key(&path, SecretKey::load(&key_path).unwrap()).unwrap();
-    assert_eq!(user_version(&path), 4);
+    assert_eq!(user_version(&path), 5);
     assert!(r.is_sealed());
     assert_eq!(
         r.user("bob").unwrap().unwrap().totp.unwrap().secret(),
@@ -361,4 +364,53 @@ fn a_sealed_version_2_registry_is_migrated_and_its_secrets_still_open() {
         tables(&path),
         ["devices", "sessions", "user_roles", "users"]
     );
+}
+
+/// The indexes of the `sessions` table, by name.
+fn session_indexes(path: &Path) -> Vec<String> {
+    Connection::open(path)
+        .unwrap()
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'sessions'
+             AND sql IS NOT NULL ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn a_version_4_registry_loses_the_session_index_by_user_and_keeps_its_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let s = record(1, "alice", 1, 1_000, 9_000);
+    {
+        let r = SqliteRegistry::create(&path).unwrap();
+        enroll(&r);
+        common::record(&r, &s);
+    }
+    let kept = ["sessions_by_expiry", "sessions_by_fingerprint"];
+    assert_eq!(session_indexes(&path), kept);
+    // Version 4 as it was written: one more index on the sessions.
+    {
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch(
+            "CREATE INDEX sessions_by_user ON sessions (user);
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+    }
+    assert_eq!(session_indexes(&path).len(), 3);
+
+    let r = SqliteRegistry::open(&path).unwrap();
+    assert_eq!(user_version(&path), 5);
+    assert_eq!(session_indexes(&path), kept);
+    assert_eq!(r.session(&s.id).unwrap(), Some(s.clone()));
+    assert_eq!(r.live_session_for_device(&fp(1), 2_000).unwrap(), Some(s));
+    // What the dropped index served still works, by a scan.
+    assert_eq!(r.list_sessions(2_000).unwrap().len(), 1);
+    assert_eq!(r.revoke_user("alice", 3_000).unwrap().len(), 2);
+    assert!(r.list_sessions(2_000).unwrap()[0].revoked_ms.is_some());
 }
