@@ -7,7 +7,11 @@
 //! unary Echo call. The ratio of a Portcullis scenario to `mtls` is the median of the ratios
 //! measured in the same round. Then: per-RPC latency on established connections, handshakes
 //! per second under concurrency with the server's CPU time per connection, resident memory per
-//! idle connection, and optionally round trips through a delay proxy.
+//! idle connection, and optionally round trips through a delay proxy. [`Report::scenarios`]
+//! gathers the figures by scenario, with the ratios of each Portcullis scenario to its baseline.
+//!
+//! The instruction-count benchmark (`portcullis bench instructions`), which counts the server's
+//! instructions per accepted connection under valgrind, is in [`instructions`].
 //!
 //! ```no_run
 //! let options = portcullis::bench::Options { connections: 50, ..Default::default() };
@@ -18,6 +22,7 @@
 
 mod cpu;
 mod fixture;
+pub mod instructions;
 mod proxy;
 mod stats;
 
@@ -42,6 +47,11 @@ pub enum BenchError {
     /// A connection or call failed while measuring.
     #[error("bench: {0}")]
     Run(String),
+    /// valgrind, which the instruction-count benchmark runs the server under, is not there.
+    #[error(
+        "valgrind not found ({0}): the instruction-count benchmark needs it (e.g. `apt-get install valgrind`)"
+    )]
+    ValgrindMissing(String),
 }
 
 impl BenchError {
@@ -131,6 +141,37 @@ pub struct ThroughputReport {
     pub scenarios: BTreeMap<String, ThroughputScenario>,
     /// Handshakes per second of each Portcullis scenario divided by `mtls`'s.
     pub ratios_to_mtls: BTreeMap<String, f64>,
+    /// Server CPU per accepted connection of each Portcullis scenario divided by `mtls`'s
+    /// (Linux only).
+    pub server_cpu_ratios_to_mtls: BTreeMap<String, f64>,
+}
+
+/// One scenario's figures side by side.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioSummary {
+    /// Median connection setup (connect + handshake + first call), in µs.
+    pub setup_median_us: Option<f64>,
+    /// Connections set up per second in the throughput phase.
+    pub handshakes_per_sec: Option<f64>,
+    /// CPU time of the server threads per accepted connection in the throughput phase, in µs
+    /// (Linux only).
+    pub server_cpu_us_per_conn: Option<f64>,
+    /// For a Portcullis scenario: its ratios to the stock tonic scenario it replaces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratios: Option<Ratios>,
+}
+
+/// A Portcullis scenario's figures divided by those of its baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// The scenario compared with: `mtls`, or `mtls-resumed` for `portcullis-session-resumed`.
+    pub baseline: &'static str,
+    /// Connection setup: the median of the per-round ratios.
+    pub setup: Option<f64>,
+    /// Handshakes per second in the throughput phase (higher is better).
+    pub handshakes_per_sec: Option<f64>,
+    /// Server CPU per accepted connection in the throughput phase (lower is better).
+    pub server_cpu_per_conn: Option<f64>,
 }
 
 /// The round-trip phase: setup times through a delay proxy.
@@ -165,6 +206,54 @@ pub struct Report {
     pub rss_bytes_per_idle_connection: BTreeMap<String, f64>,
     /// Round trips through a delay proxy.
     pub rtt: Option<RttReport>,
+    /// Setup, throughput and server CPU per connection by scenario, with the ratios of each
+    /// Portcullis scenario to its baseline.
+    pub scenarios: BTreeMap<String, ScenarioSummary>,
+}
+
+/// The scenario a Portcullis scenario is compared with, or `None` for a stock one.
+fn baseline_of(scenario: Scenario) -> Option<Scenario> {
+    match scenario {
+        Scenario::PortcullisTotp | Scenario::PortcullisSession => Some(Scenario::Mtls),
+        Scenario::PortcullisSessionResumed => Some(Scenario::MtlsResumed),
+        _ => None,
+    }
+}
+
+/// The per-scenario view of what the phases measured.
+fn summarize(
+    setup: &BTreeMap<String, Summary>,
+    setup_ratios_to_mtls: &BTreeMap<String, f64>,
+    throughput: Option<&ThroughputReport>,
+) -> BTreeMap<String, ScenarioSummary> {
+    let measured = |name: &str| throughput.and_then(|t| t.scenarios.get(name));
+    let mut out = BTreeMap::new();
+    for scenario in Scenario::ALL {
+        let name = scenario.name();
+        let setup_median_us = setup.get(name).map(|s| s.median_us);
+        let handshakes_per_sec = measured(name).map(|t| t.handshakes_per_sec);
+        let server_cpu_us_per_conn = measured(name).and_then(|t| t.server_cpu_us_per_conn);
+        if setup_median_us.is_none() && handshakes_per_sec.is_none() {
+            continue;
+        }
+        let ratios = baseline_of(scenario).map(|baseline| Ratios {
+            baseline: baseline.name(),
+            setup: setup_ratios_to_mtls.get(name).copied(),
+            handshakes_per_sec: throughput.and_then(|t| t.ratios_to_mtls.get(name).copied()),
+            server_cpu_per_conn: throughput
+                .and_then(|t| t.server_cpu_ratios_to_mtls.get(name).copied()),
+        });
+        out.insert(
+            name.to_owned(),
+            ScenarioSummary {
+                setup_median_us,
+                handshakes_per_sec,
+                server_cpu_us_per_conn,
+                ratios,
+            },
+        );
+    }
+    out
 }
 
 fn us(d: Duration) -> f64 {
@@ -271,6 +360,7 @@ async fn measure(
         Some(ms) => Some(round_trips(options, ms, &fixture, progress).await?),
         None => None,
     };
+    let scenarios = summarize(&setup, &setup_ratios_to_mtls, throughput.as_ref());
     Ok(Report {
         options: options.clone(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -280,6 +370,7 @@ async fn measure(
         throughput,
         rss_bytes_per_idle_connection,
         rtt,
+        scenarios,
     })
 }
 
@@ -337,6 +428,7 @@ async fn throughput(
         seconds: options.seconds,
         scenarios: BTreeMap::new(),
         ratios_to_mtls: BTreeMap::new(),
+        server_cpu_ratios_to_mtls: BTreeMap::new(),
     };
     for (i, scenario) in scenarios.into_iter().enumerate() {
         progress(Progress {
@@ -382,12 +474,21 @@ async fn throughput(
         // Let the sockets of this scenario close before the next one starts.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mtls = report.scenarios["mtls"].handshakes_per_sec;
+    let mtls = &report.scenarios["mtls"];
+    let (mtls_rate, mtls_cpu) = (mtls.handshakes_per_sec, mtls.server_cpu_us_per_conn);
     for s in [Scenario::PortcullisTotp, Scenario::PortcullisSession] {
-        let rate = report.scenarios[s.name()].handshakes_per_sec;
-        report
-            .ratios_to_mtls
-            .insert(s.name().to_owned(), rate / mtls.max(f64::MIN_POSITIVE));
+        let measured = &report.scenarios[s.name()];
+        let rate = measured.handshakes_per_sec / mtls_rate.max(f64::MIN_POSITIVE);
+        let cpu = measured
+            .server_cpu_us_per_conn
+            .zip(mtls_cpu)
+            .map(|(cpu, base)| cpu / base.max(f64::MIN_POSITIVE));
+        report.ratios_to_mtls.insert(s.name().to_owned(), rate);
+        if let Some(cpu) = cpu {
+            report
+                .server_cpu_ratios_to_mtls
+                .insert(s.name().to_owned(), cpu);
+        }
     }
     Ok(report)
 }
@@ -536,20 +637,54 @@ impl Report {
                 "\nThroughput: {} tasks opening connections for {} s each",
                 t.concurrency, t.seconds
             );
+            let of_mtls = |ratios: &BTreeMap<String, f64>, name: &str| {
+                ratios
+                    .get(name)
+                    .map(|r| format!(" ({r:.3} of mtls)"))
+                    .unwrap_or_default()
+            };
             for (name, s) in &t.scenarios {
                 let cpu = s
                     .server_cpu_us_per_conn
-                    .map(|c| format!("{c:.0}µs server CPU/conn"))
+                    .map(|c| {
+                        let ratio = of_mtls(&t.server_cpu_ratios_to_mtls, name);
+                        format!("{c:.0}µs server CPU/conn{ratio}")
+                    })
                     .unwrap_or_else(|| "server CPU n/a".into());
-                let ratio = t
-                    .ratios_to_mtls
-                    .get(name)
-                    .map(|r| format!(", {r:.3} of mtls"))
-                    .unwrap_or_default();
+                let ratio = of_mtls(&t.ratios_to_mtls, name);
                 let _ = writeln!(
                     out,
-                    "  {:<20} {:>8.0} handshakes/s, {cpu}, {} failed{ratio}",
+                    "  {:<20} {:>8.0} handshakes/s{ratio}, {cpu}, {} failed",
                     name, s.handshakes_per_sec, s.failures
+                );
+            }
+        }
+        let compared: Vec<_> = Scenario::ALL
+            .iter()
+            .filter_map(|s| {
+                let ratios = self.scenarios.get(s.name())?.ratios.as_ref()?;
+                Some((s.name(), ratios))
+            })
+            .collect();
+        if !compared.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nRatios to stock tonic (mtls; mtls-resumed for the resumed scenario):"
+            );
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>8} {:>14} {:>16}",
+                "scenario", "setup", "handshakes/s", "server CPU/conn"
+            );
+            let cell = |r: Option<f64>| r.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into());
+            for (name, r) in compared {
+                let _ = writeln!(
+                    out,
+                    "  {:<28} {:>8} {:>14} {:>16}",
+                    name,
+                    cell(r.setup),
+                    cell(r.handshakes_per_sec),
+                    cell(r.server_cpu_per_conn)
                 );
             }
         }
@@ -584,5 +719,95 @@ impl Report {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(median_us: f64) -> Summary {
+        Summary::of(&[median_us])
+    }
+
+    #[test]
+    fn each_portcullis_scenario_carries_its_ratios() {
+        let setup: BTreeMap<String, Summary> = Scenario::ALL
+            .iter()
+            .map(|s| (s.name().to_owned(), summary(1000.0)))
+            .collect();
+        let setup_ratios = BTreeMap::from([
+            ("portcullis-totp".to_owned(), 1.2),
+            ("portcullis-session".to_owned(), 1.1),
+            ("portcullis-session-resumed".to_owned(), 1.05),
+        ]);
+        let measured = |rate: f64, cpu: f64| ThroughputScenario {
+            handshakes_per_sec: rate,
+            failures: 0,
+            server_cpu_us_per_conn: Some(cpu),
+        };
+        let throughput = ThroughputReport {
+            concurrency: 2,
+            seconds: 1.0,
+            scenarios: BTreeMap::from([
+                ("mtls".to_owned(), measured(1000.0, 400.0)),
+                ("portcullis-totp".to_owned(), measured(800.0, 500.0)),
+                ("portcullis-session".to_owned(), measured(950.0, 420.0)),
+            ]),
+            ratios_to_mtls: BTreeMap::from([
+                ("portcullis-totp".to_owned(), 0.8),
+                ("portcullis-session".to_owned(), 0.95),
+            ]),
+            server_cpu_ratios_to_mtls: BTreeMap::from([
+                ("portcullis-totp".to_owned(), 1.25),
+                ("portcullis-session".to_owned(), 1.05),
+            ]),
+        };
+        let by_name = summarize(&setup, &setup_ratios, Some(&throughput));
+        assert_eq!(by_name.len(), Scenario::ALL.len());
+        let mtls = &by_name["mtls"];
+        assert_eq!(mtls.server_cpu_us_per_conn, Some(400.0));
+        assert!(mtls.ratios.is_none());
+        let totp = by_name["portcullis-totp"].ratios.as_ref().unwrap();
+        assert_eq!(totp.baseline, "mtls");
+        assert_eq!(
+            (
+                totp.setup,
+                totp.handshakes_per_sec,
+                totp.server_cpu_per_conn
+            ),
+            (Some(1.2), Some(0.8), Some(1.25))
+        );
+        let resumed = by_name["portcullis-session-resumed"]
+            .ratios
+            .as_ref()
+            .unwrap();
+        assert_eq!(resumed.baseline, "mtls-resumed");
+        assert_eq!(resumed.setup, Some(1.05));
+        assert_eq!(resumed.server_cpu_per_conn, None);
+        let json = serde_json::to_value(&by_name).unwrap();
+        assert!(json["mtls"].get("ratios").is_none());
+        assert_eq!(json["portcullis-session"]["server_cpu_us_per_conn"], 420.0);
+        assert_eq!(
+            json["portcullis-session"]["ratios"]["server_cpu_per_conn"],
+            1.05
+        );
+        let table = Report {
+            options: Options::default(),
+            cpus: 2,
+            setup,
+            setup_ratios_to_mtls: setup_ratios,
+            rpc: None,
+            throughput: Some(throughput),
+            rss_bytes_per_idle_connection: BTreeMap::new(),
+            rtt: None,
+            scenarios: by_name,
+        }
+        .table();
+        assert!(
+            table.contains("500µs server CPU/conn (1.250 of mtls)"),
+            "{table}"
+        );
+        assert!(table.contains("Ratios to stock tonic"), "{table}");
     }
 }
