@@ -10,7 +10,7 @@ use portcullis_client::{Client, CodeSource, PortcullisChannel};
 
 use portcullis_core::codec::ALPN_PCS1;
 use portcullis_core::{
-    Clock, DeviceFingerprint, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
+    Admin, Clock, DeviceFingerprint, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
 };
 use portcullis_server::PortcullisServer;
 use portcullis_store::SqliteRegistry;
@@ -109,10 +109,92 @@ impl Scenario {
     }
 }
 
-struct BenchUser {
-    name: String,
-    totp: TotpConfig,
-    device: Issued,
+/// A user of the benchmark with its TOTP secret and its own device.
+pub(super) struct BenchUser {
+    pub(super) name: String,
+    pub(super) totp: TotpConfig,
+    pub(super) device: Issued,
+}
+
+/// Adds `count` users to `registry`, `user00000` on, each with a new TOTP secret and a device
+/// certificate from `ca` bound to it.
+pub(super) fn enroll_users(
+    ca: &DevCa,
+    registry: &SqliteRegistry,
+    count: usize,
+) -> Result<Vec<BenchUser>, BenchError> {
+    let rng = SystemRandom::new();
+    let now = SystemClock.now_ms();
+    let mut users = Vec::with_capacity(count);
+    for i in 0..count {
+        let name = format!("user{i:05}");
+        let totp = TotpConfig::generate_secret(&rng, 6, TotpAlgorithm::Sha1, 30)
+            .map_err(BenchError::setup)?;
+        registry
+            .add_user(&name, totp.clone(), now)
+            .map_err(BenchError::setup)?;
+        let device = ca
+            .issue_device(&format!("device{i:05}"))
+            .map_err(BenchError::setup)?;
+        let fp =
+            portcullis_tls::fingerprint(device.cert_der().as_ref()).map_err(BenchError::setup)?;
+        registry
+            .bind_device(&format!("device{i:05}"), &name, &fp, now)
+            .map_err(BenchError::setup)?;
+        users.push(BenchUser { name, totp, device });
+    }
+    Ok(users)
+}
+
+/// The interceptor of the `mtls` baseline: maps the client certificate to a user through the
+/// registry, as a tonic user would without Portcullis, and counts the connections in `counted`.
+pub(super) fn mtls_interceptor(
+    lookup: Arc<SqliteRegistry>,
+    counted: Arc<AtomicUsize>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |mut req: tonic::Request<()>| {
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+        let fingerprint = portcullis_tls::fingerprint(leaf.as_ref())
+            .map_err(|_| tonic::Status::unauthenticated("unreadable certificate"))?;
+        let device = lookup
+            .device_by_fingerprint(&fingerprint)
+            .map_err(|_| tonic::Status::unavailable("registry"))?
+            .filter(|d| !d.is_revoked())
+            .ok_or_else(|| tonic::Status::unauthenticated("unknown device"))?;
+        counted.fetch_add(1, Ordering::Relaxed);
+        req.extensions_mut().insert(BaselineUser {
+            user: device.user,
+            fingerprint,
+        });
+        Ok(req)
+    }
+}
+
+/// The Portcullis server of the benchmark, on `registry`, without a per-source rate limit.
+pub(super) fn portcullis_gate(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    ca_der: &rustls::pki_types::CertificateDer<'static>,
+    registry: Arc<SqliteRegistry>,
+) -> Result<PortcullisServer, BenchError> {
+    PortcullisServer::builder()
+        .identity(chain, key, std::slice::from_ref(ca_der))
+        .map_err(BenchError::setup)?
+        .registry(registry)
+        // Every client of the benchmark is 127.0.0.1, opening thousands of connections a
+        // second; the per-source limit would refuse them (stock tonic has none).
+        .rate_limit(None)
+        .build()
+        .map_err(BenchError::setup)
 }
 
 /// The user of the stock-tonic baseline, put into request extensions by its interceptor.
@@ -125,7 +207,7 @@ struct BaselineUser {
 /// The Echo service of the baselines: the same reply as the demo service, with the identity
 /// the interceptor found.
 #[derive(Debug, Clone, Copy, Default)]
-struct BaselineEcho;
+pub(super) struct BaselineEcho;
 
 #[tonic::async_trait]
 impl Echo for BaselineEcho {
@@ -170,7 +252,7 @@ pub struct Fixture {
 
 /// Accepted sockets with TCP_NODELAY, as Portcullis sets it: tonic's `serve_with_incoming`
 /// leaves the incoming sockets as they are, and without it delayed ACKs stall small writes.
-fn nodelay_incoming(
+pub(super) fn nodelay_incoming(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> {
     use tokio_stream::StreamExt;
@@ -181,7 +263,7 @@ fn nodelay_incoming(
     })
 }
 
-fn tls_client_config(
+pub(super) fn tls_client_config(
     ca: &rustls::pki_types::CertificateDer<'static>,
     device: Option<&Issued>,
     alpn: &[u8],
@@ -208,7 +290,7 @@ fn tls_client_config(
 
 /// A tonic channel over TLS with a rustls client configuration of the benchmark's choosing
 /// (with or without session resumption), to a stock tonic TLS server.
-fn tls_channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Channel {
+pub(super) fn tls_channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Channel {
     let connector = tokio_rustls::TlsConnector::from(config);
     let service = tower::service_fn(move |_uri: http::Uri| {
         let connector = connector.clone();
@@ -241,26 +323,7 @@ impl Fixture {
         let registry = Arc::new(
             SqliteRegistry::create(&dir.path().join("bench.db")).map_err(BenchError::setup)?,
         );
-        let rng = SystemRandom::new();
-        let now = SystemClock.now_ms();
-        let mut users = Vec::with_capacity(totp_users + 1 + SESSION_USERS);
-        for i in 0..totp_users + 1 + SESSION_USERS {
-            let name = format!("user{i:05}");
-            let totp = TotpConfig::generate_secret(&rng, 6, TotpAlgorithm::Sha1, 30)
-                .map_err(BenchError::setup)?;
-            registry
-                .add_user(&name, totp.clone(), now)
-                .map_err(BenchError::setup)?;
-            let device = ca
-                .issue_device(&format!("device{i:05}"))
-                .map_err(BenchError::setup)?;
-            let fp = portcullis_tls::fingerprint(device.cert_der().as_ref())
-                .map_err(BenchError::setup)?;
-            registry
-                .bind_device(&format!("device{i:05}"), &name, &fp, now)
-                .map_err(BenchError::setup)?;
-            users.push(BenchUser { name, totp, device });
-        }
+        let users = enroll_users(&ca, &registry, totp_users + 1 + SESSION_USERS)?;
         let ca_der = ca.cert_der();
         let accepted = Arc::new(AtomicUsize::new(0));
 
@@ -308,48 +371,19 @@ impl Fixture {
                     .client_ca_root(Certificate::from_pem(ca.cert_pem())),
             )
             .map_err(BenchError::setup)?;
-        let lookup = registry.clone();
-        let counted = accepted.clone();
-        let interceptor = move |mut req: tonic::Request<()>| {
-            let certs = req
-                .peer_certs()
-                .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
-            let leaf = certs
-                .first()
-                .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
-            let fingerprint = portcullis_tls::fingerprint(leaf.as_ref())
-                .map_err(|_| tonic::Status::unauthenticated("unreadable certificate"))?;
-            let device = lookup
-                .device_by_fingerprint(&fingerprint)
-                .map_err(|_| tonic::Status::unavailable("registry"))?
-                .filter(|d| !d.is_revoked())
-                .ok_or_else(|| tonic::Status::unauthenticated("unknown device"))?;
-            counted.fetch_add(1, Ordering::Relaxed);
-            req.extensions_mut().insert(BaselineUser {
-                user: device.user,
-                fingerprint,
-            });
-            Ok(req)
-        };
+        let interceptor = mtls_interceptor(registry.clone(), accepted.clone());
         server_rt.spawn(
             mtls_server
                 .add_service(EchoServer::with_interceptor(BaselineEcho, interceptor))
                 .serve_with_incoming(nodelay_incoming(mtls)),
         );
         // Portcullis, on the same registry, with the demo service.
-        let gate = PortcullisServer::builder()
-            .identity(
-                vec![server.cert_der()],
-                server.key_der(),
-                std::slice::from_ref(&ca_der),
-            )
-            .map_err(BenchError::setup)?
-            .registry(registry.clone())
-            // Every client of the benchmark is 127.0.0.1, opening thousands of connections a
-            // second; the per-source limit would refuse them (stock tonic has none).
-            .rate_limit(None)
-            .build()
-            .map_err(BenchError::setup)?;
+        let gate = portcullis_gate(
+            vec![server.cert_der()],
+            server.key_der(),
+            &ca_der,
+            registry.clone(),
+        )?;
         let incoming = {
             let _guard = server_rt.enter();
             gate.incoming(portcullis)

@@ -1,8 +1,10 @@
-//! `portcullis bench handshake`: what Portcullis costs against stock tonic mTLS, measured here.
+//! `portcullis bench handshake` and `portcullis bench instructions`: what Portcullis costs
+//! against stock tonic mTLS, measured here, in time and in server instructions.
 
 use std::io::{IsTerminal, Write};
 
 use clap::Args;
+use portcullis::bench::instructions::{self, ServerCommand};
 use portcullis::bench::{Options, Progress};
 
 use crate::CliResult;
@@ -36,6 +38,21 @@ pub(crate) struct HandshakeArgs {
     json: bool,
 }
 
+/// A progress indicator on stderr: one updated line on a terminal, else a line per phase.
+fn progress_indicator(terminal: bool) -> impl FnMut(Progress) {
+    let mut last_phase = "";
+    move |p: Progress| {
+        let mut err = std::io::stderr().lock();
+        if terminal {
+            let _ = write!(err, "\r\x1b[2K{} {}/{}", p.phase, p.done, p.total);
+        } else if p.phase != last_phase {
+            let _ = writeln!(err, "bench: {} ({} steps)", p.phase, p.total);
+        }
+        last_phase = p.phase;
+        let _ = err.flush();
+    }
+}
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.1..=600.0).contains(&v) => Ok(v),
@@ -61,18 +78,8 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
             .init();
     }
     let terminal = std::io::stderr().is_terminal();
-    let mut last_phase = "";
-    let mut show = |p: Progress| {
-        let mut err = std::io::stderr().lock();
-        if terminal {
-            let _ = write!(err, "\r\x1b[2K{} {}/{}", p.phase, p.done, p.total);
-        } else if p.phase != last_phase {
-            let _ = writeln!(err, "bench: {} ({} steps)", p.phase, p.total);
-        }
-        last_phase = p.phase;
-        let _ = err.flush();
-    };
-    let report = portcullis::bench::run(&options, &mut show).map_err(|e| e.to_string())?;
+    let report = portcullis::bench::run(&options, &mut progress_indicator(terminal))
+        .map_err(|e| e.to_string())?;
     if terminal {
         eprint!("\r\x1b[2K");
     }
@@ -83,4 +90,82 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
         out!("{}", report.table());
     }
     Ok(())
+}
+
+/// `portcullis bench instructions`.
+#[derive(Debug, Args)]
+pub(crate) struct InstructionsArgs {
+    /// Connections of the long run; the short run's count is subtracted from its count.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=100_000))]
+    connections: u64,
+    /// Connections of the short run, whose count is subtracted (start-up cost cancels out).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    baseline: u64,
+    /// The valgrind program to run the server under.
+    #[arg(long, value_name = "PATH", default_value = "valgrind")]
+    valgrind: std::path::PathBuf,
+    /// Keep the callgrind output of each run in DIR (a new or empty directory), one
+    /// `<scenario>-<connections>/callgrind.out` per run, for callgrind_annotate.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<std::path::PathBuf>,
+    /// Print one JSON object with every figure instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn instructions(args: &InstructionsArgs) -> CliResult {
+    if args.connections <= args.baseline {
+        return Err(format!(
+            "--connections ({}) must be more than --baseline ({})",
+            args.connections, args.baseline
+        ));
+    }
+    let options = instructions::Options {
+        connections: args.connections as usize,
+        baseline_connections: args.baseline as usize,
+        valgrind: args.valgrind.clone(),
+        out_dir: args.out_dir.clone(),
+    };
+    let program =
+        std::env::current_exe().map_err(|e| format!("cannot find this program's file: {e}"))?;
+    let server = ServerCommand {
+        program,
+        args: vec!["bench".into(), "instructions-server".into()],
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let report = instructions::run(&options, &server, &mut progress_indicator(terminal))
+        .map_err(|e| e.to_string())?;
+    if terminal {
+        eprint!("\r\x1b[2K");
+    }
+    if args.json {
+        let json = serde_json::to_string(&report).map_err(|e| format!("json: {e}"))?;
+        out!("{json}");
+    } else {
+        out!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// `portcullis bench instructions-server`: one scenario's server, run under valgrind by
+/// `portcullis bench instructions`.
+#[derive(Debug, Args)]
+pub(crate) struct InstructionsServerArgs {
+    /// The directory of the server's files, written by `portcullis bench instructions`.
+    #[arg(long, value_name = "DIR")]
+    dir: std::path::PathBuf,
+    /// The scenario: mtls, portcullis-totp or portcullis-session.
+    #[arg(long, value_name = "NAME")]
+    scenario: String,
+}
+
+pub(crate) fn instructions_server(args: &InstructionsServerArgs) -> CliResult {
+    let scenario = instructions::scenario_named(&args.scenario).ok_or_else(|| {
+        format!(
+            "unknown scenario {:?} (mtls, portcullis-totp or portcullis-session)",
+            args.scenario
+        )
+    })?;
+    instructions::serve(&args.dir, scenario, |addr| out!("listening on {addr}"))
+        .map_err(|e| e.to_string())
 }

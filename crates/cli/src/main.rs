@@ -69,6 +69,12 @@ enum BenchCommand {
     /// Connection setup, per-RPC latency, throughput, memory and round trips against stock
     /// tonic mTLS, in one process on loopback. Build with --release for meaningful figures.
     Handshake(bench::HandshakeArgs),
+    /// Server instructions per accepted connection for stock tonic mTLS and Portcullis, counted
+    /// by valgrind's callgrind (valgrind must be installed). Build with --release.
+    Instructions(bench::InstructionsArgs),
+    /// One scenario's server for `bench instructions`, which runs it under valgrind.
+    #[command(hide = true)]
+    InstructionsServer(bench::InstructionsServerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +202,8 @@ fn main() -> ExitCode {
         Command::Session(SessionCommand::List(args)) => session::session_list(&args),
         Command::Session(SessionCommand::Revoke(args)) => session::session_revoke(&args),
         Command::Bench(BenchCommand::Handshake(args)) => bench::handshake(&args),
+        Command::Bench(BenchCommand::Instructions(args)) => bench::instructions(&args),
+        Command::Bench(BenchCommand::InstructionsServer(args)) => bench::instructions_server(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
