@@ -1,6 +1,6 @@
 //! [`MemoryRegistry`]: every store trait, in memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use crate::store::{
@@ -18,12 +18,9 @@ struct MemoryState {
     roles: HashMap<String, Vec<String>>,
     devices: Vec<DeviceRecord>,
     sessions: HashMap<SessionId, SessionRecord>,
-    /// When a new session last swept the expired records (the sessions' time, Unix ms).
-    last_purge_ms: u64,
+    /// The sessions by expiry, so that forgetting the expired ones reads only those.
+    by_expiry: BTreeSet<(u64, SessionId)>,
 }
-
-/// How often a new session sweeps the expired records, in the sessions' own time (ms).
-const PURGE_EVERY_MS: u64 = 1_000;
 
 /// A registry held in memory: for tests, examples and embedding without a database.
 ///
@@ -183,13 +180,14 @@ fn commit(s: &mut MemoryState, effects: &Effects) -> Result<Committed, RegistryE
             *last = Some(*step);
             *lock = LockState::default();
             if let Some(session) = session {
-                // Expired records are of no use any more: forget them while here, at most
-                // once a second of the sessions' time (the sweep reads every record).
-                let at = session.totp_time_ms;
-                if at < s.last_purge_ms || at - s.last_purge_ms >= PURGE_EVERY_MS {
-                    s.sessions.retain(|_, r| r.expires_ms > at);
-                    s.last_purge_ms = at;
+                // Expired records are of no use any more: forget them while here.
+                while let Some(&(expires_ms, id)) = s.by_expiry.first()
+                    && expires_ms <= session.totp_time_ms
+                {
+                    s.by_expiry.pop_first();
+                    s.sessions.remove(&id);
                 }
+                s.by_expiry.insert((session.expires_ms, session.id));
                 s.sessions.insert(session.id, session.clone());
             }
         }

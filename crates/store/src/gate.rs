@@ -23,8 +23,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    DeviceRow, PURGE_BATCH, SESSION_COLUMNS, SessionRow, SqliteRegistry, UserRow, db_ms,
-    is_unique_violation,
+    DeviceRow, SESSION_COLUMNS, SessionRow, SqliteRegistry, UserRow, db_ms, is_unique_violation,
 };
 
 /// The device of a fingerprint (the active binding, else the most recently revoked one) and its
@@ -41,6 +40,12 @@ const DEVICE_AND_USER: &str = "
     WHERE d.id = coalesce(
         (SELECT id FROM devices WHERE fingerprint = ?1 AND revoked_ms IS NULL),
         (SELECT id FROM devices WHERE fingerprint = ?1 ORDER BY created_ms DESC, id DESC LIMIT 1))";
+
+/// Forgets up to 64 records that expired by `?1`: a bounded batch, so that a purge never holds
+/// the write lock for long. The batch size is written into the statement: a bound `LIMIT`
+/// makes SQLite (built with STAT4) plan the statement anew on every run.
+const PURGE: &str = "DELETE FROM sessions WHERE id IN
+    (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT 64)";
 
 /// How often a new session purges expired records, in the sessions' own time (ms).
 const PURGE_EVERY_MS: u64 = 1_000;
@@ -302,16 +307,13 @@ impl SqliteRegistry {
         session: &SessionRecord,
     ) -> Result<(), RegistryError> {
         let horizon = session.totp_time_ms.min(self.clock.now_ms());
-        // At most once a second (of the sessions' own time): the purge is a statement SQLite
-        // plans anew on every run (its bound time decides the plan), dearer than the insert.
+        // At most once a second (of the sessions' own time): the purge costs about as much as
+        // the insert it comes with.
         let last = self.last_purge_ms.load(Ordering::Relaxed);
         if horizon < last || horizon - last >= PURGE_EVERY_MS {
-            tx.prepare_cached(
-                "DELETE FROM sessions WHERE id IN
-                 (SELECT id FROM sessions WHERE expires_ms <= ?1 LIMIT ?2)",
-            )
-            .and_then(|mut stmt| stmt.execute(params![db_ms(horizon), PURGE_BATCH]))
-            .map_err(|e| self.backend(e))?;
+            tx.prepare_cached(PURGE)
+                .and_then(|mut stmt| stmt.execute(params![db_ms(horizon)]))
+                .map_err(|e| self.backend(e))?;
             self.last_purge_ms.store(horizon, Ordering::Relaxed);
         }
         tx.prepare_cached(

@@ -486,9 +486,6 @@ impl DeviceRow {
 /// The columns of a session record, in the order [`SessionRow::read`] reads them.
 const SESSION_COLUMNS: &str = "id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms";
 
-/// The most expired session records one new session deletes.
-const PURGE_BATCH: i64 = 64;
-
 /// A `sessions` row as read, before its values are checked.
 struct SessionRow {
     id: Vec<u8>,
