@@ -29,8 +29,8 @@ mod decision;
 mod env;
 mod fingerprint;
 mod lockout;
-mod nonce;
 mod memory;
+mod nonce;
 mod registry;
 mod reject;
 pub mod store;
@@ -44,16 +44,15 @@ pub use decision::{
 pub use env::{Clock, ManualClock, OffsetClock, Random, RandomError, SystemClock, SystemRandom};
 pub use fingerprint::{DeviceFingerprint, FingerprintParseError};
 pub use lockout::{LockState, LockoutPolicy};
-pub use nonce::{NonceError, NonceStore};
 pub use memory::MemoryRegistry;
+pub use nonce::{NonceError, NonceStore};
 pub use registry::{
-    DeviceRecord, RegistryError, SessionRecord, UserRecord, check_name, check_role,
-    normalize_roles,
+    DeviceRecord, RegistryError, SessionRecord, UserRecord, check_name, check_role, normalize_roles,
 };
+pub use reject::RejectCode;
 pub use store::{
     Admin, Committed, Effects, GateStore, Need, Registry, SessionNeed, SessionStore, Snapshot,
     StoreFuture, UserState,
 };
-pub use reject::RejectCode;
 pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};
 pub use totp::{TotpAlgorithm, TotpConfig, TotpError};
