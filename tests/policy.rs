@@ -190,7 +190,7 @@ async fn say_on(channel: &PortcullisChannel) -> Result<SayReply, tonic::Status> 
 }
 
 /// Calls over `channel` until the call succeeds (`ok`) or is refused (`!ok`), as a caller would retry;
-/// how long it took. Fails after 5 s.
+/// how long it took. Fails after 10 s.
 async fn until_call(channel: &PortcullisChannel, ok: bool) -> Duration {
     let start = std::time::Instant::now();
     while say_on(channel).await.is_ok() != ok {
@@ -241,6 +241,66 @@ async fn a_role_change_reaches_a_live_connection_within_a_round() {
         assert_eq!(asked.load(Ordering::SeqCst), 1);
         eprintln!("role granted after {granted:?}, taken away after {taken:?}");
         assert!(server.calls.load(Ordering::SeqCst) >= 1);
+    })
+    .await
+    .unwrap();
+}
+
+/// Roles are not trusted past `ROLES_MAX_AGE` without a round that could read the registry: a
+/// call that needs them is refused UNAVAILABLE (fail closed), and is decided again once the
+/// registry answers.
+#[tokio::test]
+async fn roles_the_registry_cannot_confirm_are_not_used() {
+    tokio::time::timeout(LIMIT, async {
+        let store = Arc::new(common::store::Slowed::new(common::store::Wait::Async));
+        let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+        let ca = DevCa::generate("policy test CA").unwrap();
+        let server = common::start_with_policy(
+            ca,
+            store.clone(),
+            r#"
+            [[rule]]
+            service = "portcullis.demo.v1.Echo"
+            roles = ["admin"]
+            "#,
+            clock.clone(),
+        )
+        .await;
+        let now = clock.now_ms();
+        let totp = common::totp_of("carol");
+        store.add_user("carol", totp.clone(), now).unwrap();
+        store
+            .set_user_roles("carol", &["admin".to_owned()])
+            .unwrap();
+        let (device, fp) = server.issue("carol-laptop");
+        store
+            .bind_device("carol-laptop", "carol", &fp, now)
+            .unwrap();
+        let source = portcullis::client::CodeSource::callback(move || {
+            Ok(totp.generate(SystemClock.now_ms() / 1000))
+        });
+        let carol = server
+            .client_builder(&device, "carol", source)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let channel = carol.connect(&server.addr_str()).await.unwrap();
+        assert_eq!(say_on(&channel).await.unwrap().user, "carol");
+
+        store.snapshots_fail.store(true, Ordering::SeqCst);
+        let refused = until_call(&channel, false).await;
+        assert!(
+            refused >= portcullis::server::policy::ROLES_MAX_AGE - Duration::from_millis(500),
+            "refused after {refused:?}"
+        );
+        let status = say_on(&channel).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(
+            status.metadata().get("portcullis-reject").unwrap(),
+            "policy_unavailable"
+        );
+        store.snapshots_fail.store(false, Ordering::SeqCst);
+        until_call(&channel, true).await;
     })
     .await
     .unwrap();

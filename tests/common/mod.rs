@@ -1,6 +1,8 @@
 //! A Portcullis server on loopback with a dev PKI, and clients for it: real TCP, real TLS.
 #![allow(dead_code)]
 
+pub mod store;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

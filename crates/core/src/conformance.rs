@@ -1609,6 +1609,17 @@ pub fn a_recorded_session_id_writes_nothing(r: &dyn Registry, run: &dyn Runner) 
     let s2 = session(2, "alice", 2, 2_000, FAR);
     applied(r, run, &accept("alice", 2, 2_000, Some(s2.clone())));
     assert_eq!(lock(r, "alice"), LockState::default());
+    assert_eq!(listed(r, 0), [s2.clone(), s1.clone()]);
+    // A taken step with a recorded session id: the id decides first, and no failure is charged.
+    already_exists(
+        commit(
+            r,
+            run,
+            &accept("alice", 2, 2_500, Some(session(1, "alice", 2, 2_500, FAR))),
+        ),
+        "AcceptStep with a taken step and a recorded session id",
+    );
+    assert_eq!(lock(r, "alice"), LockState::default(), "no failure charged");
     assert_eq!(listed(r, 0), [s2, s1]);
 }
 

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -586,15 +587,17 @@ async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Zeroizing<Vec<u8>>
 /// decision, one commit (PROTOCOL.md section 5, step 1: the decision is part of the deadline).
 ///
 /// Nothing is committed once the deadline has passed: a fetch that outlives it is abandoned
-/// (its read may finish in the background, but nothing is decided on it) and the connection is
-/// refused with TIMEOUT, so that a client told TIMEOUT keeps its code unspent, its nonce
-/// unused and its failure count unchanged. A commit that has started is awaited to its end
-/// (it is one bounded write) and its result stands: cancelling it could leave a code spent
-/// behind a TIMEOUT.
+/// (its read may finish in the background, but nothing is decided on it), a commit that has not
+/// started by then is not started (on the blocking pool it is checked again on the thread that
+/// would run it), and the connection is refused with TIMEOUT, so that a client told TIMEOUT
+/// keeps its code unspent and its failure count unchanged (its nonce may be spent: nonces are
+/// single use anyway). A commit that has started is awaited to its end and its result stands:
+/// cancelling it could leave a code spent behind a TIMEOUT.
 ///
 /// With [`crate::Builder::blocking_registry`], the fetch and the commit each run on tokio's
-/// blocking pool; otherwise inline (an embedded store answers in microseconds). A panic in a
-/// check or in the store refuses with OVERLOADED (fail closed).
+/// blocking pool; otherwise in this task (an embedded store answers in microseconds, an
+/// asynchronous one waits without blocking). A panic in a check, in a connection policy or in
+/// the work an embedded store does refuses with OVERLOADED (fail closed).
 async fn decide_within(
     state: &Arc<AcceptState>,
     plan: Plan,
@@ -628,7 +631,11 @@ async fn decide_within(
             Ok(Ok(snapshot)) => snapshot,
         }
     } else {
-        match timeout_at(deadline, gate.store().snapshot(&need)).await {
+        // An embedded store does its work when the future is made.
+        let Ok(fetch) = catch_unwind(AssertUnwindSafe(|| gate.store().snapshot(&need))) else {
+            return failed();
+        };
+        match timeout_at(deadline, fetch).await {
             Err(_) => return timed_out(),
             Ok(snapshot) => snapshot,
         }
@@ -636,7 +643,9 @@ async fn decide_within(
     if tokio::time::Instant::now() >= deadline {
         return timed_out();
     }
-    let outcome = gate.decide(plan, snapshot);
+    let Ok(outcome) = catch_unwind(AssertUnwindSafe(|| gate.decide(plan, snapshot))) else {
+        return failed();
+    };
     if outcome.effects().is_none() {
         return gate.finish(outcome, Ok(Committed::Applied));
     }
@@ -648,12 +657,22 @@ async fn decide_within(
         let store = gate.store().clone();
         let effects = outcome.effects().clone();
         let handle = tokio::runtime::Handle::current();
-        match tokio::task::spawn_blocking(move || handle.block_on(store.commit(&effects))).await {
-            Ok(committed) => committed,
+        let latest = deadline.into_std();
+        let commit = tokio::task::spawn_blocking(move || {
+            // The pool may have been busy: a commit that would start late does not start.
+            (Instant::now() < latest).then(|| handle.block_on(store.commit(&effects)))
+        });
+        match commit.await {
+            Ok(Some(committed)) => committed,
+            Ok(None) => return timed_out(),
             Err(_) => return failed(),
         }
     } else {
-        gate.commit(&outcome).await
+        let Ok(commit) = catch_unwind(AssertUnwindSafe(|| gate.store().commit(outcome.effects())))
+        else {
+            return failed();
+        };
+        commit.await
     };
     gate.finish(outcome, committed)
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use portcullis_core::{AuthMethod, DeviceFingerprint, Identity, Ref};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -44,22 +45,28 @@ pub struct AuthContext {
     roles: LiveRoles,
 }
 
-/// The roles of a connection's user: read when the connection was decided, replaced by the
-/// revocation round when they change in the registry, so that per-call policy reads no
-/// registry.
+/// The roles of a connection's user: read when the connection was decided, confirmed or
+/// replaced by every revocation round that reads the registry, so that per-call policy reads no
+/// registry. Roles that went unconfirmed for long (the registry does not answer) are not
+/// trusted ([`AuthContext::roles_age`]).
 #[derive(Clone)]
-struct LiveRoles(Arc<RwLock<Arc<[String]>>>);
+struct LiveRoles(Arc<RwLock<(Arc<[String]>, Instant)>>);
 
 impl LiveRoles {
     fn new(roles: Vec<String>) -> Self {
-        Self(Arc::new(RwLock::new(roles.into())))
+        Self(Arc::new(RwLock::new((roles.into(), Instant::now()))))
     }
 
     fn get(&self) -> Arc<[String]> {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .0
             .clone()
+    }
+
+    fn confirmed(&self) -> Instant {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).1
     }
 }
 
@@ -100,14 +107,22 @@ impl AuthContext {
         self.roles.get()
     }
 
-    /// Replaces the user's roles on this connection (and every request of it); whether they
+    /// How long ago the roles were read from the registry (when the connection was decided,
+    /// or by the last revocation round that could read them).
+    pub fn roles_age(&self) -> Duration {
+        self.roles.confirmed().elapsed()
+    }
+
+    /// The roles the registry holds now for the user, read by a revocation round: replaces
+    /// them on this connection (and every request of it) and marks them confirmed; whether they
     /// changed.
     pub(crate) fn update_roles(&self, roles: &[String]) -> bool {
         let mut held = self.roles.0.write().unwrap_or_else(PoisonError::into_inner);
-        if **held == *roles {
+        held.1 = Instant::now();
+        if *held.0 == *roles {
             return false;
         }
-        *held = roles.into();
+        held.0 = roles.into();
         true
     }
 

@@ -373,10 +373,12 @@ impl Builder {
         self
     }
 
-    /// Whether the registry's calls may block for long (a registry on a network database).
-    /// When set, each decision runs on tokio's blocking pool, at the cost of a thread hand-off
-    /// per connection. Default `false`: decisions run inline in the connection's task; the
-    /// in-memory and SQLite registries answer in microseconds.
+    /// Whether the store's snapshot and commit block their thread for long (a synchronous store
+    /// on a slow disk or a network). When set, each of the two runs on tokio's blocking pool, at
+    /// the cost of a thread hand-off each. Default `false`: they run in the connection's task;
+    /// the in-memory and SQLite stores answer in microseconds, and an asynchronous store's
+    /// futures wait without blocking. Either way the deadline covers the decision up to its
+    /// commit: a decision that outlives it commits nothing, and the client is told TIMEOUT.
     pub fn blocking_registry(mut self, blocking: bool) -> Self {
         self.blocking_registry = blocking;
         self

@@ -14,7 +14,8 @@
 //! 2. `allow_users` is empty, or the user is in it;
 //! 3. `roles` is empty, or the user has at least one of them ([`AuthContext::roles`]: the
 //!    roles the registry held when the connection was decided, kept current by the server's
-//!    revocation round, so that no call reads the registry);
+//!    revocation round every 250 ms, so that no call reads the registry; roles that no round
+//!    could confirm for [`ROLES_MAX_AGE`] are not used);
 //! 4. `fresh_totp_secs` is unset, or the connection's TOTP check (for a session: the check
 //!    that earned the session, [`AuthContext::totp_time_ms`]) is at most that many seconds old.
 //!
@@ -32,7 +33,7 @@
 //! |---|---|---|
 //! | conditions 1 to 3 | PERMISSION_DENIED | `policy_denied` |
 //! | condition 4 | UNAUTHENTICATED | `step_up_required` |
-//! | the roles cannot be known ([`Policy::decide`] with a failing source) | UNAVAILABLE | `policy_unavailable` |
+//! | the roles are not known: not confirmed by the registry for [`ROLES_MAX_AGE`] | UNAVAILABLE | `policy_unavailable` |
 //!
 //! A Portcullis client answers `step_up_required` by itself: it opens a new connection with a
 //! fresh code and sends the call again.
@@ -584,6 +585,11 @@ impl<S: fmt::Debug> fmt::Debug for PolicyService<S> {
     }
 }
 
+/// The oldest roles a call that needs them is decided on: 20 revocation rounds. Older roles
+/// mean the registry has not answered for that long, and such a call is refused
+/// `policy_unavailable` instead of being decided on roles that may have been taken away.
+pub const ROLES_MAX_AGE: Duration = Duration::from_secs(5);
+
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S> Service<Request<Body>> for PolicyService<S>
@@ -607,18 +613,29 @@ where
         };
         let shared = &self.shared;
         let path = request.uri().path();
-        let roles = auth.roles();
+        // Roles the revocation rounds could not confirm for long (the registry does not
+        // answer) are not trusted: a call that needs them is refused UNAVAILABLE.
+        let age = auth.roles_age();
+        let roles = (age <= ROLES_MAX_AGE).then(|| auth.roles());
         let decision = shared.policy.decide(
             path,
             &auth.user,
             auth.totp_time_ms,
             shared.clock.now_ms(),
-            || Ok(roles.to_vec()),
+            || match &roles {
+                Some(roles) => Ok(roles.to_vec()),
+                None => Err(RegistryError::Backend(format!(
+                    "the roles were last read {} s ago",
+                    age.as_secs()
+                ))),
+            },
         );
-        // A service account may call only the methods a rule grants it by name or role.
+        // A service account may call only the methods a rule grants it by name or role (by
+        // name alone while its roles are not confirmed: fail closed).
         let decision = decision.and_then(|()| {
             if auth.service {
-                shared.policy.decide_service(path, &auth.user, &roles)
+                let roles = roles.as_deref().unwrap_or_default();
+                shared.policy.decide_service(path, &auth.user, roles)
             } else {
                 Ok(())
             }

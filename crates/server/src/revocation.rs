@@ -571,14 +571,6 @@ impl Revocation {
         for (fingerprint, entries) in &snapshot {
             let mut by_session: HashMap<Option<SessionId>, Vec<&Arc<LiveEntry>>> = HashMap::new();
             for entry in entries.iter().filter(|e| e.reason().is_none()) {
-                // Standard clients live only as long as the session they were let in on.
-                if entry.session.is_some()
-                    && entry.lives_with_session
-                    && entry.auth.session_expires_ms.is_none_or(|at| at <= now)
-                {
-                    entry.close(CloseReason::SessionExpired);
-                    continue;
-                }
                 by_session.entry(entry.session).or_default().push(entry);
             }
             for (session, entries) in by_session {
@@ -613,6 +605,14 @@ impl Revocation {
                                     .is_some_and(|s| s.revoked_ms.is_some()) =>
                         {
                             Some(CloseReason::SessionRevoked)
+                        }
+                        // Standard clients live only as long as the session they were let in on.
+                        Some(_)
+                            if session.is_some()
+                                && entry.lives_with_session
+                                && entry.auth.session_expires_ms.is_none_or(|at| at <= now) =>
+                        {
+                            Some(CloseReason::SessionExpired)
                         }
                         Some(_) => None,
                     };

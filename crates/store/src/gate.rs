@@ -60,6 +60,11 @@ struct Tx<'c> {
 
 impl<'c> Tx<'c> {
     fn begin(conn: &'c Connection, begin: &'static str) -> rusqlite::Result<Self> {
+        // A transaction left open (a ROLLBACK that failed) would make every BEGIN fail and
+        // keep other processes waiting on its lock: ended first.
+        if !conn.is_autocommit() {
+            conn.prepare_cached("ROLLBACK")?.execute([])?;
+        }
         conn.prepare_cached(begin)?.execute([])?;
         Ok(Self { conn, open: true })
     }
@@ -244,6 +249,11 @@ impl SqliteRegistry {
             let step = i64::try_from(*step).map_err(|_| {
                 RegistryError::Invalid(format!("TOTP step {step}: larger than {}", i64::MAX))
             })?;
+            // The session first: an id already recorded refuses the whole commit (nothing is
+            // written) whatever the step's fate, as in every store.
+            if let Some(session) = session {
+                self.insert_session(&tx, session)?;
+            }
             // The fast path: the step still newer and the user not locked out, in one
             // statement.
             let accepted = tx
@@ -255,11 +265,14 @@ impl SqliteRegistry {
                 .and_then(|mut stmt| stmt.execute(params![user, step, db_ms(now_ms)]))
                 .map_err(|e| self.backend(e))?;
             if accepted > 0 {
-                if let Some(session) = session {
-                    self.insert_session(&tx, session)?;
-                }
                 tx.commit().map_err(|e| self.backend(e))?;
                 return Ok(Committed::Applied);
+            }
+            // Lost: the session goes again with the step.
+            if let Some(session) = session {
+                tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")
+                    .and_then(|mut stmt| stmt.execute(params![&session.id.0[..]]))
+                    .map_err(|e| self.backend(e))?;
             }
         }
         // A failure to charge: a wrong code, or a step taken meanwhile (the condition above
