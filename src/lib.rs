@@ -14,7 +14,7 @@
 //!
 //! | module | crate | what |
 //! |---|---|---|
-//! | [`core`] | `portcullis-core` | sans-IO codec, decision, TOTP, nonces, tickets, lockout, registry trait |
+//! | [`core`] | `portcullis-core` | sans-IO codec, decision, TOTP, nonces, tickets, lockout, the store traits |
 //! | [`tls`] | `portcullis-tls` | rustls configs, PEM loading, device identity, exporter, dev PKI |
 //! | [`server`] | `portcullis-server` | the acceptor and layer in front of tonic |
 //! | [`client`] | `portcullis-client` | the tonic connector with the pipelined Prefix |

@@ -8,7 +8,7 @@
 //! - [`Gate`]: the ordered decision of PROTOCOL.md section 5 (binding, clock skew, device
 //!   binding, lockout, nonce, factor), in four phases: plan, fetch, decide, commit;
 //! - [`TotpConfig`]: RFC 6238 codes on top of `totp-rs`, single use per time step through the
-//!   [`Registry`];
+//!   conditional [`GateStore::commit`];
 //! - [`NonceStore`]: the replay-nonce store (expiring entries, a hard cap, fail closed);
 //! - [`TicketKey`]: session tickets sealed with AES-256-GCM;
 //! - [`LockoutPolicy`]: 5 failed codes lock a user out, with doubling waits;

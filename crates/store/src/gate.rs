@@ -22,9 +22,7 @@ use std::sync::atomic::Ordering;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{
-    DeviceRow, SESSION_COLUMNS, SessionRow, SqliteRegistry, UserRow, db_ms, is_unique_violation,
-};
+use crate::{DeviceRow, SessionRow, SqliteRegistry, UserRow, db_ms, is_unique_violation};
 
 /// The device of a fingerprint (the active binding, else the most recently revoked one) and its
 /// user's row, with the lockout state, the last step and the roles (comma-separated: role
@@ -95,6 +93,10 @@ impl Drop for Tx<'_> {
     }
 }
 
+/// The session with an id ([`crate::SESSION_COLUMNS`]).
+const SESSION_BY_ID: &str = "SELECT id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms
+    FROM sessions WHERE id = ?1";
+
 /// A user row as the snapshot reads it.
 struct GateUserRow {
     row: UserRow,
@@ -155,9 +157,7 @@ impl SqliteRegistry {
             let session = match need.session {
                 SessionNeed::None => None,
                 SessionNeed::ById(id) => tx
-                    .prepare_cached(&format!(
-                        "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
-                    ))
+                    .prepare_cached(SESSION_BY_ID)
                     .and_then(|mut stmt| {
                         stmt.query_row(params![&id.0[..]], SessionRow::read)
                             .optional()
@@ -374,3 +374,19 @@ pub(crate) const LIVE_SESSION: &str =
        AND s.totp_time_ms >= d.created_ms
        AND s.revoked_ms IS NULL AND s.expires_ms > ?2
      ORDER BY s.totp_time_ms DESC, s.expires_ms DESC, s.id DESC LIMIT 1";
+
+#[cfg(test)]
+mod tests {
+    use crate::SESSION_COLUMNS;
+
+    #[test]
+    fn the_session_queries_read_the_columns_session_row_reads() {
+        assert!(super::SESSION_BY_ID.contains(SESSION_COLUMNS));
+        let aliased = SESSION_COLUMNS
+            .split(", ")
+            .map(|c| format!("s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(super::LIVE_SESSION.contains(&aliased));
+    }
+}

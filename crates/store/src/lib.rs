@@ -138,8 +138,10 @@ pub const APPLICATION_ID: u32 = 0x5043_5331;
 /// A complete registry ([`portcullis_core::Registry`]: the gate's store, the sessions and the
 /// administration) kept in a SQLite file.
 ///
-/// One connection, behind a mutex; open one `SqliteRegistry` per process and share it (it is
-/// `Send + Sync`). Other processes may open the same file at the same time.
+/// Three connections: a writer (commits and administration) and a reader (the gate's
+/// snapshots), each behind a mutex held only for its statements, and one for the checkpoint
+/// thread. Open one `SqliteRegistry` per process and share it (it is `Send + Sync`). Other
+/// processes may open the same file at the same time.
 pub struct SqliteRegistry {
     path: PathBuf,
     /// Changes: commits and every administrative call.
