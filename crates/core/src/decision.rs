@@ -852,11 +852,9 @@ impl Gate {
             Ok(Committed::Applied) => checked,
             Ok(Committed::StepTaken(_)) => Err(mfa_failed(Cause::CodeReused)),
             Ok(Committed::LockedOut(state)) => {
-                let user = match &effects {
-                    Effects::AcceptStep { user, .. } | Effects::ChargeFailure { user, .. } => {
-                        user.as_str()
-                    }
-                    Effects::None => claimed_user.as_deref().unwrap_or(""),
+                let user = match effects.target() {
+                    Some((user, _, _)) => user,
+                    None => claimed_user.as_deref().unwrap_or(""),
                 };
                 Err(locked_out(user, state.remaining_ms(now).unwrap_or(1)))
             }

@@ -139,19 +139,8 @@ fn snapshot(s: &MemoryState, need: &Need) -> Snapshot {
 }
 
 fn commit(s: &mut MemoryState, effects: &Effects) -> Result<Committed, RegistryError> {
-    let (user, now_ms, lockout) = match effects {
-        Effects::None => return Ok(Committed::Applied),
-        Effects::AcceptStep {
-            user,
-            now_ms,
-            lockout,
-            ..
-        }
-        | Effects::ChargeFailure {
-            user,
-            now_ms,
-            lockout,
-        } => (user, *now_ms, *lockout),
+    let Some((user, now_ms, lockout)) = effects.target() else {
+        return Ok(Committed::Applied);
     };
     if let Effects::AcceptStep {
         session: Some(session),

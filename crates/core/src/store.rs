@@ -146,6 +146,25 @@ impl Effects {
     pub fn is_none(&self) -> bool {
         matches!(self, Self::None)
     }
+
+    /// The user whose state the effects change, the time of the decision and the lockout
+    /// policy, should a failure be charged; `None` for [`Effects::None`].
+    pub fn target(&self) -> Option<(&str, u64, LockoutPolicy)> {
+        match self {
+            Self::None => None,
+            Self::AcceptStep {
+                user,
+                now_ms,
+                lockout,
+                ..
+            }
+            | Self::ChargeFailure {
+                user,
+                now_ms,
+                lockout,
+            } => Some((user, *now_ms, *lockout)),
+        }
+    }
 }
 
 /// What a commit found (phase 4).

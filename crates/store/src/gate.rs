@@ -229,19 +229,8 @@ impl SqliteRegistry {
 
     /// [`portcullis_core::GateStore::commit`], at once: one write transaction.
     pub fn commit_now(&self, effects: &Effects) -> Result<Committed, RegistryError> {
-        let (user, now_ms, lockout) = match effects {
-            Effects::None => return Ok(Committed::Applied),
-            Effects::AcceptStep {
-                user,
-                now_ms,
-                lockout,
-                ..
-            }
-            | Effects::ChargeFailure {
-                user,
-                now_ms,
-                lockout,
-            } => (user.as_str(), *now_ms, *lockout),
+        let Some((user, now_ms, lockout)) = effects.target() else {
+            return Ok(Committed::Applied);
         };
         let conn = self.writer();
         let tx = Tx::begin(&conn, "BEGIN IMMEDIATE").map_err(|e| self.backend(e))?;
@@ -277,19 +266,9 @@ impl SqliteRegistry {
         }
         // A failure to charge: a wrong code, or a step taken meanwhile (the condition above
         // failed), unless the user is locked out.
-        let row = tx
-            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row(params![user], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-            })
-            .map_err(|e| self.backend(e))?;
-        let Some((failures, locked_until_ms)) = row else {
+        let Some(current) = self.read_lock(&tx, user)? else {
             return Err(RegistryError::NotFound(format!("user {user}")));
         };
-        let current = self.lock_from_row(user, failures, locked_until_ms)?;
         if current.remaining_ms(now_ms).is_some() {
             // Nothing to write: the transaction ends without a change.
             return Ok(Committed::LockedOut(current));

@@ -647,22 +647,7 @@ impl Admin for SqliteRegistry {
     }
 
     fn lock_state(&self, user: &str) -> Result<LockState, RegistryError> {
-        let conn = self.conn();
-        let row = conn
-            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row(params![user], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-            })
-            .map_err(|e| self.backend(e))?;
-        match row {
-            None => Ok(LockState::default()),
-            Some((failures, locked_until_ms)) => {
-                self.lock_from_row(user, failures, locked_until_ms)
-            }
-        }
+        Ok(self.read_lock(&self.conn(), user)?.unwrap_or_default())
     }
 
     fn user_roles(&self, user: &str) -> Result<Vec<String>, RegistryError> {
@@ -930,6 +915,24 @@ impl Admin for SqliteRegistry {
             })
             .map_err(|e| self.backend(e))?;
         rows.into_iter().map(|r| self.device_record(r)).collect()
+    }
+}
+
+impl SqliteRegistry {
+    /// The user's lockout state read on `conn` (which may be in a transaction); `None` when
+    /// there is no such user.
+    fn read_lock(&self, conn: &Connection, user: &str) -> Result<Option<LockState>, RegistryError> {
+        let row = conn
+            .prepare_cached("SELECT failures, locked_until_ms FROM users WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.backend(e))?;
+        row.map(|(failures, locked_until_ms)| self.lock_from_row(user, failures, locked_until_ms))
+            .transpose()
     }
 }
 
