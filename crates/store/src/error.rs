@@ -88,6 +88,17 @@ pub enum StoreError {
         /// The registry file.
         path: PathBuf,
     },
+    /// The registry's TOTP secrets are sealed under a key and it was opened without one
+    /// ([`SqliteRegistry::open`](crate::SqliteRegistry::open)): refused at open, so that no
+    /// connection is refused later for a secret the registry cannot read.
+    #[error(
+        "{}: the TOTP secrets in this registry are sealed under a registry key; open it with that key (portcullis init writes it as registry.key beside the registry)",
+        path.display()
+    )]
+    SealedWithoutKey {
+        /// The registry file.
+        path: PathBuf,
+    },
     /// [`SecretKey::load`](crate::SecretKey::load) was given a file that does not exist.
     #[error("{}: no registry key file here (it holds the key that seals the TOTP secrets)", path.display())]
     KeyMissing {
@@ -156,6 +167,7 @@ impl StoreError {
             | Self::Unsupported { path, .. }
             | Self::NeedsKey { path, .. }
             | Self::WrongKey { path }
+            | Self::SealedWithoutKey { path }
             | Self::KeyMissing { path }
             | Self::KeyExposed { path, .. }
             | Self::KeyLength { path, .. }

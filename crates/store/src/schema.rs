@@ -7,7 +7,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use zeroize::Zeroizing;
 
-use crate::secret::{Sealer, SecretError};
+use crate::secret::{self, Sealer, SecretError};
 use crate::{APPLICATION_ID, SCHEMA_VERSION, StoreError};
 
 /// How long a statement waits for another connection's write lock before giving up.
@@ -347,13 +347,28 @@ fn seal_secrets(
 /// wiped at once): with the right key that is the first one, unless rows are damaged. If none
 /// opens and at least one failed its authentication tag, the open is refused with
 /// [`StoreError::WrongKey`]. A secret stored unsealed or in an unknown format decides nothing:
-/// the read of that user reports it. A registry without secrets opens under any key. Does
-/// nothing for a registry opened without a key.
+/// the read of that user reports it. A registry without secrets opens under any key. Opened
+/// without a key, a registry that holds a sealed secret is refused
+/// ([`StoreError::SealedWithoutKey`]).
 pub(crate) fn check_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
-    if !sealer.is_sealed() {
-        return Ok(());
-    }
     let sqlite = |e: rusqlite::Error| StoreError::from_sqlite(path, &e);
+    if !sealer.is_sealed() {
+        // Without a key, a sealed secret could never be read: refused now, not at an accept.
+        let sealed: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM users WHERE substr(totp_secret, 1, 1) = ?1)",
+                [&[secret::FORMAT_AES_256_GCM][..]],
+                |r| r.get(0),
+            )
+            .map_err(sqlite)?;
+        return if sealed {
+            Err(StoreError::SealedWithoutKey {
+                path: path.to_owned(),
+            })
+        } else {
+            Ok(())
+        };
+    }
     let mut stmt = conn
         .prepare("SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL")
         .map_err(sqlite)?;

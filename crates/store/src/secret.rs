@@ -31,7 +31,7 @@ use crate::StoreError;
 /// Format byte of a secret stored as it is.
 const FORMAT_PLAIN: u8 = 0x00;
 /// Format byte of a secret sealed with AES-256-GCM.
-const FORMAT_AES_256_GCM: u8 = 0x01;
+pub(crate) const FORMAT_AES_256_GCM: u8 = 0x01;
 /// Bytes a sealed secret takes besides the secret itself: format, nonce, tag.
 const SEAL_OVERHEAD: usize = 1 + NONCE_LEN + 16;
 

@@ -206,23 +206,42 @@ fn an_unsealed_secret_planted_in_a_sealed_registry_is_refused() {
     assert!(backend_message(registry.user("bob")).ends_with("unknown storage format 0x7f"));
 }
 
+/// A registry whose secrets are sealed is refused when opened without its key, with one line
+/// that names the file and the key: not at the first connection, as a registry failure.
 #[test]
-fn a_registry_without_its_key_cannot_read_sealed_secrets() {
+fn a_registry_with_sealed_secrets_is_refused_without_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("portcullis.db");
     SqliteRegistry::create_with_key(&path, key(1))
         .unwrap()
         .add_user("alice", totp(SECRET), 0)
         .unwrap();
-    let keyless = SqliteRegistry::open(&path).unwrap();
-    assert!(!keyless.is_sealed());
-    let message = backend_message(keyless.user("alice"));
+    let error = SqliteRegistry::open(&path).unwrap_err();
     assert!(
-        message.ends_with(
-            "cannot open the TOTP secret of alice: it is sealed, and the registry was opened without its key"
-        ),
-        "{message}"
+        matches!(error, StoreError::SealedWithoutKey { .. }),
+        "{error}"
     );
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "{}: the TOTP secrets in this registry are sealed under a registry key; open it with \
+             that key (portcullis init writes it as registry.key beside the registry)",
+            path.display()
+        )
+    );
+    // Nothing was changed: the key still opens it.
+    let keyed = SqliteRegistry::open_with_key(&path, key(1)).unwrap();
+    assert_eq!(
+        keyed.user("alice").unwrap().unwrap().totp.unwrap().secret(),
+        SECRET
+    );
+    // A registry without secrets (service accounts only, or empty) opens without a key.
+    let empty = dir.path().join("empty.db");
+    SqliteRegistry::create_with_key(&empty, key(2))
+        .unwrap()
+        .add_service_user("ci", 0)
+        .unwrap();
+    assert!(!SqliteRegistry::open(&empty).unwrap().is_sealed());
 }
 
 /// The one-line refusal of a registry opened with a key that does not open its secrets.
@@ -764,7 +783,10 @@ fn a_version_1_registry_is_migrated_when_opened_with_a_key() {
         sealed,
         "a refused open changed the row"
     );
-    assert!(SqliteRegistry::open(&path).unwrap().user("carol").is_err());
+    assert!(matches!(
+        SqliteRegistry::open(&path),
+        Err(StoreError::SealedWithoutKey { .. })
+    ));
 }
 
 #[test]
