@@ -9,7 +9,6 @@ use crate::connect::{ConnectArgs, describe_status, runtime};
 
 /// `portcullis call`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("factor").required(true).args(["code", "secret"])))]
 pub(crate) struct CallArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -25,7 +24,7 @@ pub(crate) fn call(args: &CallArgs) -> CliResult {
     let source = args
         .connect
         .given_code_source()?
-        .ok_or("give one of --code and --secret")?;
+        .ok_or(crate::connect::NO_FACTOR)?;
     let client = args.connect.client(source)?;
 
     runtime()?.block_on(async {

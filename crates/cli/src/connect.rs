@@ -5,6 +5,7 @@ use clap::Args;
 use portcullis_client::{Client, CodeSource};
 use portcullis_core::codec::ALPN_PCS1;
 use portcullis_core::{TotpAlgorithm, TotpConfig};
+use zeroize::Zeroizing;
 
 use crate::dir::Layout;
 use crate::{CliResult, DirArg};
@@ -25,9 +26,15 @@ pub(crate) struct ConnectArgs {
     #[arg(long)]
     pub(crate) user: String,
     /// A one-time code.
-    #[arg(long, value_name = "CODE", conflicts_with = "secret")]
+    #[arg(long, value_name = "CODE", conflicts_with_all = ["secret", "secret_file"])]
     pub(crate) code: Option<String>,
-    /// The user's TOTP secret (base32): the code is computed from it.
+    /// A file holding the user's TOTP secret (base32), readable by its owner only: the code is
+    /// computed from it. Without --code, --secret-file or --secret, the secret is read from
+    /// the environment variable PORTCULLIS_TOTP_SECRET when it is set.
+    #[arg(long, value_name = "FILE", conflicts_with = "secret")]
+    pub(crate) secret_file: Option<std::path::PathBuf>,
+    /// The user's TOTP secret (base32) on the command line, for scripts and tests: other
+    /// local users can read a process's command line, so prefer --secret-file.
     #[arg(long, value_name = "BASE32")]
     pub(crate) secret: Option<String>,
     /// Digits of codes computed from --secret.
@@ -40,6 +47,45 @@ pub(crate) struct ConnectArgs {
     #[arg(long, value_name = "NAME")]
     pub(crate) server_name: Option<String>,
 }
+
+/// Reads a TOTP secret file: refused when the group or others may read or write it, or when it
+/// is larger than a secret can be.
+fn read_secret_file(path: &std::path::Path) -> CliResult<Zeroizing<String>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: the TOTP secret file is open to other users (mode {mode:o}); run chmod 600 {}",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!(
+            "{}: more than {MAX_SECRET_FILE} bytes; a TOTP secret file holds one base32 secret",
+            path.display()
+        ));
+    }
+    Ok(text)
+}
+
+/// The largest TOTP secret file read, in bytes (a base32 secret of 512 bytes, with room to
+/// spare).
+const MAX_SECRET_FILE: u64 = 1024;
 
 fn parse_algorithm(s: &str) -> Result<TotpAlgorithm, String> {
     s.parse()
@@ -67,26 +113,53 @@ pub(crate) fn check_code(what: &str, code: &str) -> CliResult {
     Ok(())
 }
 
+/// The environment variable a TOTP secret (base32) may come from.
+pub(crate) const SECRET_ENV: &str = "PORTCULLIS_TOTP_SECRET";
+
+/// What to say when no factor is given.
+pub(crate) const NO_FACTOR: &str =
+    "give one of --code, --secret-file or --secret (or set PORTCULLIS_TOTP_SECRET)";
+
 impl ConnectArgs {
-    /// The code source that `--code` or `--secret` gives, or `None` when neither is given.
+    /// The code source that `--code`, `--secret-file`, `--secret` or `PORTCULLIS_TOTP_SECRET`
+    /// gives, or `None` when none does.
     pub(crate) fn given_code_source(&self) -> CliResult<Option<CodeSource>> {
-        match (&self.code, &self.secret) {
-            (Some(code), None) => {
-                check_code("--code", code)?;
-                Ok(Some(CodeSource::fixed(code.clone())))
-            }
-            (None, Some(secret)) => Ok(Some(CodeSource::secret(
-                TotpConfig::from_base32(
-                    secret,
-                    self.digits,
-                    self.algorithm,
-                    TotpConfig::DEFAULT_PERIOD,
-                )
-                .map_err(|e| format!("--secret: {e}"))?,
-            ))),
-            (None, None) => Ok(None),
-            (Some(_), Some(_)) => Err("give only one of --code and --secret".into()),
+        if let Some(code) = &self.code {
+            check_code("--code", code)?;
+            return Ok(Some(CodeSource::fixed(code.clone())));
         }
+        Ok(self.totp_config()?.map(CodeSource::secret))
+    }
+
+    /// The TOTP parameters from `--secret-file`, `--secret` or `PORTCULLIS_TOTP_SECRET` (in
+    /// that order; the variable only without `--code`), or `None` when none gives a secret.
+    pub(crate) fn totp_config(&self) -> CliResult<Option<TotpConfig>> {
+        let (what, secret) = if let Some(path) = &self.secret_file {
+            (path.display().to_string(), read_secret_file(path)?)
+        } else if let Some(secret) = &self.secret {
+            eprintln!(
+                "portcullis: warning: --secret puts the TOTP secret in this process's command \
+                 line, which other local users can read; prefer --secret-file FILE or {SECRET_ENV}"
+            );
+            ("--secret".to_owned(), Zeroizing::new(secret.clone()))
+        } else if self.code.is_none()
+            && let Some(secret) = std::env::var_os(SECRET_ENV)
+        {
+            let secret = secret
+                .into_string()
+                .map_err(|_| format!("{SECRET_ENV}: not UTF-8"))?;
+            (SECRET_ENV.to_owned(), Zeroizing::new(secret))
+        } else {
+            return Ok(None);
+        };
+        TotpConfig::from_base32(
+            secret.trim(),
+            self.digits,
+            self.algorithm,
+            TotpConfig::DEFAULT_PERIOD,
+        )
+        .map(Some)
+        .map_err(|e| format!("{what}: {e}"))
     }
 
     /// Checks `--server` and the device files, and builds the client with `source`.

@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use portcullis::demo::{EchoClient, SayReply, SayRequest};
+use portcullis_core::RejectCode;
 use portcullis_core::codec::{
     ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
 };
-use portcullis_core::{RejectCode, TotpConfig};
 use portcullis_tls::{CaHintResolver, DeviceIdentity};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -43,8 +43,7 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
 
 /// `portcullis doctor`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("factor").required(true)
-    .args(["code", "secret", "standard", "plaintext", "tls12"])))]
+#[command(group(clap::ArgGroup::new("probe").args(["standard", "plaintext", "tls12"])))]
 pub(crate) struct DoctorArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -178,24 +177,35 @@ impl Report {
 
 pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
     let c = &args.connect;
-    c.check_files()?;
     let probe = args.standard || args.plaintext || args.tls12;
-    let code = match (&c.code, &c.secret, probe) {
-        (Some(code), None, false) => {
+    let code = match (&c.code, probe) {
+        (Some(code), false) => {
             check_code("--code", code)?;
             Zeroizing::new(code.clone())
         }
-        (None, Some(secret), false) => {
-            let config =
-                TotpConfig::from_base32(secret, c.digits, c.algorithm, TotpConfig::DEFAULT_PERIOD)
-                    .map_err(|e| format!("--secret: {e}"))?;
-            Zeroizing::new(config.generate(now_ms() / 1000))
+        (None, false) => match c.totp_config()? {
+            Some(config) => Zeroizing::new(config.generate(now_ms() / 1000)),
+            None => {
+                // A usage error, as clap's own: exit 2.
+                eprintln!(
+                    "portcullis: give one of --code, --secret-file, --secret, --standard, \
+                     --plaintext and --tls12 (or set PORTCULLIS_TOTP_SECRET) (see --help)"
+                );
+                return Ok(2);
+            }
+        },
+        (None, true) if c.secret.is_none() && c.secret_file.is_none() => {
+            Zeroizing::new(String::new())
         }
-        (None, None, true) => Zeroizing::new(String::new()),
         _ => {
-            return Err("give one of --code, --secret, --standard, --plaintext and --tls12".into());
+            return Err(
+                "give only one of --code, --secret-file, --secret, --standard, --plaintext and \
+                 --tls12"
+                    .into(),
+            );
         }
     };
+    c.check_files()?;
     let layout = Layout::existing(&c.dir.dir)?;
     let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
     let chain =

@@ -71,7 +71,7 @@ fn prompt_code(user: &str) -> CliResult<Zeroizing<String>> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         return Err(
-            "no one-time code: give --code or --secret (stdin is not a terminal to ask on)".into(),
+            "no one-time code: give --code, --secret-file or --secret, or set PORTCULLIS_TOTP_SECRET (stdin is not a terminal to ask on)".into(),
         );
     }
     let mut stderr = std::io::stderr();

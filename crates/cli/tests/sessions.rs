@@ -150,7 +150,14 @@ fn login_without_a_code_or_a_terminal_fails_in_one_line() {
         "--user",
         "alice",
     ]);
-    assert_one_line_error(&out, &["--code or --secret", "not a terminal"]);
+    assert_one_line_error(
+        &out,
+        &[
+            "--code, --secret-file or --secret",
+            "PORTCULLIS_TOTP_SECRET",
+            "not a terminal",
+        ],
+    );
     // A code of the wrong shape is refused before connecting.
     let out = run(&[
         "login",

@@ -75,8 +75,14 @@ fn read_all_in_thread<R: Read + Send + 'static>(mut reader: R) -> thread::JoinHa
 
 /// Runs `portcullis ARGS...` to the end (at most [`COMMAND_DEADLINE`]).
 pub fn run(args: &[&str]) -> Output {
+    run_with_env(args, &[])
+}
+
+/// [`run`] with more environment variables.
+pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = command();
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.envs(env.iter().copied());
     let mut guard = ChildGuard::new(cmd.spawn().expect("spawn portcullis"));
     let stdout = read_all_in_thread(guard.child().stdout.take().expect("stdout"));
     let stderr = read_all_in_thread(guard.child().stderr.take().expect("stderr"));
@@ -127,8 +133,9 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// Checks the error contract: a non-zero exit (not a signal), nothing on stdout, exactly one
-/// non-empty line on stderr that starts with `portcullis: `, contains every needle, and shows no
-/// panic and no backtrace. Returns the line.
+/// non-empty line on stderr that starts with `portcullis: ` (besides warnings, lines that start
+/// with `portcullis: warning: `, such as the one `--secret` prints), contains every needle, and
+/// shows no panic and no backtrace. Returns the line.
 #[track_caller]
 pub fn assert_one_line_error(out: &Output, needles: &[&str]) -> String {
     let context = format!(
@@ -143,7 +150,7 @@ pub fn assert_one_line_error(out: &Output, needles: &[&str]) -> String {
     let lines: Vec<&str> = out
         .stderr
         .lines()
-        .filter(|l| !l.trim().is_empty())
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("portcullis: warning: "))
         .collect();
     assert_eq!(
         lines.len(),
