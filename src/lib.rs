@@ -20,7 +20,7 @@
 //! | [`client`] | `portcullis-client` | the tonic connector with the pipelined Prefix |
 //! | [`store`] | `portcullis-store` | the SQLite registry |
 //! | [`demo`] | (here) | the `portcullis.demo.v1.Echo` service |
-//! | [`bench`] | (here) | the benchmarks of `portcullis bench handshake` and `bench instructions` |
+//! | [`bench`](mod@bench) | (here) | the benchmarks of `portcullis bench handshake` and `bench instructions` |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -191,7 +191,7 @@ pub(crate) struct InitArgs {
     #[arg(long = "server-name", value_name = "NAME")]
     server_names: Vec<String>,
     /// Replace an existing directory's CA, server certificate, registry and keys; the previous
-    /// ones (and the devices directory) are moved to DIR/replaced-<UTC time>/.
+    /// ones (and the devices directory) are moved to `DIR/replaced-<UTC time>/`.
     #[arg(long)]
     force: bool,
     /// Give an existing directory made by an older portcullis a registry key (registry.key)
