@@ -30,8 +30,16 @@ pub use portcullis_server as server;
 pub use portcullis_store as store;
 pub use portcullis_tls as tls;
 
-pub use portcullis_client::{Client, CodeSource};
-pub use portcullis_server::{AuthContext, PortcullisServer};
+// What an integration needs, from the crate root: the server and its context, the client,
+// the registries and their key, the store traits, the policy layer.
+pub use portcullis_client::{Client, ClientBuilder, CodeSource, PortcullisChannel};
+pub use portcullis_core::{
+    Admin, AuthMethod, Clock, GateStore, MemoryRegistry, Registry, RejectCode, SessionStore,
+    SystemClock, TotpAlgorithm, TotpConfig,
+};
+pub use portcullis_server::policy::{Policy, PolicyLayer};
+pub use portcullis_server::{AuthContext, Builder as ServerBuilder, PortcullisServer};
+pub use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 
 pub mod bench;
 
