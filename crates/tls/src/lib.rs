@@ -13,13 +13,15 @@
 //! - [`DeviceIdentity`] and [`fingerprint`]: what the leaf certificate says about a device;
 //! - [`CaHintResolver`]: presents the device certificate and remembers which certificate
 //!   authorities the server said it accepts, to explain a refused device certificate;
-//! - [`devpki`]: a small certificate authority for development and tests (ECDSA P-256).
+//! - `devpki` (feature `devpki`, on rcgen): a small certificate authority for development and
+//!   tests (ECDSA P-256).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::sync::{Arc, OnceLock};
 
 mod crl;
+#[cfg(feature = "devpki")]
 pub mod devpki;
 mod hints;
 mod identity;
