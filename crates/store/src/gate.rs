@@ -233,6 +233,8 @@ impl SqliteRegistry {
             return Ok(Committed::Applied);
         };
         let conn = self.writer();
+        self.checkpointer
+            .get_or_init(|| self.start_checkpointer(&conn));
         let tx = Tx::begin(&conn, "BEGIN IMMEDIATE").map_err(|e| self.backend(e))?;
         if let Effects::AcceptStep { step, session, .. } = effects {
             let step = i64::try_from(*step).map_err(|_| {
@@ -288,6 +290,21 @@ impl SqliteRegistry {
             Effects::AcceptStep { .. } => Committed::StepTaken(charged),
             _ => Committed::Applied,
         })
+    }
+
+    /// Starts the checkpoint thread on a connection of its own, and leaves the writer's
+    /// automatic checkpoint as a backstop only. `None` (the writer checkpoints, as SQLite's
+    /// default) when no connection or thread can be had.
+    fn start_checkpointer(&self, writer: &Connection) -> Option<crate::checkpoint::Checkpointer> {
+        let conn = crate::schema::connect(&self.path, &self.sealer).ok()?;
+        let checkpointer = crate::checkpoint::Checkpointer::start(conn)?;
+        // Without the backstop raised, the writer would still checkpoint at 1,000 pages.
+        let _ = writer.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            crate::checkpoint::BACKSTOP_PAGES,
+        );
+        Some(checkpointer)
     }
 
     /// Records a session the gate issued, inside the commit's transaction, and forgets a

@@ -48,8 +48,8 @@
 //! device joined with its user, then the session) on a connection of its own, and at most one
 //! write transaction ([`SqliteRegistry::commit_now`]: none for a session ticket). Statements are
 //! prepared once and cached; the sealed secret is opened once, after the connection is released.
-//! The write-ahead log is checkpointed by a thread of the registry's own, every 200 ms, so that
-//! no accept pays for a checkpoint's copy and `fsync`s.
+//! Once the gate commits, the write-ahead log is checkpointed by a thread of the registry's
+//! own, every 200 ms, so that no accept pays for a checkpoint's copy and `fsync`s.
 //!
 //! ## Secrets at rest
 //!
@@ -112,7 +112,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use portcullis_core::store::ready;
 use portcullis_core::{
@@ -139,8 +139,8 @@ pub const APPLICATION_ID: u32 = 0x5043_5331;
 /// administration) kept in a SQLite file.
 ///
 /// Three connections: a writer (commits and administration) and a reader (the gate's
-/// snapshots), each behind a mutex held only for its statements, and one for the checkpoint
-/// thread. Open one `SqliteRegistry` per process and share it (it is `Send + Sync`). Other
+/// snapshots), each behind a mutex held only for its statements, and, from the first gate
+/// commit on, one for the checkpoint thread. Open one `SqliteRegistry` per process and share it (it is `Send + Sync`). Other
 /// processes may open the same file at the same time.
 pub struct SqliteRegistry {
     path: PathBuf,
@@ -152,8 +152,9 @@ pub struct SqliteRegistry {
     sealer: Sealer,
     /// When a new session last purged expired records (the sessions' time, Unix ms).
     last_purge_ms: AtomicU64,
-    /// The thread that checkpoints the write-ahead log (`None`: the writer does).
-    _checkpointer: Option<checkpoint::Checkpointer>,
+    /// The thread that checkpoints the write-ahead log, started by the first gate commit (a
+    /// command that only administers the registry needs none); `None` inside: the writer does.
+    checkpointer: OnceLock<Option<checkpoint::Checkpointer>>,
 }
 
 impl fmt::Debug for SqliteRegistry {
@@ -267,14 +268,8 @@ impl SqliteRegistry {
     /// reads.
     fn with_connection(path: &Path, conn: Connection, sealer: Sealer) -> Result<Self, StoreError> {
         let reader = schema::connect(path, &sealer)?;
-        // Checkpoints run on a thread of their own; the writer's automatic one is a backstop.
-        let checkpointer = checkpoint::Checkpointer::start(schema::connect(path, &sealer)?);
-        if checkpointer.is_some() {
-            conn.pragma_update(None, "wal_autocheckpoint", checkpoint::BACKSTOP_PAGES)
-                .map_err(|e| StoreError::from_sqlite(path, &e))?;
-        }
         Ok(Self {
-            _checkpointer: checkpointer,
+            checkpointer: OnceLock::new(),
             path: path.to_owned(),
             conn: Mutex::new(conn),
             reader: Mutex::new(reader),
