@@ -58,15 +58,15 @@ impl LiveRoles {
     }
 
     fn get(&self) -> Arc<[String]> {
+        self.read().0
+    }
+
+    /// The roles and when they were last confirmed, in one read.
+    fn read(&self) -> (Arc<[String]>, Instant) {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .0
             .clone()
-    }
-
-    fn confirmed(&self) -> Instant {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).1
     }
 }
 
@@ -110,7 +110,18 @@ impl AuthContext {
     /// How long ago the roles were read from the registry (when the connection was decided,
     /// or by the last revocation round that could read them).
     pub fn roles_age(&self) -> Duration {
-        self.roles.confirmed().elapsed()
+        self.roles.read().1.elapsed()
+    }
+
+    /// The roles, if they were read from the registry at most `max_age` ago; else how long ago
+    /// they were.
+    pub(crate) fn roles_confirmed_within(
+        &self,
+        max_age: Duration,
+    ) -> Result<Arc<[String]>, Duration> {
+        let (roles, confirmed) = self.roles.read();
+        let age = confirmed.elapsed();
+        if age <= max_age { Ok(roles) } else { Err(age) }
     }
 
     /// The roles the registry holds now for the user, read by a revocation round: replaces

@@ -615,16 +615,15 @@ where
         let path = request.uri().path();
         // Roles the revocation rounds could not confirm for long (the registry does not
         // answer) are not trusted: a call that needs them is refused UNAVAILABLE.
-        let age = auth.roles_age();
-        let roles = (age <= ROLES_MAX_AGE).then(|| auth.roles());
+        let roles = auth.roles_confirmed_within(ROLES_MAX_AGE);
         let decision = shared.policy.decide(
             path,
             &auth.user,
             auth.totp_time_ms,
             shared.clock.now_ms(),
             || match &roles {
-                Some(roles) => Ok(roles.to_vec()),
-                None => Err(RegistryError::Backend(format!(
+                Ok(roles) => Ok(roles.to_vec()),
+                Err(age) => Err(RegistryError::Backend(format!(
                     "the roles were last read {} s ago",
                     age.as_secs()
                 ))),
