@@ -54,6 +54,12 @@ pub mod demo {
         tonic::include_proto!("portcullis.demo.v1");
     }
 
+    /// The encoded `FileDescriptorSet` of `portcullis/demo/v1/echo.proto` (with its imports),
+    /// for gRPC server reflection: give it to `tonic_reflection`'s
+    /// `Builder::register_encoded_file_descriptor_set`, as `portcullis serve` does.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("portcullis_demo_v1_descriptor");
+
     pub use proto::echo_client::EchoClient;
     pub use proto::echo_server::{Echo, EchoServer};
     pub use proto::{SayReply, SayRequest};

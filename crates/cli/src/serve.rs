@@ -1,4 +1,5 @@
-//! `portcullis serve`: the demo Echo service behind the gate.
+//! `portcullis serve`: the demo Echo service behind the gate, with gRPC server reflection and
+//! health checking behind the gate too, and optionally health checks outside it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +18,10 @@ use crate::{CliResult, DirArg};
 
 /// How long open connections may finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The name of the Echo service, whose health is reported with the server's.
+const ECHO_SERVICE: &str =
+    <demo::EchoServer<demo::EchoService> as tonic::server::NamedService>::NAME;
 
 /// `portcullis serve`.
 #[derive(Debug, Args)]
@@ -64,6 +69,13 @@ pub(crate) struct ServeArgs {
     /// where only your monitoring reaches.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Answer health checks at ADDR, outside the gate: grpc.health.v1.Health over plaintext
+    /// HTTP/2 and GET /healthz over HTTP/1.1 on the same port (port 0 picks a free port); when
+    /// ready prints `health on HOST:PORT` after the `listening on` line. NOT_SERVING (503)
+    /// while the registry cannot be read. No TLS, no authentication: it says only whether the
+    /// server is serving; bind it where only your probes reach.
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
     /// Refuse client certificates listed in the certificate revocation lists of FILE (PEM or
     /// DER), also on resumed TLS sessions; FILE is checked for changes every 250 ms and
     /// reloaded, and open connections of newly listed certificates are closed.
@@ -114,7 +126,8 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         .max_pending(args.max_pending as usize)
         .refusal_budget(args.refusal_budget as usize)
         .rate_limit((args.rate_limit > 0).then(|| RateLimit::new(args.rate_limit, args.rate_burst)))
-        .standard_clients(args.standard_clients);
+        .standard_clients(args.standard_clients)
+        .health_service_name(ECHO_SERVICE);
     if let Some(key) = ticket_key {
         builder = builder.ticket_key(key);
     }
@@ -127,7 +140,18 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     if let Some(path) = &args.crl {
         builder = builder.crl_file(path);
     }
+    if let Some(addr) = args.health_listen {
+        builder = builder.health_listen(addr);
+    }
     let portcullis = builder.build().map_err(|e| e.to_string())?;
+    // Behind the gate like the Echo service: reflection of the served services, and their
+    // health (the same status as the health listener's).
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(demo::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let health = portcullis.health_service();
 
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("tokio runtime: {e}"))?;
     runtime.block_on(async move {
@@ -141,6 +165,9 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         if let Some(metrics) = portcullis.metrics_addr() {
             out!("metrics on {metrics}");
         }
+        if let Some(health) = portcullis.health_addr() {
+            out!("health on {health}");
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
         // On a signal, stop accepting and let open connections finish, for at most
@@ -152,6 +179,8 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
                         .server()
                         .layer(policy)
                         .add_service(demo::service())
+                        .add_service(reflection)
+                        .add_service(health)
                         .serve_with_incoming_shutdown(portcullis.incoming(listener), stop)
                 },
                 shutdown_signal(),

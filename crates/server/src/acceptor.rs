@@ -163,6 +163,9 @@ pub struct Incoming {
     accept_loop: tokio::task::AbortHandle,
     /// The endpoint of [`crate::Builder::metrics_listen`], served as long as this stream.
     pub(crate) metrics: Option<crate::metrics::MetricsEndpoint>,
+    /// The health probe and the endpoint of [`crate::Builder::health_listen`], run as long as
+    /// this stream.
+    pub(crate) health: Option<crate::health::HealthTasks>,
 }
 
 impl Drop for Incoming {
@@ -255,6 +258,7 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
         local_addr,
         accept_loop: accept_loop.abort_handle(),
         metrics: None,
+        health: None,
     }
 }
 

@@ -55,12 +55,22 @@
 //! JSON-lines file of [`Builder::audit_log`]); see the [`audit`] module. The same events feed
 //! Prometheus metrics ([`Builder::metrics_listen`], [`PortcullisServer::metrics_handler`]); see
 //! the [`metrics`] module.
+//!
+//! ## Health checks
+//!
+//! Probes have no device certificate, so they cannot pass the gate. With
+//! [`Builder::health_listen`] the server answers `grpc.health.v1.Health` (plaintext HTTP/2)
+//! and `GET /healthz` (HTTP/1.1) on an address of its own, without TLS or authentication, and
+//! says there only whether it is serving: `NOT_SERVING` (503) while its registry does not
+//! answer reads. [`PortcullisServer::health_service`] serves the same status behind the gate.
+//! See the [`health`] module.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod acceptor;
 pub mod audit;
 mod context;
+pub mod health;
 mod layer;
 pub mod limits;
 pub mod metrics;
@@ -87,10 +97,14 @@ use tower::layer::util::{Identity, Stack};
 pub use acceptor::Incoming;
 pub use audit::{AuditLogError, AuditOutcome, AuditRecord, AuditSink, JsonLinesFile};
 pub use context::{AuthContext, PortcullisConnectInfo};
+pub use health::{HealthStatus, NotServingCause};
 pub use layer::{AuthLayer, AuthService};
 pub use limits::{DEFAULT_MAX_PENDING, DEFAULT_RATE_LIMIT, DEFAULT_REFUSAL_BUDGET, RateLimit};
 pub use metrics::{MetricsEndpoint, MetricsService};
 pub use stream::AuthenticatedStream;
+/// The `tonic-health` crate, whose service [`PortcullisServer::health_service`] returns: use it
+/// for the client and the status types at the same version.
+pub use tonic_health;
 
 /// Why a server could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +121,15 @@ pub enum ServerError {
     /// The metrics address could not be bound.
     #[error("{addr}: cannot listen for metrics: {source}")]
     MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The health check address could not be bound.
+    #[error("{addr}: cannot listen for health checks: {source}")]
+    HealthListen {
         /// The address.
         addr: SocketAddr,
         /// What went wrong.
@@ -141,6 +164,8 @@ pub struct Builder {
     rate_limit: Option<RateLimit>,
     audit_sinks: Vec<Arc<dyn AuditSink>>,
     metrics_listen: Option<SocketAddr>,
+    health_listen: Option<SocketAddr>,
+    health_services: Vec<String>,
     revocation: revocation::Settings,
     standard_clients: bool,
 }
@@ -155,6 +180,8 @@ impl std::fmt::Debug for Builder {
             .field("rate_limit", &self.rate_limit)
             .field("audit_sinks", &self.audit_sinks.len())
             .field("metrics_listen", &self.metrics_listen)
+            .field("health_listen", &self.health_listen)
+            .field("health_services", &self.health_services)
             .field("revocation", &self.revocation)
             .field("standard_clients", &self.standard_clients)
             .finish_non_exhaustive()
@@ -178,6 +205,8 @@ impl Builder {
             rate_limit: Some(DEFAULT_RATE_LIMIT),
             audit_sinks: Vec::new(),
             metrics_listen: None,
+            health_listen: None,
+            health_services: Vec::new(),
             revocation: revocation::Settings::default(),
             standard_clients: false,
         }
@@ -418,6 +447,33 @@ impl Builder {
         self
     }
 
+    /// Answers health checks at `ADDR`, outside the gate: `grpc.health.v1.Health` (`Check`,
+    /// `Watch`) over plaintext HTTP/2 and `GET /healthz` over HTTP/1.1, on the same port, with
+    /// no TLS and no authentication (see the [`health`] module). The status is `SERVING` (200)
+    /// while the server's registry answers a read every [`health::PROBE_INTERVAL`], and
+    /// `NOT_SERVING` (503) while it fails or does not answer within [`health::PROBE_TIMEOUT`].
+    ///
+    /// The address is bound by [`Builder::build`] (port 0 picks a free port; read it with
+    /// [`PortcullisServer::health_addr`]), and served from the first call of
+    /// [`PortcullisServer::incoming`] for as long as that [`Incoming`] lives. It tells anyone
+    /// who reaches it only whether the server is serving; still, put it where only your probes
+    /// reach.
+    pub fn health_listen(mut self, addr: SocketAddr) -> Self {
+        self.health_listen = Some(addr);
+        self
+    }
+
+    /// A service name (as in `tonic::server::NamedService::NAME`, e.g. `my.package.v1.Greeter`)
+    /// whose health is reported with the server's, besides the whole server (`""`). Names add
+    /// up; a health check for a name not given gets `NOT_FOUND`.
+    pub fn health_service_name(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        if !name.is_empty() && !self.health_services.contains(&name) {
+            self.health_services.push(name);
+        }
+        self
+    }
+
     /// Checks the settings and builds the server.
     pub fn build(self) -> Result<PortcullisServer, ServerError> {
         let tls = self
@@ -479,10 +535,13 @@ impl Builder {
         let metrics_listener = match self.metrics_listen {
             None => None,
             Some(addr) => {
-                let bound = std::net::TcpListener::bind(addr)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .and_then(|l| l.local_addr().map(|local| (l, local)));
-                Some(bound.map_err(|source| ServerError::MetricsListen { addr, source })?)
+                Some(bind_std(addr).map_err(|source| ServerError::MetricsListen { addr, source })?)
+            }
+        };
+        let health_listener = match self.health_listen {
+            None => None,
+            Some(addr) => {
+                Some(bind_std(addr).map_err(|source| ServerError::HealthListen { addr, source })?)
             }
         };
         let auditor = Arc::new(audit::Auditor::new(self.audit_sinks, self.clock.clone()));
@@ -507,8 +566,20 @@ impl Builder {
             }),
             metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
             metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),
+            health: Arc::new(health::HealthState::new(
+                self.health_services,
+                health_listener,
+            )),
         })
     }
+}
+
+/// Binds `addr` for a listener that tokio will serve.
+fn bind_std(addr: SocketAddr) -> std::io::Result<(std::net::TcpListener, SocketAddr)> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
 }
 
 /// The gate in front of a tonic server: makes the stream of authenticated connections and the
@@ -520,6 +591,8 @@ pub struct PortcullisServer {
     metrics_addr: Option<SocketAddr>,
     /// Its listener, until [`PortcullisServer::incoming`] starts serving it.
     metrics_listener: Arc<Mutex<Option<std::net::TcpListener>>>,
+    /// The health status, its probe and the listener of [`Builder::health_listen`].
+    health: Arc<health::HealthState>,
 }
 
 impl std::fmt::Debug for PortcullisServer {
@@ -570,6 +643,7 @@ impl PortcullisServer {
         revocation::start(&self.state);
         let mut incoming = acceptor::spawn_accept_loop(self.state.clone(), listener);
         incoming.metrics = self.start_metrics_listen();
+        incoming.health = self.health.start(&self.state.gate);
         incoming
     }
 
@@ -605,6 +679,43 @@ impl PortcullisServer {
     /// The address of the metrics endpoint of [`Builder::metrics_listen`], when set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The address of the health endpoint of [`Builder::health_listen`], when set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.addr()
+    }
+
+    /// What the health probe found last (see the [`health`] module):
+    /// [`HealthStatus::NotServing`] with [`NotServingCause::NotProbed`] until the probe has
+    /// run, and while it does not run (it runs only with [`Builder::health_listen`] or
+    /// [`PortcullisServer::health_service`]).
+    pub fn health_status(&self) -> HealthStatus {
+        self.health.status()
+    }
+
+    /// The `grpc.health.v1.Health` service with the status of the health probe (for the
+    /// service `""` and each [`Builder::health_service_name`]), to add to the tonic server
+    /// behind the gate: authenticated clients can then check or watch the server's health on
+    /// the main port. Calling this starts the probe from the next [`PortcullisServer::incoming`]
+    /// even without [`Builder::health_listen`]: call it before that. Requests are limited to
+    /// 4 KiB.
+    ///
+    /// ```no_run
+    /// # async fn run(portcullis: portcullis_server::PortcullisServer,
+    /// #     listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+    /// let health = portcullis.health_service();
+    /// portcullis
+    ///     .server()
+    ///     .add_service(health)
+    ///     .serve_with_incoming(portcullis.incoming(listener))
+    ///     .await
+    /// # }
+    /// ```
+    pub fn health_service(
+        &self,
+    ) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
+        self.health.wanted_service()
     }
 
     /// The metrics (see the [`metrics`] module) as OpenMetrics text, with the gauges read now.
