@@ -253,8 +253,10 @@ async fn devices_users_and_codes_name_the_cause_and_the_fix() {
         &status,
         RejectCode::MfaFailed,
         tonic::Code::Unauthenticated,
-        &["the one-time code was not accepted"],
+        &["this code was already used; wait for the next one"],
     );
+    // The REASON states the fix already: the client does not append the wrong code's advice.
+    assert!(!status.message().contains("current code"), "{status:?}");
     assert!(meta(&status, FIX_METADATA).contains("accepted once"));
 
     // Locked out: five wrong codes, then even the right one is refused, with the wait.

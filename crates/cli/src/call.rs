@@ -21,10 +21,7 @@ pub(crate) struct CallArgs {
 }
 
 pub(crate) fn call(args: &CallArgs) -> CliResult {
-    let source = args
-        .connect
-        .given_code_source()?
-        .ok_or(crate::connect::NO_FACTOR)?;
+    let source = args.connect.code_source_or_session()?;
     let client = args.connect.client(source)?;
 
     runtime()?.block_on(async {

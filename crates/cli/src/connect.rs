@@ -2,9 +2,8 @@
 //! device and code, the client built from them, and one line for a refusal.
 
 use clap::Args;
-use portcullis_client::{Client, CodeSource};
-use portcullis_core::codec::ALPN_PCS1;
-use portcullis_core::{TotpAlgorithm, TotpConfig};
+use portcullis_client::{Client, CodeSource, SessionFiles};
+use portcullis_core::{Clock, TotpAlgorithm, TotpConfig};
 use zeroize::Zeroizing;
 
 use crate::dir::Layout;
@@ -92,7 +91,7 @@ fn parse_algorithm(s: &str) -> Result<TotpAlgorithm, String> {
         .map_err(|e: portcullis_core::TotpError| e.to_string())
 }
 
-fn host_of(server: &str) -> CliResult<String> {
+pub(crate) fn host_of(server: &str) -> CliResult<String> {
     let (host, port) = server
         .rsplit_once(':')
         .ok_or_else(|| format!("--server `{server}`: expected HOST:PORT"))?;
@@ -162,24 +161,69 @@ impl ConnectArgs {
         .map_err(|e| format!("{what}: {e}"))
     }
 
-    /// Checks `--server` and the device files, and builds the client with `source`.
+    /// Checks `--server` and the device files, and builds the client with `source`. The
+    /// client keeps its session ticket in the device's sessions directory
+    /// (`DIR/sessions/DEVICE/`), where the next command finds it.
     pub(crate) fn client(&self, source: CodeSource) -> CliResult<Client> {
         let host = host_of(&self.server)?;
         let layout = Layout::existing(&self.dir.dir)?;
-        let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
-        let chain = portcullis_tls::load_certs(&layout.device_cert(&self.device))
-            .map_err(|e| e.to_string())?;
-        let key = portcullis_tls::load_key(&layout.device_key(&self.device))
-            .map_err(|e| e.to_string())?;
-        let tls = portcullis_tls::client_config(&roots, chain, key, &[ALPN_PCS1])
-            .map_err(|e| e.to_string())?;
         Client::builder()
-            .tls_config(tls)
+            .dir(&layout.dir, &self.device)
+            .map_err(|e| e.to_string())?
             .server_name(self.server_name.clone().unwrap_or(host))
             .user(self.user.clone())
             .code_source(source)
             .build()
             .map_err(|e| e.to_string())
+    }
+
+    /// The TLS server name a session of `--server` is stored under.
+    pub(crate) fn server_name(&self) -> CliResult<String> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => host_of(&self.server),
+        }
+    }
+
+    /// The stored sessions of `--user` on `--device`.
+    pub(crate) fn stored_sessions(&self) -> SessionFiles {
+        SessionFiles::new(
+            Layout::new(&self.dir.dir).sessions(&self.device),
+            self.user.clone(),
+        )
+    }
+
+    /// The code source `--code`, `--secret-file`, `--secret` or `PORTCULLIS_TOTP_SECRET` give;
+    /// without one, a stored live session of this server must be there (a connection that
+    /// still needs a code then fails, saying to log in again).
+    pub(crate) fn code_source_or_session(&self) -> CliResult<CodeSource> {
+        if let Some(source) = self.given_code_source()? {
+            return Ok(source);
+        }
+        self.check_files()?;
+        let now = portcullis_core::SystemClock.now_ms();
+        let login = format!(
+            "portcullis login --dir {} --server {} --device {} --user {}",
+            self.dir.dir.display(),
+            self.server,
+            self.device,
+            self.user
+        );
+        if self
+            .stored_sessions()
+            .info(&self.server_name()?, &self.server, now)
+            .is_none()
+        {
+            return Err(format!(
+                "no stored session of {} on device {} for {}: run `{login}`, or {NO_FACTOR}",
+                self.user, self.device, self.server
+            ));
+        }
+        Ok(CodeSource::callback(move || {
+            Err(format!(
+                "the stored session ended (expired, revoked or refused): run `{login}` again"
+            ))
+        }))
     }
 
     /// Checks `--server` and the device files before anything else is asked for.

@@ -7,63 +7,33 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use portcullis_core::Admin;
+use portcullis_core::layout::DirLayout;
 use portcullis_core::{Clock, Random, SystemClock, SystemRandom, TicketKey};
 use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 use portcullis_tls::devpki::DevCa;
 
 use crate::CliResult;
 
-/// The files of a Portcullis directory.
+/// The files of a Portcullis directory (their names: [`DirLayout`]).
 pub(crate) struct Layout {
     pub(crate) dir: PathBuf,
+    names: DirLayout,
+}
+
+impl std::ops::Deref for Layout {
+    type Target = DirLayout;
+
+    fn deref(&self) -> &DirLayout {
+        &self.names
+    }
 }
 
 impl Layout {
     pub(crate) fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            names: DirLayout::new(dir),
         }
-    }
-
-    pub(crate) fn ca_cert(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    pub(crate) fn ca_key(&self) -> PathBuf {
-        self.dir.join("ca-key.pem")
-    }
-
-    pub(crate) fn server_cert(&self) -> PathBuf {
-        self.dir.join("server.pem")
-    }
-
-    pub(crate) fn server_key(&self) -> PathBuf {
-        self.dir.join("server-key.pem")
-    }
-
-    pub(crate) fn registry(&self) -> PathBuf {
-        self.dir.join("portcullis.db")
-    }
-
-    /// The key that seals the TOTP secrets in the registry.
-    pub(crate) fn registry_key(&self) -> PathBuf {
-        self.dir.join("registry.key")
-    }
-
-    pub(crate) fn ticket_key(&self) -> PathBuf {
-        self.dir.join("ticket.key")
-    }
-
-    pub(crate) fn devices(&self) -> PathBuf {
-        self.dir.join("devices")
-    }
-
-    pub(crate) fn device_cert(&self, name: &str) -> PathBuf {
-        self.devices().join(format!("{name}.pem"))
-    }
-
-    pub(crate) fn device_key(&self, name: &str) -> PathBuf {
-        self.devices().join(format!("{name}-key.pem"))
     }
 
     /// Checks that `dir` looks like a Portcullis directory before a command uses it.
@@ -133,19 +103,7 @@ impl Layout {
 
     /// Loads the ticket key, if `init` made one.
     pub(crate) fn load_ticket_key(&self) -> CliResult<Option<TicketKey>> {
-        let path = self.ticket_key();
-        if !path.exists() {
-            return Ok(None);
-        }
-        let bytes = zeroize::Zeroizing::new(
-            fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?,
-        );
-        TicketKey::from_bytes(&bytes).map(Some).map_err(|_| {
-            format!(
-                "{}: a ticket key file holds exactly 32 bytes",
-                path.display()
-            )
-        })
+        self.names.load_ticket_key().map_err(|e| e.to_string())
     }
 }
 

@@ -178,24 +178,40 @@ impl Report {
 pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
     let c = &args.connect;
     let probe = args.standard || args.plaintext || args.tls12;
-    let code = match (&c.code, probe) {
+    // The second factor: a code, or else the session `portcullis login` stored.
+    let mut stored_until = None;
+    let factor = match (&c.code, probe) {
         (Some(code), false) => {
             check_code("--code", code)?;
-            Zeroizing::new(code.clone())
+            Factor::Totp(code.clone())
         }
         (None, false) => match c.totp_config()? {
-            Some(config) => Zeroizing::new(config.generate(now_ms() / 1000)),
+            Some(config) => Factor::Totp(config.generate(now_ms() / 1000)),
             None => {
-                // A usage error, as clap's own: exit 2.
-                eprintln!(
-                    "portcullis: give one of --code, --secret-file, --secret, --standard, \
-                     --plaintext and --tls12 (or set PORTCULLIS_TOTP_SECRET) (see --help)"
-                );
-                return Ok(2);
+                let stored = c.stored_sessions();
+                let name = c.server_name()?;
+                match (
+                    stored.info(&name, &c.server, now_ms()),
+                    stored.ticket(&name, &c.server, now_ms()),
+                ) {
+                    (Some(info), Some(ticket)) => {
+                        stored_until = Some(info.expires_ms);
+                        Factor::Session(ticket.to_vec())
+                    }
+                    _ => {
+                        // A usage error, as clap's own: exit 2.
+                        eprintln!(
+                            "portcullis: give one of --code, --secret-file, --secret, --standard, \
+                             --plaintext and --tls12 (or set PORTCULLIS_TOTP_SECRET, or run \
+                             `portcullis login` to store a session) (see --help)"
+                        );
+                        return Ok(2);
+                    }
+                }
             }
         },
         (None, true) if c.secret.is_none() && c.secret_file.is_none() => {
-            Zeroizing::new(String::new())
+            Factor::Totp(String::new())
         }
         _ => {
             return Err(
@@ -240,6 +256,7 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
         ours,
         clock_offset_ms: args.clock_offset_secs.saturating_mul(1000),
         standard: args.standard,
+        stored_until,
     };
 
     let names: &'static [&'static str] = if args.standard {
@@ -258,7 +275,7 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
     } else if args.tls12 {
         rt.block_on(walk_tls12(&env, &mut report));
     } else {
-        rt.block_on(walk(&env, &code, &mut report));
+        rt.block_on(walk(&env, factor, &mut report));
     }
 
     let first = report.first_failure();
@@ -326,6 +343,8 @@ struct Env {
     clock_offset_ms: i64,
     /// `--standard`: ALPN h2, no Prefix, and the live-session step.
     standard: bool,
+    /// The Prefix carries the session ticket `login` stored, valid until then (Unix ms).
+    stored_until: Option<u64>,
 }
 
 impl Env {
@@ -539,7 +558,7 @@ async fn probe_version(env: &Env) -> Option<String> {
     tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"))
 }
 
-async fn walk(env: &Env, code: &str, report: &mut Report) {
+async fn walk(env: &Env, factor: Factor, report: &mut Report) {
     let Some(tcp) = connect_tcp(env, report).await else {
         return;
     };
@@ -701,7 +720,7 @@ async fn walk(env: &Env, code: &str, report: &mut Report) {
     let sent_ms = env.clock_ms();
     let prefix = Prefix {
         user: env.user.clone(),
-        factor: Factor::Totp(code.to_owned()),
+        factor,
         nonce,
         time_ms: sent_ms,
         binding,
@@ -1199,8 +1218,22 @@ fn interpret(
             ),
         );
         report.pass("clock", format!("{clock}: within the allowed skew"));
-        report.pass("code", "the code was accepted");
         report.pass("channel_binding", "the server saw the same TLS connection");
+        if let Some(until) = env.stored_until {
+            report.pass(
+                "code",
+                "no code needed: the session ticket `portcullis login` stored was accepted",
+            );
+            report.pass(
+                "session",
+                format!(
+                    "the stored session is live, valid until {}",
+                    crate::enroll::format_time(until)
+                ),
+            );
+            return true;
+        }
+        report.pass("code", "the code was accepted");
         match &verdict.session {
             Some((_, expires)) => report.pass(
                 "session",
@@ -1280,17 +1313,30 @@ fn interpret(
                     verdict.retry_after_s.unwrap_or(0)
                 ),
                 RejectCode::Replay => "run doctor again (the nonce was seen before)".to_owned(),
+                RejectCode::MfaFailed if reason.contains("already used") => {
+                    "wait for the next code, or run `portcullis login` once and let `call` and \
+                     `doctor` use the stored session"
+                        .to_owned()
+                }
                 RejectCode::MfaFailed => "use the current code of the user's authenticator, \
                                           once: a code is accepted one time only"
                     .to_owned(),
+                RejectCode::MfaRequired if env.stored_until.is_some() => {
+                    "the stored session ended (expired, revoked or refused): run `portcullis \
+                     login` again, or give a code with --code or --secret-file"
+                        .to_owned()
+                }
                 _ => "give a code with --code or --secret".to_owned(),
             };
             let saw = match (reject, verdict.retry_after_s) {
                 (RejectCode::LockedOut, Some(s)) => format!("{saw}; wait {s} s"),
+                (RejectCode::MfaFailed, _) if reason.contains("already used") => format!(
+                    "{saw}; the code is right but was already accepted once (it does not count \
+                     towards the lockout)"
+                ),
                 (RejectCode::MfaFailed, _) => format!(
-                    "{saw}; the code is wrong, or right but already used (or the user has no \
-                     TOTP factor): the server tells these apart only in its audit record (ref \
-                     {reference}: `cause` is code_wrong, code_reused or no_factor)"
+                    "{saw}; the code is wrong (or the user has no TOTP factor: the audit record \
+                     of ref {reference} says code_wrong or no_factor)"
                 ),
                 _ => saw,
             };

@@ -48,11 +48,14 @@ enum Command {
     Device(DeviceCommand),
     /// Run the demo Echo service behind the gate.
     Serve(serve::ServeArgs),
-    /// Make one Echo call through the gate.
+    /// Make one Echo call through the gate, on the session `login` stored or with a code.
     Call(call::CallArgs),
-    /// Earn a session for a device with a one-time code (asked for on a terminal when neither
-    /// --code nor --secret is given), so that standard gRPC clients on it are let in.
+    /// Earn a session for a device with a one-time code (asked for on a terminal when no
+    /// factor is given) and store its ticket under DIR/sessions/DEVICE/ for `call`, `doctor`
+    /// and standard gRPC clients on the device.
     Login(login::LoginArgs),
+    /// Remove the session ticket `login` stored for a user, device and server.
+    Logout(login::LogoutArgs),
     /// Walk the path to a server step by step and say which step fails and how to fix it. Exits
     /// 0 when every step passes, else 10 + the number of the first failed step (docs/DOCTOR.md).
     Doctor(doctor::DoctorArgs),
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(&args),
         Command::Call(args) => call::call(&args),
         Command::Login(args) => login::login(&args),
+        Command::Logout(args) => login::logout(&args),
         Command::Doctor(args) => match doctor::doctor(&args) {
             Ok(0) => Ok(()),
             Ok(code) => return ExitCode::from(code),

@@ -252,6 +252,24 @@ fn walkthrough_from_init_to_a_revoked_device() {
     assert_eq!(reply["device"], tablet_fp.as_str());
     assert_eq!(reply["auth_method"], "totp");
 
+    // the first call stored its session: the next call needs no code
+    let mut args = call_args(&dir, &addr, "laptop", "alice");
+    args.push("--json");
+    let reply = run_json(&args);
+    assert_eq!(reply["auth_method"], "session", "{reply}");
+
+    // logout drops the stored session; then a code is needed again
+    let mut args = vec!["logout"];
+    args.extend(
+        call_args(&dir, &addr, "laptop", "alice")
+            .into_iter()
+            .skip(1),
+    );
+    let out = run_ok(&args);
+    assert!(out.contains("logged out alice"), "{out}");
+    let args = call_args(&dir, &addr, "laptop", "alice");
+    assert_one_line_error(&run(&args), &["no stored session", "portcullis login"]);
+
     // a wrong code
     let wrong = wrong_code(&alice_secret);
     let mut args = call_args(&dir, &addr, "laptop", "alice");

@@ -27,6 +27,7 @@ fn a_secret_comes_from_a_private_file_or_the_environment_and_the_command_line_wa
     issue_device(&dir, "laptop", "alice");
     issue_device(&dir, "desk", "bob");
     issue_device(&dir, "phone", "carol");
+    issue_device(&dir, "tablet", "alice");
     let server = Server::start(&dir);
     let d = s(&dir);
 
@@ -64,9 +65,10 @@ fn a_secret_comes_from_a_private_file_or_the_environment_and_the_command_line_wa
     assert!(out.stderr.contains("--secret-file"), "{out:?}");
     assert!(!out.stderr.contains(&carol), "{out:?}");
 
-    // No factor at all: one line naming every source.
+    // No factor at all and no stored session (device tablet never connected): one line
+    // naming every source.
     assert_one_line_error(
-        &run(&call_args(d, &server.addr, "laptop", "alice")),
+        &run(&call_args(d, &server.addr, "tablet", "alice")),
         &[
             "--code",
             "--secret-file",

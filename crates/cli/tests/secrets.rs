@@ -345,10 +345,20 @@ fn no_secret_code_key_or_ticket_appears_in_logs_or_errors() {
         &["--code", &right, "--json"],
     );
     assert!(accepted.status.success(), "{accepted:?}");
+    // The first call stored its session; without it, a code is sent again.
+    fs::remove_dir_all(dir.join("sessions")).unwrap();
     let refused_wrong = call(&dir, &server, "laptop", "alice", &["--code", &wrong]);
     assert_one_line_error(&refused_wrong, &["Unauthenticated", "mfa_failed"]);
+    // The same code again is a reuse.
     let refused_reused = call(&dir, &server, "laptop", "alice", &["--code", &right]);
-    assert_one_line_error(&refused_reused, &["Unauthenticated", "mfa_failed"]);
+    assert_one_line_error(
+        &refused_reused,
+        &[
+            "Unauthenticated",
+            "mfa_failed",
+            "this code was already used; wait for the next one",
+        ],
+    );
     let with_secret = call(
         &dir,
         &server,

@@ -2,11 +2,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portcullis_core::codec::{ALPN_PCS1, Verdict};
+use portcullis_core::layout::DirLayout;
 use portcullis_core::{Clock, SystemClock, SystemRandom};
 use portcullis_tls::CaHintResolver;
 use rustls::pki_types::ServerName;
@@ -20,11 +22,14 @@ use crate::code::check_code;
 use crate::connector::{PcsConnector, Target};
 use crate::error::{chain_text, find_connect_failure, io_messages};
 use crate::log::{ConnLog, ConnState};
-use crate::session::{SessionInfo, TicketCache, VerdictInfo};
+use crate::session::{SessionFiles, SessionInfo, TicketCache, VerdictInfo};
 use crate::{ClientError, CodeSource};
 
 /// The AGENT a client sends unless told otherwise.
 pub const DEFAULT_AGENT: &str = concat!("portcullis-client/", env!("CARGO_PKG_VERSION"));
+
+/// The environment variable [`Client::from_dir`] takes a TOTP secret (base32) from.
+pub const SECRET_ENV: &str = "PORTCULLIS_TOTP_SECRET";
 
 /// How long [`ClientBuilder::connect_timeout`] waits by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,6 +137,7 @@ pub struct ClientBuilder {
     clock: Option<Arc<dyn Clock>>,
     agent: Option<String>,
     connect_timeout: Option<Duration>,
+    session_dir: Option<PathBuf>,
 }
 
 impl ClientBuilder {
@@ -186,6 +192,34 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps session tickets in files under `dir` (created with mode 0700; one file per user,
+    /// server name and address, mode 0600) as well as in memory, so that the next client of
+    /// the same device, in this process or another, uses the session instead of asking for a
+    /// code. `dir` belongs to one device: a ticket only works with the device certificate
+    /// that earned it. A file readable by others is not used. Default: memory only.
+    pub fn session_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.session_dir = Some(dir.into());
+        self
+    }
+
+    /// The TLS config of device `device` in a directory made by `portcullis init` (the CA
+    /// `ca.pem`, the device's `devices/DEVICE.pem` and `devices/DEVICE-key.pem`), and the
+    /// device's stored sessions (`sessions/DEVICE/`, where `portcullis login` puts them): see
+    /// [`ClientBuilder::session_dir`]. Fails with one line naming the file.
+    pub fn dir(self, dir: impl AsRef<Path>, device: &str) -> Result<Self, ClientError> {
+        let layout = DirLayout::new(dir.as_ref());
+        let load = |path: &Path| -> Result<_, ClientError> {
+            portcullis_tls::load_certs(path).map_err(|e| ClientError::Config(e.to_string()))
+        };
+        let roots = load(&layout.ca_cert())?;
+        let chain = load(&layout.device_cert(device))?;
+        let key = portcullis_tls::load_key(&layout.device_key(device))
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let tls = portcullis_tls::client_config(&roots, chain, key, &[ALPN_PCS1])
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(self.tls_config(tls).session_dir(layout.sessions(device)))
+    }
+
     /// Checks the settings and builds the client.
     pub fn build(self) -> Result<Client, ClientError> {
         let mut tls = self.tls.ok_or_else(|| {
@@ -236,6 +270,10 @@ impl ClientBuilder {
             config.client_auth_cert_resolver.clone(),
         ));
         config.client_auth_cert_resolver = ca_hints.clone();
+        let tickets = match self.session_dir {
+            Some(dir) => TicketCache::persisted(SessionFiles::new(dir, user.clone())),
+            None => TicketCache::default(),
+        };
         Ok(Client {
             inner: Arc::new(ClientInner {
                 tls: TlsConnector::from(tls),
@@ -245,7 +283,7 @@ impl ClientBuilder {
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 agent,
                 rng: SystemRandom::new(),
-                tickets: TicketCache::default(),
+                tickets,
                 connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
                 ca_hints,
                 last_verdict: Mutex::new(None),
@@ -264,8 +302,23 @@ impl fmt::Debug for ClientBuilder {
             .field("code_source", &self.codes)
             .field("agent", &self.agent)
             .field("connect_timeout", &self.connect_timeout)
+            .field("session_dir", &self.session_dir)
             .finish_non_exhaustive()
     }
+}
+
+/// `host:port` from a tonic-style URI (`https://host:port`, `http://host:port/`), or `addr`
+/// itself. The connection is TLS whatever the scheme says: PCS1 has no plain-text form.
+fn authority(addr: &str) -> &str {
+    let rest = ["https://", "http://"]
+        .iter()
+        .find_map(|scheme| {
+            addr.get(..scheme.len())
+                .filter(|s| s.eq_ignore_ascii_case(scheme))
+                .map(|_| &addr[scheme.len()..])
+        })
+        .unwrap_or(addr);
+    rest.strip_suffix('/').unwrap_or(rest)
 }
 
 /// The host part of `host:port` (`[v6]:port` for IPv6).
@@ -293,7 +346,61 @@ impl Client {
         ClientBuilder::default()
     }
 
+    /// The client of `user` on device `device` of a directory made by `portcullis init`
+    /// (see [`ClientBuilder::dir`]): it uses the session that `portcullis login` stored for
+    /// the device, until it expires or the server refuses it. Codes come from the environment
+    /// variable `PORTCULLIS_TOTP_SECRET` (the user's TOTP secret in base32) when it is set;
+    /// otherwise a connection that needs a code fails, saying to run `portcullis login`. For
+    /// another source of codes, use the builder: `Client::builder().dir(..)?.code_source(..)`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use portcullis_client::Client;
+    ///
+    /// let client = Client::from_dir("pc", "laptop", "alice")?;
+    /// let channel = client.connect("https://localhost:50051").await?;
+    /// # let _ = channel; Ok(()) }
+    /// ```
+    pub fn from_dir(
+        dir: impl AsRef<Path>,
+        device: &str,
+        user: impl Into<String>,
+    ) -> Result<Client, ClientError> {
+        let dir = dir.as_ref();
+        let codes = match std::env::var_os(SECRET_ENV) {
+            Some(secret) => {
+                let secret = Zeroizing::new(
+                    secret
+                        .into_string()
+                        .map_err(|_| ClientError::Config(format!("{SECRET_ENV}: not UTF-8")))?,
+                );
+                let config = portcullis_core::TotpConfig::from_base32(
+                    secret.trim(),
+                    6,
+                    portcullis_core::TotpAlgorithm::Sha1,
+                    portcullis_core::TotpConfig::DEFAULT_PERIOD,
+                )
+                .map_err(|e| ClientError::Config(format!("{SECRET_ENV}: {e}")))?;
+                CodeSource::secret(config)
+            }
+            None => {
+                let hint = format!(
+                    "no stored session for this server and no code source: run `portcullis login \
+                     --dir {} --device {device} ...` first, or set {SECRET_ENV}",
+                    dir.display()
+                );
+                CodeSource::callback(move || Err(hint.clone()))
+            }
+        };
+        Client::builder()
+            .dir(dir, device)?
+            .user(user)
+            .code_source(codes)
+            .build()
+    }
+
     pub(crate) fn target(&self, addr: &str) -> Result<(Arc<Target>, Endpoint), ClientError> {
+        let addr = authority(addr);
         let host = host_of(addr)?;
         let name = self.inner.server_name.as_deref().unwrap_or(host).to_owned();
         let server_name = ServerName::try_from(name.clone())
@@ -313,7 +420,8 @@ impl Client {
         Ok((target, endpoint))
     }
 
-    /// Connects to `addr` (`host:port`) now and waits for the server's Verdict.
+    /// Connects to `addr` (`host:port`, or a URI `https://host:port` as tonic's `Channel`
+    /// takes it) now and waits for the server's Verdict.
     ///
     /// A refused connection is [`ClientError::Rejected`] carrying the `tonic::Status` an RPC
     /// would report; TLS problems are [`ClientError::Tls`]. Later connections of the channel
@@ -372,7 +480,7 @@ impl Client {
         }
     }
 
-    /// A channel to `addr` (`host:port`) that connects on its first RPC. Must be called
+    /// A channel to `addr` (`host:port` or `https://host:port`) that connects on its first RPC. Must be called
     /// within a tokio runtime.
     pub fn connect_lazy(&self, addr: &str) -> Result<PortcullisChannel, ClientError> {
         if tokio::runtime::Handle::try_current().is_err() {
@@ -427,6 +535,16 @@ impl fmt::Debug for Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uris_give_their_authority() {
+        assert_eq!(authority("https://localhost:50051"), "localhost:50051");
+        assert_eq!(authority("HTTP://[::1]:50051/"), "[::1]:50051");
+        assert_eq!(authority("localhost:1"), "localhost:1");
+        // Anything after the authority is left for `host_of` to refuse.
+        assert!(host_of(authority("https://h:1/path")).is_err());
+        assert!(host_of(authority("ftp://h:1")).is_err());
+    }
 
     #[test]
     fn addresses() {

@@ -169,7 +169,7 @@ async fn open_first(
             // A code spent on a session there: a service account's placeholder code, accepted
             // without a session, may go again.
             if spent == Some(true) {
-                // Sent again it could only be refused, and count towards the user's lockout.
+                // Sent again it could only be refused as reused.
                 return Err(Failure::Code(
                     "it gave the code the server already accepted from this client, and a code \
                      is accepted once: give the next code (the session ticket that would have \

@@ -374,7 +374,7 @@ pub(crate) const fn advice(code: RejectCode) -> Advice {
             "the one-time code was wrong, already used, or the user has no factor",
             "enter the current code of this user's authenticator (a code is accepted once; \
              wait for the next one); if every code fails, check the authenticator's clock",
-            &["current code"],
+            &["current code", "wait for the next one"],
         ),
         RejectCode::MfaRequired => a(
             "the session is expired, revoked or not valid for this device",

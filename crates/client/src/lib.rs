@@ -58,7 +58,7 @@ mod stream;
 mod test_server;
 
 pub use channel::{MAX_REPLAY_BYTES, PortcullisChannel, ResponseFuture};
-pub use client::{Client, ClientBuilder, DEFAULT_AGENT, DEFAULT_CONNECT_TIMEOUT};
+pub use client::{Client, ClientBuilder, DEFAULT_AGENT, DEFAULT_CONNECT_TIMEOUT, SECRET_ENV};
 pub use code::{CodeCallback, CodeSource};
 pub use error::{ClientError, FIX_METADATA, REF_METADATA, REJECT_METADATA, RETRY_AFTER_METADATA};
-pub use session::{SessionInfo, VerdictInfo};
+pub use session::{SessionFiles, SessionInfo, VerdictInfo};

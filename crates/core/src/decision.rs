@@ -417,6 +417,14 @@ fn mfa_failed(cause: Cause) -> Refusal {
     )
 }
 
+/// A correct code whose time step (or a later one) was already accepted for the user.
+fn code_reused() -> Refusal {
+    Refusal::new(RejectCode::MfaFailed, Cause::CodeReused, CODE_REUSED_HINT)
+}
+
+/// The hint of a reused code (PROTOCOL.md section 4): not wrong, but spent.
+pub const CODE_REUSED_HINT: &str = "this code was already used; wait for the next one";
+
 fn seconds_ceil(ms: u64) -> u32 {
     u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
@@ -850,7 +858,7 @@ impl Gate {
         let checked = match committed {
             Err(e) => Err(Refusal::from(e)),
             Ok(Committed::Applied) => checked,
-            Ok(Committed::StepTaken(_)) => Err(mfa_failed(Cause::CodeReused)),
+            Ok(Committed::StepTaken(_)) => Err(code_reused()),
             Ok(Committed::LockedOut(state)) => {
                 let user = match effects.target() {
                     Some((user, _, _)) => user,
@@ -1112,8 +1120,8 @@ impl Gate {
             return Err(mfa_failed(Cause::CodeWrong));
         };
         if user.last_step.is_some_and(|last| last >= step) {
-            *effects = charge;
-            return Err(mfa_failed(Cause::CodeReused));
+            // Already accepted (this step or a later one): no guess of the secret, no charge.
+            return Err(code_reused());
         }
         let session = match self.config.session_ttl_ms {
             Some(ttl) => {

@@ -15,7 +15,8 @@
 //! - [`store`]: what the gate reads and writes ([`GateStore`]: one snapshot, one conditional
 //!   commit), the sessions ([`SessionStore`]) and the administration ([`Admin`]), with
 //!   [`MemoryRegistry`] implementing all three;
-//! - [`RejectCode`]: the stable reasons a client can act on.
+//! - [`RejectCode`]: the stable reasons a client can act on;
+//! - [`layout`]: the file names of a directory made by `portcullis init`.
 //!
 //! The I/O lives elsewhere: `portcullis-tls` (rustls), `portcullis-server` (the acceptor in front
 //! of tonic), `portcullis-client` (the tonic connector), `portcullis-store` (SQLite).
@@ -28,6 +29,7 @@ pub mod conformance;
 mod decision;
 mod env;
 mod fingerprint;
+pub mod layout;
 mod lockout;
 mod memory;
 mod nonce;

@@ -163,7 +163,7 @@ fn commit(s: &mut MemoryState, effects: &Effects) -> Result<Committed, RegistryE
     match effects {
         Effects::AcceptStep { step, session, .. } => {
             if last.is_some_and(|l| l >= *step) {
-                *lock = lockout.after_failure(*lock, now_ms);
+                // A reused code is no guess of the secret: nothing is charged.
                 return Ok(Committed::StepTaken(*lock));
             }
             *last = Some(*step);

@@ -113,8 +113,8 @@ pub enum Effects {
     /// A TOTP code matched `step`. Atomically: if the user is locked out at `now_ms`, change
     /// nothing ([`Committed::LockedOut`]); else if `step` is later than the last accepted step,
     /// record it, clear the failure count and record `session` ([`Committed::Applied`]); else
-    /// (the step was taken meanwhile) charge a failure with `lockout` as
-    /// [`Effects::ChargeFailure`] would ([`Committed::StepTaken`]).
+    /// (the step was taken meanwhile) change nothing ([`Committed::StepTaken`]): a code that
+    /// was already accepted is no guess of the secret, and is not charged.
     AcceptStep {
         /// The user.
         user: String,
@@ -172,8 +172,8 @@ impl Effects {
 pub enum Committed {
     /// The effects were written as decided.
     Applied,
-    /// [`Effects::AcceptStep`] lost its condition: the step had been taken meanwhile. A failure
-    /// was charged instead; the lockout state is now this.
+    /// [`Effects::AcceptStep`] lost its condition: the step had been taken meanwhile. Nothing
+    /// was written; the lockout state is this.
     StepTaken(LockState),
     /// The user was locked out at the decision's time: nothing was written. The lockout state
     /// is this.

@@ -837,8 +837,17 @@ fn mfa_failed_for_a_reused_code() {
     expect_accept(&w.decide(&w.totp("alice", &code), LAPTOP));
     let d = w.decide(&w.totp("alice", &code), LAPTOP);
     expect(&d, RejectCode::MfaFailed, Cause::CodeReused);
-    // Same answer as a wrong code: a guesser learns nothing.
-    assert_eq!(reason(&d), "mfa_failed: the one-time code was not accepted");
+    // Its own hint: the user typed the right code and has only to wait for the next one.
+    assert_eq!(
+        reason(&d),
+        "mfa_failed: this code was already used; wait for the next one"
+    );
+    // A wrong code does not get it.
+    let wrong = w.decide(&w.totp("alice", &w.wrong_code("alice")), LAPTOP);
+    assert_eq!(
+        reason(&wrong),
+        "mfa_failed: the one-time code was not accepted"
+    );
     // From the other device too.
     expect(
         &w.decide(&w.totp("alice", &code), PHONE),
@@ -1487,12 +1496,9 @@ fn the_same_code_on_twenty_threads_is_accepted_exactly_once() {
             }
         );
     }
-    // A failure is charged at commit, one write per loser: a loser's commit finds the step
-    // taken (Committed::StepTaken), or its snapshot already showed it taken (CodeReused with
-    // Effects::ChargeFailure). Either way it is charged after the winner's commit cleared the
-    // count, so exactly the 19 losers remain charged. (Before the four phases every attempt was
-    // charged before its code was checked, and only `<= 19` could be said.)
-    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 19);
+    // A loser's commit finds the step taken (Committed::StepTaken), or its snapshot already
+    // showed it taken: either way a reused code, which writes nothing and charges nothing.
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 0);
 }
 
 #[test]
@@ -1517,30 +1523,19 @@ fn the_same_code_on_twenty_threads_with_the_default_lockout() {
         .collect();
     let outcomes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1);
-    // The losers failed the code, or met the lockout that those failures set off.
+    // Every loser learns that the code is reused; none is charged, so no lockout is set off
+    // even with the default threshold of 5.
     for r in outcomes.iter().filter_map(|o| o.as_ref().err()) {
-        assert!(
-            matches!(
-                (r.code, &r.cause),
-                (RejectCode::MfaFailed, Cause::CodeReused)
-                    | (RejectCode::LockedOut, Cause::LockedOut)
-            ),
+        assert_eq!(
+            (r.code, &r.cause),
+            (RejectCode::MfaFailed, &Cause::CodeReused),
             "{r:?}"
         );
     }
-    // Now that failures are charged at commit the split is exact: no loser is charged before
-    // the winner's commit (a loser only learns that the code is reused from the winner's
-    // write), so the first 5 losers to commit are charged and set off the lockout, and the 14
-    // after them find the user locked (at decide or at commit) and write nothing.
-    let count = |cause: Cause| {
-        outcomes
-            .iter()
-            .filter(|o| matches!(o, Err(r) if r.cause == cause))
-            .count()
-    };
-    assert_eq!(count(Cause::CodeReused), 5, "{outcomes:?}");
-    assert_eq!(count(Cause::LockedOut), 14, "{outcomes:?}");
-    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 5);
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 0);
+    // The user is not locked: the next step's code goes through.
+    w.advance(STEP_MS);
+    expect_accept(&w.decide(&w.totp("alice", &w.code("alice")), PHONE));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1602,15 +1597,23 @@ fn a_success_clears_the_failure_count() {
 }
 
 #[test]
-fn reused_codes_count_towards_lockout() {
+fn reused_codes_do_not_count_towards_lockout_and_wrong_ones_still_do() {
     let w = World::new();
     let code = w.code("alice");
     expect_accept(&w.decide(&w.totp("alice", &code), LAPTOP));
-    for _ in 0..5 {
+    for _ in 0..10 {
         expect(
             &w.decide(&w.totp("alice", &code), LAPTOP),
             RejectCode::MfaFailed,
             Cause::CodeReused,
+        );
+    }
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 0);
+    for _ in 0..5 {
+        expect(
+            &w.decide(&w.totp("alice", &w.wrong_code("alice")), LAPTOP),
+            RejectCode::MfaFailed,
+            Cause::CodeWrong,
         );
     }
     expect(
@@ -1996,16 +1999,16 @@ fn decide_says_what_to_write_for_codes() {
         LockState::default()
     );
 
-    // The same code again: reused, charged exactly like a wrong code.
+    // The same code again: reused, which writes nothing (no guess of the secret).
     let p = w.totp("alice", &w.code("alice"));
     let outcome = w.fetch_and_decide(w.plan(&p, PHONE));
-    assert_eq!(outcome.effects(), &charge("alice", T0));
+    assert_eq!(outcome.effects(), &Effects::None);
     expect(
         &w.commit_and_finish(outcome, &p),
         RejectCode::MfaFailed,
         Cause::CodeReused,
     );
-    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 1);
+    assert_eq!(w.registry.lock_state("alice").unwrap().failures, 0);
 
     // A user without a factor: charged too (it counts towards lockout like any failed code).
     let p = w.totp("carol", &w.code("alice"));
@@ -2054,9 +2057,9 @@ fn decide_says_what_to_write_for_codes() {
         let outcome = w.fetch_and_decide(w.plan(&p, fp));
         assert_eq!(outcome.effects(), &Effects::None, "{outcome:?}");
     }
-    // One read per decision; one write per code checked (the sessions-off gate shares the
-    // store), none for the refusals before the factor.
-    assert_eq!(wrapped.io(), (7, 5));
+    // One read per decision; one write per code checked but the reused one (the sessions-off
+    // gate shares the store), none for the refusals before the factor.
+    assert_eq!(wrapped.io(), (7, 4));
 }
 
 #[test]
@@ -2163,10 +2166,10 @@ fn a_ticket_and_a_service_account_write_nothing() {
     assert_eq!(wrapped.io(), (5, 1));
 }
 
-/// Issue 10: one read and at most one write per connection, and a wrong code and a reused one
-/// cost the same number of writes.
+/// One read and at most one write per connection: a wrong code writes its charge, a reused one
+/// writes nothing (it is not charged).
 #[test]
-fn a_wrong_and_a_reused_code_each_cost_one_read_and_one_write() {
+fn a_wrong_code_costs_one_read_and_one_write_a_reused_one_a_read() {
     let wrapped = Arc::new(Wrapped::new(""));
     let w = World::build(GateConfig::default(), wrapped.clone());
     // The refusal's cause (None: accepted) and the (reads, writes) the decision cost.
@@ -2189,7 +2192,7 @@ fn a_wrong_and_a_reused_code_each_cost_one_read_and_one_write() {
     assert_eq!(cost(&totp(&code), LAPTOP), (None, (1, 1)));
     assert_eq!(
         cost(&totp(&code), LAPTOP),
-        (Some(Cause::CodeReused), (1, 1))
+        (Some(Cause::CodeReused), (1, 0))
     );
     // A ticket: a read, no write.
     let ticket = w.login("bob", BOB_DESK).1.unwrap().0;
@@ -2224,17 +2227,20 @@ fn a_commit_that_finds_the_step_taken_is_a_reused_code() {
     ));
     // Meanwhile another connection with the same code decides and commits first.
     expect_accept(&w.decide(&w.totp("alice", &code), PHONE));
-    // The first commit finds the step taken: a failure is charged instead, and the accept
-    // turns into the reused code it now is.
+    // The first commit finds the step taken: nothing is written, and the accept turns into
+    // the reused code it now is.
     let committed = at_once(w.registry.commit(outcome.effects())).unwrap();
     let Committed::StepTaken(state) = committed else {
         panic!("the step was taken meanwhile: {committed:?}");
     };
-    assert_eq!(state.failures, 1);
+    assert_eq!(state.failures, 0);
     let d = w.gate.finish(outcome, Ok(committed));
     check_invariants(&d, Some(&p), w.now());
     expect(&d, RejectCode::MfaFailed, Cause::CodeReused);
-    assert_eq!(reason(&d), "mfa_failed: the one-time code was not accepted");
+    assert_eq!(
+        reason(&d),
+        "mfa_failed: this code was already used; wait for the next one"
+    );
     assert_eq!(w.registry.lock_state("alice").unwrap(), state);
     // Only the winner's session is recorded.
     let sessions = w.registry.list_sessions(w.now()).unwrap();

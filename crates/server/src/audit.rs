@@ -17,6 +17,10 @@
 //!   ([`crate::Builder::audit_log`]), which needs no `tracing` set-up at all;
 //! - the server's metrics ([`crate::PortcullisServer::metrics_text`]).
 //!
+//! A server given no audit sink, in a process with no `tracing` subscriber, writes each
+//! refusal and close to stderr instead (one line with its REF, cause and peer), so that no
+//! refusal goes unrecorded.
+//!
 //! A record never holds a secret: no TOTP code, no session ticket, no key. The user and agent
 //! are the client's own text; serialized as JSON they are escaped, so they cannot forge a line.
 //!
@@ -331,7 +335,40 @@ impl Auditor {
         for sink in &self.sinks {
             sink.record(record);
         }
+        // A server with no audit sink and no `tracing` subscriber would refuse connections
+        // without a trace: its refusals go to stderr, one line each, with the REF a client
+        // quotes.
+        if self.sinks.is_empty()
+            && record.outcome != AuditOutcome::Accepted
+            && !tracing::dispatcher::has_been_set()
+        {
+            eprintln!("{}", fallback_line(record));
+        }
     }
+}
+
+/// The stderr line of a refusal when nothing else records it: `INFO portcullis::audit:
+/// connection refused ref=… peer=… code=… cause=…`, the client's text (user, agent) escaped.
+fn fallback_line(record: &AuditRecord) -> String {
+    use std::fmt::Write;
+    let mut line = format!("INFO {AUDIT_TARGET}: {}", record.message());
+    if let Some(reference) = &record.reference {
+        let _ = write!(line, " ref={reference}");
+    }
+    let _ = write!(line, " peer={}", record.peer);
+    if let Some(user) = &record.user {
+        let _ = write!(line, " user={}", user.escape_debug());
+    }
+    if let Some(fingerprint) = &record.fingerprint {
+        let _ = write!(line, " fingerprint={fingerprint}");
+    }
+    if let Some(code) = record.code {
+        let _ = write!(line, " code={}", code.name());
+    }
+    if let Some(cause) = record.cause {
+        let _ = write!(line, " cause={cause}");
+    }
+    line
 }
 
 fn trace(record: &AuditRecord) {
@@ -510,6 +547,21 @@ mod tests {
             decision_us: Some(41),
             accept_us: 2210,
         }
+    }
+
+    #[test]
+    fn the_stderr_fallback_is_one_line_with_the_ref_and_escapes_the_user() {
+        let line = fallback_line(&sample());
+        assert_eq!(
+            line,
+            format!(
+                "INFO portcullis::audit: connection refused ref={} peer=192.0.2.7:50122 \
+                 user=al\\\"ice\\n{{ fingerprint=sha256:{} code=mfa_failed cause=code_reused",
+                "ab".repeat(16),
+                "11".repeat(32)
+            )
+        );
+        assert!(!line.contains('\n'));
     }
 
     #[test]

@@ -70,6 +70,7 @@
 mod acceptor;
 pub mod audit;
 mod context;
+mod dir;
 pub mod health;
 mod layer;
 pub mod limits;
@@ -118,6 +119,13 @@ pub enum ServerError {
     /// The audit log could not be opened.
     #[error(transparent)]
     AuditLog(#[from] AuditLogError),
+    /// A directory made by `portcullis init` could not be used ([`Builder::dir`]); the
+    /// message names the file and the cause.
+    #[error("{0}")]
+    Dir(String),
+    /// A PEM file or text could not be read ([`Builder::identity_pem`]).
+    #[error(transparent)]
+    Pem(#[from] portcullis_tls::PemError),
     /// The metrics address could not be bound.
     #[error("{addr}: cannot listen for metrics: {source}")]
     MetricsListen {

@@ -18,6 +18,13 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// [`SqliteRegistry::open_dir`](crate::SqliteRegistry::open_dir) found an empty registry
+    /// file.
+    #[error("{}: the registry file is empty; not a registry made by `portcullis init`", path.display())]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
     /// [`SqliteRegistry::create`](crate::SqliteRegistry::create) was given a file that exists.
     #[error("{}: already exists; refusing to overwrite it", path.display())]
     AlreadyExists {
@@ -160,6 +167,7 @@ impl StoreError {
     pub fn path(&self) -> &Path {
         match self {
             Self::Missing { path }
+            | Self::Empty { path }
             | Self::AlreadyExists { path }
             | Self::NotSqlite { path }
             | Self::Foreign { path, .. }

@@ -259,15 +259,20 @@ impl SqliteRegistry {
                 tx.commit().map_err(|e| self.backend(e))?;
                 return Ok(Committed::Applied);
             }
-            // Lost: the session goes again with the step.
-            if let Some(session) = session {
-                tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")
-                    .and_then(|mut stmt| stmt.execute(params![&session.id.0[..]]))
-                    .map_err(|e| self.backend(e))?;
-            }
+            // Lost: the step was taken meanwhile, or the user is locked out. Nothing is
+            // written (the session goes again with the step): a reused code is no guess of
+            // the secret, and is not charged.
+            let Some(current) = self.read_lock(&tx, user)? else {
+                return Err(RegistryError::NotFound(format!("user {user}")));
+            };
+            drop(tx);
+            return Ok(if current.remaining_ms(now_ms).is_some() {
+                Committed::LockedOut(current)
+            } else {
+                Committed::StepTaken(current)
+            });
         }
-        // A failure to charge: a wrong code, or a step taken meanwhile (the condition above
-        // failed), unless the user is locked out.
+        // A failure to charge (a wrong code), unless the user is locked out.
         let Some(current) = self.read_lock(&tx, user)? else {
             return Err(RegistryError::NotFound(format!("user {user}")));
         };
@@ -286,10 +291,7 @@ impl SqliteRegistry {
             })
             .map_err(|e| self.backend(e))?;
         tx.commit().map_err(|e| self.backend(e))?;
-        Ok(match effects {
-            Effects::AcceptStep { .. } => Committed::StepTaken(charged),
-            _ => Committed::Applied,
-        })
+        Ok(Committed::Applied)
     }
 
     /// Starts the checkpoint thread on a connection of its own, and leaves the writer's

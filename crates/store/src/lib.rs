@@ -184,6 +184,27 @@ impl SqliteRegistry {
         Self::open_sealed_by(path, sealer(path, Some(key))?)
     }
 
+    /// Opens the registry of a directory made by `portcullis init` (`DIR/portcullis.db`) with
+    /// its key (`DIR/registry.key`); see [`DirLayout`](portcullis_core::layout::DirLayout).
+    ///
+    /// Unlike [`SqliteRegistry::open_with_key`], an empty registry file is refused
+    /// ([`StoreError::Empty`]): a registry that lost its content does not turn into a new,
+    /// empty one. A missing key file is [`StoreError::KeyMissing`], naming it.
+    pub fn open_dir(dir: &Path) -> Result<Self, StoreError> {
+        let layout = portcullis_core::layout::DirLayout::new(dir);
+        let path = layout.registry();
+        match fs::metadata(&path) {
+            Ok(meta) if meta.len() == 0 => return Err(StoreError::Empty { path }),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing { path });
+            }
+            Err(source) => return Err(StoreError::Io { path, source }),
+        }
+        let key = SecretKey::load(&layout.registry_key())?;
+        Self::open_with_key(&path, key)
+    }
+
     /// Creates a new registry file, readable by its owner only, whose TOTP secrets are sealed
     /// under `key`. Refuses a file that exists ([`StoreError::AlreadyExists`]).
     pub fn create_with_key(path: &Path, key: SecretKey) -> Result<Self, StoreError> {

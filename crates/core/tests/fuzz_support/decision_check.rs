@@ -20,8 +20,8 @@
 //! - a Verdict breaks section 4 (status, REASON, fields, round trip) or shows a code or ticket;
 //! - a phase does what it should not: phase 1 decides a frame that needs stored state or reads
 //!   for one that does not, the [`Need`] asks for the wrong device, secret or session, or the
-//!   [`Effects`] to commit differ from the model's (one failure charged for a wrong or reused
-//!   code, the step and the session for a good code, nothing otherwise).
+//!   [`Effects`] to commit differ from the model's (one failure charged for a wrong code, the
+//!   step and the session for a good code, nothing otherwise: a reused code is not charged).
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -833,8 +833,8 @@ impl Model {
             }
             Factor::Totp(code) => {
                 let mut user = self.users.remove(device_user).expect("a bound user exists");
-                // The decision's one write: a failure charged for a wrong or reused code, or the
-                // good code's step taken with the count cleared. A session that cannot be
+                // The decision's one write: a failure charged for a wrong code, or the good
+                // code's step taken with the count cleared; a reused code writes nothing. A session that cannot be
                 // issued (the random source fails) refuses before anything is to be written,
                 // so the code stays good.
                 let step = Self::matching_step(&user.totp, code, now);
@@ -844,7 +844,6 @@ impl Model {
                         reject(RejectCode::MfaFailed, "code_wrong")
                     }
                     Some(s) if user.last_step.is_some_and(|last| last >= s) => {
-                        self.after_failure(&mut user, now);
                         reject(RejectCode::MfaFailed, "code_reused")
                     }
                     Some(_) if self.ttl_ms.is_some() && self.random_fails => Expected::Reject {
@@ -1328,7 +1327,7 @@ impl Harness {
     }
 
     /// Phase 3's [`Effects`] against the model's decision: one failure to charge for a wrong
-    /// or reused code; the step (and the session, when sessions are on and the connection is
+    /// code (none for a reused one); the step (and the session, when sessions are on and the connection is
     /// accepted) for a good code; nothing for any other outcome.
     #[allow(clippy::too_many_arguments)]
     fn check_effects(
@@ -1365,7 +1364,7 @@ impl Harness {
                 })
             })),
             Expected::Reject {
-                cause: "code_wrong" | "code_reused",
+                cause: "code_wrong",
                 ..
             } => Effects::ChargeFailure {
                 user: p.user.clone(),
@@ -1572,7 +1571,7 @@ impl Harness {
             (Err(r), Factor::Totp(_)) => {
                 if let Some(u) = m.users.get_mut(p.user.as_str()) {
                     match r.cause.as_str() {
-                        "code_wrong" | "code_reused" => u.streak.push(now),
+                        "code_wrong" => u.streak.push(now),
                         // The code was good: the count is cleared even though the connection is
                         // refused afterwards. (A random failure refuses before the code's step
                         // is written: it changes nothing.)

@@ -1,0 +1,202 @@
+//! The files of a Portcullis directory, as `portcullis init` makes it: the one place that
+//! knows their names, for the CLI, `PortcullisServer::from_dir` and `Client::from_dir`.
+//!
+//! ```text
+//! DIR/ca.pem, ca-key.pem          the dev CA
+//! DIR/server.pem, server-key.pem  the server's certificate chain and key
+//! DIR/portcullis.db               the SQLite registry
+//! DIR/registry.key                the key that seals the registry's TOTP secrets
+//! DIR/ticket.key                  the key that seals session tickets
+//! DIR/devices/NAME.pem, NAME-key.pem
+//!                                 device certificates and keys
+//! DIR/sessions/DEVICE/USER@NAME@HOST:PORT
+//!                                 session tickets a client stored (mode 0600)
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::TicketKey;
+
+/// The paths of a Portcullis directory (nothing is read until a `load_` method is called).
+///
+/// ```
+/// use portcullis_core::layout::DirLayout;
+///
+/// let dir = DirLayout::new("pc");
+/// assert_eq!(dir.device_cert("laptop"), std::path::Path::new("pc/devices/laptop.pem"));
+/// assert_eq!(dir.registry(), std::path::Path::new("pc/portcullis.db"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirLayout {
+    dir: PathBuf,
+}
+
+impl DirLayout {
+    /// The layout of the directory `dir`.
+    pub fn new(dir: impl AsRef<Path>) -> Self {
+        Self {
+            dir: dir.as_ref().to_path_buf(),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate (PEM), the trust anchor of servers and clients.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The CA's private key (PEM), used by `portcullis device issue` only.
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+
+    /// The server's certificate chain (PEM).
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+
+    /// The server's private key (PEM).
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server-key.pem")
+    }
+
+    /// The SQLite registry.
+    pub fn registry(&self) -> PathBuf {
+        self.dir.join("portcullis.db")
+    }
+
+    /// The key that seals the TOTP secrets in the registry.
+    pub fn registry_key(&self) -> PathBuf {
+        self.dir.join("registry.key")
+    }
+
+    /// The key that seals session tickets (32 bytes).
+    pub fn ticket_key(&self) -> PathBuf {
+        self.dir.join("ticket.key")
+    }
+
+    /// The directory of device certificates and keys.
+    pub fn devices(&self) -> PathBuf {
+        self.dir.join("devices")
+    }
+
+    /// The certificate chain (PEM) of device `name`.
+    pub fn device_cert(&self, name: &str) -> PathBuf {
+        self.devices().join(format!("{name}.pem"))
+    }
+
+    /// The private key (PEM) of device `name`.
+    pub fn device_key(&self, name: &str) -> PathBuf {
+        self.devices().join(format!("{name}-key.pem"))
+    }
+
+    /// The directory of the session tickets stored for device `name`.
+    pub fn sessions(&self, device: &str) -> PathBuf {
+        self.dir.join("sessions").join(file_part(device))
+    }
+
+    /// Loads the ticket key, or `None` when the directory has none. A file that is not exactly
+    /// 32 bytes is an error naming it.
+    pub fn load_ticket_key(&self) -> io::Result<Option<TicketKey>> {
+        let path = self.ticket_key();
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => Zeroizing::new(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: cannot read: {e}", path.display()),
+                ));
+            }
+        };
+        TicketKey::from_bytes(&bytes).map(Some).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: a ticket key file holds exactly 32 bytes",
+                    path.display()
+                ),
+            )
+        })
+    }
+}
+
+/// The name of the file of the session ticket that `user` earned from the server at `addr`
+/// (`host:port`) verified as `server_name`, inside a device's sessions directory.
+pub fn session_file_name(user: &str, server_name: &str, addr: &str) -> String {
+    format!(
+        "{}@{}@{}",
+        file_part(user),
+        file_part(server_name),
+        file_part(addr)
+    )
+}
+
+/// `s` as a part of a file name: ASCII letters, digits and `.-_:[]` stay, every other byte is
+/// `%XX`, and a leading `.` too (no hidden files, no `..`).
+fn file_part(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        let keep = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b':' | b'[' | b']')
+            || (b == b'.' && i > 0);
+        if keep {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_file_names_stay_inside_their_directory() {
+        assert_eq!(
+            session_file_name("alice", "localhost", "127.0.0.1:7443"),
+            "alice@localhost@127.0.0.1:7443"
+        );
+        assert_eq!(
+            session_file_name("../x", "a/b", "[::1]:1"),
+            "%2E.%2Fx@a%2Fb@[::1]:1"
+        );
+        assert_eq!(
+            DirLayout::new("d").sessions(".."),
+            Path::new("d/sessions/%2E.")
+        );
+        // Distinct inputs, distinct names: `@` is escaped inside a part.
+        assert_ne!(
+            session_file_name("a@b", "c", "d:1"),
+            session_file_name("a", "b@c", "d:1")
+        );
+    }
+
+    #[test]
+    fn a_ticket_key_file_is_32_bytes_or_absent() {
+        let dir = std::env::temp_dir().join(format!("pc-layout-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let layout = DirLayout::new(&dir);
+        let _ = fs::remove_file(layout.ticket_key());
+        assert!(layout.load_ticket_key().unwrap().is_none());
+        fs::write(layout.ticket_key(), [7u8; 31]).unwrap();
+        let e = layout.load_ticket_key().unwrap_err().to_string();
+        assert!(
+            e.ends_with("ticket.key: a ticket key file holds exactly 32 bytes"),
+            "{e}"
+        );
+        fs::write(layout.ticket_key(), [7u8; 32]).unwrap();
+        assert!(layout.load_ticket_key().unwrap().is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
