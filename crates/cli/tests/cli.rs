@@ -229,9 +229,17 @@ fn walkthrough_from_init_to_a_revoked_device() {
     let addr = server.addr.clone();
     assert!(server.port() > 0);
 
-    // call with --secret
+    // login with --secret: the session is stored for the device
     let mut args = call_args(&dir, &addr, "laptop", "alice");
+    args[0] = "login";
     args.extend(["--secret", &alice_secret, "--json"]);
+    let login = run_json(&args);
+    assert_eq!(login["user"], "alice");
+    assert_eq!(login["device"], "laptop");
+
+    // call on the stored session: no code
+    let mut args = call_args(&dir, &addr, "laptop", "alice");
+    args.push("--json");
     let reply = run_json(&args);
     assert_eq!(
         keys(&reply),
@@ -240,7 +248,7 @@ fn walkthrough_from_init_to_a_revoked_device() {
     assert_eq!(reply["text"], "hello");
     assert_eq!(reply["user"], "alice");
     assert_eq!(reply["device"], laptop_fp.as_str());
-    assert_eq!(reply["auth_method"], "totp");
+    assert_eq!(reply["auth_method"], "session");
 
     // call with --code computed here, through the bound device
     let code = totp(&bob_secret).generate(unix_now());
@@ -251,12 +259,6 @@ fn walkthrough_from_init_to_a_revoked_device() {
     assert_eq!(reply["user"], "bob");
     assert_eq!(reply["device"], tablet_fp.as_str());
     assert_eq!(reply["auth_method"], "totp");
-
-    // the first call stored its session: the next call needs no code
-    let mut args = call_args(&dir, &addr, "laptop", "alice");
-    args.push("--json");
-    let reply = run_json(&args);
-    assert_eq!(reply["auth_method"], "session", "{reply}");
 
     // logout drops the stored session; then a code is needed again
     let mut args = vec!["logout"];

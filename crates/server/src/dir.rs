@@ -3,9 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
-use portcullis_core::layout::DirLayout;
 use tokio::net::TcpListener;
 
 use crate::{Builder, Incoming, PortcullisServer, ServerError};
@@ -67,12 +65,12 @@ impl Builder {
                 dir.display()
             )));
         }
-        let layout = DirLayout::new(dir);
+        let layout = portcullis_core::layout::DirLayout::new(dir);
         let registry = portcullis_store::SqliteRegistry::open_dir(dir)
             .map_err(|e| ServerError::Dir(e.to_string()))?;
         let mut builder = self
             .identity_files(layout.server_cert(), layout.server_key(), layout.ca_cert())?
-            .registry(Arc::new(registry));
+            .registry(std::sync::Arc::new(registry));
         if let Some(key) = layout
             .load_ticket_key()
             .map_err(|e| ServerError::Dir(e.to_string()))?
