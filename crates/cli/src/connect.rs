@@ -24,7 +24,9 @@ pub(crate) struct ConnectArgs {
     /// The user to authenticate as.
     #[arg(long)]
     pub(crate) user: String,
-    /// A one-time code.
+    /// A one-time code. Used when no live session is stored for this device, user and server
+    /// (`portcullis login` and every accepted `call` store one under DIR/sessions/DEVICE/):
+    /// a stored session is sent instead, and the code is kept unspent.
     #[arg(long, value_name = "CODE", conflicts_with_all = ["secret", "secret_file"])]
     pub(crate) code: Option<String>,
     /// A file holding the user's TOTP secret (base32), readable by its owner only: the code is
