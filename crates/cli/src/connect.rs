@@ -3,6 +3,7 @@
 
 use clap::Args;
 use portcullis_client::{Client, CodeSource, SessionFiles};
+use portcullis_core::layout::{PrivateFileError, read_private};
 use portcullis_core::{Clock, TotpAlgorithm, TotpConfig};
 use zeroize::Zeroizing;
 
@@ -52,36 +53,18 @@ pub(crate) struct ConnectArgs {
 /// Reads a TOTP secret file: refused when the group or others may read or write it, or when it
 /// is larger than a secret can be.
 fn read_secret_file(path: &std::path::Path) -> CliResult<Zeroizing<String>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{}: the TOTP secret file is open to other users (mode {mode:o}); run chmod 600 {}",
-                path.display(),
-                path.display()
-            ));
-        }
-    }
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_SECRET_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if text.len() as u64 > MAX_SECRET_FILE {
-        return Err(format!(
-            "{}: more than {MAX_SECRET_FILE} bytes; a TOTP secret file holds one base32 secret",
+    read_private(path, MAX_SECRET_FILE).map_err(|e| match e {
+        PrivateFileError::Exposed { mode } => format!(
+            "{}: the TOTP secret file is open to other users (mode {mode:o}); run chmod 600 {}",
+            path.display(),
             path.display()
-        ));
-    }
-    Ok(text)
+        ),
+        PrivateFileError::TooLarge { max } => format!(
+            "{}: more than {max} bytes; a TOTP secret file holds one base32 secret",
+            path.display()
+        ),
+        PrivateFileError::Io(e) => format!("{}: {e}", path.display()),
+    })
 }
 
 /// The largest TOTP secret file read, in bytes (a base32 secret of 512 bytes, with room to
@@ -114,8 +97,8 @@ pub(crate) fn check_code(what: &str, code: &str) -> CliResult {
     Ok(())
 }
 
-/// The environment variable a TOTP secret (base32) may come from.
-pub(crate) const SECRET_ENV: &str = "PORTCULLIS_TOTP_SECRET";
+/// The environment variable a TOTP secret (base32) may come from, as for `Client::from_dir`.
+pub(crate) use portcullis_client::SECRET_ENV;
 
 /// What to say when no factor is given.
 pub(crate) const NO_FACTOR: &str =

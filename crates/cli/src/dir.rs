@@ -68,23 +68,16 @@ impl Layout {
         Ok(layout)
     }
 
-    /// Loads the registry key.
-    pub(crate) fn load_registry_key(&self) -> CliResult<SecretKey> {
-        SecretKey::load(&self.registry_key()).map_err(|e| match e {
+    /// Opens the registry with its key ([`SqliteRegistry::open_dir`]; a registry of an older
+    /// schema is migrated). A missing key file, or a key that does not open the registry's
+    /// TOTP secrets, is refused here, naming the key file and the fix.
+    pub(crate) fn open_registry(&self) -> CliResult<SqliteRegistry> {
+        SqliteRegistry::open_dir(&self.dir).map_err(|e| match e {
             StoreError::KeyMissing { path } => format!(
                 "{}: no registry key file; `portcullis init` makes one, and `portcullis init --dir {} --add-key` adds one to a directory made by an older portcullis",
                 path.display(),
                 self.dir.display()
             ),
-            other => other.to_string(),
-        })
-    }
-
-    /// Opens the registry with its key (a registry of an older schema is migrated). A key that
-    /// does not open the registry's TOTP secrets is refused here, naming the key file.
-    pub(crate) fn open_registry(&self) -> CliResult<SqliteRegistry> {
-        let key = self.load_registry_key()?;
-        SqliteRegistry::open_with_key(&self.registry(), key).map_err(|e| match e {
             StoreError::WrongKey { path } => format!(
                 "{}: the registry key {} does not open the TOTP secrets sealed in this registry; restore the registry.key it was sealed with",
                 path.display(),

@@ -190,15 +190,12 @@ pub(crate) fn doctor(args: &DoctorArgs) -> CliResult<u8> {
             None => {
                 let stored = c.stored_sessions();
                 let name = c.server_name()?;
-                match (
-                    stored.info(&name, &c.server, now_ms()),
-                    stored.ticket(&name, &c.server, now_ms()),
-                ) {
-                    (Some(info), Some(ticket)) => {
+                match stored.ticket(&name, &c.server, now_ms()) {
+                    Some((info, ticket)) => {
                         stored_until = Some(info.expires_ms);
                         Factor::Session(ticket.to_vec())
                     }
-                    _ => {
+                    None => {
                         // A usage error, as clap's own: exit 2.
                         eprintln!(
                             "portcullis: give one of --code, --secret-file, --secret, --standard, \

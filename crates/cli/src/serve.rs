@@ -95,9 +95,9 @@ pub(crate) struct ServeArgs {
 
 pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let chain = portcullis_tls::load_certs(&layout.server_cert()).map_err(|e| e.to_string())?;
-    let key = portcullis_tls::load_key(&layout.server_key()).map_err(|e| e.to_string())?;
-    let roots = portcullis_tls::load_certs(&layout.ca_cert()).map_err(|e| e.to_string())?;
+    let builder = PortcullisServer::builder()
+        .identity_files(layout.server_cert(), layout.server_key(), layout.ca_cert())
+        .map_err(|e| e.to_string())?;
     let registry: Arc<dyn Registry> = Arc::new(layout.open_registry()?);
     let policy = match &args.policy {
         Some(path) => Policy::from_toml_file(path).map_err(|e| e.to_string())?,
@@ -116,9 +116,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         )
         .init();
 
-    let mut builder = PortcullisServer::builder()
-        .identity(chain, key, &roots)
-        .map_err(|e| e.to_string())?
+    let mut builder = builder
         .registry(registry)
         .clock_skew(Duration::from_secs(args.clock_skew))
         .session_ttl((args.session_ttl > 0).then(|| Duration::from_secs(args.session_ttl)))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use portcullis_core::RejectCode;
 use portcullis_core::codec::Verdict;
-use portcullis_core::layout::session_file_name;
+use portcullis_core::layout::{PrivateFileError, read_private, session_file_name};
 use zeroize::Zeroizing;
 
 /// What the client knows about its session ticket; never the ticket itself.
@@ -67,6 +67,17 @@ struct CachedTicket {
     expires_ms: u64,
 }
 
+impl CachedTicket {
+    /// What a caller may know of the ticket.
+    fn info(&self) -> SessionInfo {
+        SessionInfo {
+            server: self.server.clone(),
+            server_name: self.server_name.clone(),
+            expires_ms: self.expires_ms,
+        }
+    }
+}
+
 /// One session ticket per client, for the server that issued it. Replaced tickets are wiped.
 ///
 /// A ticket is keyed by the TLS server name the issuing server's certificate was verified
@@ -123,9 +134,7 @@ impl TicketCache {
         let mut slot = self.slot();
         match slot.as_ref() {
             Some(t) if t.expires_ms <= now_ms => {
-                if let Some(files) = &self.files {
-                    files.remove(&t.server_name, &t.server);
-                }
+                self.remove_file(t);
                 *slot = None;
             }
             Some(t) if t.server_name == server_name && t.server == server => {
@@ -143,9 +152,7 @@ impl TicketCache {
     pub(crate) fn discard(&self, ticket: &[u8]) {
         let mut slot = self.slot();
         if let Some(t) = slot.as_ref().filter(|t| t.ticket.as_slice() == ticket) {
-            if let Some(files) = &self.files {
-                files.remove(&t.server_name, &t.server);
-            }
+            self.remove_file(t);
             *slot = None;
         }
     }
@@ -153,10 +160,17 @@ impl TicketCache {
     /// Drops the cached ticket, and its file.
     pub(crate) fn forget(&self) {
         let mut slot = self.slot();
-        if let (Some(t), Some(files)) = (slot.as_ref(), &self.files) {
-            files.remove(&t.server_name, &t.server);
+        if let Some(t) = slot.as_ref() {
+            self.remove_file(t);
         }
         *slot = None;
+    }
+
+    /// Removes the file of `t`, when tickets are kept in files.
+    fn remove_file(&self, t: &CachedTicket) {
+        if let Some(files) = &self.files {
+            files.remove(&t.server_name, &t.server);
+        }
     }
 
     /// What a caller may know of the ticket, if it has not expired at `now_ms`.
@@ -164,11 +178,7 @@ impl TicketCache {
         self.slot()
             .as_ref()
             .filter(|t| t.expires_ms > now_ms)
-            .map(|t| SessionInfo {
-                server: t.server.clone(),
-                server_name: t.server_name.clone(),
-                expires_ms: t.expires_ms,
-            })
+            .map(CachedTicket::info)
     }
 }
 
@@ -206,16 +216,19 @@ impl SessionFiles {
     /// What is known of the stored ticket of the server at `addr` verified as `server_name`,
     /// if there is a usable one that has not expired at `now_ms`.
     pub fn info(&self, server_name: &str, addr: &str, now_ms: u64) -> Option<SessionInfo> {
-        self.read(server_name, addr, now_ms).map(|t| SessionInfo {
-            server: t.server.clone(),
-            server_name: t.server_name.clone(),
-            expires_ms: t.expires_ms,
-        })
+        self.read(server_name, addr, now_ms).map(|t| t.info())
     }
 
-    /// The stored ticket itself, for a tool that writes its own Prefix (`portcullis doctor`).
-    pub fn ticket(&self, server_name: &str, addr: &str, now_ms: u64) -> Option<Zeroizing<Vec<u8>>> {
-        self.read(server_name, addr, now_ms).map(|t| t.ticket)
+    /// The stored ticket itself and what is known of it (one read of the file), for a tool
+    /// that writes its own Prefix (`portcullis doctor`).
+    pub fn ticket(
+        &self,
+        server_name: &str,
+        addr: &str,
+        now_ms: u64,
+    ) -> Option<(SessionInfo, Zeroizing<Vec<u8>>)> {
+        self.read(server_name, addr, now_ms)
+            .map(|t| (t.info(), t.ticket))
     }
 
     /// Removes the stored ticket of that server; whether there was one.
@@ -280,7 +293,7 @@ impl SessionFiles {
     /// not expired at `now_ms` (an expired one's file is removed).
     fn read(&self, server_name: &str, server: &str, now_ms: u64) -> Option<CachedTicket> {
         let path = self.path(server_name, server);
-        let text = match read_private(&path) {
+        let text = match read_ticket_file(&path) {
             Ok(Some(text)) => text,
             Ok(None) => return None,
             Err(why) => {
@@ -300,36 +313,18 @@ impl SessionFiles {
     }
 }
 
-/// The text of a file only its owner may read, at most [`MAX_TICKET_FILE`] bytes; `None` when
+/// The text of a ticket file ([`read_private`], at most [`MAX_TICKET_FILE`] bytes); `None` when
 /// there is no such file.
-fn read_private(path: &Path) -> Result<Option<Zeroizing<String>>, String> {
-    use std::io::Read;
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = file
-            .metadata()
-            .map_err(|e| e.to_string())?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!("it is open to other users (mode {mode:o})"));
+fn read_ticket_file(path: &Path) -> Result<Option<Zeroizing<String>>, String> {
+    match read_private(path, MAX_TICKET_FILE) {
+        Ok(text) => Ok(Some(text)),
+        Err(PrivateFileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(PrivateFileError::Io(e)) => Err(e.to_string()),
+        Err(PrivateFileError::Exposed { mode }) => {
+            Err(format!("it is open to other users (mode {mode:o})"))
         }
+        Err(PrivateFileError::TooLarge { max }) => Err(format!("larger than {max} bytes")),
     }
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_TICKET_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
-    if text.len() as u64 > MAX_TICKET_FILE {
-        return Err(format!("larger than {MAX_TICKET_FILE} bytes"));
-    }
-    Ok(Some(text))
 }
 
 /// Parses a ticket file written by [`SessionFiles`]; `None` unless it is one, for `user` and the

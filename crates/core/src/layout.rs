@@ -129,6 +129,53 @@ impl DirLayout {
     }
 }
 
+/// Why [`read_private`] refused a file.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    /// The file could not be opened or read (it is missing, not UTF-8, ...).
+    Io(io::Error),
+    /// The group or others may read or write the file; its permission bits.
+    Exposed {
+        /// The permission bits (`0o640`, ...).
+        mode: u32,
+    },
+    /// The file holds more than the bytes allowed.
+    TooLarge {
+        /// The most bytes allowed.
+        max: u64,
+    },
+}
+
+/// The text of a file that only its owner may read or write (on Unix: no group or other
+/// permission bits), of at most `max` bytes; the text is wiped when dropped. The checks look at
+/// the file that was opened, and at most `max + 1` bytes are read. For files that hold a
+/// secret or a credential: a TOTP secret file, a stored session ticket.
+pub fn read_private(path: &Path, max: u64) -> Result<Zeroizing<String>, PrivateFileError> {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(PrivateFileError::Io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file
+            .metadata()
+            .map_err(PrivateFileError::Io)?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(PrivateFileError::Exposed { mode });
+        }
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.take(max.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(PrivateFileError::Io)?;
+    if text.len() as u64 > max {
+        return Err(PrivateFileError::TooLarge { max });
+    }
+    Ok(text)
+}
+
 /// The name of the file of the session ticket that `user` earned from the server at `addr`
 /// (`host:port`) verified as `server_name`, inside a device's sessions directory.
 pub fn session_file_name(user: &str, server_name: &str, addr: &str) -> String {
@@ -180,6 +227,34 @@ mod tests {
             session_file_name("a@b", "c", "d:1"),
             session_file_name("a", "b@c", "d:1")
         );
+    }
+
+    #[test]
+    fn a_private_file_is_read_only_when_its_owner_alone_may_and_within_its_bound() {
+        let dir = std::env::temp_dir().join(format!("pc-private-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        assert!(matches!(
+            read_private(&file, 8),
+            Err(PrivateFileError::Io(e)) if e.kind() == io::ErrorKind::NotFound
+        ));
+        fs::write(&file, "12345678").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+            assert!(matches!(
+                read_private(&file, 8),
+                Err(PrivateFileError::Exposed { mode: 0o640 })
+            ));
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert_eq!(read_private(&file, 8).unwrap().as_str(), "12345678");
+        assert!(matches!(
+            read_private(&file, 7),
+            Err(PrivateFileError::TooLarge { max: 7 })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -83,8 +83,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use portcullis_core::{DeviceFingerprint, Gate, Need, SessionNeed};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -383,31 +382,9 @@ async fn read_registry(
 
 /// Serves the health checks on `listener`; the connections end when the task is aborted.
 fn spawn_endpoint(health: Arc<HealthState>, listener: TcpListener) -> AbortHandle {
-    tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(MAX_HEALTH_CONNECTIONS));
-        // Dropping the set (when the task is aborted) ends every connection.
-        let mut connections = JoinSet::new();
-        loop {
-            while connections.try_join_next().is_some() {}
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "health endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue;
-            };
-            let health = health.clone();
-            connections.spawn(async move {
-                serve_connection(health, tcp).await;
-                drop(slot);
-            });
-        }
+    crate::limits::spawn_bounded_endpoint(listener, MAX_HEALTH_CONNECTIONS, "health", move |tcp| {
+        serve_connection(health.clone(), tcp)
     })
-    .abort_handle()
 }
 
 /// One connection, HTTP/1.1 or HTTP/2 (told apart by the HTTP/2 preface), until the client

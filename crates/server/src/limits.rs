@@ -180,6 +180,49 @@ impl<C: Clock> SourceLimiter<C> {
     }
 }
 
+/// Accepts on `listener` until the returned task is aborted, and serves each connection with
+/// `serve` in a task of its own while at most `max` are open: a connection over the cap is
+/// closed at once, so that nobody holds the endpoint with idle connections beyond it. An
+/// accept error is logged (naming `what`) and retried after 50 ms. Aborting the task ends every
+/// connection it serves. For the side endpoints (metrics, health); must be called within a
+/// tokio runtime.
+pub(crate) fn spawn_bounded_endpoint<F, Fut>(
+    listener: tokio::net::TcpListener,
+    max: usize,
+    what: &'static str,
+    serve: F,
+) -> tokio::task::AbortHandle
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+        // Dropping the set (when the task is aborted) ends every connection.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            while connections.try_join_next().is_some() {}
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let served = serve(tcp);
+            connections.spawn(async move {
+                served.await;
+                drop(slot);
+            });
+        }
+    })
+    .abort_handle()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,8 +41,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::acceptor::AcceptState;
 use crate::audit::{AuditOutcome, AuditRecord};
@@ -301,25 +299,13 @@ pub(crate) fn spawn_endpoint(
     listener: TcpListener,
 ) -> io::Result<MetricsEndpoint> {
     let local_addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(MAX_SCRAPE_CONNECTIONS));
-        // Dropping the set (when the endpoint is aborted) ends every connection.
-        let mut connections = JoinSet::new();
-        loop {
-            while connections.try_join_next().is_some() {}
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue;
-            };
+    let task = crate::limits::spawn_bounded_endpoint(
+        listener,
+        MAX_SCRAPE_CONNECTIONS,
+        "metrics",
+        move |tcp| {
             let service = service.clone();
-            connections.spawn(async move {
+            async move {
                 let answer = hyper::service::service_fn(move |request: http::Request<_>| {
                     let response = if request.uri().path() == "/metrics" {
                         service.respond(&request)
@@ -333,12 +319,8 @@ pub(crate) fn spawn_endpoint(
                     .header_read_timeout(SCRAPE_HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(tcp), answer);
                 let _ = tokio::time::timeout(SCRAPE_CONNECTION_LIMIT, connection).await;
-                drop(slot);
-            });
-        }
-    });
-    Ok(MetricsEndpoint {
-        local_addr,
-        task: task.abort_handle(),
-    })
+            }
+        },
+    );
+    Ok(MetricsEndpoint { local_addr, task })
 }
