@@ -15,6 +15,16 @@ pub enum PgError {
         /// What went wrong, from PostgreSQL or the network.
         cause: String,
     },
+    /// No stored TOTP secret opens under the registry key given: the database was set up with
+    /// another `registry.key`.
+    #[error(
+        "PostgreSQL at {host}: the TOTP secrets there are sealed under another registry key \
+         (every instance must use the same registry.key)"
+    )]
+    WrongKey {
+        /// The host (and port) of the URL.
+        host: String,
+    },
     /// The database holds a schema written by a newer Portcullis.
     #[error(
         "PostgreSQL at {host}: registry schema version {version} is newer than this portcullis ({})",

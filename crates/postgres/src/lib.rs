@@ -4,44 +4,76 @@
 //! accepted by one instance is spent for all, a lockout on one holds on the next, a session
 //! earned on one works on every other, and revocations reach them all.
 //!
-//! This crate is built in steps. What stands: [`PgRegistry::open`] connects through a pool
-//! (deadpool-postgres; TLS by rustls on the ring provider when the URL asks for it), applies
-//! the versioned migrations ([`SCHEMA_VERSION`]) in one transaction under an advisory lock, and
-//! refuses a schema written by a newer Portcullis. The tables mirror the SQLite registry's,
-//! plus the `changes` table every instance's revocation round will tail. TOTP secrets are
-//! sealed in Rust under `registry.key`, as in SQLite: the database never sees a plain secret.
-//! The store traits (`GateStore`, `SessionStore`, `Admin`) come next.
+//! [`PgRegistry::open`] connects through a pool (deadpool-postgres; TLS by rustls on the ring
+//! provider when the URL asks for it), applies the versioned migrations ([`SCHEMA_VERSION`]) in
+//! one transaction under an advisory lock, and refuses a schema written by a newer Portcullis.
+//! The tables mirror the SQLite registry's, plus the `changes` table that every revocation
+//! writes to in its own transaction (with a `NOTIFY`), for the other instances to tail. TOTP
+//! secrets are sealed in Rust under `registry.key`, as in SQLite: the database never sees a
+//! plain secret.
+//!
+//! ## The accept path
+//!
+//! Per connection, the gate's snapshot is **one statement** (the device, its user with the
+//! lockout state, last step and roles, and the session asked for, joined in one read), and its
+//! commit at most **one statement**: an accepted code is one conditional `UPDATE … WHERE
+//! last_step < $step` with the session's `INSERT` in the same statement (a data-modifying
+//! `WITH`), so that a step is accepted once across every instance; a wrong code is one
+//! conditional `UPDATE` computing the lockout from the policy's values, passed as parameters.
+//! A session ticket is one statement in all; a TOTP code two. Statements are prepared once per
+//! pooled connection.
 //!
 //! `testkit` (feature `test-util`) starts a throwaway PostgreSQL cluster from the installed
 //! binaries, for tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin;
 mod error;
+mod gate;
 mod schema;
 #[cfg(feature = "test-util")]
 pub mod testkit;
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
+pub use admin::CHANGES_CHANNEL;
 pub use error::PgError;
 pub use schema::SCHEMA_VERSION;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use portcullis_store::SecretKey;
+use portcullis_core::{Clock, RegistryError, SystemClock};
+use portcullis_store::{KeyCheck, Sealer, SecretKey};
 use rustls::pki_types::CertificateDer;
 
 /// How many connections one instance's pool holds at most.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
-/// The registry in a PostgreSQL database.
+/// How long a connection to the database may take to open, and how long a caller waits for a
+/// free connection of the pool, unless the URL sets `connect_timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The registry in a PostgreSQL database: a complete backend ([`portcullis_core::Registry`]).
+///
+/// The gate's store ([`portcullis_core::GateStore`]) is asynchronous: one statement for the
+/// snapshot, one for the commit, each one round trip on a pooled connection. The sessions and
+/// the administration ([`portcullis_core::SessionStore`], [`portcullis_core::Admin`]) are
+/// synchronous traits: their calls run on a runtime of the registry's own (one thread), so
+/// that they may be made from any thread, inside an async runtime or not, as the `postgres`
+/// crate does for `tokio-postgres`.
 pub struct PgRegistry {
     pool: Pool,
     host: String,
-    /// The key the TOTP secrets are sealed under (used by the store traits).
-    #[allow(dead_code)]
-    key: Arc<SecretKey>,
+    sealer: Sealer,
+    clock: Arc<dyn Clock>,
+    /// When a new session last purged expired records (the sessions' time, Unix ms).
+    last_purge_ms: AtomicU64,
+    /// The runtime the synchronous traits' calls run on (`None` only while dropped).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for PgRegistry {
@@ -52,12 +84,22 @@ impl std::fmt::Debug for PgRegistry {
     }
 }
 
+impl Drop for PgRegistry {
+    fn drop(&mut self) {
+        // A registry may be dropped inside an async runtime, where blocking is not allowed.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl PgRegistry {
     /// Connects to the database of `url` (`postgres://user:password@host:port/db`, or the
     /// key=value form), migrates its schema to [`SCHEMA_VERSION`] and keeps a pool of
     /// [`DEFAULT_POOL_SIZE`] connections. `roots` are the CAs a TLS connection to the database
     /// is verified against (`sslmode=require` or `prefer` in the URL; `disable` sends
-    /// nothing over TLS). TOTP secrets are sealed under `key`.
+    /// nothing over TLS). TOTP secrets are sealed under `key`; a database whose secrets were
+    /// sealed under another key is refused ([`PgError::WrongKey`]).
     ///
     /// Errors are one line naming the host and the cause, never the password.
     pub async fn open(
@@ -65,8 +107,38 @@ impl PgRegistry {
         key: SecretKey,
         roots: &[CertificateDer<'static>],
     ) -> Result<Self, PgError> {
-        let config = tokio_postgres::Config::from_str(url)
+        let registry = Self::new(url, key, roots)?;
+        registry.migrate().await?;
+        registry.check_key().await?;
+        Ok(registry)
+    }
+
+    /// [`PgRegistry::open`], from synchronous code (a command-line tool): waits for it on the
+    /// registry's own runtime.
+    pub fn open_blocking(
+        url: &str,
+        key: SecretKey,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<Self, PgError> {
+        let registry = Self::new(url, key, roots)?;
+        registry.wait(async {
+            registry.migrate().await?;
+            registry.check_key().await
+        })?;
+        Ok(registry)
+    }
+
+    fn new(url: &str, key: SecretKey, roots: &[CertificateDer<'static>]) -> Result<Self, PgError> {
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| PgError::Url(format!("not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let wait = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        config.application_name("portcullis");
         let host = host_of(&config);
         let mut store = rustls::RootCertStore::empty();
         for root in roots {
@@ -90,15 +162,77 @@ impl PgRegistry {
         );
         let pool = Pool::builder(manager)
             .max_size(DEFAULT_POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(wait))
+            .create_timeout(Some(wait))
             .build()
             .map_err(|e| PgError::Url(format!("connection pool: {e}")))?;
-        let registry = Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("portcullis-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| PgError::Url(format!("runtime: {e}")))?;
+        let sealer = Sealer::new(Some(key))
+            .map_err(|_| PgError::Url("AES-256-GCM refused the registry key".to_owned()))?;
+        Ok(Self {
             pool,
             host,
-            key: Arc::new(key),
-        };
-        registry.migrate().await?;
-        Ok(registry)
+            sealer,
+            clock: Arc::new(SystemClock),
+            last_purge_ms: AtomicU64::new(0),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Replaces the clock that, with the time of each new session, decides when an expired
+    /// session record can be forgotten (by default the system clock). Give it the gate's clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Waits for `work` on the registry's own runtime: from a thread of its own when called
+    /// inside an async runtime (where blocking the caller's runtime on another is refused).
+    fn wait<T: Send>(&self, work: impl Future<Output = T> + Send) -> T {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives as long as the registry");
+        if tokio::runtime::Handle::try_current().is_err() {
+            return runtime.block_on(work);
+        }
+        std::thread::scope(
+            |scope| match scope.spawn(|| runtime.block_on(work)).join() {
+                Ok(value) => value,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+        )
+    }
+
+    /// Refuses a key under which no stored secret opens (another instance's key).
+    async fn check_key(&self) -> Result<(), PgError> {
+        let client = self.client().await?;
+        // A few are enough: one that opens proves the key.
+        let rows = client
+            .query(
+                "SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL LIMIT 16",
+                &[],
+            )
+            .await
+            .map_err(|e| self.database(&e))?;
+        let stored = rows.iter().map(|r| {
+            (
+                r.get::<_, String>(0),
+                zeroize::Zeroizing::new(r.get::<_, Vec<u8>>(1)),
+            )
+        });
+        match self.sealer.check_key(stored) {
+            KeyCheck::Opens => Ok(()),
+            KeyCheck::WrongKey => Err(PgError::WrongKey {
+                host: self.host.clone(),
+            }),
+        }
     }
 
     /// The host (and port) this registry connects to, for messages.
@@ -114,6 +248,24 @@ impl PgRegistry {
             .await
             .map_err(|e| self.database(&e))?;
         Ok(row.get(0))
+    }
+
+    /// A connection of the pool, for the store traits: a failure is a
+    /// [`RegistryError::Backend`] naming the host.
+    async fn conn(&self) -> Result<deadpool_postgres::Client, RegistryError> {
+        self.client()
+            .await
+            .map_err(|e| RegistryError::Backend(e.to_string()))
+    }
+
+    /// A failed statement of the store traits, as [`RegistryError::Backend`] naming the host.
+    fn backend(&self, e: &tokio_postgres::Error) -> RegistryError {
+        RegistryError::Backend(self.database(e).to_string())
+    }
+
+    /// A stored row this build cannot make sense of.
+    fn damaged(&self, d: portcullis_store::rows::Damaged) -> RegistryError {
+        RegistryError::Backend(format!("PostgreSQL at {}: {d}", self.host))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {

@@ -148,6 +148,15 @@ impl PgCluster {
         self.url(&name)
     }
 
+    /// [`PgCluster::database`] from synchronous code (not inside an async runtime).
+    pub fn database_blocking(&self) -> String {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the test")
+            .block_on(self.database())
+    }
+
     fn pg(&self, program: &str, args: &[&str]) -> Result<(), String> {
         let exe = self.bin.join(program);
         let mut cmd = if self.as_postgres {

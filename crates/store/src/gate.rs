@@ -22,7 +22,8 @@ use std::sync::atomic::Ordering;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::{DeviceRow, SessionRow, SqliteRegistry, UserRow, db_ms, is_unique_violation};
+use crate::rows::{GateUserRow, UserRow, db_ms};
+use crate::{SqliteRegistry, is_unique_violation, read_device, read_session};
 
 /// The device of a fingerprint (the active binding, else the most recently revoked one) and its
 /// user's row, with the lockout state, the last step and the roles (comma-separated: role
@@ -97,16 +98,6 @@ impl Drop for Tx<'_> {
 const SESSION_BY_ID: &str = "SELECT id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms
     FROM sessions WHERE id = ?1";
 
-/// A user row as the snapshot reads it.
-struct GateUserRow {
-    row: UserRow,
-    failures: i64,
-    locked_until_ms: i64,
-    last_step: Option<i64>,
-    has_totp: bool,
-    roles: Option<String>,
-}
-
 impl SqliteRegistry {
     /// [`portcullis_core::GateStore::snapshot`], at once: one read transaction.
     pub fn snapshot_now(&self, need: &Need) -> Result<Snapshot, RegistryError> {
@@ -123,7 +114,7 @@ impl SqliteRegistry {
                 .prepare_cached(DEVICE_AND_USER)
                 .and_then(|mut stmt| {
                     stmt.query_row(params![need.fingerprint.as_bytes(), need.secret], |r| {
-                        let device = DeviceRow::read(r)?;
+                        let device = read_device(r)?;
                         let user = match r.get::<_, Option<String>>(5)? {
                             None => None,
                             Some(name) => Some(GateUserRow {
@@ -142,7 +133,10 @@ impl SqliteRegistry {
                                 locked_until_ms: r.get(13)?,
                                 last_step: r.get(14)?,
                                 has_totp: r.get(15)?,
-                                roles: r.get(16)?,
+                                roles: r
+                                    .get::<_, Option<String>>(16)?
+                                    .map(|r| r.split(',').map(str::to_owned).collect())
+                                    .unwrap_or_default(),
                             }),
                         };
                         Ok((device, user))
@@ -159,8 +153,7 @@ impl SqliteRegistry {
                 SessionNeed::ById(id) => tx
                     .prepare_cached(SESSION_BY_ID)
                     .and_then(|mut stmt| {
-                        stmt.query_row(params![&id.0[..]], SessionRow::read)
-                            .optional()
+                        stmt.query_row(params![&id.0[..]], read_session).optional()
                     })
                     .map_err(|e| self.backend(e))?,
                 SessionNeed::LiveForDevice if device.is_some() => tx
@@ -168,7 +161,7 @@ impl SqliteRegistry {
                     .and_then(|mut stmt| {
                         stmt.query_row(
                             params![need.fingerprint.as_bytes(), db_ms(need.now_ms)],
-                            SessionRow::read,
+                            read_session,
                         )
                         .optional()
                     })
@@ -192,39 +185,7 @@ impl SqliteRegistry {
     }
 
     fn gate_user(&self, u: GateUserRow) -> Result<UserState, RegistryError> {
-        let name = u.row.name.clone();
-        let lock = self.lock_from_row(&name, u.failures, u.locked_until_ms)?;
-        let last_step = u
-            .last_step
-            .map(|s| self.stored_u64(s, "user last_step"))
-            .transpose()?;
-        let mut roles: Vec<String> = u
-            .roles
-            .map(|r| r.split(',').map(str::to_owned).collect())
-            .unwrap_or_default();
-        roles.sort();
-        let has_totp = u.has_totp;
-        let record = if u.row.secret.is_some() {
-            self.user_record(u.row)?
-        } else {
-            // The secret was not asked for: the parameters alone say nothing the gate uses.
-            portcullis_core::UserRecord {
-                name: u.row.name,
-                totp: None,
-                created_ms: self.stored_u64(u.row.created_ms, "user created_ms")?,
-                service: u.row.service,
-            }
-        };
-        Ok(UserState {
-            name,
-            totp: record.totp,
-            has_totp,
-            service: record.service,
-            created_ms: record.created_ms,
-            lock,
-            last_step,
-            roles,
-        })
+        u.decode(&self.sealer).map_err(|d| self.damaged(&d.0))
     }
 
     /// [`portcullis_core::GateStore::commit`], at once: one write transaction.

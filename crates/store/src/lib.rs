@@ -104,6 +104,7 @@
 mod checkpoint;
 mod error;
 mod gate;
+pub mod rows;
 mod schema;
 mod secret;
 
@@ -118,15 +119,15 @@ use portcullis_core::store::ready;
 use portcullis_core::{
     Admin, Clock, Committed, DeviceFingerprint, DeviceRecord, Effects, GateStore, LockState, Need,
     RegistryError, SessionId, SessionRecord, SessionStore, Snapshot, StoreFuture, SystemClock,
-    TotpAlgorithm, TotpConfig, UserRecord, check_name, normalize_roles,
+    TotpConfig, UserRecord, check_name, normalize_roles,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use zeroize::Zeroizing;
 
 pub use error::StoreError;
-pub use secret::SecretKey;
+pub use secret::{KeyCheck, Sealer, SecretError, SecretKey};
 
-use secret::Sealer;
+use rows::{DeviceRow, SessionRow, UserRow, db_ms};
 
 /// The version of the registry's schema that this build writes and reads
 /// (`PRAGMA user_version`).
@@ -219,7 +220,7 @@ impl SqliteRegistry {
     /// ([`StoreError::Missing`]); a registry of schema version 1 is refused
     /// ([`StoreError::NeedsKey`]).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_sealed_by(path, Sealer::Plain)
+        Self::open_sealed_by(path, Sealer::plain())
     }
 
     /// Creates a new registry file without a key, readable by its owner only: TOTP secrets are
@@ -227,7 +228,7 @@ impl SqliteRegistry {
     /// [`SqliteRegistry::create_with_key`]. Refuses a file that exists
     /// ([`StoreError::AlreadyExists`]).
     pub fn create(path: &Path) -> Result<Self, StoreError> {
-        Self::create_sealed_by(path, Sealer::Plain)
+        Self::create_sealed_by(path, Sealer::plain())
     }
 
     fn open_sealed_by(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
@@ -330,111 +331,18 @@ impl SqliteRegistry {
         RegistryError::Backend(format!("{}: {what}", self.path.display()))
     }
 
-    fn stored_u64(&self, value: i64, what: &str) -> Result<u64, RegistryError> {
-        u64::try_from(value).map_err(|_| self.damaged(&format!("{what} is negative")))
-    }
-
     fn device_record(&self, row: DeviceRow) -> Result<DeviceRecord, RegistryError> {
-        let fingerprint: [u8; 32] = row.fingerprint.as_slice().try_into().map_err(|_| {
-            self.damaged(&format!("device {}: fingerprint is not 32 bytes", row.name))
-        })?;
-        let created_ms = self.stored_u64(row.created_ms, "device created_ms")?;
-        let revoked_ms = row
-            .revoked_ms
-            .map(|v| self.stored_u64(v, "device revoked_ms"))
-            .transpose()?;
-        Ok(DeviceRecord {
-            name: row.name,
-            user: row.user,
-            fingerprint: DeviceFingerprint::from_bytes(fingerprint),
-            created_ms,
-            revoked_ms,
-        })
+        row.decode().map_err(|d| self.damaged(&d.0))
     }
 
     fn session_record(&self, row: SessionRow) -> Result<SessionRecord, RegistryError> {
-        let id: [u8; 16] = row
-            .id
-            .as_slice()
-            .try_into()
-            .map_err(|_| self.damaged("a session id is not 16 bytes"))?;
-        let id = SessionId(id);
-        let fingerprint: [u8; 32] = row
-            .fingerprint
-            .as_slice()
-            .try_into()
-            .map_err(|_| self.damaged(&format!("session {id}: fingerprint is not 32 bytes")))?;
-        Ok(SessionRecord {
-            id,
-            user: row.user,
-            fingerprint: DeviceFingerprint::from_bytes(fingerprint),
-            totp_time_ms: self.stored_u64(row.totp_time_ms, "session totp_time_ms")?,
-            expires_ms: self.stored_u64(row.expires_ms, "session expires_ms")?,
-            revoked_ms: row
-                .revoked_ms
-                .map(|v| self.stored_u64(v, "session revoked_ms"))
-                .transpose()?,
-        })
+        row.decode().map_err(|d| self.damaged(&d.0))
     }
 
     fn user_record(&self, row: UserRow) -> Result<UserRecord, RegistryError> {
-        let created_ms = self.stored_u64(row.created_ms, "user created_ms")?;
-        let totp = match (row.secret, row.digits, row.algorithm, row.period) {
-            (None, None, None, None) => None,
-            (Some(stored), Some(digits), Some(algorithm), Some(period)) => {
-                let invalid = |detail: String| {
-                    self.damaged(&format!(
-                        "user {}: stored TOTP parameters are invalid ({detail})",
-                        row.name
-                    ))
-                };
-                let digits = u8::try_from(digits)
-                    .ok()
-                    .filter(|d| (6..=8).contains(d))
-                    .ok_or_else(|| invalid(format!("digits {digits}")))?;
-                let algorithm: TotpAlgorithm =
-                    algorithm.parse().map_err(|e| invalid(format!("{e}")))?;
-                let period = u64::try_from(period)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| invalid(format!("period {period}")))?;
-                let mut secret =
-                    Zeroizing::new(self.sealer.open(&row.name, stored).map_err(|e| {
-                        self.damaged(&format!("cannot open the TOTP secret of {}: {e}", row.name))
-                    })?);
-                if secret.len() < MIN_SECRET_LEN {
-                    return Err(invalid(format!("a secret of {} bytes", secret.len())));
-                }
-                // The checks above are those of `TotpConfig::new`, which therefore takes the
-                // buffer without a copy and wipes it when the configuration is dropped.
-                let totp = TotpConfig::new(std::mem::take(&mut *secret), digits, algorithm, period)
-                    .map_err(|e| invalid(e.to_string()))?;
-                Some(totp)
-            }
-            _ => {
-                return Err(self.damaged(&format!(
-                    "user {}: stored TOTP parameters are incomplete",
-                    row.name
-                )));
-            }
-        };
-        if row.service && totp.is_some() {
-            return Err(self.damaged(&format!(
-                "user {}: a service account with TOTP parameters",
-                row.name
-            )));
-        }
-        Ok(UserRecord {
-            name: row.name,
-            totp,
-            created_ms,
-            service: row.service,
-        })
+        row.decode(&self.sealer).map_err(|d| self.damaged(&d.0))
     }
 }
-
-/// The shortest TOTP secret a registry holds (128 bits), as `TotpConfig::new` requires.
-const MIN_SECRET_LEN: usize = 16;
 
 /// The sealer for a registry file opened with `key`, or without a key.
 fn sealer(path: &Path, key: Option<SecretKey>) -> Result<Sealer, StoreError> {
@@ -477,12 +385,6 @@ fn remove_database_files(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
-/// A time in Unix ms as SQLite stores it: times past `i64::MAX` ms (292 million years) are kept
-/// as `i64::MAX`.
-fn db_ms(ms: u64) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
-}
-
 /// Whether `error` is a UNIQUE or PRIMARY KEY constraint failure.
 fn is_unique_violation(error: &rusqlite::Error) -> bool {
     matches!(
@@ -491,81 +393,43 @@ fn is_unique_violation(error: &rusqlite::Error) -> bool {
     )
 }
 
-/// A `devices` row as read, before its values are checked.
-struct DeviceRow {
-    name: String,
-    user: String,
-    fingerprint: Vec<u8>,
-    created_ms: i64,
-    revoked_ms: Option<i64>,
+/// Reads the columns `name, user, fingerprint, created_ms, revoked_ms`.
+fn read_device(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        name: row.get(0)?,
+        user: row.get(1)?,
+        fingerprint: row.get(2)?,
+        created_ms: row.get(3)?,
+        revoked_ms: row.get(4)?,
+    })
 }
 
-impl DeviceRow {
-    /// Reads the columns `name, user, fingerprint, created_ms, revoked_ms`.
-    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            name: row.get(0)?,
-            user: row.get(1)?,
-            fingerprint: row.get(2)?,
-            created_ms: row.get(3)?,
-            revoked_ms: row.get(4)?,
-        })
-    }
-}
-
-/// The columns of a session record, in the order [`SessionRow::read`] reads them.
+/// The columns of a session record, in the order [`read_session`] reads them.
 const SESSION_COLUMNS: &str = "id, user, fingerprint, totp_time_ms, expires_ms, revoked_ms";
 
-/// A `sessions` row as read, before its values are checked.
-struct SessionRow {
-    id: Vec<u8>,
-    user: String,
-    fingerprint: Vec<u8>,
-    totp_time_ms: i64,
-    expires_ms: i64,
-    revoked_ms: Option<i64>,
+/// Reads the columns of [`SESSION_COLUMNS`].
+fn read_session(row: &Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id: row.get(0)?,
+        user: row.get(1)?,
+        fingerprint: row.get(2)?,
+        totp_time_ms: row.get(3)?,
+        expires_ms: row.get(4)?,
+        revoked_ms: row.get(5)?,
+    })
 }
 
-impl SessionRow {
-    /// Reads the columns of [`SESSION_COLUMNS`].
-    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: row.get(0)?,
-            user: row.get(1)?,
-            fingerprint: row.get(2)?,
-            totp_time_ms: row.get(3)?,
-            expires_ms: row.get(4)?,
-            revoked_ms: row.get(5)?,
-        })
-    }
-}
-
-/// A `users` row as read, before its values are checked.
-struct UserRow {
-    name: String,
-    secret: Option<zeroize::Zeroizing<Vec<u8>>>,
-    digits: Option<i64>,
-    algorithm: Option<String>,
-    period: Option<i64>,
-    created_ms: i64,
-    service: bool,
-}
-
-impl UserRow {
-    /// Reads the columns `name, totp_secret, digits, algorithm, period, created_ms, service`.
-    fn read(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            name: row.get(0)?,
-            secret: row
-                .get::<_, Option<Vec<u8>>>(1)?
-                .map(zeroize::Zeroizing::new),
-            digits: row.get(2)?,
-            algorithm: row.get(3)?,
-            period: row.get(4)?,
-            created_ms: row.get(5)?,
-            service: row.get::<_, i64>(6)? != 0,
-        })
-    }
+/// Reads the columns `name, totp_secret, digits, algorithm, period, created_ms, service`.
+fn read_user(row: &Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        name: row.get(0)?,
+        secret: row.get::<_, Option<Vec<u8>>>(1)?.map(Zeroizing::new),
+        digits: row.get(2)?,
+        algorithm: row.get(3)?,
+        period: row.get(4)?,
+        created_ms: row.get(5)?,
+        service: row.get::<_, i64>(6)? != 0,
+    })
 }
 
 impl GateStore for SqliteRegistry {
@@ -585,10 +449,7 @@ impl SessionStore for SqliteRegistry {
             .prepare_cached(&format!(
                 "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
             ))
-            .and_then(|mut stmt| {
-                stmt.query_row(params![&id.0[..]], SessionRow::read)
-                    .optional()
-            })
+            .and_then(|mut stmt| stmt.query_row(params![&id.0[..]], read_session).optional())
             .map_err(|e| self.backend(e))?;
         row.map(|r| self.session_record(r)).transpose()
     }
@@ -604,11 +465,8 @@ impl SessionStore for SqliteRegistry {
         let row = conn
             .prepare_cached(gate::LIVE_SESSION)
             .and_then(|mut stmt| {
-                stmt.query_row(
-                    params![fingerprint.as_bytes(), db_ms(now_ms)],
-                    SessionRow::read,
-                )
-                .optional()
+                stmt.query_row(params![fingerprint.as_bytes(), db_ms(now_ms)], read_session)
+                    .optional()
             })
             .map_err(|e| self.backend(e))?;
         row.map(|r| self.session_record(r)).transpose()
@@ -622,7 +480,7 @@ impl SessionStore for SqliteRegistry {
                  ORDER BY totp_time_ms DESC, expires_ms DESC, id DESC"
             ))
             .and_then(|mut stmt| {
-                stmt.query_map(params![db_ms(now_ms)], SessionRow::read)?
+                stmt.query_map(params![db_ms(now_ms)], read_session)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.backend(e))?;
@@ -638,7 +496,7 @@ impl SessionStore for SqliteRegistry {
                  RETURNING {SESSION_COLUMNS}"
             ))
             .and_then(|mut stmt| {
-                stmt.query_row(params![&id.0[..], db_ms(now_ms)], SessionRow::read)
+                stmt.query_row(params![&id.0[..], db_ms(now_ms)], read_session)
                     .optional()
             })
             .map_err(|e| self.backend(e))?;
@@ -657,7 +515,7 @@ impl Admin for SqliteRegistry {
                 "SELECT name, totp_secret, digits, algorithm, period, created_ms, service FROM users
                  WHERE name = ?1",
             )
-            .and_then(|mut stmt| stmt.query_row(params![name], UserRow::read).optional())
+            .and_then(|mut stmt| stmt.query_row(params![name], read_user).optional())
             .map_err(|e| self.backend(e))?;
         row.map(|r| self.user_record(r)).transpose()
     }
@@ -760,7 +618,7 @@ impl Admin for SqliteRegistry {
                  ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
             )
             .and_then(|mut stmt| {
-                stmt.query_row(params![fingerprint.as_bytes()], DeviceRow::read)
+                stmt.query_row(params![fingerprint.as_bytes()], read_device)
                     .optional()
             })
             .map_err(|e| self.backend(e))?;
@@ -775,7 +633,7 @@ impl Admin for SqliteRegistry {
                  WHERE name = ?1
                  ORDER BY revoked_ms IS NULL DESC, created_ms DESC, id DESC LIMIT 1",
             )
-            .and_then(|mut stmt| stmt.query_row(params![name], DeviceRow::read).optional())
+            .and_then(|mut stmt| stmt.query_row(params![name], read_device).optional())
             .map_err(|e| self.backend(e))?;
         row.map(|r| self.device_record(r)).transpose()
     }
@@ -854,7 +712,7 @@ impl Admin for SqliteRegistry {
                  RETURNING name, user, fingerprint, created_ms, revoked_ms",
             )
             .and_then(|mut stmt| {
-                stmt.query_map(params![name, db_ms(now_ms)], DeviceRow::read)?
+                stmt.query_map(params![name, db_ms(now_ms)], read_device)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.backend(e))?;
@@ -885,7 +743,7 @@ impl Admin for SqliteRegistry {
                  RETURNING name, user, fingerprint, created_ms, revoked_ms",
             )
             .and_then(|mut stmt| {
-                stmt.query_map(params![user, db_ms(now_ms)], DeviceRow::read)?
+                stmt.query_map(params![user, db_ms(now_ms)], read_device)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.backend(e))?;
@@ -911,7 +769,7 @@ impl Admin for SqliteRegistry {
                  ORDER BY name",
             )
             .and_then(|mut stmt| {
-                stmt.query_map([], UserRow::read)?
+                stmt.query_map([], read_user)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.backend(e))?;
@@ -926,7 +784,7 @@ impl Admin for SqliteRegistry {
                  ORDER BY name, created_ms, id",
             )
             .and_then(|mut stmt| {
-                stmt.query_map([], DeviceRow::read)?
+                stmt.query_map([], read_device)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.backend(e))?;
@@ -959,13 +817,7 @@ impl SqliteRegistry {
         failures: i64,
         locked_until_ms: i64,
     ) -> Result<LockState, RegistryError> {
-        let failures = u32::try_from(failures)
-            .map_err(|_| self.damaged(&format!("user {user}: failure count {failures}")))?;
-        let locked_until_ms = self.stored_u64(locked_until_ms, "user locked_until_ms")?;
-        Ok(LockState {
-            failures,
-            locked_until_ms,
-        })
+        rows::lock_state(user, failures, locked_until_ms).map_err(|d| self.damaged(&d.0))
     }
 }
 

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use zeroize::Zeroizing;
 
-use crate::secret::{self, Sealer, SecretError};
+use crate::secret::{self, KeyCheck, Sealer};
 use crate::{APPLICATION_ID, SCHEMA_VERSION, StoreError};
 
 /// How long a statement waits for another connection's write lock before giving up.
@@ -372,25 +372,19 @@ pub(crate) fn check_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Resu
     let mut stmt = conn
         .prepare("SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL")
         .map_err(sqlite)?;
-    let mut rows = stmt.query([]).map_err(sqlite)?;
-    let mut refused = false;
-    while let Some(row) = rows.next().map_err(sqlite)? {
-        let name: String = row.get(0).map_err(sqlite)?;
-        let stored = Zeroizing::new(row.get::<_, Vec<u8>>(1).map_err(sqlite)?);
-        match sealer.open(&name, stored) {
-            Ok(secret) => {
-                drop(Zeroizing::new(secret));
-                return Ok(());
-            }
-            Err(SecretError::WrongKeyOrCorrupt) => refused = true,
-            Err(_) => {}
-        }
-    }
-    if refused {
-        Err(StoreError::WrongKey {
-            path: path.to_owned(),
+    let stored = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Zeroizing::new(r.get::<_, Vec<u8>>(1)?),
+            ))
         })
-    } else {
-        Ok(())
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(sqlite)?;
+    match sealer.check_key(stored) {
+        KeyCheck::Opens => Ok(()),
+        KeyCheck::WrongKey => Err(StoreError::WrongKey {
+            path: path.to_owned(),
+        }),
     }
 }

@@ -174,7 +174,8 @@ impl SecretKey {
 /// Why a stored secret could not be read or a secret could not be sealed. The messages never
 /// contain secret bytes.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SecretError {
+#[non_exhaustive]
+pub enum SecretError {
     /// The tag did not verify: another key, another user's row, or damaged bytes.
     #[error("wrong registry key or corrupt row")]
     WrongKeyOrCorrupt,
@@ -196,8 +197,23 @@ pub(crate) enum SecretError {
 }
 
 /// Seals and opens the secrets of one registry: with AES-256-GCM under its key, or, for a
-/// registry opened without a key, not at all.
-pub(crate) enum Sealer {
+/// registry opened without a key, not at all. Every backend that stores TOTP secrets (SQLite
+/// here, PostgreSQL in `portcullis-postgres`) seals and opens them with this, so that the
+/// stored bytes are the same wherever they live.
+///
+/// ```
+/// use portcullis_store::{SecretKey, Sealer};
+///
+/// let sealer = Sealer::new(Some(SecretKey::from_bytes([7; 32]))).unwrap();
+/// let stored = sealer.seal("alice", b"0123456789abcdef").unwrap();
+/// assert_eq!(sealer.open("alice", stored.clone()).unwrap(), b"0123456789abcdef");
+/// assert!(sealer.open("bob", stored).is_err()); // sealed for alice only
+/// ```
+pub struct Sealer {
+    inner: Inner,
+}
+
+enum Inner {
     /// No key: secrets are stored as they are.
     Plain,
     /// Secrets are sealed under this key.
@@ -208,40 +224,88 @@ pub(crate) enum Sealer {
     },
 }
 
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealer")
+            .field("sealed", &self.is_sealed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Sealer::check_key`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// A stored secret opened under the key (or there was nothing to try).
+    Opens,
+    /// No stored secret opened, and at least one failed its authentication tag: another key.
+    WrongKey,
+}
+
 impl Sealer {
     /// A sealer for a registry opened with `key`, or without a key.
-    pub(crate) fn new(key: Option<SecretKey>) -> Result<Self, ring::error::Unspecified> {
-        Ok(match key {
-            None => Self::Plain,
-            Some(key) => Self::Aes256Gcm {
-                key: Box::new(LessSafeKey::new(UnboundKey::new(
-                    &AES_256_GCM,
-                    key.bytes.as_ref(),
-                )?)),
-                rng: SystemRandom::new(),
+    pub fn new(key: Option<SecretKey>) -> Result<Self, ring::error::Unspecified> {
+        Ok(Self {
+            inner: match key {
+                None => Inner::Plain,
+                Some(key) => Inner::Aes256Gcm {
+                    key: Box::new(LessSafeKey::new(UnboundKey::new(
+                        &AES_256_GCM,
+                        key.bytes.as_ref(),
+                    )?)),
+                    rng: SystemRandom::new(),
+                },
             },
         })
     }
 
+    /// A sealer without a key: secrets are stored as they are (tests and examples).
+    pub fn plain() -> Self {
+        Self {
+            inner: Inner::Plain,
+        }
+    }
+
     /// Whether secrets are sealed under a key.
-    pub(crate) fn is_sealed(&self) -> bool {
-        matches!(self, Self::Aes256Gcm { .. })
+    pub fn is_sealed(&self) -> bool {
+        matches!(self.inner, Inner::Aes256Gcm { .. })
+    }
+
+    /// Whether the key is the registry's: tries `stored` secrets (user, stored bytes) in turn
+    /// until one opens. One that opens is enough (others may be damaged); a secret stored
+    /// unsealed or in an unknown format is not counted either way; none at all is
+    /// [`KeyCheck::Opens`].
+    pub fn check_key<I>(&self, stored: I) -> KeyCheck
+    where
+        I: IntoIterator<Item = (String, Zeroizing<Vec<u8>>)>,
+    {
+        let mut refused = false;
+        for (name, bytes) in stored {
+            match self.open(&name, bytes) {
+                Ok(secret) => {
+                    drop(Zeroizing::new(secret));
+                    return KeyCheck::Opens;
+                }
+                Err(SecretError::WrongKeyOrCorrupt) => refused = true,
+                Err(_) => {}
+            }
+        }
+        if refused {
+            KeyCheck::WrongKey
+        } else {
+            KeyCheck::Opens
+        }
     }
 
     /// The bytes to store for `user`'s `secret`.
-    pub(crate) fn seal(
-        &self,
-        user: &str,
-        secret: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, SecretError> {
-        match self {
-            Self::Plain => {
+    pub fn seal(&self, user: &str, secret: &[u8]) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+        match &self.inner {
+            Inner::Plain => {
                 let mut stored = Zeroizing::new(Vec::with_capacity(1 + secret.len()));
                 stored.push(FORMAT_PLAIN);
                 stored.extend_from_slice(secret);
                 Ok(stored)
             }
-            Self::Aes256Gcm { key, rng } => {
+            Inner::Aes256Gcm { key, rng } => {
                 let mut nonce = [0u8; NONCE_LEN];
                 rng.fill(&mut nonce).map_err(|_| SecretError::Random)?;
                 // The capacity covers the tag, so the buffer holding the plaintext is never
@@ -265,20 +329,16 @@ impl Sealer {
 
     /// `user`'s secret from the stored bytes. The plaintext is decrypted in place, in a buffer
     /// that is wiped on every error path; on success it is handed over without a copy.
-    pub(crate) fn open(
-        &self,
-        user: &str,
-        mut stored: Zeroizing<Vec<u8>>,
-    ) -> Result<Vec<u8>, SecretError> {
+    pub fn open(&self, user: &str, mut stored: Zeroizing<Vec<u8>>) -> Result<Vec<u8>, SecretError> {
         let format = *stored.first().ok_or(SecretError::Empty)?;
-        match (format, self) {
-            (FORMAT_PLAIN, Self::Plain) => {
+        match (format, &self.inner) {
+            (FORMAT_PLAIN, Inner::Plain) => {
                 stored.remove(0);
                 Ok(std::mem::take(&mut *stored))
             }
-            (FORMAT_PLAIN, Self::Aes256Gcm { .. }) => Err(SecretError::Unsealed),
-            (FORMAT_AES_256_GCM, Self::Plain) => Err(SecretError::NoKey),
-            (FORMAT_AES_256_GCM, Self::Aes256Gcm { key, .. }) => {
+            (FORMAT_PLAIN, Inner::Aes256Gcm { .. }) => Err(SecretError::Unsealed),
+            (FORMAT_AES_256_GCM, Inner::Plain) => Err(SecretError::NoKey),
+            (FORMAT_AES_256_GCM, Inner::Aes256Gcm { key, .. }) => {
                 if stored.len() < SEAL_OVERHEAD {
                     return Err(SecretError::WrongKeyOrCorrupt);
                 }
@@ -324,7 +384,7 @@ mod tests {
             Err(SecretError::WrongKeyOrCorrupt)
         ));
         assert!(matches!(
-            Sealer::Plain.open("alice", stored.clone()),
+            Sealer::plain().open("alice", stored.clone()),
             Err(SecretError::NoKey)
         ));
         for i in 0..stored.len() {
@@ -351,10 +411,10 @@ mod tests {
 
     #[test]
     fn plain_secrets_are_tagged_and_refused_by_a_keyed_sealer() {
-        let stored = Sealer::Plain.seal("alice", b"0123456789abcdef").unwrap();
+        let stored = Sealer::plain().seal("alice", b"0123456789abcdef").unwrap();
         assert_eq!(stored[0], FORMAT_PLAIN);
         assert_eq!(
-            Sealer::Plain.open("alice", stored.clone()).unwrap(),
+            Sealer::plain().open("alice", stored.clone()).unwrap(),
             b"0123456789abcdef"
         );
         assert!(matches!(
@@ -362,11 +422,11 @@ mod tests {
             Err(SecretError::Unsealed)
         ));
         assert!(matches!(
-            Sealer::Plain.open("alice", Zeroizing::new(vec![7, 1, 2])),
+            Sealer::plain().open("alice", Zeroizing::new(vec![7, 1, 2])),
             Err(SecretError::UnknownFormat(7))
         ));
         assert!(matches!(
-            Sealer::Plain.open("alice", Zeroizing::new(Vec::new())),
+            Sealer::plain().open("alice", Zeroizing::new(Vec::new())),
             Err(SecretError::Empty)
         ));
     }
