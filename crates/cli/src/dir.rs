@@ -13,6 +13,7 @@ use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 use portcullis_tls::devpki::DevCa;
 
 use crate::CliResult;
+use crate::registry::Location;
 
 /// The files of a Portcullis directory (their names: [`DirLayout`]).
 pub(crate) struct Layout {
@@ -46,45 +47,34 @@ impl Layout {
                 dir.display()
             ));
         }
-        if !layout.registry().is_file() {
+        // A directory made by `portcullis init` holds the CA certificate, whichever registry
+        // it uses.
+        if !layout.ca_cert().is_file() && !layout.registry().is_file() {
             return Err(format!(
-                "{}: no registry (portcullis.db) in this directory; is it a Portcullis directory made by `portcullis init`?",
+                "{}: no CA certificate (ca.pem) nor registry (portcullis.db) in this directory; is it a Portcullis directory made by `portcullis init`?",
                 dir.display()
             ));
-        }
-        // SQLite takes an empty file for an empty database; a registry file that lost its
-        // content must not turn silently into a new, empty registry.
-        let registry = layout.registry();
-        match fs::metadata(&registry) {
-            Ok(meta) if meta.len() == 0 => {
-                return Err(format!(
-                    "{}: the registry file is empty; not a registry made by `portcullis init`",
-                    registry.display()
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(format!("{}: cannot read: {e}", registry.display())),
         }
         Ok(layout)
     }
 
-    /// Opens the registry with its key ([`SqliteRegistry::open_dir`]; a registry of an older
-    /// schema is migrated). A missing key file, or a key that does not open the registry's
-    /// TOTP secrets, is refused here, naming the key file and the fix.
-    pub(crate) fn open_registry(&self) -> CliResult<SqliteRegistry> {
-        SqliteRegistry::open_dir(&self.dir).map_err(|e| match e {
-            StoreError::KeyMissing { path } => format!(
-                "{}: no registry key file; `portcullis init` makes one, and `portcullis init --dir {} --add-key` adds one to a directory made by an older portcullis",
-                path.display(),
+    /// Checks that the directory's own registry file (`DIR/portcullis.db`) is there and not
+    /// empty: a registry file that lost its content must not turn silently into a new, empty
+    /// registry.
+    pub(crate) fn check_registry_file(&self) -> CliResult {
+        let registry = self.registry();
+        match fs::metadata(&registry) {
+            Ok(meta) if meta.len() == 0 => Err(format!(
+                "{}: the registry file is empty; not a registry made by `portcullis init`",
+                registry.display()
+            )),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+                "{}: no registry (portcullis.db) in this directory; is it a Portcullis directory made by `portcullis init`? (a registry elsewhere: --registry URL)",
                 self.dir.display()
-            ),
-            StoreError::WrongKey { path } => format!(
-                "{}: the registry key {} does not open the TOTP secrets sealed in this registry; restore the registry.key it was sealed with",
-                path.display(),
-                self.registry_key().display()
-            ),
-            other => other.to_string(),
-        })
+            )),
+            Err(e) => Err(format!("{}: cannot read: {e}", registry.display())),
+        }
     }
 
     /// Loads the dev CA (certificate and key).
@@ -149,6 +139,11 @@ pub(crate) struct InitArgs {
     /// and seal its registry's TOTP secrets with it; nothing else changes.
     #[arg(long, conflicts_with_all = ["force", "server_names"])]
     add_key: bool,
+    /// Where to create the registry: `postgres://…` (an empty database, shared later by every
+    /// server of a fleet: give them copies of this directory) or `sqlite:PATH`; without it,
+    /// DIR/portcullis.db.
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
 }
 
 pub(crate) fn init(args: &InitArgs) -> CliResult {
@@ -166,6 +161,21 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!(
                 "--server-name `{name}`: not a DNS name or IP address"
+            ));
+        }
+    }
+    // A database that cannot be reached or already holds a registry is refused before anything
+    // is written.
+    let location = args.registry.location()?;
+    if let Location::Postgres(url) = &location {
+        let probe = SecretKey::generate().map_err(|_| "the system random generator failed")?;
+        let roots = args.registry.roots()?;
+        let registry = portcullis_postgres::PgRegistry::open_blocking(url, probe, &roots)
+            .map_err(|e| e.to_string())?;
+        if !registry.is_empty().map_err(|e| e.to_string())? {
+            return Err(format!(
+                "PostgreSQL at {}: the database already holds a registry; a server joins it with a copy of the directory that made it (its registry.key), or start from an empty database",
+                registry.host()
             ));
         }
     }
@@ -201,9 +211,27 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     }
     let server = ca.issue_server(&names).map_err(|e| e.to_string())?;
 
-    let db = layout.registry();
     let registry_key = SecretKey::create(&layout.registry_key()).map_err(|e| e.to_string())?;
-    SqliteRegistry::create_with_key(&db, registry_key).map_err(|e| e.to_string())?;
+    let registry_line = match &location {
+        Location::Dir => {
+            let db = layout.registry();
+            SqliteRegistry::create_with_key(&db, registry_key).map_err(|e| e.to_string())?;
+            db.display().to_string()
+        }
+        Location::Sqlite(db) => {
+            SqliteRegistry::create_with_key(db, registry_key).map_err(|e| e.to_string())?;
+            format!("sqlite:{}", db.display())
+        }
+        Location::Postgres(url) => {
+            drop(registry_key);
+            let registry = layout.open_postgres(url, &args.registry)?;
+            format!(
+                "PostgreSQL at {} (schema version {})",
+                registry.host(),
+                portcullis_postgres::SCHEMA_VERSION
+            )
+        }
+    };
 
     write_public(&layout.ca_cert(), ca.cert_pem().as_bytes())?;
     write_private(&layout.ca_key(), ca.key_pem().as_bytes())?;
@@ -223,7 +251,7 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
         layout.server_cert().display(),
         names.join(", ")
     );
-    out!("  registry        {}", db.display());
+    out!("  registry        {registry_line}");
     out!(
         "  registry key    {} (seals the TOTP secrets; keep it with the registry, and private)",
         layout.registry_key().display()

@@ -29,6 +29,8 @@ pub(crate) struct UserAddArgs {
     user: String,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// Digits of a code: 6, 7 or 8.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u8).range(6..=8))]
     digits: u8,
@@ -68,12 +70,12 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
     // Checked before anything is written: a bad role leaves no user behind.
     let roles = normalize_roles(&args.roles).map_err(|e| e.to_string())?;
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     if args.service {
         registry
             .add_service_user(&args.user, now_ms())
             .map_err(|e| e.to_string())?;
-        set_roles(&registry, &args.user, &roles)?;
+        set_roles(&*registry, &args.user, &roles)?;
         if args.json {
             out!(
                 "{}",
@@ -102,7 +104,7 @@ pub(crate) fn user_add(args: &UserAddArgs) -> CliResult {
     registry
         .add_user(&args.user, totp.clone(), now_ms())
         .map_err(|e| e.to_string())?;
-    set_roles(&registry, &args.user, &roles)?;
+    set_roles(&*registry, &args.user, &roles)?;
     if args.json {
         let out = Zeroizing::new(
             serde_json::to_string(&UserJson {
@@ -167,6 +169,8 @@ pub(crate) struct UserSetArgs {
     user: String,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// The user's roles from now on, replacing those held (repeat for several).
     #[arg(
         long = "role",
@@ -182,8 +186,8 @@ pub(crate) struct UserSetArgs {
 pub(crate) fn user_set(args: &UserSetArgs) -> CliResult {
     let roles = normalize_roles(&args.roles).map_err(|e| e.to_string())?;
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
-    ensure_user(&registry, &args.user)?;
+    let registry = layout.open_registry(&args.registry)?;
+    ensure_user(&*registry, &args.user)?;
     registry
         .set_user_roles(&args.user, &roles)
         .map_err(|e| e.to_string())?;
@@ -200,6 +204,8 @@ pub(crate) fn user_set(args: &UserSetArgs) -> CliResult {
 pub(crate) struct UserListArgs {
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
@@ -207,7 +213,7 @@ pub(crate) struct UserListArgs {
 
 pub(crate) fn user_list(args: &UserListArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     let users = registry.list_users().map_err(|e| e.to_string())?;
     let mut rows = Vec::with_capacity(users.len());
     for u in &users {
@@ -262,6 +268,8 @@ pub(crate) struct DeviceIssueArgs {
     user: String,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// Print only a JSON object.
     #[arg(long)]
     json: bool,
@@ -303,9 +311,9 @@ fn ensure_device_name_free(registry: &dyn Admin, name: &str) -> CliResult {
 pub(crate) fn device_issue(args: &DeviceIssueArgs) -> CliResult {
     check_device_name(&args.name)?;
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
-    ensure_user(&registry, &args.user)?;
-    ensure_device_name_free(&registry, &args.name)?;
+    let registry = layout.open_registry(&args.registry)?;
+    ensure_user(&*registry, &args.user)?;
+    ensure_device_name_free(&*registry, &args.name)?;
     let ca = layout.load_ca()?;
     let issued = ca.issue_device(&args.name).map_err(|e| e.to_string())?;
     let fingerprint =
@@ -358,6 +366,8 @@ pub(crate) struct DeviceBindArgs {
     cert: PathBuf,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// Print only a JSON object.
     #[arg(long)]
     json: bool,
@@ -391,8 +401,8 @@ pub(crate) fn device_bind(args: &DeviceBindArgs) -> CliResult {
         ));
     }
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
-    ensure_user(&registry, &args.user)?;
+    let registry = layout.open_registry(&args.registry)?;
+    ensure_user(&*registry, &args.user)?;
     let record = registry
         .bind_device(&args.name, &args.user, &identity.fingerprint, now_ms())
         .map_err(|e| e.to_string())?;
@@ -421,6 +431,8 @@ pub(crate) fn device_bind(args: &DeviceBindArgs) -> CliResult {
 pub(crate) struct DeviceListArgs {
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
@@ -451,7 +463,7 @@ fn device_json(d: &DeviceRecord, service: Option<bool>) -> serde_json::Value {
 
 pub(crate) fn device_list(args: &DeviceListArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     let devices = registry.list_devices().map_err(|e| e.to_string())?;
     // Devices of service accounts are exempt from the second factor: shown as such. Users are
     // read with their TOTP secrets; when that fails (e.g. a damaged secret row) devices are
@@ -509,11 +521,13 @@ pub(crate) struct DeviceRevokeArgs {
     name: String,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
 }
 
 pub(crate) fn device_revoke(args: &DeviceRevokeArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     let record = registry
         .revoke_device(&args.name, now_ms())
         .map_err(|e| e.to_string())?;
@@ -534,11 +548,13 @@ pub(crate) struct UserRevokeArgs {
     user: String,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
 }
 
 pub(crate) fn user_revoke(args: &UserRevokeArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     let revoked = registry
         .revoke_user(&args.user, now_ms())
         .map_err(|e| e.to_string())?;

@@ -21,6 +21,7 @@ mod dir;
 mod doctor;
 mod enroll;
 mod login;
+mod registry;
 mod serve;
 mod session;
 

@@ -28,6 +28,8 @@ const ECHO_SERVICE: &str =
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// The address to listen on, e.g. 127.0.0.1:50051 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
@@ -98,7 +100,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     let builder = PortcullisServer::builder()
         .identity_files(layout.server_cert(), layout.server_key(), layout.ca_cert())
         .map_err(|e| e.to_string())?;
-    let registry: Arc<dyn Registry> = Arc::new(layout.open_registry()?);
+    let registry: Arc<dyn Registry> = layout.open_registry(&args.registry)?;
     let policy = match &args.policy {
         Some(path) => Policy::from_toml_file(path).map_err(|e| e.to_string())?,
         None => Policy::default(),

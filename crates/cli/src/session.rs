@@ -1,9 +1,7 @@
 //! `portcullis session ...`: the sessions the gate issued, and revoking one.
 
 use clap::Args;
-use portcullis_core::{
-    Admin, Clock, DeviceRecord, SessionId, SessionRecord, SessionStore, SystemClock,
-};
+use portcullis_core::{Clock, DeviceRecord, SessionId, SessionRecord, SystemClock};
 use serde_json::json;
 
 use crate::dir::Layout;
@@ -15,6 +13,8 @@ use crate::{CliResult, DirArg};
 pub(crate) struct SessionListArgs {
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
@@ -28,6 +28,8 @@ pub(crate) struct SessionRevokeArgs {
     id: SessionId,
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    registry: crate::registry::RegistryArg,
 }
 
 fn parse_session_id(s: &str) -> Result<SessionId, String> {
@@ -63,7 +65,7 @@ fn status(s: &SessionRecord, now_ms: u64) -> String {
 
 pub(crate) fn session_list(args: &SessionListArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     let now = SystemClock.now_ms();
     let sessions = registry.list_sessions(now).map_err(|e| e.to_string())?;
     let devices = registry.list_devices().map_err(|e| e.to_string())?;
@@ -116,7 +118,7 @@ pub(crate) fn session_list(args: &SessionListArgs) -> CliResult {
 
 pub(crate) fn session_revoke(args: &SessionRevokeArgs) -> CliResult {
     let layout = Layout::existing(&args.dir.dir)?;
-    let registry = layout.open_registry()?;
+    let registry = layout.open_registry(&args.registry)?;
     let record = registry
         .revoke_session(&args.id, SystemClock.now_ms())
         .map_err(|e| match e {

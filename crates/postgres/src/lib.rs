@@ -235,6 +235,23 @@ impl PgRegistry {
         }
     }
 
+    /// Whether the registry holds no user, device or session (a new database, or one whose
+    /// registry was never used).
+    pub fn is_empty(&self) -> Result<bool, RegistryError> {
+        self.wait(async {
+            let client = self.conn().await?;
+            let row = client
+                .query_one(
+                    "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM devices)
+                       AND NOT EXISTS (SELECT 1 FROM sessions)",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.backend(&e))?;
+            Ok(row.get(0))
+        })
+    }
+
     /// The host (and port) this registry connects to, for messages.
     pub fn host(&self) -> &str {
         &self.host

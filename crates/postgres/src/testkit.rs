@@ -81,27 +81,71 @@ impl PgCluster {
                 "--no-sync",
             ],
         )?;
+        cluster.pg_start()?;
+        Ok(cluster)
+    }
+
+    /// Starts the server of the cluster: every statement is logged, each line prefixed with
+    /// its database's name ([`PgCluster::statements`]).
+    fn pg_start(&self) -> Result<(), String> {
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            path(cluster.dir.path())
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+             -c fsync=off -c full_page_writes=off \
+             -c log_statement=all -c log_line_prefix='%d '",
+            self.port,
+            path(self.dir.path())
         );
-        cluster.pg(
+        self.pg(
             "pg_ctl",
             &[
                 "-D",
-                path(&data),
+                path(&self.dir.path().join("data")),
                 "-o",
                 &options,
                 "-l",
-                path(&cluster.dir.path().join("log")),
+                path(&self.dir.path().join("log")),
                 "-w",
                 "-t",
                 "60",
                 "start",
             ],
-        )?;
-        Ok(cluster)
+        )
+    }
+
+    /// Stops the server at once (`pg_ctl stop -m immediate`: what a crash looks like to the
+    /// clients); [`PgCluster::restart`] starts it again on the same port and data.
+    pub fn stop(&self) {
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&self.dir.path().join("data")),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("stop the throwaway cluster: {e}"));
+    }
+
+    /// Starts the server again after [`PgCluster::stop`].
+    pub fn restart(&self) {
+        self.pg_start()
+            .unwrap_or_else(|e| panic!("restart the throwaway cluster: {e}"));
+    }
+
+    /// The statements the server ran in database `db` so far, in order, as its log has them
+    /// (`statement: …` for a simple query, `execute <name>: …` for a prepared one): one per
+    /// round trip of a client that does not pipeline.
+    pub fn statements(&self, db: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+        let prefix = format!("{db} LOG:  ");
+        log.lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .filter(|rest| rest.starts_with("statement: ") || rest.starts_with("execute "))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The port the cluster listens on (127.0.0.1).
@@ -128,6 +172,16 @@ impl PgCluster {
     /// The password of the superuser (to check that messages never show it).
     pub fn password(&self) -> &str {
         &self.password
+    }
+
+    /// The name of the database of a URL from [`PgCluster::database`].
+    pub fn database_name(url: &str) -> &str {
+        url.rsplit('/')
+            .next()
+            .unwrap_or("")
+            .split('?')
+            .next()
+            .unwrap_or("")
     }
 
     /// A new empty database; its URL.

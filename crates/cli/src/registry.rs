@@ -1,0 +1,172 @@
+//! Which registry a command opens: `--registry URL` (or `PORTCULLIS_REGISTRY`), a PostgreSQL
+//! database shared by a fleet of servers or a SQLite file; without it, `DIR/portcullis.db`.
+//! The TOTP secrets are sealed under `DIR/registry.key` in every case.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use portcullis_core::Registry;
+use portcullis_postgres::{PgError, PgRegistry};
+use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
+
+use crate::CliResult;
+use crate::dir::Layout;
+
+/// The environment variable `--registry` is read from when the flag is not given.
+pub(crate) const REGISTRY_ENV: &str = "PORTCULLIS_REGISTRY";
+
+/// The `--registry URL` flag of every command that opens the registry.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct RegistryArg {
+    /// The registry: `postgres://USER:PASSWORD@HOST:PORT/DB` (one database shared by several
+    /// servers; add `?sslmode=require` for TLS, verified against --registry-ca) or
+    /// `sqlite:PATH`. Without it, DIR/portcullis.db. The TOTP secrets are sealed under
+    /// DIR/registry.key in every case.
+    #[arg(long, value_name = "URL", env = REGISTRY_ENV, hide_env_values = true)]
+    pub(crate) registry: Option<String>,
+    /// The CA certificate(s) (PEM) a TLS connection to PostgreSQL is verified against.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) registry_ca: Option<PathBuf>,
+}
+
+/// Where a registry lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    /// `DIR/portcullis.db`.
+    Dir,
+    /// A SQLite file elsewhere.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (the URL holds the password: never shown).
+    Postgres(String),
+}
+
+impl Location {
+    /// Reads a registry URL: `postgres://…`, `postgresql://…` or `sqlite:PATH`.
+    pub(crate) fn parse(url: &str) -> CliResult<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_owned()));
+        }
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("--registry sqlite:PATH: the path is empty".to_owned());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        Err("--registry: use postgres://USER:PASSWORD@HOST:PORT/DB or sqlite:PATH".to_owned())
+    }
+}
+
+impl RegistryArg {
+    /// The CAs of `--registry-ca` (none without it).
+    pub(crate) fn roots(&self) -> CliResult<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        match &self.registry_ca {
+            None => Ok(Vec::new()),
+            Some(path) => {
+                portcullis_tls::load_certs(path).map_err(|e| format!("--registry-ca: {e}"))
+            }
+        }
+    }
+
+    /// Where the registry lives.
+    pub(crate) fn location(&self) -> CliResult<Location> {
+        match &self.registry {
+            None => Ok(Location::Dir),
+            Some(url) if url.is_empty() => Ok(Location::Dir),
+            Some(url) => Location::parse(url),
+        }
+    }
+}
+
+impl Layout {
+    /// Opens the registry `arg` names, with the directory's registry key. A missing key file,
+    /// or a key that does not open the registry's TOTP secrets, is refused here, naming the
+    /// key file and the fix; a database that cannot be reached names its host and the cause.
+    pub(crate) fn open_registry(&self, arg: &RegistryArg) -> CliResult<Arc<dyn Registry>> {
+        match arg.location()? {
+            Location::Dir => {
+                self.check_registry_file()?;
+                Ok(Arc::new(
+                    SqliteRegistry::open_dir(&self.dir).map_err(|e| self.store_error(e))?,
+                ))
+            }
+            Location::Sqlite(path) => {
+                if !path.is_file() {
+                    return Err(format!(
+                        "{}: no such registry file (--registry sqlite:PATH)",
+                        path.display()
+                    ));
+                }
+                let key = self.load_registry_key()?;
+                Ok(Arc::new(
+                    SqliteRegistry::open_with_key(&path, key).map_err(|e| self.store_error(e))?,
+                ))
+            }
+            Location::Postgres(url) => Ok(Arc::new(self.open_postgres(&url, arg)?)),
+        }
+    }
+
+    /// Opens (and migrates) the PostgreSQL registry at `url`.
+    pub(crate) fn open_postgres(&self, url: &str, arg: &RegistryArg) -> CliResult<PgRegistry> {
+        let key = self.load_registry_key()?;
+        let roots = arg.roots()?;
+        PgRegistry::open_blocking(url, key, &roots).map_err(|e| match e {
+            PgError::WrongKey { host } => format!(
+                "PostgreSQL at {host}: the registry key {} does not open the TOTP secrets sealed there; every server of a fleet uses the same registry.key",
+                self.registry_key().display()
+            ),
+            other => other.to_string(),
+        })
+    }
+
+    /// The directory's registry key.
+    pub(crate) fn load_registry_key(&self) -> CliResult<SecretKey> {
+        SecretKey::load(&self.registry_key()).map_err(|e| self.store_error(e))
+    }
+
+    fn store_error(&self, e: StoreError) -> String {
+        match e {
+            StoreError::KeyMissing { path } => format!(
+                "{}: no registry key file; `portcullis init` makes one, and `portcullis init --dir {} --add-key` adds one to a directory made by an older portcullis",
+                path.display(),
+                self.dir.display()
+            ),
+            StoreError::WrongKey { path } => format!(
+                "{}: the registry key {} does not open the TOTP secrets sealed in this registry; restore the registry.key it was sealed with",
+                path.display(),
+                self.registry_key().display()
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_urls_are_read_or_refused_in_one_line() {
+        assert_eq!(
+            Location::parse("postgres://u:p@db:5432/x").unwrap(),
+            Location::Postgres("postgres://u:p@db:5432/x".into())
+        );
+        assert!(matches!(
+            Location::parse("postgresql://db/x").unwrap(),
+            Location::Postgres(_)
+        ));
+        assert_eq!(
+            Location::parse("sqlite:/var/lib/p.db").unwrap(),
+            Location::Sqlite("/var/lib/p.db".into())
+        );
+        assert_eq!(
+            Location::parse("sqlite://rel.db").unwrap(),
+            Location::Sqlite("rel.db".into())
+        );
+        for bad in ["sqlite:", "mysql://u:secret@h/db", "p.db"] {
+            let err = Location::parse(bad).unwrap_err();
+            assert!(!err.contains("secret") && !err.contains('\n'), "{err}");
+        }
+    }
+}

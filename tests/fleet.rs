@@ -1,0 +1,371 @@
+//! Three gate instances on one PostgreSQL database (a throwaway cluster started by the test),
+//! each with a registry (and a connection pool) of its own, over real loopback TCP and TLS: a
+//! code is accepted once across the fleet, a lockout earned on several instances holds on all,
+//! a session earned on one works on the others until it is revoked, a revocation made through
+//! one instance's registry closes a live connection held on another, a database that is down
+//! refuses new connections with OVERLOADED at once, and the fleet serves again when it comes
+//! back. The round trips per accept are counted in the server's statement log.
+//!
+//! Skipped, with the reason printed, where PostgreSQL is not installed; a failure instead with
+//! `PORTCULLIS_REQUIRE_POSTGRES=1` (as in CI). Latencies are printed (`--nocapture`), and bounded
+//! only loosely.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use portcullis::core::codec::{ALPN_PCS1, Factor, Verdict};
+use portcullis::core::{Clock, RejectCode, SessionId, SystemClock, TicketKey};
+use portcullis::tls::devpki::{DevCa, Issued};
+use portcullis_postgres::PgRegistry;
+use portcullis_postgres::testkit::PgCluster;
+use portcullis_store::SecretKey;
+
+/// The bound on "closed" and "refused at once": generous, so that a loaded machine does not
+/// fail the test. The measured figures are printed.
+const WITHIN: Duration = Duration::from_secs(3);
+
+struct Fleet {
+    cluster: PgCluster,
+    db: String,
+    servers: Vec<TestServer>,
+}
+
+fn registry_key() -> SecretKey {
+    SecretKey::from_bytes([0x42; SecretKey::LEN])
+}
+
+/// Three servers on one new database, sharing the CA, the registry key and the ticket key (what
+/// the members of a fleet share), without a per-source rate limit (every client is 127.0.0.1).
+async fn fleet(test: &str) -> Option<Fleet> {
+    let cluster = PgCluster::start(test)?;
+    let url = cluster.database().await;
+    let db = PgCluster::database_name(&url).to_owned();
+    let ca = DevCa::generate("fleet CA").unwrap();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let registry = Arc::new(PgRegistry::open(&url, registry_key(), &[]).await.unwrap());
+        let (server, _) = start_custom(same_ca(&ca), registry, |builder| {
+            builder
+                .rate_limit(None)
+                .deadline(Duration::from_secs(5))
+                .ticket_key(TicketKey::from_bytes(&[0x17; 32]).unwrap())
+        })
+        .await;
+        servers.push(server);
+    }
+    Some(Fleet {
+        cluster,
+        db,
+        servers,
+    })
+}
+
+/// Connects to `server` with `device` and sends a Prefix with `factor`; the Verdict and the
+/// connection (open when accepted).
+async fn attempt(
+    server: &TestServer,
+    device: &Issued,
+    user: &str,
+    factor: impl FnOnce() -> Factor,
+) -> (
+    Verdict,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let mut tls = server.raw_tls(device, &[ALPN_PCS1]).await;
+    let p = prefix(&tls, user, factor());
+    let verdict = send_raw(&mut tls, &p.encode().unwrap()).await;
+    (verdict, tls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_code_sent_to_three_instances_at_once_is_accepted_once() {
+    let Some(fleet) = fleet("fleet single use").await else {
+        return;
+    };
+    const USERS: usize = 50;
+    let a = &fleet.servers[0];
+    let enrolled: Vec<Enrolled> = (0..USERS)
+        .map(|i| a.enroll(&format!("user{i}"), &format!("device{i}")))
+        .collect();
+    // Every TLS connection first, then all Prefixes at once.
+    let mut connections = Vec::new();
+    for e in &enrolled {
+        let code = current_code(&e.totp);
+        for server in &fleet.servers {
+            let tls = server.raw_tls(&e.device, &[ALPN_PCS1]).await;
+            connections.push((e.user.clone(), code.clone(), tls));
+        }
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(connections.len()));
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .map(|(user, code, mut tls)| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let p = prefix(&tls, &user, Factor::Totp(code));
+                let bytes = p.encode().unwrap();
+                barrier.wait().await;
+                let verdict = send_raw(&mut tls, &bytes).await;
+                (user, verdict)
+            })
+        })
+        .collect();
+    let mut accepted = std::collections::HashMap::<String, usize>::new();
+    for task in tasks {
+        let (user, verdict) = task.await.unwrap();
+        if verdict.status == 0 {
+            *accepted.entry(user).or_default() += 1;
+        } else {
+            assert_eq!(
+                verdict.reject_code(),
+                Some(RejectCode::MfaFailed),
+                "a refusal is the reused code's, not an overload: {:?}",
+                verdict.reason
+            );
+        }
+    }
+    for e in &enrolled {
+        assert_eq!(
+            accepted.get(&e.user).copied().unwrap_or(0),
+            1,
+            "{}: the code accepted exactly once across the three instances",
+            e.user
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_spread_over_the_instances_lock_the_user_out_on_all() {
+    let Some(fleet) = fleet("fleet lockout").await else {
+        return;
+    };
+    let bob = fleet.servers[0].enroll("bob", "laptop");
+    for i in 0..5 {
+        let server = &fleet.servers[i % 3];
+        let (verdict, _) = attempt(server, &bob.device, "bob", || {
+            Factor::Totp(wrong_code(&bob.totp))
+        })
+        .await;
+        assert_eq!(
+            verdict.reject_code(),
+            Some(RejectCode::MfaFailed),
+            "failure {i}"
+        );
+    }
+    for (i, server) in fleet.servers.iter().enumerate() {
+        let (verdict, _) = attempt(server, &bob.device, "bob", || {
+            Factor::Totp(current_code(&bob.totp))
+        })
+        .await;
+        assert_eq!(
+            verdict.reject_code(),
+            Some(RejectCode::LockedOut),
+            "instance {i}: {:?}",
+            verdict.reason
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_earned_on_one_instance_works_on_the_others_until_revoked() {
+    let Some(fleet) = fleet("fleet sessions").await else {
+        return;
+    };
+    let [a, b, c] = &fleet.servers[..] else {
+        unreachable!()
+    };
+    let alice = a.enroll("alice", "laptop");
+    let (verdict, _) = attempt(a, &alice.device, "alice", || {
+        Factor::Totp(current_code(&alice.totp))
+    })
+    .await;
+    assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+    let (ticket, _) = verdict.session.expect("a session ticket");
+    for server in [b, c] {
+        let (verdict, _) = attempt(server, &alice.device, "alice", || {
+            Factor::Session(ticket.clone())
+        })
+        .await;
+        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+    }
+    let sessions = a.registry.list_sessions(SystemClock.now_ms()).unwrap();
+    assert_eq!(sessions.len(), 1, "one session, recorded once");
+    let id: SessionId = sessions[0].id;
+    a.registry
+        .revoke_session(&id, SystemClock.now_ms())
+        .unwrap();
+    for server in [a, b, c] {
+        let (verdict, _) = attempt(server, &alice.device, "alice", || {
+            Factor::Session(ticket.clone())
+        })
+        .await;
+        assert_eq!(verdict.reject_code(), Some(RejectCode::MfaRequired));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_revoked_through_one_instance_is_closed_on_another() {
+    let Some(fleet) = fleet("fleet revocation").await else {
+        return;
+    };
+    let (a, c) = (&fleet.servers[0], &fleet.servers[2]);
+    let mut latencies = Vec::new();
+    for i in 0..5 {
+        let device = format!("laptop{i}");
+        let carol = a.enroll(&format!("carol{i}"), &device);
+        let (verdict, mut tls) = attempt(c, &carol.device, &carol.user, || {
+            Factor::Totp(current_code(&carol.totp))
+        })
+        .await;
+        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+        let start = Instant::now();
+        a.registry
+            .revoke_device(&device, SystemClock.now_ms())
+            .unwrap();
+        let closed = tokio::time::timeout(WITHIN, read_to_close(&mut tls)).await;
+        assert!(closed.is_ok(), "the connection on C is closed");
+        latencies.push(start.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "revocation through A, connection closed on C: median {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_is_down_refuses_with_overloaded_and_the_fleet_recovers() {
+    let Some(fleet) = fleet("fleet database down").await else {
+        return;
+    };
+    let users: Vec<Enrolled> = (0..3)
+        .map(|i| fleet.servers[0].enroll(&format!("dave{i}"), &format!("phone{i}")))
+        .collect();
+    fleet.cluster.stop();
+    for (server, dave) in fleet.servers.iter().zip(&users) {
+        let start = Instant::now();
+        let (verdict, _) = attempt(server, &dave.device, &dave.user, || {
+            Factor::Totp(current_code(&dave.totp))
+        })
+        .await;
+        let took = start.elapsed();
+        assert_eq!(
+            verdict.reject_code(),
+            Some(RejectCode::Overloaded),
+            "{:?}",
+            verdict.reason
+        );
+        assert!(
+            took < WITHIN,
+            "refused at once, not at the deadline: {took:?}"
+        );
+        assert!(
+            verdict.retry_after_s.is_some(),
+            "the client is told when to retry"
+        );
+        println!("database down: OVERLOADED after {took:?}");
+    }
+    fleet.cluster.restart();
+    // Each instance serves again by itself (its pool reconnects).
+    for (server, dave) in fleet.servers.iter().zip(&users) {
+        let start = Instant::now();
+        loop {
+            let (verdict, _) = attempt(server, &dave.device, &dave.user, || {
+                Factor::Totp(current_code(&dave.totp))
+            })
+            .await;
+            if verdict.status == 0 {
+                break;
+            }
+            assert_eq!(verdict.reject_code(), Some(RejectCode::Overloaded));
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "serving again after the restart: {:?}",
+                verdict.reason
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("database back: accepted after {:?}", start.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_takes_two_statements_with_a_code_and_one_with_a_ticket() {
+    let Some(fleet) = fleet("fleet round trips").await else {
+        return;
+    };
+    let a = &fleet.servers[0];
+    let b = &fleet.servers[1];
+    // The pooled connection prepares its statements once: warmed up first.
+    let frank = a.enroll("frank", "laptop");
+    let (verdict, _) = attempt(b, &frank.device, "frank", || {
+        Factor::Totp(current_code(&frank.totp))
+    })
+    .await;
+    let (warm_ticket, _) = verdict.session.unwrap();
+    attempt(b, &frank.device, "frank", || Factor::Session(warm_ticket)).await;
+    let (verdict, _) = attempt(b, &frank.device, "frank", || {
+        Factor::Totp(wrong_code(&frank.totp))
+    })
+    .await;
+    assert_eq!(verdict.reject_code(), Some(RejectCode::MfaFailed));
+
+    // The statements the database ran for one accept. The server's revocation round reads
+    // the registry for live connections every 250 ms: a round that falls into the window adds
+    // a statement, hence the fewest of three tries (with a user of its own each: a code is
+    // accepted once).
+    let statements = |run: &mut Vec<usize>, before: usize| {
+        run.push(fleet.cluster.statements(&fleet.db).len() - before);
+    };
+    let (mut code, mut ticket, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..3 {
+        let erin = a.enroll(&format!("erin{i}"), &format!("phone{i}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = fleet.cluster.statements(&fleet.db).len();
+        let (verdict, tls) = attempt(b, &erin.device, &erin.user, || {
+            Factor::Totp(current_code(&erin.totp))
+        })
+        .await;
+        statements(&mut code, before);
+        drop(tls);
+        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+        let (session, _) = verdict.session.unwrap();
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = fleet.cluster.statements(&fleet.db).len();
+        let (verdict, tls) =
+            attempt(b, &erin.device, &erin.user, || Factor::Session(session)).await;
+        statements(&mut ticket, before);
+        drop(tls);
+        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = fleet.cluster.statements(&fleet.db).len();
+        let (verdict, _) = attempt(b, &erin.device, &erin.user, || {
+            Factor::Totp(wrong_code(&erin.totp))
+        })
+        .await;
+        statements(&mut wrong, before);
+        assert_eq!(verdict.reject_code(), Some(RejectCode::MfaFailed));
+    }
+    println!("statements per accept: code {code:?}, ticket {ticket:?}, wrong code {wrong:?}");
+    assert_eq!(
+        code.iter().min(),
+        Some(&2),
+        "a TOTP code: snapshot and commit"
+    );
+    assert_eq!(
+        ticket.iter().min(),
+        Some(&1),
+        "a session ticket: the snapshot alone"
+    );
+    assert_eq!(
+        wrong.iter().min(),
+        Some(&2),
+        "a wrong code: snapshot and charge"
+    );
+}
