@@ -26,7 +26,7 @@ fn handshake(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("client runtime");
-    let fixture = Fixture::start(&server_rt, TOTP_USERS).expect("bench fixture");
+    let fixture = Fixture::start(&server_rt, TOTP_USERS, None).expect("bench fixture");
     client_rt
         .block_on(fixture.warm_up())
         .expect("warm-up connections");

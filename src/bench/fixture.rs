@@ -10,7 +10,7 @@ use portcullis_client::{Client, CodeSource, PortcullisChannel};
 
 use portcullis_core::codec::ALPN_PCS1;
 use portcullis_core::{
-    Admin, Clock, DeviceFingerprint, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
+    Admin, Clock, DeviceFingerprint, Registry, SystemClock, SystemRandom, TotpAlgorithm, TotpConfig,
 };
 use portcullis_server::PortcullisServer;
 use portcullis_store::SqliteRegistry;
@@ -116,11 +116,11 @@ pub(super) struct BenchUser {
     pub(super) device: Issued,
 }
 
-/// Adds `count` users to `registry`, `user00000` on, each with a new TOTP secret and a device
-/// certificate from `ca` bound to it.
+/// Adds `count` users to each of `registries`, `user00000` on, each with a new TOTP secret and
+/// a device certificate from `ca` bound to it (the same in every registry).
 pub(super) fn enroll_users(
     ca: &DevCa,
-    registry: &SqliteRegistry,
+    registries: &[&dyn Admin],
     count: usize,
 ) -> Result<Vec<BenchUser>, BenchError> {
     let rng = SystemRandom::new();
@@ -130,17 +130,21 @@ pub(super) fn enroll_users(
         let name = format!("user{i:05}");
         let totp = TotpConfig::generate_secret(&rng, 6, TotpAlgorithm::Sha1, 30)
             .map_err(BenchError::setup)?;
-        registry
-            .add_user(&name, totp.clone(), now)
-            .map_err(BenchError::setup)?;
+        for registry in registries {
+            registry
+                .add_user(&name, totp.clone(), now)
+                .map_err(BenchError::setup)?;
+        }
         let device = ca
             .issue_device(&format!("device{i:05}"))
             .map_err(BenchError::setup)?;
         let fp =
             portcullis_tls::fingerprint(device.cert_der().as_ref()).map_err(BenchError::setup)?;
-        registry
-            .bind_device(&format!("device{i:05}"), &name, &fp, now)
-            .map_err(BenchError::setup)?;
+        for registry in registries {
+            registry
+                .bind_device(&format!("device{i:05}"), &name, &fp, now)
+                .map_err(BenchError::setup)?;
+        }
         users.push(BenchUser { name, totp, device });
     }
     Ok(users)
@@ -184,7 +188,7 @@ pub(super) fn portcullis_gate(
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
     ca_der: &rustls::pki_types::CertificateDer<'static>,
-    registry: Arc<SqliteRegistry>,
+    registry: Arc<dyn Registry>,
 ) -> Result<PortcullisServer, BenchError> {
     PortcullisServer::builder()
         .identity(chain, key, std::slice::from_ref(ca_der))
@@ -309,10 +313,13 @@ pub(super) fn tls_channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -
 
 impl Fixture {
     /// Makes a dev PKI, a SQLite registry with `totp_users` users (each with its own device,
-    /// for single-use codes), and starts the four servers on `server_rt`.
+    /// for single-use codes), and starts the four servers on `server_rt`. Portcullis runs on
+    /// `gate_registry` when given (an empty registry: the same users are added to it), else on
+    /// the SQLite one; the mTLS baseline always maps certificates through SQLite.
     pub fn start(
         server_rt: &tokio::runtime::Runtime,
         totp_users: usize,
+        gate_registry: Option<Arc<dyn Registry>>,
     ) -> Result<Self, BenchError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().map_err(BenchError::setup)?;
@@ -323,7 +330,14 @@ impl Fixture {
         let registry = Arc::new(
             SqliteRegistry::create(&dir.path().join("bench.db")).map_err(BenchError::setup)?,
         );
-        let users = enroll_users(&ca, &registry, totp_users + 1 + SESSION_USERS)?;
+        let count = totp_users + 1 + SESSION_USERS;
+        let (gate_registry, users): (Arc<dyn Registry>, _) = match gate_registry {
+            None => (registry.clone(), enroll_users(&ca, &[&*registry], count)?),
+            Some(gate) => {
+                let users = enroll_users(&ca, &[&*registry, &*gate], count)?;
+                (gate, users)
+            }
+        };
         let ca_der = ca.cert_der();
         let accepted = Arc::new(AtomicUsize::new(0));
 
@@ -382,7 +396,7 @@ impl Fixture {
             vec![server.cert_der()],
             server.key_der(),
             &ca_der,
-            registry.clone(),
+            gate_registry,
         )?;
         let incoming = {
             let _guard = server_rt.enter();

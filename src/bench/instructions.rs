@@ -310,7 +310,7 @@ impl Material {
         std::fs::write(at(CA_FILE), ca.cert_pem()).map_err(BenchError::setup)?;
         let users = {
             let registry = SqliteRegistry::create(&at(REGISTRY_FILE)).map_err(BenchError::setup)?;
-            fixture::enroll_users(&ca, &registry, totp_users + 2)?
+            fixture::enroll_users(&ca, &[&registry], totp_users + 2)?
             // The registry is closed here, so that its file can be copied whole.
         };
         Ok(Self {

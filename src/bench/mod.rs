@@ -262,6 +262,18 @@ fn us(d: Duration) -> f64 {
 
 /// Runs the benchmark. `progress` is called as it goes (for a progress indicator).
 pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Report, BenchError> {
+    run_on(options, None, progress)
+}
+
+/// [`run`], with Portcullis on `gate_registry` (an empty registry: a PostgreSQL one, say; the
+/// benchmark adds its users to it) instead of a temporary SQLite file. The stock baselines are
+/// unchanged (the mTLS one maps certificates through SQLite), so the ratios say what the
+/// registry costs the gate.
+pub fn run_on(
+    options: &Options,
+    gate_registry: Option<Arc<dyn portcullis_core::Registry>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, BenchError> {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(cpu::SERVER_THREAD_NAME)
@@ -287,7 +299,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Repo
         0
     };
     let totp_users = options.connections + options.rtt_connections + throughput_users + 8;
-    let fixture = Arc::new(Fixture::start(&server_rt, totp_users)?);
+    let fixture = Arc::new(Fixture::start(&server_rt, totp_users, gate_registry)?);
     let result = client_rt.block_on(measure(options, fixture.clone(), progress));
     drop(fixture);
     client_rt.shutdown_timeout(Duration::from_secs(2));

@@ -36,6 +36,11 @@ pub(crate) struct HandshakeArgs {
     /// Print one JSON object with every figure instead of the table.
     #[arg(long)]
     json: bool,
+    /// Run Portcullis on this PostgreSQL registry (`postgres://…`, an empty database: the
+    /// benchmark adds its users to it) instead of a temporary SQLite file; the stock baselines
+    /// are unchanged.
+    #[arg(long, value_name = "URL")]
+    registry: Option<String>,
 }
 
 /// A progress indicator on stderr: one updated line on a terminal, else a line per phase.
@@ -70,6 +75,10 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
         rtt_ms: args.rtt_ms,
         rtt_connections: args.rtt_connections as usize,
     };
+    let gate_registry = match &args.registry {
+        None => None,
+        Some(url) => Some(bench_registry(url)?),
+    };
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
@@ -78,8 +87,9 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
             .init();
     }
     let terminal = std::io::stderr().is_terminal();
-    let report = portcullis::bench::run(&options, &mut progress_indicator(terminal))
-        .map_err(|e| e.to_string())?;
+    let report =
+        portcullis::bench::run_on(&options, gate_registry, &mut progress_indicator(terminal))
+            .map_err(|e| e.to_string())?;
     if terminal {
         eprint!("\r\x1b[2K");
     }
@@ -90,6 +100,25 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
         out!("{}", report.table());
     }
     Ok(())
+}
+
+/// The PostgreSQL registry of `bench handshake --registry`: a fresh key of the run's own (the
+/// benchmark's users are its own too), and an empty database.
+fn bench_registry(url: &str) -> CliResult<std::sync::Arc<dyn portcullis_core::Registry>> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("--registry: use postgres://USER:PASSWORD@HOST:PORT/DB".to_owned());
+    }
+    let key = portcullis_store::SecretKey::generate()
+        .map_err(|_| "the system random generator failed".to_owned())?;
+    let registry =
+        portcullis_postgres::PgRegistry::open_blocking(url, key, &[]).map_err(|e| e.to_string())?;
+    if !registry.is_empty().map_err(|e| e.to_string())? {
+        return Err(format!(
+            "PostgreSQL at {}: the database holds a registry; the benchmark adds users of its own, so give it an empty database",
+            registry.host()
+        ));
+    }
+    Ok(std::sync::Arc::new(registry))
 }
 
 /// `portcullis bench instructions`.

@@ -170,13 +170,19 @@ pub(crate) fn init(args: &InitArgs) -> CliResult {
     if let Location::Postgres(url) = &location {
         let probe = SecretKey::generate().map_err(|_| "the system random generator failed")?;
         let roots = args.registry.roots()?;
-        let registry = portcullis_postgres::PgRegistry::open_blocking(url, probe, &roots)
-            .map_err(|e| e.to_string())?;
+        let taken = |host: &str| {
+            format!(
+                "PostgreSQL at {host}: the database already holds a registry; a server joins it with a copy of the directory that made it (its registry.key), or start from an empty database"
+            )
+        };
+        let registry = match portcullis_postgres::PgRegistry::open_blocking(url, probe, &roots) {
+            Ok(registry) => registry,
+            // Secrets sealed under a key of its own: someone's registry.
+            Err(portcullis_postgres::PgError::WrongKey { host }) => return Err(taken(&host)),
+            Err(e) => return Err(e.to_string()),
+        };
         if !registry.is_empty().map_err(|e| e.to_string())? {
-            return Err(format!(
-                "PostgreSQL at {}: the database already holds a registry; a server joins it with a copy of the directory that made it (its registry.key), or start from an empty database",
-                registry.host()
-            ));
+            return Err(taken(registry.host()));
         }
     }
     // Said at once, so that it is known also when a later step fails.

@@ -139,6 +139,13 @@ impl PgRegistry {
             .copied()
             .unwrap_or(CONNECT_TIMEOUT);
         config.application_name("portcullis");
+        // The gate's statements are prepared once per connection and run with new values on
+        // every accept: a generic plan, made once, instead of a plan per execution.
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c plan_cache_mode=force_generic_plan"),
+            None => "-c plan_cache_mode=force_generic_plan".to_owned(),
+        };
+        config.options(&options);
         let host = host_of(&config);
         let mut store = rustls::RootCertStore::empty();
         for root in roots {

@@ -1,0 +1,112 @@
+//! `--registry URL` against a real PostgreSQL server (a throwaway cluster): `init` creates the
+//! schema, the administrative commands and two `portcullis serve` processes share the database
+//! (a fleet of two), a code accepted by one server is spent for the other, a device revoked
+//! through the database is refused by both, and bad URLs, refused passwords and a database
+//! that holds another registry are one-line errors that never show the password.
+
+mod common;
+
+use common::*;
+use portcullis_postgres::testkit::PgCluster;
+
+fn call<'a>(dir: &'a str, server: &'a str, code: &'a str) -> Vec<&'a str> {
+    vec![
+        "call",
+        "--dir",
+        dir,
+        "--server",
+        server,
+        "--server-name",
+        "localhost",
+        "--device",
+        "laptop",
+        "--user",
+        "alice",
+        "--code",
+        code,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_database_spend_a_code_once_and_share_revocations() {
+    let Some(cluster) = PgCluster::start("cli --registry") else {
+        return;
+    };
+    let url = cluster.database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pc");
+    let d = s(&dir);
+    let env = [("PORTCULLIS_REGISTRY", url.as_str())];
+    let out = run_with_env(&["init", "--dir", d], &env);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("PostgreSQL at 127.0.0.1"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains(cluster.password()), "{}", out.stdout);
+    assert!(
+        !dir.join("portcullis.db").exists(),
+        "no SQLite file beside a PostgreSQL registry"
+    );
+
+    let added = run_with_env(&["user", "add", "alice", "--dir", d, "--json"], &env);
+    assert!(added.status.success(), "{}", added.stderr);
+    let json: serde_json::Value = serde_json::from_str(&added.stdout).unwrap();
+    let secret = json["secret"].as_str().unwrap().to_owned();
+    let issued = run_with_env(
+        &["device", "issue", "laptop", "--user", "alice", "--dir", d],
+        &env,
+    );
+    assert!(issued.status.success(), "{}", issued.stderr);
+    // Without --registry the directory has no registry of its own.
+    assert_one_line_error(
+        &run(&["user", "list", "--dir", d]),
+        &["portcullis.db", "--registry"],
+    );
+    let listed = run_with_env(&["user", "list", "--dir", d], &env);
+    assert!(listed.stdout.contains("alice"), "{}", listed.stdout);
+
+    let (_a, a) = serve(&dir, &["--registry", &url]);
+    let (_b, b) = serve(&dir, &["--registry", &url]);
+    let code = totp(&secret).generate(unix_now());
+    let accepted = run(&call(d, &a, &code));
+    assert!(accepted.status.success(), "{}", accepted.stderr);
+    let reused = run(&call(d, &b, &code));
+    assert!(!reused.status.success());
+    assert!(reused.stderr.contains("already used"), "{}", reused.stderr);
+
+    let revoked = run_with_env(&["device", "revoke", "laptop", "--dir", d], &env);
+    assert!(revoked.status.success(), "{}", revoked.stderr);
+    let code = totp(&secret).generate(unix_now() + 30);
+    for server in [&a, &b] {
+        let refused = run(&call(d, server, &code));
+        assert!(!refused.status.success());
+        assert!(
+            refused.stderr.contains("device_revoked"),
+            "{}",
+            refused.stderr
+        );
+    }
+
+    // Another directory cannot take over a database that holds a registry.
+    let other = tmp.path().join("other");
+    let taken = run_with_env(&["init", "--dir", s(&other)], &env);
+    assert_one_line_error(&taken, &["already holds a registry"]);
+    assert!(!other.exists(), "nothing written for a refused init");
+
+    // A wrong password and a server that is not there: one line, the host, never the password.
+    let wrong = cluster.url_with_wrong_password("postgres");
+    for (url, needle) in [
+        (wrong.as_str(), "password authentication failed"),
+        ("postgres://postgres:topsecret@127.0.0.1:1/x", "127.0.0.1:1"),
+        ("mysql://postgres:topsecret@127.0.0.1/x", "postgres://"),
+    ] {
+        let out = run(&["user", "list", "--dir", d, "--registry", url]);
+        let line = assert_one_line_error(&out, &[needle]);
+        assert!(
+            !line.contains(cluster.password()) && !line.contains("topsecret"),
+            "{line}"
+        );
+    }
+}
