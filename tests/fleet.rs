@@ -30,7 +30,10 @@ const WITHIN: Duration = Duration::from_secs(3);
 struct Fleet {
     cluster: PgCluster,
     db: String,
+    url: String,
     servers: Vec<TestServer>,
+    /// The change feeds of [`notified_fleet`]'s servers.
+    _feeds: Vec<portcullis_postgres::ChangeListener>,
 }
 
 fn registry_key() -> SecretKey {
@@ -40,18 +43,51 @@ fn registry_key() -> SecretKey {
 /// Three servers on one new database, sharing the CA, the registry key and the ticket key (what
 /// the members of a fleet share), without a per-source rate limit (every client is 127.0.0.1).
 async fn fleet(test: &str) -> Option<Fleet> {
+    start_fleet(test, false, None).await
+}
+
+/// [`fleet`], with each server's revocation round woken by its registry's change feed (LISTEN)
+/// and otherwise run only once a minute: a revocation that closes a connection within seconds
+/// was carried by a notification, or by the feed's resync.
+async fn notified_fleet(test: &str) -> Option<Fleet> {
+    start_fleet(test, true, None).await
+}
+
+/// [`fleet`] whose first server closes its live connections once the registry has not
+/// confirmed them for `strict` (`--strict-revocation`); the others keep them open.
+async fn strict_fleet(test: &str, strict: Duration) -> Option<Fleet> {
+    start_fleet(test, false, Some(strict)).await
+}
+
+async fn start_fleet(test: &str, notified: bool, strict_first: Option<Duration>) -> Option<Fleet> {
     let cluster = PgCluster::start(test)?;
     let url = cluster.database().await;
     let db = PgCluster::database_name(&url).to_owned();
     let ca = DevCa::generate("fleet CA").unwrap();
     let mut servers = Vec::new();
-    for _ in 0..3 {
+    let mut feeds = Vec::new();
+    for i in 0..3 {
         let registry = Arc::new(PgRegistry::open(&url, registry_key(), &[]).await.unwrap());
+        let wake = Arc::new(tokio::sync::Notify::new());
+        if notified {
+            feeds.push(registry.listen_changes(wake.clone()));
+        }
         let (server, _) = start_custom(same_ca(&ca), registry, |builder| {
-            builder
+            let builder = builder
                 .rate_limit(None)
                 .deadline(Duration::from_secs(5))
-                .ticket_key(TicketKey::from_bytes(&[0x17; 32]).unwrap())
+                .ticket_key(TicketKey::from_bytes(&[0x17; 32]).unwrap());
+            let builder = match strict_first {
+                Some(after) if i == 0 => builder.strict_revocation(after),
+                _ => builder,
+            };
+            if notified {
+                builder
+                    .revocation_wake(wake)
+                    .revocation_interval(Duration::from_secs(60))
+            } else {
+                builder
+            }
         })
         .await;
         servers.push(server);
@@ -59,7 +95,9 @@ async fn fleet(test: &str) -> Option<Fleet> {
     Some(Fleet {
         cluster,
         db,
+        url,
         servers,
+        _feeds: feeds,
     })
 }
 
@@ -78,6 +116,26 @@ async fn attempt(
     let p = prefix(&tls, user, factor());
     let verdict = send_raw(&mut tls, &p.encode().unwrap()).await;
     (verdict, tls)
+}
+
+/// Enrols device `i`, holds a connection of it open on C, revokes it through A's registry; how
+/// long C took to close the connection (bounded by [`WITHIN`]).
+async fn revoke_on_a_closed_on_c(fleet: &Fleet, i: usize) -> Duration {
+    let (a, c) = (&fleet.servers[0], &fleet.servers[2]);
+    let device = format!("laptop{i}");
+    let carol = a.enroll(&format!("carol{i}"), &device);
+    let (verdict, mut tls) = attempt(c, &carol.device, &carol.user, || {
+        Factor::Totp(current_code(&carol.totp))
+    })
+    .await;
+    assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+    let start = Instant::now();
+    a.registry
+        .revoke_device(&device, SystemClock.now_ms())
+        .unwrap();
+    let closed = tokio::time::timeout(WITHIN, read_to_close(&mut tls)).await;
+    assert!(closed.is_ok(), "device {i}: the connection on C is closed");
+    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,23 +269,9 @@ async fn a_device_revoked_through_one_instance_is_closed_on_another() {
     let Some(fleet) = fleet("fleet revocation").await else {
         return;
     };
-    let (a, c) = (&fleet.servers[0], &fleet.servers[2]);
     let mut latencies = Vec::new();
     for i in 0..5 {
-        let device = format!("laptop{i}");
-        let carol = a.enroll(&format!("carol{i}"), &device);
-        let (verdict, mut tls) = attempt(c, &carol.device, &carol.user, || {
-            Factor::Totp(current_code(&carol.totp))
-        })
-        .await;
-        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
-        let start = Instant::now();
-        a.registry
-            .revoke_device(&device, SystemClock.now_ms())
-            .unwrap();
-        let closed = tokio::time::timeout(WITHIN, read_to_close(&mut tls)).await;
-        assert!(closed.is_ok(), "the connection on C is closed");
-        latencies.push(start.elapsed());
+        latencies.push(revoke_on_a_closed_on_c(&fleet, i).await);
     }
     latencies.sort();
     println!(
@@ -238,14 +282,84 @@ async fn a_device_revoked_through_one_instance_is_closed_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_another_instance_by_notify_and_after_its_listener_is_killed() {
+    let Some(fleet) = notified_fleet("fleet notify").await else {
+        return;
+    };
+    let mut by_notify = Vec::new();
+    for i in 0..5 {
+        by_notify.push(revoke_on_a_closed_on_c(&fleet, 10 + i).await);
+    }
+    by_notify.sort();
+    println!(
+        "revocation by NOTIFY: median {:?}, max {:?}",
+        by_notify[2], by_notify[4]
+    );
+
+    // The listening connections are killed by the database: each feed listens again, and its
+    // resync carries what a lost notification would have said.
+    let (admin, connection) = tokio_postgres::connect(&fleet.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1",
+            &[&portcullis_postgres::LISTENER_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 3, "one listening connection per instance");
+    let after_kill = revoke_on_a_closed_on_c(&fleet, 20).await;
+    println!("revocation right after the listener was killed: {after_kill:?}");
+    // The feeds listen again.
+    let start = Instant::now();
+    loop {
+        let listening: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&portcullis_postgres::LISTENER_APPLICATION_NAME],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listening == 3 {
+            break;
+        }
+        assert!(start.elapsed() < WITHIN, "the feeds listen again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = revoke_on_a_closed_on_c(&fleet, 21).await;
+    println!("revocation by NOTIFY after the feeds listen again: {again:?}");
+    drop(admin);
+    let _ = driver.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_is_down_refuses_with_overloaded_and_the_fleet_recovers() {
-    let Some(fleet) = fleet("fleet database down").await else {
+    let Some(fleet) = strict_fleet("fleet database down", Duration::from_secs(1)).await else {
         return;
     };
     let users: Vec<Enrolled> = (0..3)
         .map(|i| fleet.servers[0].enroll(&format!("dave{i}"), &format!("phone{i}")))
         .collect();
+    // A live connection on each instance; the first one runs with --strict-revocation 1.
+    let holders: Vec<Enrolled> = (0..3)
+        .map(|i| fleet.servers[0].enroll(&format!("hal{i}"), &format!("desk{i}")))
+        .collect();
+    let mut live = Vec::new();
+    for (server, hal) in fleet.servers.iter().zip(&holders) {
+        let (verdict, tls) = attempt(server, &hal.device, &hal.user, || {
+            Factor::Totp(current_code(&hal.totp))
+        })
+        .await;
+        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+        live.push(tls);
+    }
     fleet.cluster.stop();
+    let stopped = Instant::now();
     for (server, dave) in fleet.servers.iter().zip(&users) {
         let start = Instant::now();
         let (verdict, _) = attempt(server, &dave.device, &dave.user, || {
@@ -268,6 +382,26 @@ async fn a_database_that_is_down_refuses_with_overloaded_and_the_fleet_recovers(
             "the client is told when to retry"
         );
         println!("database down: OVERLOADED after {took:?}");
+    }
+    // Strict: closed once the registry has not answered for 1 s; the others stay open.
+    let mut live = live.into_iter();
+    let mut strict = live.next().unwrap();
+    let closed = tokio::time::timeout(WITHIN, read_to_close(&mut strict)).await;
+    assert!(
+        closed.is_ok(),
+        "the strict instance closes its live connection"
+    );
+    println!(
+        "strict revocation: closed {:?} after the stop",
+        stopped.elapsed()
+    );
+    for (i, mut tls) in live.enumerate() {
+        let read = tokio::time::timeout(Duration::from_millis(1500), read_to_close(&mut tls)).await;
+        assert!(
+            read.is_err(),
+            "instance {}: without strict revocation the connection stays open",
+            i + 1
+        );
     }
     fleet.cluster.restart();
     // Each instance serves again by itself (its pool reconnects).

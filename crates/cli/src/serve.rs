@@ -14,6 +14,7 @@ use portcullis_server::limits::{self, RateLimit};
 use portcullis_server::policy::{Policy, PolicyLayer};
 
 use crate::dir::Layout;
+use crate::registry::Location;
 use crate::{CliResult, DirArg};
 
 /// How long open connections may finish after a shutdown signal.
@@ -93,6 +94,12 @@ pub(crate) struct ServeArgs {
     /// codes for sensitive methods (step-up), roles, allowed and denied users.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Close every live connection when the registry has not confirmed them for SECS seconds
+    /// (its reads fail or hang): fail closed, so that a revocation this server cannot see does
+    /// not keep a connection open. Off by default: live connections stay open while the
+    /// registry is unreachable (new connections are refused with OVERLOADED either way).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    strict_revocation: Option<u64>,
 }
 
 pub(crate) fn serve(args: &ServeArgs) -> CliResult {
@@ -100,7 +107,15 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     let builder = PortcullisServer::builder()
         .identity_files(layout.server_cert(), layout.server_key(), layout.ca_cert())
         .map_err(|e| e.to_string())?;
-    let registry: Arc<dyn Registry> = layout.open_registry(&args.registry)?;
+    // On PostgreSQL, the registry's change feed wakes the revocation round: a revocation made
+    // through another server of the fleet (or the command line) closes connections here at once.
+    let (registry, feed): (Arc<dyn Registry>, _) = match args.registry.location()? {
+        Location::Postgres(url) => {
+            let pg = Arc::new(layout.open_postgres(&url, &args.registry)?);
+            (pg.clone(), Some((pg, Arc::new(tokio::sync::Notify::new()))))
+        }
+        _ => (layout.open_registry(&args.registry)?, None),
+    };
     let policy = match &args.policy {
         Some(path) => Policy::from_toml_file(path).map_err(|e| e.to_string())?,
         None => Policy::default(),
@@ -131,6 +146,12 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     if let Some(key) = ticket_key {
         builder = builder.ticket_key(key);
     }
+    if let Some(secs) = args.strict_revocation {
+        builder = builder.strict_revocation(Duration::from_secs(secs));
+    }
+    if let Some((_, wake)) = &feed {
+        builder = builder.revocation_wake(wake.clone());
+    }
     if let Some(path) = &args.audit_log {
         builder = builder.audit_log(path).map_err(|e| e.to_string())?;
     }
@@ -155,6 +176,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
 
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("tokio runtime: {e}"))?;
     runtime.block_on(async move {
+        let _feed = feed.map(|(pg, wake)| pg.listen_changes(wake));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("{}: cannot listen: {e}", args.listen))?;

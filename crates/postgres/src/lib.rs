@@ -31,6 +31,7 @@
 mod admin;
 mod error;
 mod gate;
+mod listen;
 mod schema;
 #[cfg(feature = "test-util")]
 pub mod testkit;
@@ -43,6 +44,7 @@ use std::time::Duration;
 
 pub use admin::CHANGES_CHANNEL;
 pub use error::PgError;
+pub use listen::{ChangeListener, LISTENER_APPLICATION_NAME};
 pub use schema::SCHEMA_VERSION;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -67,6 +69,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// crate does for `tokio-postgres`.
 pub struct PgRegistry {
     pool: Pool,
+    /// The connection settings, for the change feed's connection of its own.
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     host: String,
     sealer: Sealer,
     clock: Arc<dyn Clock>,
@@ -160,9 +165,10 @@ impl PgRegistry {
         .map_err(|e| PgError::Url(format!("TLS: {e}")))?
         .with_root_certificates(store)
         .with_no_client_auth();
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
         let manager = Manager::from_config(
-            config,
-            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -184,6 +190,8 @@ impl PgRegistry {
             .map_err(|_| PgError::Url("AES-256-GCM refused the registry key".to_owned()))?;
         Ok(Self {
             pool,
+            config,
+            tls,
             host,
             sealer,
             clock: Arc::new(SystemClock),
@@ -367,7 +375,7 @@ fn host_of(config: &tokio_postgres::Config) -> String {
 
 /// The cause of a database error in one line: PostgreSQL's message for a server error, the
 /// error chain for the rest (neither holds the password).
-fn db_cause(e: &tokio_postgres::Error) -> String {
+pub(crate) fn db_cause(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
     }

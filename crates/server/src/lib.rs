@@ -288,6 +288,34 @@ impl Builder {
         self
     }
 
+    /// Runs the checks of live connections (revoked devices, sessions, roles) also whenever
+    /// `wake` is notified, besides every [`revocation::REVOCATION_CHECK_INTERVAL`]: give it a
+    /// registry's change feed (`portcullis_postgres::PgRegistry::listen_changes`), so that a
+    /// revocation made through another instance closes connections here at once.
+    pub fn revocation_wake(mut self, wake: Arc<tokio::sync::Notify>) -> Self {
+        self.revocation.wake = Some(wake);
+        self
+    }
+
+    /// Strict revocation: when the registry has not confirmed the live connections for
+    /// `after` (its reads fail or take longer than [`revocation::ROUND_READ_TIMEOUT`]), every
+    /// live connection is closed (fail closed: a revocation the server cannot see must not
+    /// keep a connection open indefinitely). Off by default: live connections stay open while
+    /// the registry is unreachable (new ones are refused with OVERLOADED either way). The
+    /// clients' reads and writes then fail naming the cause.
+    pub fn strict_revocation(mut self, after: Duration) -> Self {
+        self.revocation.strict = Some(after);
+        self
+    }
+
+    /// How often the checks of live connections run when nothing wakes them (default
+    /// [`revocation::REVOCATION_CHECK_INTERVAL`], 250 ms; at least 10 ms). Longer rounds read the
+    /// registry less often; with [`Builder::revocation_wake`], revocations still arrive at once.
+    pub fn revocation_interval(mut self, interval: Duration) -> Self {
+        self.revocation.interval = Some(interval.max(Duration::from_millis(10)));
+        self
+    }
+
     /// Whether standard gRPC clients are let in (default `false`; PROTOCOL.md section 7). When
     /// on, the TLS configuration also offers ALPN `h2`, after `portcullis/1` (so a Portcullis
     /// client still gets `portcullis/1`). A connection that negotiates `h2` sends no Prefix: it

@@ -88,6 +88,10 @@ use crate::context::AuthContext;
 /// How often the devices of live connections are checked against the registry.
 pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long one registry read of a revocation round may take; beyond it the round counts as
+/// failed (the registry does not answer) and ends.
+pub const ROUND_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often a CRL file ([`crate::Builder::crl_file`]) is checked for changes (its modification
 /// time and size: one `stat` call): every round of checks.
 pub const CRL_POLL_INTERVAL: Duration = REVOCATION_CHECK_INTERVAL;
@@ -103,6 +107,7 @@ enum CloseReason {
     SessionExpired = 5,
     SessionRevoked = 6,
     ServerStopping = 7,
+    RegistryUnreachable = 8,
 }
 
 impl CloseReason {
@@ -115,6 +120,7 @@ impl CloseReason {
             5 => Self::SessionExpired,
             6 => Self::SessionRevoked,
             7 => Self::ServerStopping,
+            8 => Self::RegistryUnreachable,
             _ => return None,
         })
     }
@@ -129,6 +135,7 @@ impl CloseReason {
             Self::SessionExpired => "session_expired",
             Self::SessionRevoked => "session_revoked",
             Self::ServerStopping => "server_stopping",
+            Self::RegistryUnreachable => "registry_unreachable",
         }
     }
 
@@ -142,6 +149,9 @@ impl CloseReason {
             Self::SessionExpired => "the session expired",
             Self::SessionRevoked => "the session was revoked",
             Self::ServerStopping => "the server is stopping",
+            Self::RegistryUnreachable => {
+                "the server could not confirm the device with its registry for too long"
+            }
         }
     }
 }
@@ -262,6 +272,12 @@ pub(crate) struct Settings {
     pub(crate) crl_file: Option<PathBuf>,
     pub(crate) verifier: Option<Arc<ReloadableClientVerifier>>,
     pub(crate) close_on_session_expiry: bool,
+    /// How often a round runs when nothing wakes it ([`REVOCATION_CHECK_INTERVAL`] unless set).
+    pub(crate) interval: Option<Duration>,
+    /// What wakes a round early (a registry's change feed).
+    pub(crate) wake: Option<Arc<tokio::sync::Notify>>,
+    /// Strict revocation: how long live connections may go unconfirmed before they are closed.
+    pub(crate) strict: Option<Duration>,
 }
 
 impl fmt::Debug for Settings {
@@ -270,6 +286,8 @@ impl fmt::Debug for Settings {
             .field("crl_file", &self.crl_file)
             .field("client_verifier", &self.verifier.is_some())
             .field("close_on_session_expiry", &self.close_on_session_expiry)
+            .field("interval", &self.interval)
+            .field("woken", &self.wake.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -335,6 +353,10 @@ impl Settings {
                 seen_generation: AtomicU64::new(generation),
                 started: AtomicBool::new(false),
                 registry_failing: AtomicBool::new(false),
+                interval: self.interval.unwrap_or(REVOCATION_CHECK_INTERVAL),
+                wake: self.wake,
+                strict: self.strict,
+                confirmed: Mutex::new(std::time::Instant::now()),
             },
         ))
     }
@@ -412,6 +434,14 @@ pub(crate) struct Revocation {
     started: AtomicBool,
     /// Set while the registry fails, so that a long failure logs one warning.
     registry_failing: AtomicBool,
+    /// How often a round runs when nothing wakes it.
+    interval: Duration,
+    /// What wakes a round early, besides the interval.
+    wake: Option<Arc<tokio::sync::Notify>>,
+    /// Strict revocation ([`crate::Builder::strict_revocation`]).
+    strict: Option<Duration>,
+    /// When the registry last confirmed every live connection (or none was live).
+    confirmed: Mutex<std::time::Instant>,
 }
 
 impl fmt::Debug for Revocation {
@@ -546,6 +576,10 @@ impl Revocation {
             .iter()
             .map(|(fp, entries)| (*fp, entries.values().cloned().collect()))
             .collect();
+        if snapshot.is_empty() {
+            // Nothing held depends on the registry (a new connection needs it to be let in).
+            *lock(&self.confirmed) = std::time::Instant::now();
+        }
 
         if let (Some(verifier), Some(generation)) = (&self.verifier, generation)
             && self.seen_generation.swap(generation, Ordering::AcqRel) != generation
@@ -568,7 +602,7 @@ impl Revocation {
         let now = gate.clock().now_ms();
         let handle = tokio::runtime::Handle::current();
         let mut failed = None;
-        for (fingerprint, entries) in &snapshot {
+        'devices: for (fingerprint, entries) in &snapshot {
             let mut by_session: HashMap<Option<SessionId>, Vec<&Arc<LiveEntry>>> = HashMap::new();
             for entry in entries.iter().filter(|e| e.reason().is_none()) {
                 by_session.entry(entry.session).or_default().push(entry);
@@ -580,11 +614,23 @@ impl Revocation {
                     session: session.map_or(SessionNeed::None, SessionNeed::ById),
                     now_ms: now,
                 };
-                let read = match handle.block_on(store.snapshot(&need)) {
-                    Ok(read) => read,
-                    Err(e) => {
-                        failed = Some(e);
-                        continue;
+                let read = match handle.block_on(tokio::time::timeout(
+                    ROUND_READ_TIMEOUT,
+                    store.snapshot(&need),
+                )) {
+                    Ok(Ok(read)) => read,
+                    // The registry fails or does not answer: the rest of the round would
+                    // wait on it as well; the next round tries again.
+                    Ok(Err(e)) => {
+                        failed = Some(e.to_string());
+                        break 'devices;
+                    }
+                    Err(_) => {
+                        failed = Some(format!(
+                            "no answer within {} ms",
+                            ROUND_READ_TIMEOUT.as_millis()
+                        ));
+                        break 'devices;
                     }
                 };
                 for entry in entries {
@@ -636,11 +682,39 @@ impl Revocation {
         }
         match failed {
             Some(e) => {
-                if !self.registry_failing.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(error = %e, "cannot check live connections against the registry; they stay open until it answers");
+                let unconfirmed = lock(&self.confirmed).elapsed();
+                match self.strict {
+                    Some(limit) if unconfirmed >= limit => {
+                        let mut closed = 0;
+                        for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
+                            if entry.reason().is_none() {
+                                entry.close(CloseReason::RegistryUnreachable);
+                                closed += 1;
+                            }
+                        }
+                        if closed > 0 {
+                            tracing::warn!(
+                                error = %e,
+                                closed,
+                                unconfirmed_ms = unconfirmed.as_millis() as u64,
+                                "strict revocation: the registry has not confirmed live connections for too long; they are closed"
+                            );
+                        }
+                    }
+                    Some(_) => {
+                        if !self.registry_failing.swap(true, Ordering::AcqRel) {
+                            tracing::warn!(error = %e, "cannot check live connections against the registry; under strict revocation they are closed if it stays unreachable");
+                        }
+                    }
+                    None => {
+                        if !self.registry_failing.swap(true, Ordering::AcqRel) {
+                            tracing::warn!(error = %e, "cannot check live connections against the registry; they stay open until it answers");
+                        }
+                    }
                 }
             }
             None => {
+                *lock(&self.confirmed) = std::time::Instant::now();
                 if self.registry_failing.swap(false, Ordering::AcqRel) {
                     tracing::info!("the registry answers again; live connections are checked");
                 }
@@ -699,15 +773,30 @@ pub(crate) fn start(state: &Arc<AcceptState>) {
         return;
     }
     let weak: Weak<AcceptState> = Arc::downgrade(state);
+    let interval = state.revocation.interval;
+    let wake = state.revocation.wake.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(REVOCATION_CHECK_INTERVAL);
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            match &wake {
+                // A change reported by the registry starts a round at once; the interval
+                // still runs them when no report comes (a lost notification costs one interval).
+                Some(wake) => tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {}
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
             let Some(state) = weak.upgrade() else {
                 break;
             };
             if !state.revocation.has_work() {
+                // Nothing held depends on the registry (a new connection needs it to be let
+                // in): strict revocation counts from here.
+                *lock(&state.revocation.confirmed) = std::time::Instant::now();
                 continue;
             }
             // File and registry I/O: off the runtime's workers. Rounds never overlap.
