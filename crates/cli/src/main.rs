@@ -63,9 +63,19 @@ enum Command {
     /// List and revoke the sessions the gate issued.
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Move a registry between backends.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Measure what Portcullis costs.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Copy a SQLite registry (users, sealed secrets, lockout and single-use state, devices,
+    /// roles, sessions) into an empty PostgreSQL database, in one transaction.
+    Copy(registry::CopyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +216,7 @@ fn main() -> ExitCode {
         },
         Command::Session(SessionCommand::List(args)) => session::session_list(&args),
         Command::Session(SessionCommand::Revoke(args)) => session::session_revoke(&args),
+        Command::Registry(RegistryCommand::Copy(args)) => registry::copy(&args),
         Command::Bench(BenchCommand::Handshake(args)) => bench::handshake(&args),
         Command::Bench(BenchCommand::Instructions(args)) => bench::instructions(&args),
         Command::Bench(BenchCommand::InstructionsServer(args)) => bench::instructions_server(&args),

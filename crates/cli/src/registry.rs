@@ -85,25 +85,29 @@ impl Layout {
     /// key file and the fix; a database that cannot be reached names its host and the cause.
     pub(crate) fn open_registry(&self, arg: &RegistryArg) -> CliResult<Arc<dyn Registry>> {
         match arg.location()? {
-            Location::Dir => {
-                self.check_registry_file()?;
-                Ok(Arc::new(
-                    SqliteRegistry::open_dir(&self.dir).map_err(|e| self.store_error(e))?,
-                ))
-            }
+            Location::Postgres(url) => Ok(Arc::new(self.open_postgres(&url, arg)?)),
+            sqlite => Ok(Arc::new(self.open_sqlite(&sqlite)?)),
+        }
+    }
+
+    /// Opens a SQLite registry: the directory's own ([`Location::Dir`]) or the file of
+    /// [`Location::Sqlite`].
+    pub(crate) fn open_sqlite(&self, location: &Location) -> CliResult<SqliteRegistry> {
+        match location {
             Location::Sqlite(path) => {
                 if !path.is_file() {
                     return Err(format!(
-                        "{}: no such registry file (--registry sqlite:PATH)",
+                        "{}: no such registry file (sqlite:PATH)",
                         path.display()
                     ));
                 }
                 let key = self.load_registry_key()?;
-                Ok(Arc::new(
-                    SqliteRegistry::open_with_key(&path, key).map_err(|e| self.store_error(e))?,
-                ))
+                SqliteRegistry::open_with_key(path, key).map_err(|e| self.store_error(e))
             }
-            Location::Postgres(url) => Ok(Arc::new(self.open_postgres(&url, arg)?)),
+            _ => {
+                self.check_registry_file()?;
+                SqliteRegistry::open_dir(&self.dir).map_err(|e| self.store_error(e))
+            }
         }
     }
 
@@ -125,7 +129,7 @@ impl Layout {
         SecretKey::load(&self.registry_key()).map_err(|e| self.store_error(e))
     }
 
-    fn store_error(&self, e: StoreError) -> String {
+    pub(crate) fn store_error(&self, e: StoreError) -> String {
         match e {
             StoreError::KeyMissing { path } => format!(
                 "{}: no registry key file; `portcullis init` makes one, and `portcullis init --dir {} --add-key` adds one to a directory made by an older portcullis",
@@ -169,4 +173,67 @@ mod tests {
             assert!(!err.contains("secret") && !err.contains('\n'), "{err}");
         }
     }
+}
+
+/// `portcullis registry copy`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CopyArgs {
+    #[command(flatten)]
+    dir: crate::DirArg,
+    /// The registry to copy: `sqlite:PATH`; without it, DIR/portcullis.db.
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
+    /// The registry to fill: `postgres://USER:PASSWORD@HOST:PORT/DB`, an empty database.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// The CA certificate(s) (PEM) a TLS connection to PostgreSQL is verified against.
+    #[arg(long, value_name = "FILE")]
+    registry_ca: Option<PathBuf>,
+}
+
+/// Copies a SQLite registry (users with their sealed secrets, lockout and single-use state,
+/// devices active and revoked, roles, sessions) into an empty PostgreSQL database, in one
+/// transaction; the source is only read. Both are sealed under DIR/registry.key.
+pub(crate) fn copy(args: &CopyArgs) -> CliResult {
+    let layout = Layout::existing(&args.dir.dir)?;
+    let from = RegistryArg {
+        registry: args.from.clone(),
+        registry_ca: None,
+    };
+    let source = match from.location()? {
+        Location::Postgres(_) => {
+            return Err(
+                "--from: copy from a SQLite registry (sqlite:PATH, or DIR/portcullis.db)"
+                    .to_owned(),
+            );
+        }
+        sqlite => layout.open_sqlite(&sqlite)?,
+    };
+    let Location::Postgres(url) = Location::parse(&args.to)? else {
+        return Err(
+            "--to: copy to a PostgreSQL registry (postgres://USER:PASSWORD@HOST:PORT/DB)"
+                .to_owned(),
+        );
+    };
+    let to = RegistryArg {
+        registry: Some(url.clone()),
+        registry_ca: args.registry_ca.clone(),
+    };
+    let target = layout.open_postgres(&url, &to)?;
+    let export = source.export().map_err(|e| e.to_string())?;
+    let done = target.import(&export).map_err(|e| e.to_string())?;
+    out!(
+        "copied {} users, {} devices ({} active), {} roles and {} sessions to PostgreSQL at {}",
+        done.users,
+        done.devices,
+        done.active_devices,
+        done.roles,
+        done.sessions,
+        target.host()
+    );
+    out!(
+        "next: portcullis serve --dir {} --registry postgres://… (PORTCULLIS_REGISTRY); the SQLite file is left as it was",
+        layout.dir.display()
+    );
+    Ok(())
 }

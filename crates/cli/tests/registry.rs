@@ -9,9 +9,10 @@ mod common;
 use common::*;
 use portcullis_postgres::testkit::PgCluster;
 
-fn call<'a>(dir: &'a str, server: &'a str, code: &'a str) -> Vec<&'a str> {
+/// `VERB --dir DIR --server SERVER --server-name localhost --device laptop --user alice`.
+fn as_alice<'a>(verb: &'a str, dir: &'a str, server: &'a str) -> Vec<&'a str> {
     vec![
-        "call",
+        verb,
         "--dir",
         dir,
         "--server",
@@ -22,9 +23,13 @@ fn call<'a>(dir: &'a str, server: &'a str, code: &'a str) -> Vec<&'a str> {
         "laptop",
         "--user",
         "alice",
-        "--code",
-        code,
     ]
+}
+
+fn call<'a>(dir: &'a str, server: &'a str, code: &'a str) -> Vec<&'a str> {
+    let mut args = as_alice("call", dir, server);
+    args.extend(["--code", code]);
+    args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,4 +114,78 @@ async fn two_servers_on_one_database_spend_a_code_once_and_share_revocations() {
             "{line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_registry_moves_to_postgres_without_loss() {
+    let Some(cluster) = PgCluster::start("cli registry copy") else {
+        return;
+    };
+    let url = cluster.database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let d = s(&dir);
+    let alice = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    add_user(&dir, "bob");
+    issue_device(&dir, "phone", "bob");
+    run_ok(&["device", "revoke", "phone", "--dir", d]);
+    run_ok(&["user", "set", "alice", "--role", "admin", "--dir", d]);
+
+    // On SQLite: a code earns a session; then two wrong codes.
+    let spent = totp(&alice).generate(unix_now());
+    {
+        let (_server, addr) = serve(&dir, &[]);
+        let mut login = as_alice("login", d, &addr);
+        login.extend(["--code", &spent]);
+        let login = run(&login);
+        assert!(login.status.success(), "{}", login.stderr);
+        // The stored ticket would go first: the calls below are to spend codes.
+        run_ok(&as_alice("logout", d, &addr));
+        let wrong = wrong_code(&alice);
+        for _ in 0..2 {
+            let out = run(&call(d, &addr, &wrong));
+            assert!(out.stderr.contains("mfa_failed"), "{}", out.stderr);
+        }
+    }
+    let before = run_ok(&["session", "list", "--dir", d]);
+
+    let copied = run(&["registry", "copy", "--dir", d, "--to", &url]);
+    assert!(copied.status.success(), "{}", copied.stderr);
+    assert!(
+        copied
+            .stdout
+            .contains("copied 2 users, 2 devices (1 active), 1 roles and 1 sessions"),
+        "{}",
+        copied.stdout
+    );
+    assert!(!copied.stdout.contains(cluster.password()));
+    // A second copy would mix two registries: refused, nothing written.
+    let again = run(&["registry", "copy", "--dir", d, "--to", &url]);
+    assert_one_line_error(&again, &["already exists"]);
+
+    let pg = ["--registry", url.as_str()];
+    let users = run_ok(&[&["user", "list", "--dir", d][..], &pg[..]].concat());
+    assert!(
+        users.contains("alice") && users.contains("admin") && users.contains("bob"),
+        "{users}"
+    );
+    let devices = run_ok(&[&["device", "list", "--dir", d][..], &pg[..]].concat());
+    let phone = devices.lines().find(|l| l.contains("phone")).unwrap();
+    assert!(phone.contains("revoked"), "{devices}");
+    let after = run_ok(&[&["session", "list", "--dir", d][..], &pg[..]].concat());
+    assert_eq!(before, after, "the same session records");
+
+    let (_server, addr) = serve(&dir, &pg);
+    // The code spent on SQLite is spent here too (the sealed secret opens, the step is kept).
+    let reused = run(&call(d, &addr, &spent));
+    assert!(reused.stderr.contains("already used"), "{}", reused.stderr);
+    // Two failures came along: three more lock alice out.
+    let wrong = wrong_code(&alice);
+    for _ in 0..3 {
+        let out = run(&call(d, &addr, &wrong));
+        assert!(out.stderr.contains("mfa_failed"), "{}", out.stderr);
+    }
+    let locked = run(&call(d, &addr, &wrong));
+    assert!(locked.stderr.contains("locked_out"), "{}", locked.stderr);
 }

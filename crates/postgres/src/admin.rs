@@ -596,3 +596,165 @@ impl Admin for PgRegistry {
         })
     }
 }
+
+/// What [`PgRegistry::import`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Imported {
+    /// Users (with their secrets, lockout and single-use state).
+    pub users: usize,
+    /// Device bindings, active and revoked.
+    pub devices: usize,
+    /// Of those, the active ones.
+    pub active_devices: usize,
+    /// Role grants.
+    pub roles: usize,
+    /// Session records.
+    pub sessions: usize,
+}
+
+impl PgRegistry {
+    /// Writes everything `export` holds into this registry, in one transaction, and refuses a
+    /// registry that is not empty (`AlreadyExists`, nothing written). Every user's sealed
+    /// secret is opened under this registry's key first: a copy sealed under another key is
+    /// refused before anything is written, so that nothing is lost.
+    pub fn import(
+        &self,
+        export: &portcullis_store::rows::RegistryExport,
+    ) -> Result<Imported, RegistryError> {
+        for user in &export.users {
+            user.row
+                .clone()
+                .decode(&self.sealer)
+                .map_err(|e| self.damaged(e))?;
+            lock_state(&user.row.name, user.failures, user.locked_until_ms)
+                .map_err(|e| self.damaged(e))?;
+        }
+        for device in &export.devices {
+            device.clone().decode().map_err(|e| self.damaged(e))?;
+        }
+        for session in &export.sessions {
+            session.clone().decode().map_err(|e| self.damaged(e))?;
+        }
+        self.wait(self.import_async(export))
+    }
+
+    async fn import_async(
+        &self,
+        export: &portcullis_store::rows::RegistryExport,
+    ) -> Result<Imported, RegistryError> {
+        let mut client = self.conn().await?;
+        let tx = client.transaction().await.map_err(|e| self.backend(&e))?;
+        let e = |e: tokio_postgres::Error| self.backend(&e);
+        // No other writer while the copy checks and fills the tables.
+        tx.batch_execute("LOCK TABLE users, devices, sessions, user_roles IN EXCLUSIVE MODE")
+            .await
+            .map_err(e)?;
+        let empty: bool = tx
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM users) AND NOT EXISTS (SELECT 1 FROM devices)
+                   AND NOT EXISTS (SELECT 1 FROM sessions)",
+                &[],
+            )
+            .await
+            .map_err(e)?
+            .get(0);
+        if !empty {
+            return Err(RegistryError::AlreadyExists(format!(
+                "a registry in PostgreSQL at {} (the copy goes to an empty database only)",
+                self.host
+            )));
+        }
+        let user = tx
+            .prepare(
+                "INSERT INTO users (name, totp_secret, digits, algorithm, period, created_ms,
+                                    service, failures, locked_until_ms, last_step)
+                 VALUES ($1::text, $2::bytea, $3::bigint, $4::text, $5::bigint, $6::bigint,
+                         $7::boolean, $8::bigint, $9::bigint, $10::bigint)",
+            )
+            .await
+            .map_err(e)?;
+        for u in &export.users {
+            let secret = u.row.secret.as_ref().map(|s| s.as_slice());
+            tx.execute(
+                &user,
+                &[
+                    &u.row.name,
+                    &secret,
+                    &u.row.digits,
+                    &u.row.algorithm,
+                    &u.row.period,
+                    &u.row.created_ms,
+                    &u.row.service,
+                    &u.failures,
+                    &u.locked_until_ms,
+                    &u.last_step,
+                ],
+            )
+            .await
+            .map_err(e)?;
+        }
+        let device = tx
+            .prepare(
+                "INSERT INTO devices (name, user_name, fingerprint, created_ms, revoked_ms)
+                 VALUES ($1::text, $2::text, $3::bytea, $4::bigint, $5::bigint)",
+            )
+            .await
+            .map_err(e)?;
+        for d in &export.devices {
+            tx.execute(
+                &device,
+                &[
+                    &d.name,
+                    &d.user,
+                    &d.fingerprint,
+                    &d.created_ms,
+                    &d.revoked_ms,
+                ],
+            )
+            .await
+            .map_err(e)?;
+        }
+        let role = tx
+            .prepare("INSERT INTO user_roles (user_name, role) VALUES ($1::text, $2::text)")
+            .await
+            .map_err(e)?;
+        for (user, name) in &export.roles {
+            tx.execute(&role, &[user, name]).await.map_err(e)?;
+        }
+        let session = tx
+            .prepare(
+                "INSERT INTO sessions (id, user_name, fingerprint, totp_time_ms, expires_ms,
+                                       revoked_ms)
+                 VALUES ($1::bytea, $2::text, $3::bytea, $4::bigint, $5::bigint, $6::bigint)",
+            )
+            .await
+            .map_err(e)?;
+        for s in &export.sessions {
+            tx.execute(
+                &session,
+                &[
+                    &s.id,
+                    &s.user,
+                    &s.fingerprint,
+                    &s.totp_time_ms,
+                    &s.expires_ms,
+                    &s.revoked_ms,
+                ],
+            )
+            .await
+            .map_err(e)?;
+        }
+        tx.commit().await.map_err(e)?;
+        Ok(Imported {
+            users: export.users.len(),
+            devices: export.devices.len(),
+            active_devices: export
+                .devices
+                .iter()
+                .filter(|d| d.revoked_ms.is_none())
+                .count(),
+            roles: export.roles.len(),
+            sessions: export.sessions.len(),
+        })
+    }
+}

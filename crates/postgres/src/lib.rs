@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-pub use admin::CHANGES_CHANNEL;
+pub use admin::{CHANGES_CHANNEL, Imported};
 pub use error::PgError;
 pub use listen::{ChangeListener, LISTENER_APPLICATION_NAME};
 pub use schema::SCHEMA_VERSION;

@@ -793,6 +793,63 @@ impl Admin for SqliteRegistry {
 }
 
 impl SqliteRegistry {
+    /// Everything the registry holds, as stored (secrets sealed), in one read transaction: what
+    /// `portcullis registry copy` moves to another backend.
+    pub fn export(&self) -> Result<rows::RegistryExport, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.backend(e))?;
+        let sqlite = |e: rusqlite::Error| self.backend(e);
+        let users = tx
+            .prepare(
+                "SELECT name, totp_secret, digits, algorithm, period, created_ms, service,
+                        failures, locked_until_ms, last_step FROM users ORDER BY name",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| {
+                    Ok(rows::ExportedUser {
+                        row: read_user(r)?,
+                        failures: r.get(7)?,
+                        locked_until_ms: r.get(8)?,
+                        last_step: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sqlite)?;
+        let devices = tx
+            .prepare(
+                "SELECT name, user, fingerprint, created_ms, revoked_ms FROM devices ORDER BY id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], read_device)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sqlite)?;
+        let roles = tx
+            .prepare("SELECT user, role FROM user_roles ORDER BY user, role")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sqlite)?;
+        let sessions = tx
+            .prepare(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions ORDER BY totp_time_ms, id"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map([], read_session)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sqlite)?;
+        tx.commit().map_err(sqlite)?;
+        Ok(rows::RegistryExport {
+            users,
+            devices,
+            roles,
+            sessions,
+        })
+    }
+
     /// The user's lockout state read on `conn` (which may be in a transaction); `None` when
     /// there is no such user.
     fn read_lock(&self, conn: &Connection, user: &str) -> Result<Option<LockState>, RegistryError> {

@@ -136,6 +136,7 @@ impl SessionRow {
 }
 
 /// A `users` row: `name, totp_secret, digits, algorithm, period, created_ms, service`.
+#[derive(Clone)]
 pub struct UserRow {
     /// The user name.
     pub name: String,
@@ -271,4 +272,34 @@ impl GateUserRow {
             roles,
         })
     }
+}
+
+/// A user as stored, with the state the gate keeps: what a copy of the registry moves.
+#[derive(Debug, Clone)]
+pub struct ExportedUser {
+    /// The user's row (the secret sealed, as stored).
+    pub row: UserRow,
+    /// The failure count.
+    pub failures: i64,
+    /// Until when the user is locked out, Unix ms.
+    pub locked_until_ms: i64,
+    /// The last accepted TOTP step.
+    pub last_step: Option<i64>,
+}
+
+/// Everything a registry holds, as stored: users with their sealed secrets, lockout and
+/// single-use state, every device binding (active and revoked, in binding order), roles and
+/// session records. Read in one consistent read ([`crate::SqliteRegistry::export`]); the
+/// secrets stay sealed under the registry key, so that a copy to another backend under the
+/// same key needs no plain secret anywhere.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryExport {
+    /// The users, by name.
+    pub users: Vec<ExportedUser>,
+    /// The device bindings, in the order they were made.
+    pub devices: Vec<DeviceRow>,
+    /// `(user, role)` pairs.
+    pub roles: Vec<(String, String)>,
+    /// The session records.
+    pub sessions: Vec<SessionRow>,
 }
