@@ -89,58 +89,42 @@ impl PgRegistry {
         }
     }
 
-    fn sessions(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<SessionRecord>, RegistryError> {
+    /// Every row of `rows` read by `read` (its first column may be NULL only in a bad row,
+    /// named by `missing`) and decoded by `decode`.
+    fn records<R, T>(
+        &self,
+        rows: &[tokio_postgres::Row],
+        read: fn(&tokio_postgres::Row, usize) -> Result<Option<R>, tokio_postgres::Error>,
+        missing: &str,
+        decode: impl Fn(R) -> Result<T, portcullis_store::rows::Damaged>,
+    ) -> Result<Vec<T>, RegistryError> {
         rows.iter()
             .map(|row| {
-                let session = session_at(row, 0).map_err(|e| self.backend(&e))?;
-                self.session_record(session)
+                let found = read(row, 0).map_err(|e| self.backend(&e))?.ok_or_else(|| {
+                    RegistryError::Backend(format!("PostgreSQL at {}: {missing}", self.host))
+                })?;
+                decode(found).map_err(|e| self.damaged(e))
             })
             .collect()
     }
 
-    fn session_record(&self, row: Option<SessionRow>) -> Result<SessionRecord, RegistryError> {
-        row.ok_or_else(|| {
-            RegistryError::Backend(format!(
-                "PostgreSQL at {}: a session without an id",
-                self.host
-            ))
-        })?
-        .decode()
-        .map_err(|e| self.damaged(e))
+    fn sessions(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<SessionRecord>, RegistryError> {
+        self.records(
+            rows,
+            session_at,
+            "a session without an id",
+            SessionRow::decode,
+        )
     }
 
     fn devices(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<DeviceRecord>, RegistryError> {
-        rows.iter()
-            .map(|row| {
-                device_at(row, 0)
-                    .map_err(|e| self.backend(&e))?
-                    .ok_or_else(|| {
-                        RegistryError::Backend(format!(
-                            "PostgreSQL at {}: a device without a name",
-                            self.host
-                        ))
-                    })?
-                    .decode()
-                    .map_err(|e| self.damaged(e))
-            })
-            .collect()
+        self.records(rows, device_at, "a device without a name", |d| d.decode())
     }
 
     fn users(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<UserRecord>, RegistryError> {
-        rows.iter()
-            .map(|row| {
-                user_at(row, 0)
-                    .map_err(|e| self.backend(&e))?
-                    .ok_or_else(|| {
-                        RegistryError::Backend(format!(
-                            "PostgreSQL at {}: a user without a name",
-                            self.host
-                        ))
-                    })?
-                    .decode(&self.sealer)
-                    .map_err(|e| self.damaged(e))
-            })
-            .collect()
+        self.records(rows, user_at, "a user without a name", |u| {
+            u.decode(&self.sealer)
+        })
     }
 
     async fn query(

@@ -95,6 +95,25 @@ const PURGE: &str = ", purge AS (
         SELECT id FROM sessions WHERE expires_ms <= $10::bigint LIMIT 64 FOR UPDATE SKIP LOCKED)
 )";
 
+/// The statements whose text is put together from the pieces above, made once (not on every
+/// accept): the snapshot for each [`SessionNeed`], and the accept with a session, without and
+/// with the purge.
+struct Statements {
+    snapshot_none: String,
+    snapshot_by_id: String,
+    snapshot_live: String,
+    accept_with_session: String,
+    accept_with_session_and_purge: String,
+}
+
+static STATEMENTS: std::sync::LazyLock<Statements> = std::sync::LazyLock::new(|| Statements {
+    snapshot_none: SNAPSHOT.replace("{session}", NO_SESSION),
+    snapshot_by_id: SNAPSHOT.replace("{session}", SESSION_BY_ID),
+    snapshot_live: SNAPSHOT.replace("{session}", LIVE_SESSION),
+    accept_with_session: ACCEPT_WITH_SESSION.replace("{purge}", ""),
+    accept_with_session_and_purge: ACCEPT_WITH_SESSION.replace("{purge}", PURGE),
+});
+
 /// How often a new session purges expired records, in the sessions' own time (ms).
 const PURGE_EVERY_MS: u64 = 1_000;
 
@@ -201,18 +220,15 @@ impl PgRegistry {
         let client = self.conn().await?;
         let fingerprint = need.fingerprint.as_bytes().as_slice();
         let (sql, rows) = match need.session {
-            SessionNeed::None => (SNAPSHOT.replace("{session}", NO_SESSION), None),
-            SessionNeed::ById(id) => (
-                SNAPSHOT.replace("{session}", SESSION_BY_ID),
-                Some(Param::Id(id.0.to_vec())),
-            ),
+            SessionNeed::None => (&STATEMENTS.snapshot_none, None),
+            SessionNeed::ById(id) => (&STATEMENTS.snapshot_by_id, Some(Param::Id(id.0.to_vec()))),
             SessionNeed::LiveForDevice => (
-                SNAPSHOT.replace("{session}", LIVE_SESSION),
+                &STATEMENTS.snapshot_live,
                 Some(Param::Time(db_ms(need.now_ms))),
             ),
         };
         let statement = client
-            .prepare_cached(&sql)
+            .prepare_cached(sql)
             .await
             .map_err(|e| self.backend(&e))?;
         let row = match &rows {
@@ -283,10 +299,13 @@ impl PgRegistry {
                     }
                     Some(session) => {
                         let horizon = self.purge_horizon(session);
-                        let sql = ACCEPT_WITH_SESSION
-                            .replace("{purge}", if horizon.is_some() { PURGE } else { "" });
+                        let sql = if horizon.is_some() {
+                            &STATEMENTS.accept_with_session_and_purge
+                        } else {
+                            &STATEMENTS.accept_with_session
+                        };
                         let statement = client
-                            .prepare_cached(&sql)
+                            .prepare_cached(sql)
                             .await
                             .map_err(|e| self.backend(&e))?;
                         let id = session.id.0.as_slice();
