@@ -9,9 +9,9 @@ use std::time::Duration;
 use clap::Args;
 use portcullis::demo;
 use portcullis_core::{Registry, SystemClock};
-use portcullis_server::PortcullisServer;
 use portcullis_server::limits::{self, RateLimit};
 use portcullis_server::policy::{Policy, PolicyLayer};
+use portcullis_server::{PortcullisServer, TrustedProxies};
 
 use crate::dir::Layout;
 use crate::registry::Location;
@@ -100,6 +100,21 @@ pub(crate) struct ServeArgs {
     /// registry is unreachable (new connections are refused with OVERLOADED either way).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     strict_revocation: Option<u64>,
+    /// Behind an L4 load balancer: each connection must come from one of LIST (addresses and
+    /// networks, comma-separated: 10.0.0.0/8,192.0.2.7) and start with a PROXY protocol v2
+    /// header, whose client address then counts for the rate limit, the audit trail and the
+    /// services. A connection from another peer, or without a header, is closed before TLS.
+    #[arg(long, value_name = "LIST", value_parser = trusted_proxies)]
+    proxy_protocol: Option<TrustedProxies>,
+}
+
+/// `--proxy-protocol`: a list that trusts no one is a mistake, not a setting.
+fn trusted_proxies(list: &str) -> Result<TrustedProxies, String> {
+    let trusted: TrustedProxies = list.parse().map_err(|e| format!("{e}"))?;
+    if trusted.networks().is_empty() {
+        return Err("name at least one trusted proxy address or network".into());
+    }
+    Ok(trusted)
 }
 
 pub(crate) fn serve(args: &ServeArgs) -> CliResult {
@@ -151,6 +166,9 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     }
     if let Some((_, wake)) = &feed {
         builder = builder.revocation_wake(wake.clone());
+    }
+    if let Some(trusted) = &args.proxy_protocol {
+        builder = builder.proxy_protocol(trusted.clone());
     }
     if let Some(path) = &args.audit_log {
         builder = builder.audit_log(path).map_err(|e| e.to_string())?;

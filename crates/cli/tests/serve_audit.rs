@@ -42,12 +42,17 @@ fn serve(dir: &Path, extra: &[&str]) -> Serving {
 }
 
 fn call(dir: &Path, server: &Serving, code: &str) -> Output {
+    call_at(dir, &server.addr, code)
+}
+
+/// `portcullis call` of alice's laptop to `addr`.
+fn call_at(dir: &Path, addr: &str, code: &str) -> Output {
     run(&[
         "call",
         "--dir",
         s(dir),
         "--server",
-        &server.addr,
+        addr,
         "--server-name",
         "localhost",
         "--device",
@@ -195,4 +200,110 @@ fn a_bad_audit_log_or_metrics_address_is_one_line() {
         "not-an-address",
     ]);
     assert_one_line_error(&out, &["--metrics-listen"]);
+}
+
+/// A balancer on 127.0.0.1 forwarding every connection to `server` with a PROXY protocol v2
+/// header that names 203.0.113.7:4444 as the client. Its address.
+fn balancer(server: &str) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = server.to_owned();
+    thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { return };
+            let server = server.clone();
+            thread::spawn(move || {
+                let Ok(mut outbound) = TcpStream::connect(&server) else {
+                    return;
+                };
+                // Signature, PROXY over TCP/IPv4, 12 bytes of addresses and ports.
+                let mut header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+                header.extend_from_slice(&[203, 0, 113, 7, 127, 0, 0, 1]);
+                header.extend_from_slice(&4444u16.to_be_bytes());
+                header.extend_from_slice(&443u16.to_be_bytes());
+                if outbound.write_all(&header).is_err() {
+                    return;
+                }
+                let (Ok(mut in_read), Ok(mut out_write)) =
+                    (inbound.try_clone(), outbound.try_clone())
+                else {
+                    return;
+                };
+                let up = thread::spawn(move || {
+                    let _ = std::io::copy(&mut in_read, &mut out_write);
+                    let _ = out_write.shutdown(std::net::Shutdown::Write);
+                });
+                let mut inbound = inbound;
+                let _ = std::io::copy(&mut outbound, &mut inbound);
+                let _ = inbound.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn behind_a_balancer_the_audit_log_names_the_client_of_the_proxy_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let secret = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let log = tmp.path().join("audit.jsonl");
+    let server = serve(
+        &dir,
+        &[
+            "--audit-log",
+            s(&log),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--proxy-protocol",
+            "127.0.0.1, 10.0.0.0/8",
+        ],
+    );
+    let front = balancer(&server.addr);
+    let code = totp(&secret).generate(unix_now());
+    let ok = call_at(&dir, &front, &code);
+    assert!(ok.status.success(), "{ok:?}");
+    // Past the balancer, without a header: closed before TLS.
+    std::fs::remove_dir_all(dir.join("sessions")).unwrap();
+    let direct = call(&dir, &server, &code);
+    assert!(!direct.status.success(), "{direct:?}");
+
+    let lines = audit_lines(&log, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let accepted = lines.iter().find(|l| l["outcome"] == "accepted").unwrap();
+    assert_eq!(accepted["peer"], "203.0.113.7:4444");
+    assert!(
+        accepted["proxy"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let closed = lines.iter().find(|l| l["outcome"] == "closed").unwrap();
+    assert_eq!(closed["cause"], "proxy_header_refused");
+    assert!(closed["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(closed["proxy"], serde_json::Value::Null);
+}
+
+#[test]
+fn a_bad_trusted_proxy_list_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    for (list, needle) in [
+        ("10.0.0.0/33", "10.0.0.0/33"),
+        ("127.0.0.1,lb.example", "lb.example"),
+        (" , ", "at least one"),
+    ] {
+        let out = run(&[
+            "serve",
+            "--dir",
+            s(&dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--proxy-protocol",
+            list,
+        ]);
+        assert_one_line_error(&out, &["--proxy-protocol", needle]);
+    }
 }

@@ -302,6 +302,13 @@ pub enum ServerCause {
     PrefixReadFailed,
     /// The client went away before the connection was decided.
     Abandoned,
+    /// PROXY protocol is on and the peer is not a trusted proxy: closed before TLS.
+    ProxyUntrusted,
+    /// PROXY protocol is on and the trusted peer sent no valid version 2 header (none, a
+    /// version 1 header, a malformed or too long one): closed before TLS.
+    ProxyHeaderRefused,
+    /// PROXY protocol is on and the header did not arrive in time: closed before TLS.
+    ProxyHeaderTimeout,
 }
 
 impl ServerCause {
@@ -323,6 +330,9 @@ impl ServerCause {
             Self::NoUsableClientCertificate => "no_usable_client_certificate",
             Self::PrefixReadFailed => "prefix_read_failed",
             Self::Abandoned => "abandoned",
+            Self::ProxyUntrusted => "proxy_untrusted",
+            Self::ProxyHeaderRefused => "proxy_header_refused",
+            Self::ProxyHeaderTimeout => "proxy_header_timeout",
         }
     }
 }

@@ -3,7 +3,8 @@
 //! absolute deadline the TLS 1.3 handshake, the ALPN check, exactly one Prefix frame and the
 //! gate's decision; accepted connections are yielded to tonic. With standard clients on, a
 //! connection that negotiated ALPN `h2` skips the Prefix and is decided by
-//! [`crate::standard`].
+//! [`crate::standard`]. With [`crate::Builder::proxy_protocol`], a PROXY protocol v2 header
+//! from a trusted balancer comes before all of this, and names the client the limits count.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use portcullis_core::{
     Cause, Committed, ConnectionFacts, Decision, Gate, Plan, Planned, RegistryError, RejectCode,
     ServerCause, Snapshot,
 };
+use portcullis_proxy::{Progress, TrustedProxies};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -30,7 +32,9 @@ use zeroize::Zeroizing;
 
 use crate::audit::{Attempt, Auditor};
 use crate::context::AuthContext;
-use crate::limits::{Limited, OVERLOADED_RETRY_AFTER_S, REFUSAL_DEADLINE, SourceLimiter};
+use crate::limits::{
+    Limited, OVERLOADED_RETRY_AFTER_S, PROXY_HEADER_DEADLINE, REFUSAL_DEADLINE, SourceLimiter,
+};
 use crate::standard::{self, ALPN_H2, GrpcRefusal};
 use crate::stream::AuthenticatedStream;
 
@@ -65,6 +69,11 @@ pub(crate) struct AcceptState {
     pub(crate) revocation: Arc<crate::revocation::Revocation>,
     /// Whether connections that negotiated ALPN `h2` are decided ([`crate::standard`]).
     pub(crate) standard_clients: bool,
+    /// The peers whose PROXY protocol header is read ([`crate::Builder::proxy_protocol`]);
+    /// `None` when it is off.
+    pub(crate) proxy: Option<Arc<TrustedProxies>>,
+    /// Whether a purge of expired nonces and quiet sources is under way.
+    pub(crate) purging: AtomicBool,
 }
 
 /// The application protocol a connection negotiated.
@@ -195,53 +204,31 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
     let local_addr = listener.local_addr().ok();
     let accept_loop = tokio::spawn(async move {
         let mut purge_tick = tokio::time::interval(PURGE_INTERVAL);
-        let purging = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tx.closed() => break,
                 _ = purge_tick.tick() => {
                     // Detached, and one at a time: accepting never waits for a purge.
-                    purge(&state, &purging);
+                    purge(&state);
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => match state.admit(peer) {
-                        Ok(permit) => {
-                            let state = state.clone();
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                if let Some(stream) = authenticate(&state, tcp, peer).await {
-                                    // The receiver is gone only when the server shuts down.
-                                    let _ = tx.send(stream).await;
-                                }
-                                // Held until tonic has taken the connection: a server that
-                                // cannot keep up answers OVERLOADED.
-                                drop(permit);
-                            });
-                        }
-                        Err(refusal) => {
-                            if refusal.cause == ServerCause::RateLimiterFull {
-                                purge(&state, &purging);
-                            }
-                            match state.refusing.clone().try_acquire_owned() {
-                                Ok(permit) => {
-                                    let state = state.clone();
-                                    tokio::spawn(async move {
-                                        refuse_early(&state, tcp, peer, refusal).await;
-                                        drop(permit);
-                                    });
-                                }
-                                Err(_) => {
-                                    // Not even a handshake can be afforded: closed at once.
-                                    Attempt::new(&state.auditor, peer).closed(
-                                        Some(refusal.code),
-                                        refusal.cause,
-                                        Some("closed at accept, without a TLS handshake".into()),
+                    Ok((tcp, peer)) => {
+                        let attempt = Attempt::new(&state.auditor, peer);
+                        match &state.proxy {
+                            None => dispatch(&state, &tx, tcp, attempt),
+                            Some(trusted) => {
+                                if trusted.contains(peer.ip()) {
+                                    behind_proxy(&state, &tx, tcp, attempt);
+                                } else {
+                                    attempt.closed(
+                                        None,
+                                        ServerCause::ProxyUntrusted,
+                                        Some(format!("{} is not a trusted proxy", peer.ip())),
                                     );
-                                    drop(tcp);
                                 }
                             }
                         }
-                    },
+                    }
                     Err(e) => {
                         // Out of file descriptors or a transient error: wait a little so the
                         // loop does not spin, then go on accepting.
@@ -262,18 +249,160 @@ pub(crate) fn spawn_accept_loop(state: Arc<AcceptState>, listener: TcpListener) 
     }
 }
 
+/// The limits at accept for a connection whose client is known (its TCP peer, or the client
+/// its PROXY header names), then its authentication or its early refusal, each in a task of
+/// its own.
+fn dispatch(
+    state: &Arc<AcceptState>,
+    tx: &mpsc::Sender<AuthenticatedStream>,
+    tcp: TcpStream,
+    attempt: Attempt,
+) {
+    match state.admit(attempt.peer()) {
+        Ok(permit) => {
+            let state = state.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Some(stream) = authenticate(&state, tcp, attempt).await {
+                    // The receiver is gone only when the server shuts down.
+                    let _ = tx.send(stream).await;
+                }
+                // Held until tonic has taken the connection: a server that cannot keep up
+                // answers OVERLOADED.
+                drop(permit);
+            });
+        }
+        Err(refusal) => {
+            if refusal.cause == ServerCause::RateLimiterFull {
+                purge(state);
+            }
+            match state.refusing.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        refuse_early(&state, tcp, attempt, refusal).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    // Not even a handshake can be afforded: closed at once.
+                    attempt.closed(
+                        Some(refusal.code),
+                        refusal.cause,
+                        Some("closed at accept, without a TLS handshake".into()),
+                    );
+                    drop(tcp);
+                }
+            }
+        }
+    }
+}
+
+/// A connection from a trusted proxy ([`crate::Builder::proxy_protocol`]): its PROXY header is
+/// read in a task of its own, under a permit of the cap on connections being authenticated
+/// (or, when that is full, of the refusal budget, so that the refusal can still be sent), and
+/// then it goes on as the client the header names.
+fn behind_proxy(
+    state: &Arc<AcceptState>,
+    tx: &mpsc::Sender<AuthenticatedStream>,
+    mut tcp: TcpStream,
+    mut attempt: Attempt,
+) {
+    let permit = match state.pending.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => match state.refusing.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                attempt.closed(
+                    Some(RejectCode::Overloaded),
+                    ServerCause::TooManyPending,
+                    Some("closed at accept, before its PROXY header".into()),
+                );
+                return;
+            }
+        },
+    };
+    let state = state.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let limit = PROXY_HEADER_DEADLINE.min(state.deadline);
+        let deadline = tokio::time::Instant::from_std(attempt.started() + limit);
+        match read_proxy_header(&mut tcp, deadline, limit).await {
+            Ok(client) => {
+                if let Some(client) = client {
+                    attempt.forwarded(client);
+                }
+                // The connection now counts as its client's: the limits at accept decide it
+                // like any other.
+                drop(permit);
+                dispatch(&state, &tx, tcp, attempt);
+            }
+            Err(closed) => attempt.closed(None, closed.cause, closed.detail),
+        }
+    });
+}
+
+/// Reads a PROXY protocol v2 header, exactly its bytes and no byte of the TLS handshake after
+/// it, by `deadline`. The client it names; `None` for a LOCAL header.
+async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    deadline: tokio::time::Instant,
+    limit: Duration,
+) -> Result<Option<SocketAddr>, Closed> {
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        let need = match portcullis_proxy::decode(&buf) {
+            Ok(Progress::Done(header)) => return Ok(header.client),
+            Ok(Progress::Need(need)) => need,
+            Err(e) => {
+                return Err(Closed::new(
+                    ServerCause::ProxyHeaderRefused,
+                    Some(e.to_string()),
+                ));
+            }
+        };
+        let start = buf.len();
+        buf.resize(start + need, 0);
+        match timeout_at(deadline, tcp.read(&mut buf[start..])).await {
+            Ok(Ok(0)) => {
+                return Err(Closed::new(
+                    ServerCause::ProxyHeaderRefused,
+                    Some(format!(
+                        "the connection ended after {start} bytes of the PROXY header"
+                    )),
+                ));
+            }
+            Ok(Ok(read)) => buf.truncate(start + read),
+            Ok(Err(e)) => {
+                return Err(Closed::new(
+                    ServerCause::ProxyHeaderRefused,
+                    Some(format!("reading the PROXY header: {e}")),
+                ));
+            }
+            Err(_) => {
+                return Err(Closed::new(
+                    ServerCause::ProxyHeaderTimeout,
+                    Some(format!(
+                        "{start} bytes of the PROXY header within {} ms",
+                        limit.as_millis()
+                    )),
+                ));
+            }
+        }
+    }
+}
+
 /// Drops expired nonces and quiet rate-limit sources, detached and one at a time: accepting
 /// never waits for a purge.
-fn purge(state: &Arc<AcceptState>, purging: &Arc<AtomicBool>) {
-    if !purging.swap(true, Ordering::AcqRel) {
+fn purge(state: &Arc<AcceptState>) {
+    if !state.purging.swap(true, Ordering::AcqRel) {
         let state = state.clone();
-        let purging = purging.clone();
         tokio::task::spawn_blocking(move || {
             state.gate.purge_expired();
             if let Some(limiter) = &state.limiter {
                 limiter.sweep();
             }
-            purging.store(false, Ordering::Release);
+            state.purging.store(false, Ordering::Release);
         });
     }
 }
@@ -396,8 +525,12 @@ async fn handshake(
 
 /// Answers a connection refused at accept (RATE_LIMITED, OVERLOADED) with its Verdict after
 /// the TLS handshake, without reading its Prefix.
-async fn refuse_early(state: &AcceptState, tcp: TcpStream, peer: SocketAddr, early: EarlyRefusal) {
-    let mut attempt = Attempt::new(&state.auditor, peer);
+async fn refuse_early(
+    state: &AcceptState,
+    tcp: TcpStream,
+    mut attempt: Attempt,
+    early: EarlyRefusal,
+) {
     let deadline =
         tokio::time::Instant::from_std(attempt.started() + state.deadline.min(REFUSAL_DEADLINE));
     let (tls, protocol) = match handshake(state, tcp, deadline, &mut attempt).await {
@@ -452,9 +585,9 @@ async fn refuse(
 async fn authenticate(
     state: &Arc<AcceptState>,
     tcp: TcpStream,
-    peer: SocketAddr,
+    mut attempt: Attempt,
 ) -> Option<AuthenticatedStream> {
-    let mut attempt = Attempt::new(&state.auditor, peer);
+    let peer = attempt.peer();
     let deadline = tokio::time::Instant::from_std(attempt.started() + state.deadline);
     let (mut tls, facts, protocol) = match handshake(state, tcp, deadline, &mut attempt).await {
         Ok(up) => up,

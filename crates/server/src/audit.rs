@@ -29,7 +29,7 @@
 //! [`AuditRecord::to_json`] gives one line (without the newline):
 //!
 //! ```text
-//! {"time":"2025-06-01T09:30:12.345Z","ref":"5f0c…","peer":"192.0.2.7:50122",
+//! {"time":"2025-06-01T09:30:12.345Z","ref":"5f0c…","peer":"192.0.2.7:50122","proxy":null,
 //!  "fingerprint":"sha256:9a3e…","user":"alice","agent":"portcullis-client/0.1",
 //!  "alpn":"portcullis/1","device":null,"method":null,"outcome":"rejected","code":"mfa_failed",
 //!  "cause":"code_reused","detail":null,"decision_us":41,"accept_us":2210}
@@ -39,7 +39,8 @@
 //! |---|---|
 //! | `time` | when the record was made, RFC 3339 in UTC with milliseconds, on the gate's clock |
 //! | `ref` | the REF of the Verdict, 32 hex digits; `null` when no Verdict was made |
-//! | `peer` | the client's address and port |
+//! | `peer` | the client's address and port (behind a trusted balancer with PROXY protocol: the client its header names) |
+//! | `proxy` | the balancer's address and port, when the connection came with a PROXY header that named a client; `null` otherwise |
 //! | `fingerprint` | `sha256:<hex>` of the client certificate's key; `null` before a finished TLS handshake |
 //! | `user` | the user the Prefix claimed; `null` when no Prefix was decoded |
 //! | `agent` | the AGENT the Prefix sent, if any |
@@ -57,8 +58,9 @@
 //! client such as `grpcurl -plaintext`), `tls_handshake_failed`, `tls_handshake_timeout`,
 //! `alpn_refused`, `tls_version_refused`, `no_usable_client_certificate`,
 //! `prefix_read_failed`, the limit that refused it at accept (`rate_limited`,
-//! `too_many_pending`, `rate_limiter_full`), or `abandoned` when the server stopped while
-//! the attempt was under way.
+//! `too_many_pending`, `rate_limiter_full`), `abandoned` when the server stopped while the
+//! attempt was under way, and with PROXY protocol on: `proxy_untrusted` (the peer is not a
+//! trusted balancer), `proxy_header_refused` (no valid v2 header), `proxy_header_timeout`.
 
 use std::fmt;
 use std::fs::File;
@@ -120,8 +122,12 @@ pub struct AuditRecord {
     /// The REF of the Verdict; `None` when no Verdict was made.
     #[serde(rename = "ref", serialize_with = "display_or_null")]
     pub reference: Option<Ref>,
-    /// The client's address.
+    /// The client's address: with [`crate::Builder::proxy_protocol`], the one the PROXY
+    /// header named.
     pub peer: SocketAddr,
+    /// The balancer the connection came through, with [`crate::Builder::proxy_protocol`]
+    /// (`None` without it, and for a connection refused before its header named a client).
+    pub proxy: Option<SocketAddr>,
     /// The client certificate's fingerprint, once the TLS handshake finished.
     #[serde(serialize_with = "display_or_null")]
     pub fingerprint: Option<DeviceFingerprint>,
@@ -356,6 +362,9 @@ fn fallback_line(record: &AuditRecord) -> String {
         let _ = write!(line, " ref={reference}");
     }
     let _ = write!(line, " peer={}", record.peer);
+    if let Some(proxy) = &record.proxy {
+        let _ = write!(line, " proxy={proxy}");
+    }
     if let Some(user) = &record.user {
         let _ = write!(line, " user={}", user.escape_debug());
     }
@@ -379,6 +388,7 @@ fn trace(record: &AuditRecord) {
         target: AUDIT_TARGET,
         reference,
         peer = %record.peer,
+        proxy = record.proxy.map(display),
         fingerprint,
         user = record.user.as_deref(),
         agent = record.agent.as_deref(),
@@ -402,6 +412,7 @@ fn trace(record: &AuditRecord) {
 pub(crate) struct Attempt {
     auditor: Arc<Auditor>,
     peer: SocketAddr,
+    proxy: Option<SocketAddr>,
     started: Instant,
     fingerprint: Option<DeviceFingerprint>,
     alpn: Option<&'static str>,
@@ -414,11 +425,24 @@ impl Attempt {
         Self {
             auditor: auditor.clone(),
             peer,
+            proxy: None,
             started: Instant::now(),
             fingerprint: None,
             alpn: None,
             done: false,
         }
+    }
+
+    /// The client's address.
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The connection's PROXY header named `client`: it becomes the attempt's peer, and the
+    /// balancer it came through its proxy.
+    pub(crate) fn forwarded(&mut self, client: SocketAddr) {
+        self.proxy = Some(self.peer);
+        self.peer = client;
     }
 
     /// When the attempt started.
@@ -441,6 +465,7 @@ impl Attempt {
             time_ms: self.auditor.clock.now_ms(),
             reference: None,
             peer: self.peer,
+            proxy: self.proxy,
             fingerprint: self.fingerprint,
             user: None,
             agent: None,
@@ -534,6 +559,7 @@ mod tests {
             time_ms: 1_748_770_212_345,
             reference: Some(Ref([0xab; 16])),
             peer: "192.0.2.7:50122".parse().unwrap(),
+            proxy: None,
             fingerprint: Some(DeviceFingerprint::from_bytes([0x11; 32])),
             user: Some("al\"ice\n{".into()),
             agent: None,

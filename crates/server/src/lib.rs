@@ -102,6 +102,7 @@ pub use health::{HealthStatus, NotServingCause};
 pub use layer::{AuthLayer, AuthService};
 pub use limits::{DEFAULT_MAX_PENDING, DEFAULT_RATE_LIMIT, DEFAULT_REFUSAL_BUDGET, RateLimit};
 pub use metrics::{MetricsEndpoint, MetricsService};
+pub use portcullis_proxy::TrustedProxies;
 pub use stream::AuthenticatedStream;
 /// The `tonic-health` crate, whose service [`PortcullisServer::health_service`] returns: use it
 /// for the client and the status types at the same version.
@@ -176,6 +177,7 @@ pub struct Builder {
     health_services: Vec<String>,
     revocation: revocation::Settings,
     standard_clients: bool,
+    proxy_protocol: Option<TrustedProxies>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -192,6 +194,7 @@ impl std::fmt::Debug for Builder {
             .field("health_services", &self.health_services)
             .field("revocation", &self.revocation)
             .field("standard_clients", &self.standard_clients)
+            .field("proxy_protocol", &self.proxy_protocol)
             .finish_non_exhaustive()
     }
 }
@@ -217,6 +220,7 @@ impl Builder {
             health_services: Vec::new(),
             revocation: revocation::Settings::default(),
             standard_clients: false,
+            proxy_protocol: None,
         }
     }
 
@@ -328,6 +332,28 @@ impl Builder {
     /// limit apply as to any connection. See the [`standard`] module.
     pub fn standard_clients(mut self, on: bool) -> Self {
         self.standard_clients = on;
+        self
+    }
+
+    /// PROXY protocol version 2 on the listener, for a server behind an L4 load balancer
+    /// (HAProxy `send-proxy-v2`, an AWS NLB target group with proxy protocol v2, Envoy's
+    /// `proxy_protocol` transport socket). Each connection must then come from one of
+    /// `trusted` and start with a v2 header, read under [`limits::PROXY_HEADER_DEADLINE`] and
+    /// at most [`portcullis_proxy::MAX_HEADER_LEN`] bytes; a connection from any other peer,
+    /// or without a valid header, is closed before its TLS handshake (audited as
+    /// `proxy_untrusted`, `proxy_header_refused` or `proxy_header_timeout`). The client
+    /// address the header names is the one the rate limit counts, the audit record's `peer`
+    /// (the balancer is its `proxy`), [`AuthContext::peer_addr`] and `request.remote_addr()`.
+    /// A LOCAL header (the balancer's own health check) keeps the balancer's address. Off by
+    /// default: a header is then never looked for.
+    ///
+    /// ```
+    /// # fn f(builder: portcullis_server::Builder) -> portcullis_server::Builder {
+    /// builder.proxy_protocol("10.0.0.0/8".parse().unwrap())
+    /// # }
+    /// ```
+    pub fn proxy_protocol(mut self, trusted: TrustedProxies) -> Self {
+        self.proxy_protocol = Some(trusted);
         self
     }
 
@@ -599,6 +625,8 @@ impl Builder {
                 auditor,
                 revocation: Arc::new(revocation),
                 standard_clients: self.standard_clients,
+                proxy: self.proxy_protocol.map(Arc::new),
+                purging: Default::default(),
             }),
             metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
             metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),

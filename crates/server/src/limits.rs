@@ -7,6 +7,8 @@
 //! | connections being authenticated at once | [`crate::Builder::max_pending`] | 1024 ([`DEFAULT_MAX_PENDING`]) | OVERLOADED, RETRY_AFTER [`OVERLOADED_RETRY_AFTER_S`] |
 //! | attempts per source address | [`crate::Builder::rate_limit`] | 20/s, burst 40 ([`DEFAULT_RATE_LIMIT`]) | RATE_LIMITED, RETRY_AFTER = seconds until the next permitted attempt |
 //! | early refusals with a TLS handshake at once | [`crate::Builder::refusal_budget`] | 64 ([`DEFAULT_REFUSAL_BUDGET`]) | beyond it: closed at TCP accept |
+//! | time for the PROXY protocol header, with [`crate::Builder::proxy_protocol`] | fixed | [`PROXY_HEADER_DEADLINE`], 2 s (or the deadline, if shorter) | closed before TLS |
+//! | size of the PROXY protocol header | fixed | [`portcullis_proxy::MAX_HEADER_LEN`], 1024 bytes | closed before TLS, refused from its 16-byte fixed part |
 //! | size of the Prefix frame | fixed by PROTOCOL.md section 2 | header + 4096 bytes ([`MAX_PREFIX_FRAME`]) | MALFORMED from the header alone |
 //!
 //! ## Early refusals
@@ -60,6 +62,10 @@ pub const DEFAULT_REFUSAL_BUDGET: usize = 64;
 
 /// The most time an early refusal gets for its TLS handshake and Verdict.
 pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a connection may take to send its PROXY protocol header, with
+/// [`crate::Builder::proxy_protocol`]: a balancer writes it as soon as it has connected.
+pub const PROXY_HEADER_DEADLINE: Duration = Duration::from_secs(2);
 
 /// RETRY_AFTER, in seconds, of an OVERLOADED Verdict sent because the server is at its limit of
 /// connections being authenticated.

@@ -28,7 +28,10 @@ pub struct AuthenticatedStream {
 
 impl AuthenticatedStream {
     pub(crate) fn new(inner: TlsStream<TcpStream>, auth: AuthContext) -> Self {
-        let tls = inner.connect_info();
+        let mut tls = inner.connect_info();
+        // The client's address, which behind a balancer with PROXY protocol is not the TCP
+        // peer's: `request.remote_addr()` says the same as the audit record.
+        tls.get_mut().remote_addr = Some(auth.peer_addr);
         Self {
             inner,
             info: PortcullisConnectInfo {
