@@ -503,3 +503,59 @@ async fn an_accept_takes_two_statements_with_a_code_and_one_with_a_ticket() {
         "a wrong code: snapshot and charge"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_round_tails_the_change_log_instead_of_reading_every_connection() {
+    let Some(fleet) = fleet("fleet round cost").await else {
+        return;
+    };
+    let (a, b) = (&fleet.servers[0], &fleet.servers[1]);
+    const LIVE: usize = 12;
+    let mut held = Vec::new();
+    let mut users = Vec::new();
+    for i in 0..LIVE {
+        let dana = a.enroll(&format!("dana{i}"), &format!("tablet{i}"));
+        let (verdict, tls) = attempt(b, &dana.device, &dana.user, || {
+            Factor::Totp(current_code(&dana.totp))
+        })
+        .await;
+        assert_eq!(verdict.status, 0, "{:?}", verdict.reason);
+        held.push(tls);
+        users.push(dana);
+    }
+    // B's first rounds read every new connection once; from then on, one statement a round.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let window = Duration::from_secs(2);
+    let before = fleet.cluster.statements(&fleet.db).len();
+    tokio::time::sleep(window).await;
+    let during = fleet.cluster.statements(&fleet.db)[before..].to_vec();
+    let rounds = window.as_millis() / 250;
+    println!(
+        "{} statements in {} ms ({rounds} rounds) with {LIVE} live connections",
+        during.len(),
+        window.as_millis()
+    );
+    // Reading every connection would take LIVE statements a round.
+    assert!(
+        during.len() < LIVE,
+        "{} statements for {rounds} rounds: {during:#?}",
+        during.len()
+    );
+
+    // A revocation is in the log: B reads that one device, and closes its connection.
+    let start = Instant::now();
+    a.registry
+        .revoke_device("tablet5", SystemClock.now_ms())
+        .unwrap();
+    let closed = tokio::time::timeout(WITHIN, read_to_close(&mut held[5])).await;
+    assert!(
+        closed.is_ok(),
+        "the revoked device's connection on B is closed"
+    );
+    println!("closed on B after {:?}", start.elapsed());
+    // The others stay open: each still answers (a read that does not end).
+    for (i, tls) in held.iter_mut().enumerate().filter(|(i, _)| *i != 5) {
+        let still = tokio::time::timeout(Duration::from_millis(50), read_to_close(tls)).await;
+        assert!(still.is_err(), "connection {i} was closed");
+    }
+}

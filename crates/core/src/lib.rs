@@ -53,8 +53,8 @@ pub use registry::{
 };
 pub use reject::RejectCode;
 pub use store::{
-    Admin, Committed, Effects, GateStore, Need, Registry, SessionNeed, SessionStore, Snapshot,
-    StoreFuture, UserState,
+    Admin, Change, ChangeTail, Committed, Effects, GateStore, MAX_CHANGES_PER_READ, Need, Registry,
+    SessionNeed, SessionStore, Snapshot, StoreFuture, UserState,
 };
 pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};
 pub use totp::{TotpAlgorithm, TotpConfig, TotpError};

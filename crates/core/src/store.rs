@@ -194,6 +194,62 @@ pub trait GateStore: Send + Sync {
     /// [`RegistryError::NotFound`]; a session id that is already recorded is
     /// [`RegistryError::AlreadyExists`] and nothing is written.
     fn commit<'a>(&'a self, effects: &'a Effects) -> StoreFuture<'a, Committed>;
+
+    /// The store's change log, for a server's revocation round: what was revoked or changed
+    /// after the change numbered `after`, so that a round re-reads only the connections a
+    /// change names instead of every live one. `None` asks only for the newest number (what a
+    /// round that reads everything starts from).
+    ///
+    /// A store without a change log answers [`ChangeTail::Unsupported`] (the default): every
+    /// round then reads every live connection's state. A store with one must record, in the
+    /// transaction of the change itself and numbered in the order of commit without gaps,
+    /// every revocation of a device, a user or a session and every change of a user's roles;
+    /// and answer [`ChangeTail::Resync`] when it cannot say what changed since `after` (the
+    /// log was pruned past it, numbers went back after a failover, or its notifications were
+    /// interrupted).
+    fn changes_since(&self, after: Option<u64>) -> StoreFuture<'_, ChangeTail> {
+        let _ = after;
+        ready(Ok(ChangeTail::Unsupported))
+    }
+}
+
+/// The most changes [`GateStore::changes_since`] returns at once; a round that is further
+/// behind reads everything instead.
+pub const MAX_CHANGES_PER_READ: usize = 1000;
+
+/// What [`GateStore::changes_since`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeTail {
+    /// The store keeps no change log.
+    Unsupported,
+    /// The changes after the one asked for, in order (at most [`MAX_CHANGES_PER_READ`]);
+    /// `head` is the number of the last one, or the number asked for when there is none.
+    Changes {
+        /// The changes, oldest first.
+        changes: Vec<Change>,
+        /// The number to ask after next time.
+        head: u64,
+    },
+    /// The log cannot say what changed since the number asked for (or none was asked for):
+    /// read everything, and ask after `head` next time.
+    Resync {
+        /// The newest change's number when the log was read (0 for an empty log).
+        head: u64,
+    },
+}
+
+/// One recorded change: what it names is read again by every server holding connections of
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its number in the log.
+    pub seq: u64,
+    /// The device whose binding was revoked.
+    pub fingerprint: Option<DeviceFingerprint>,
+    /// The user who was revoked or whose roles changed.
+    pub user: Option<String>,
+    /// The session that was revoked.
+    pub session: Option<SessionId>,
 }
 
 /// The sessions the gate issued (PROTOCOL.md section 6). They are recorded by

@@ -15,6 +15,7 @@ use portcullis_store::rows::{SessionRow, db_ms, lock_state};
 
 use crate::PgRegistry;
 use crate::gate::{SESSION_COLUMNS, device_at, is_unique_violation, session_at, user_at};
+use crate::schema::{CHANGES_LOCK, CHANGES_RETENTION_MS};
 
 /// The channel every revocation notifies, with the sequence number of its `changes` row.
 pub const CHANGES_CHANNEL: &str = "portcullis_changes";
@@ -45,7 +46,9 @@ impl ChangeKind {
 
 impl PgRegistry {
     /// Records a change in `changes` and notifies [`CHANGES_CHANNEL`], inside the caller's
-    /// transaction.
+    /// transaction: under [`CHANGES_LOCK`] (held to the end of the transaction) the record
+    /// takes the next number, so numbers follow the order of commit without gaps; records older
+    /// than [`CHANGES_RETENTION_MS`] are dropped in the same statement.
     async fn record_change(
         &self,
         tx: &impl GenericClient,
@@ -55,10 +58,19 @@ impl PgRegistry {
         session: Option<&[u8]>,
         at_ms: u64,
     ) -> Result<(), RegistryError> {
+        tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&CHANGES_LOCK])
+            .await
+            .map_err(|e| self.backend(&e))?;
+        let cutoff = db_ms(at_ms.saturating_sub(CHANGES_RETENTION_MS));
         tx.execute(
             "WITH c AS (
-                 INSERT INTO changes (kind, fingerprint, user_name, session_id, at_ms)
-                 VALUES ($1::text, $2::bytea, $3::text, $4::bytea, $5::bigint) RETURNING seq)
+                 INSERT INTO changes (seq, kind, fingerprint, user_name, session_id, at_ms)
+                 SELECT coalesce(max(seq), 0) + 1, $1::text, $2::bytea, $3::text, $4::bytea,
+                        $5::bigint
+                 FROM changes RETURNING seq
+             ), pruned AS (
+                 DELETE FROM changes WHERE at_ms < $7::bigint AND seq < (SELECT seq FROM c)
+             )
              SELECT pg_notify($6::text, seq::text) FROM c",
             &[
                 &kind.as_str(),
@@ -67,6 +79,7 @@ impl PgRegistry {
                 &session,
                 &db_ms(at_ms),
                 &CHANGES_CHANNEL,
+                &cutoff,
             ],
         )
         .await

@@ -464,4 +464,8 @@ impl GateStore for PgRegistry {
     fn commit<'a>(&'a self, effects: &'a Effects) -> StoreFuture<'a, Committed> {
         Box::pin(self.commit_async(effects))
     }
+
+    fn changes_since(&self, after: Option<u64>) -> StoreFuture<'_, portcullis_core::ChangeTail> {
+        Box::pin(self.changes_since_async(after))
+    }
 }

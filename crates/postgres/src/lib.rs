@@ -7,8 +7,11 @@
 //! [`PgRegistry::open`] connects through a pool (deadpool-postgres; TLS by rustls on the ring
 //! provider when the URL asks for it), applies the versioned migrations ([`SCHEMA_VERSION`]) in
 //! one transaction under an advisory lock, and refuses a schema written by a newer Portcullis.
-//! The tables mirror the SQLite registry's, plus the `changes` table that every revocation
-//! writes to in its own transaction (with a `NOTIFY`), for the other instances to tail. TOTP
+//! The tables mirror the SQLite registry's, plus the `changes` log that every revocation and
+//! role change writes to in its own transaction (with a `NOTIFY`), numbered in commit order
+//! without gaps, for every instance's revocation round to tail
+//! ([`GateStore::changes_since`](portcullis_core::GateStore::changes_since); see the `listen`
+//! module's [`PgRegistry::listen_changes`]). TOTP
 //! secrets are sealed in Rust under `registry.key`, as in SQLite: the database never sees a
 //! plain secret.
 //!
@@ -77,6 +80,9 @@ pub struct PgRegistry {
     clock: Arc<dyn Clock>,
     /// When a new session last purged expired records (the sessions' time, Unix ms).
     last_purge_ms: AtomicU64,
+    /// Set each time the change feed listens (again): what changed while it did not listen is
+    /// read by a resync ([`portcullis_core::ChangeTail::Resync`]).
+    feed_resync: Arc<std::sync::atomic::AtomicBool>,
     /// The runtime the synchronous traits' calls run on (`None` only while dropped).
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -196,6 +202,7 @@ impl PgRegistry {
             sealer,
             clock: Arc::new(SystemClock),
             last_purge_ms: AtomicU64::new(0),
+            feed_resync: Arc::default(),
             runtime: Some(runtime),
         })
     }

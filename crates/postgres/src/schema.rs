@@ -3,7 +3,7 @@
 //! each migration once), and a schema newer than this Portcullis is refused.
 
 /// The schema version this Portcullis writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The advisory lock key migrations hold (`'portcullis'` as an integer).
 pub(crate) const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c;
@@ -71,5 +71,21 @@ CREATE TABLE changes (
 );
 ";
 
+/// Version 2: changes are numbered in commit order without gaps (the highest number plus one,
+/// under [`CHANGES_LOCK`]), so that a round tailing the log after number `n` misses nothing by
+/// reading the numbers above `n`, and a gap means the log was pruned past it.
+pub(crate) const V2: &str = "
+ALTER TABLE changes ALTER COLUMN seq DROP IDENTITY;
+CREATE INDEX changes_by_time ON changes (at_ms);
+";
+
 /// The migrations, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// The advisory lock every change record is written under, until its transaction ends
+/// (`'pcschang'` as an integer): changes are numbered, and become visible, one at a time.
+pub(crate) const CHANGES_LOCK: i64 = 0x7063_7363_6861_6e67;
+
+/// How long a change record is kept, in ms: a server whose revocation round is further behind
+/// reads everything again. The newest record is always kept (the next number follows it).
+pub(crate) const CHANGES_RETENTION_MS: u64 = 3_600_000;

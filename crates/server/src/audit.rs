@@ -598,6 +598,7 @@ mod tests {
         assert_eq!(v["time"], "2025-06-01T09:30:12.345Z");
         assert_eq!(v["ref"], "ab".repeat(16));
         assert_eq!(v["peer"], "192.0.2.7:50122");
+        assert_eq!(v["proxy"], serde_json::Value::Null);
         assert_eq!(v["fingerprint"], format!("sha256:{}", "11".repeat(32)));
         assert_eq!(v["user"], "al\"ice\n{");
         assert_eq!(v["agent"], serde_json::Value::Null);
@@ -607,7 +608,7 @@ mod tests {
         assert_eq!(v["cause"], "code_reused");
         assert_eq!(v["decision_us"], 41);
         assert_eq!(v["accept_us"], 2210);
-        assert_eq!(v.as_object().unwrap().len(), 15, "{line}");
+        assert_eq!(v.as_object().unwrap().len(), 16, "{line}");
     }
 
     #[test]

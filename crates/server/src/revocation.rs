@@ -21,6 +21,19 @@
 //! stop working at the same moment, since a ticket only opens a connection whose device
 //! binding stands (PROTOCOL.md section 5, step 4.4).
 //!
+//! ## The change log
+//!
+//! On a registry that keeps a change log ([`portcullis_core::GateStore::changes_since`]: the
+//! PostgreSQL registry records every revocation and role change there, numbered in commit
+//! order), a round first reads what was recorded since the last round (one statement), and
+//! then reads only the connections the changes name (by device, user or session), together
+//! with every connection no round has read yet: a round with no change costs one statement,
+//! however many connections are live. When the log cannot say what changed (pruned past the
+//! round's position, numbered lower after a failover, its notifications interrupted) the round
+//! reads every connection again (a resync), and it does so anyway every
+//! [`FULL_READ_INTERVAL`] (60 s), for changes made in the database by hand. A registry without
+//! a log (SQLite, memory) is asked for every live connection on every round.
+//!
 //! The same round carries role changes to live connections: each connection's
 //! [`AuthContext::roles`] is replaced by the roles its user holds now, so that per-call policy
 //! ([`crate::policy::PolicyLayer`]) never reads the registry and still sees a role granted or
@@ -67,7 +80,7 @@
 //! as client and server keep it (unless its device, certificate or session is revoked), and only
 //! reconnects need a valid ticket or a new code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -77,7 +90,9 @@ use std::task::Waker;
 use std::time::{Duration, SystemTime};
 
 use atomic_waker::AtomicWaker;
-use portcullis_core::{DeviceFingerprint, Gate, Need, SessionId, SessionNeed};
+use portcullis_core::{
+    ChangeTail, DeviceFingerprint, Gate, GateStore, Need, SessionId, SessionNeed,
+};
 use portcullis_tls::{CertificateDer, PrivateKeyDer, ReloadableClientVerifier};
 use tokio::time::MissedTickBehavior;
 
@@ -87,6 +102,11 @@ use crate::context::AuthContext;
 
 /// How often the devices of live connections are checked against the registry.
 pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often a round reads every live connection's state even though the registry's change
+/// log names none of them: what was changed in the database without a change record (by hand,
+/// in SQL) reaches live connections within this time.
+pub const FULL_READ_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long one registry read of a revocation round may take; beyond it the round counts as
 /// failed (the registry does not answer) and ends.
@@ -167,6 +187,10 @@ struct LiveEntry {
     session: Option<SessionId>,
     /// A standard client let in on `session` alone: closed also when the session expires.
     lives_with_session: bool,
+    /// Whether a round has read this connection's state: until one has, every round reads
+    /// it, whatever the change log says (it may have been decided on a read older than the
+    /// log's position).
+    checked: AtomicBool,
     /// 0 while open, else a [`CloseReason`].
     closed: AtomicU8,
     read: AtomicWaker,
@@ -357,6 +381,7 @@ impl Settings {
                 wake: self.wake,
                 strict: self.strict,
                 confirmed: Mutex::new(std::time::Instant::now()),
+                tail: Mutex::new(TailState::default()),
             },
         ))
     }
@@ -442,6 +467,59 @@ pub(crate) struct Revocation {
     strict: Option<Duration>,
     /// When the registry last confirmed every live connection (or none was live).
     confirmed: Mutex<std::time::Instant>,
+    /// Where the rounds stand in the registry's change log.
+    tail: Mutex<TailState>,
+}
+
+/// Where the rounds stand in the registry's change log ([`GateStore::changes_since`]).
+#[derive(Debug, Default)]
+struct TailState {
+    /// The number of the last change applied; `None` until a round has read everything.
+    after: Option<u64>,
+    /// When a round last read every live connection.
+    full_read: Option<std::time::Instant>,
+}
+
+/// Which live connections a round reads.
+enum Scope {
+    /// Every one: the store keeps no change log, or the round resyncs. `head` is where the
+    /// log stood before the reads, if it has one.
+    All { head: Option<u64> },
+    /// Those the changes name (and those no round has read yet).
+    Named {
+        fingerprints: HashSet<DeviceFingerprint>,
+        users: HashSet<String>,
+        sessions: HashSet<SessionId>,
+        head: u64,
+    },
+}
+
+impl Scope {
+    /// Whether the round reads `entry`'s state.
+    fn reads(&self, entry: &LiveEntry) -> bool {
+        match self {
+            Self::All { .. } => true,
+            Self::Named {
+                fingerprints,
+                users,
+                sessions,
+                ..
+            } => {
+                !entry.checked.load(Ordering::Acquire)
+                    || fingerprints.contains(&entry.auth.fingerprint)
+                    || users.contains(&entry.auth.user)
+                    || entry.session.is_some_and(|s| sessions.contains(&s))
+            }
+        }
+    }
+
+    /// Where the log stands once the round's reads succeeded.
+    fn head(&self) -> Option<u64> {
+        match self {
+            Self::All { head } => *head,
+            Self::Named { head, .. } => Some(*head),
+        }
+    }
 }
 
 impl fmt::Debug for Revocation {
@@ -504,6 +582,7 @@ impl Revocation {
             certs,
             session,
             lives_with_session,
+            checked: AtomicBool::new(false),
             closed: AtomicU8::new(0),
             read: AtomicWaker::new(),
             write: AtomicWaker::new(),
@@ -562,12 +641,80 @@ impl Revocation {
         closed
     }
 
+    /// Which connections this round reads: what the registry's change log names since the
+    /// last round, or every one (no change log, a resync, or [`FULL_READ_INTERVAL`] passed).
+    fn scope(
+        &self,
+        store: &dyn GateStore,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Scope, String> {
+        let (after, full_due) = {
+            let tail = lock(&self.tail);
+            let due = tail
+                .full_read
+                .is_none_or(|at| at.elapsed() >= FULL_READ_INTERVAL);
+            (tail.after, due)
+        };
+        let ask = if full_due { None } else { after };
+        let read = handle.block_on(tokio::time::timeout(
+            ROUND_READ_TIMEOUT,
+            store.changes_since(ask),
+        ));
+        let tail = match read {
+            Ok(Ok(tail)) => tail,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "no answer within {} ms",
+                    ROUND_READ_TIMEOUT.as_millis()
+                ));
+            }
+        };
+        Ok(match tail {
+            ChangeTail::Unsupported => Scope::All { head: None },
+            ChangeTail::Resync { head } => {
+                if ask.is_some() {
+                    tracing::info!(
+                        after = ask,
+                        head,
+                        "the registry's change log cannot say what changed; every live connection is read again"
+                    );
+                }
+                Scope::All { head: Some(head) }
+            }
+            ChangeTail::Changes { changes, head } => {
+                let mut scope = (HashSet::new(), HashSet::new(), HashSet::new());
+                for change in changes {
+                    scope.0.extend(change.fingerprint);
+                    scope.1.extend(change.user);
+                    scope.2.extend(change.session);
+                }
+                Scope::Named {
+                    fingerprints: scope.0,
+                    users: scope.1,
+                    sessions: scope.2,
+                    head,
+                }
+            }
+        })
+    }
+
     /// One round: the CRL file, then the live connections against the CRLs, the registry and
     /// (when on) their session expiry. Blocking (file and registry I/O).
+    ///
+    /// On a registry with a change log the round first reads the log, and then only the
+    /// connections its changes name (and those no round has read yet); a registry without
+    /// one is asked for every live connection on every round.
     fn check(&self, gate: &Gate) {
         if let (Some(file), Some(verifier)) = (&self.crl_file, &self.verifier) {
             poll_crl_file(file, verifier);
         }
+        let store = gate.store();
+        let now = gate.clock().now_ms();
+        let handle = tokio::runtime::Handle::current();
+        // The log is read before the live connections are listed: a connection registered
+        // after this point is read by the next round (it is not yet `checked`).
+        let scope = self.scope(store.as_ref(), &handle);
         // The generation is read before the snapshot: lists replaced after this point are
         // checked in the next round.
         let generation = self.verifier.as_ref().map(|v| v.generation());
@@ -579,6 +726,8 @@ impl Revocation {
         if snapshot.is_empty() {
             // Nothing held depends on the registry (a new connection needs it to be let in).
             *lock(&self.confirmed) = std::time::Instant::now();
+            // The next connections are read in full: no log is tailed for nothing.
+            *lock(&self.tail) = TailState::default();
         }
 
         if let (Some(verifier), Some(generation)) = (&self.verifier, generation)
@@ -596,87 +745,59 @@ impl Revocation {
             }
         }
 
-        // One snapshot per device and session held (the same read the gate makes to decide a
-        // connection): the binding, the user's current roles, and the session's record.
-        let store = gate.store();
-        let now = gate.clock().now_ms();
-        let handle = tokio::runtime::Handle::current();
-        let mut failed = None;
-        'devices: for (fingerprint, entries) in &snapshot {
-            let mut by_session: HashMap<Option<SessionId>, Vec<&Arc<LiveEntry>>> = HashMap::new();
-            for entry in entries.iter().filter(|e| e.reason().is_none()) {
-                by_session.entry(entry.session).or_default().push(entry);
-            }
-            for (session, entries) in by_session {
-                let need = Need {
-                    fingerprint: *fingerprint,
-                    secret: false,
-                    session: session.map_or(SessionNeed::None, SessionNeed::ById),
-                    now_ms: now,
-                };
-                let read = match handle.block_on(tokio::time::timeout(
-                    ROUND_READ_TIMEOUT,
-                    store.snapshot(&need),
-                )) {
-                    Ok(Ok(read)) => read,
-                    // The registry fails or does not answer: the rest of the round would
-                    // wait on it as well; the next round tries again.
-                    Ok(Err(e)) => {
-                        failed = Some(e.to_string());
-                        break 'devices;
-                    }
-                    Err(_) => {
-                        failed = Some(format!(
-                            "no answer within {} ms",
-                            ROUND_READ_TIMEOUT.as_millis()
-                        ));
-                        break 'devices;
-                    }
-                };
-                for entry in entries {
-                    let reason = match &read.device {
-                        None => Some(CloseReason::DeviceUnbound),
-                        Some(d) if d.is_revoked() => Some(CloseReason::DeviceRevoked),
-                        Some(d)
-                            if d.user != entry.auth.user || d.name != entry.auth.device_name =>
-                        {
-                            Some(CloseReason::DeviceRebound)
-                        }
-                        // A revoked session closes the connections that hold or earned it.
-                        Some(_)
-                            if session.is_some()
-                                && read
-                                    .session
-                                    .as_ref()
-                                    .is_some_and(|s| s.revoked_ms.is_some()) =>
-                        {
-                            Some(CloseReason::SessionRevoked)
-                        }
-                        // Standard clients live only as long as the session they were let in on.
-                        Some(_)
-                            if session.is_some()
-                                && entry.lives_with_session
-                                && entry.auth.session_expires_ms.is_none_or(|at| at <= now) =>
-                        {
-                            Some(CloseReason::SessionExpired)
-                        }
-                        Some(_) => None,
+        // One snapshot per device and session to read (the same read the gate makes to
+        // decide a connection): the binding, the user's current roles, and the session's
+        // record.
+        let mut failed = scope.as_ref().err().cloned();
+        if let Ok(scope) = &scope {
+            'devices: for (fingerprint, entries) in &snapshot {
+                let mut by_session: HashMap<Option<SessionId>, Vec<&Arc<LiveEntry>>> =
+                    HashMap::new();
+                for entry in entries
+                    .iter()
+                    .filter(|e| e.reason().is_none() && scope.reads(e))
+                {
+                    by_session.entry(entry.session).or_default().push(entry);
+                }
+                for (session, entries) in by_session {
+                    let need = Need {
+                        fingerprint: *fingerprint,
+                        secret: false,
+                        session: session.map_or(SessionNeed::None, SessionNeed::ById),
+                        now_ms: now,
                     };
-                    match reason {
-                        Some(reason) => entry.close(reason),
-                        None => {
-                            // A role change reaches the live connection's next call.
-                            if let Some(user) = &read.user
-                                && entry.auth.update_roles(&user.roles)
-                            {
-                                tracing::debug!(
-                                    user = %user.name,
-                                    roles = ?user.roles,
-                                    "roles of a live connection updated"
-                                );
-                            }
+                    let read = match handle.block_on(tokio::time::timeout(
+                        ROUND_READ_TIMEOUT,
+                        store.snapshot(&need),
+                    )) {
+                        Ok(Ok(read)) => read,
+                        // The registry fails or does not answer: the rest of the round would
+                        // wait on it as well; the next round tries again.
+                        Ok(Err(e)) => {
+                            failed = Some(e.to_string());
+                            break 'devices;
                         }
+                        Err(_) => {
+                            failed = Some(format!(
+                                "no answer within {} ms",
+                                ROUND_READ_TIMEOUT.as_millis()
+                            ));
+                            break 'devices;
+                        }
+                    };
+                    for entry in entries {
+                        entry.checked.store(true, Ordering::Release);
+                        apply(entry, session, &read);
                     }
+                }
+            }
+            if failed.is_none() {
+                let mut tail = lock(&self.tail);
+                if let Some(head) = scope.head() {
+                    tail.after = Some(head);
+                }
+                if matches!(scope, Scope::All { .. }) {
+                    tail.full_read = Some(std::time::Instant::now());
                 }
             }
         }
@@ -721,11 +842,55 @@ impl Revocation {
             }
         }
 
-        if self.close_on_session_expiry {
-            for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
-                if entry.auth.session_expires_ms.is_some_and(|at| at <= now) {
-                    entry.close(CloseReason::SessionExpired);
-                }
+        // What the clock alone decides, for every connection, read this round or not.
+        for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
+            let expired = entry.auth.session_expires_ms.is_none_or(|at| at <= now);
+            // Standard clients live only as long as the session they were let in on.
+            if entry.session.is_some() && entry.lives_with_session && expired {
+                entry.close(CloseReason::SessionExpired);
+            }
+            if self.close_on_session_expiry
+                && entry.auth.session_expires_ms.is_some_and(|at| at <= now)
+            {
+                entry.close(CloseReason::SessionExpired);
+            }
+        }
+    }
+}
+
+/// Closes `entry` when `read` (its device's snapshot, with `session`'s record) says it must
+/// go; otherwise carries its user's current roles to it.
+fn apply(entry: &LiveEntry, session: Option<SessionId>, read: &portcullis_core::Snapshot) {
+    let reason = match &read.device {
+        None => Some(CloseReason::DeviceUnbound),
+        Some(d) if d.is_revoked() => Some(CloseReason::DeviceRevoked),
+        Some(d) if d.user != entry.auth.user || d.name != entry.auth.device_name => {
+            Some(CloseReason::DeviceRebound)
+        }
+        // A revoked session closes the connections that hold or earned it.
+        Some(_)
+            if session.is_some()
+                && read
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.revoked_ms.is_some()) =>
+        {
+            Some(CloseReason::SessionRevoked)
+        }
+        Some(_) => None,
+    };
+    match reason {
+        Some(reason) => entry.close(reason),
+        None => {
+            // A role change reaches the live connection's next call.
+            if let Some(user) = &read.user
+                && entry.auth.update_roles(&user.roles)
+            {
+                tracing::debug!(
+                    user = %user.name,
+                    roles = ?user.roles,
+                    "roles of a live connection updated"
+                );
             }
         }
     }
