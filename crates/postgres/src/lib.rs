@@ -58,6 +58,10 @@ use rustls::pki_types::CertificateDer;
 /// How many connections one instance's pool holds at most.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
+/// The connections of the synchronous traits' calls (administration, the command line), kept
+/// apart from the gate's [`DEFAULT_POOL_SIZE`].
+pub const OWN_POOL_SIZE: usize = 4;
+
 /// How long a connection to the database may take to open, and how long a caller waits for a
 /// free connection of the pool, unless the URL sets `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,7 +75,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// that they may be made from any thread, inside an async runtime or not, as the `postgres`
 /// crate does for `tokio-postgres`.
 pub struct PgRegistry {
+    /// The connections of callers on their own runtime (the gate, the revocation round): each
+    /// connection's I/O task runs on the runtime that opened it, where its queries come from.
     pool: Pool,
+    /// The connections of the synchronous traits' calls, made and driven on `runtime`: kept
+    /// apart, so that the gate never drives a query through this registry's own thread.
+    own_pool: Pool,
     /// The connection settings, for the change feed's connection of its own.
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
@@ -172,20 +181,24 @@ impl PgRegistry {
         .with_root_certificates(store)
         .with_no_client_auth();
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
-        let manager = Manager::from_config(
-            config.clone(),
-            tls.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(DEFAULT_POOL_SIZE)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(wait))
-            .create_timeout(Some(wait))
-            .build()
-            .map_err(|e| PgError::Url(format!("connection pool: {e}")))?;
+        let pool_of = |size: usize| {
+            let manager = Manager::from_config(
+                config.clone(),
+                tls.clone(),
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(wait))
+                .create_timeout(Some(wait))
+                .build()
+                .map_err(|e| PgError::Url(format!("connection pool: {e}")))
+        };
+        let pool = pool_of(DEFAULT_POOL_SIZE)?;
+        let own_pool = pool_of(OWN_POOL_SIZE)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("portcullis-postgres")
@@ -196,6 +209,7 @@ impl PgRegistry {
             .map_err(|_| PgError::Url("AES-256-GCM refused the registry key".to_owned()))?;
         Ok(Self {
             pool,
+            own_pool,
             config,
             tls,
             host,
@@ -308,7 +322,12 @@ impl PgRegistry {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
-        self.pool.get().await.map_err(|e| PgError::Database {
+        // On this registry's own runtime (a synchronous call, see `wait`), its own pool.
+        let own = self.runtime.as_ref().is_some_and(|own| {
+            tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == own.handle().id())
+        });
+        let pool = if own { &self.own_pool } else { &self.pool };
+        pool.get().await.map_err(|e| PgError::Database {
             host: self.host.clone(),
             cause: pool_cause(&e),
         })
