@@ -263,3 +263,98 @@ async fn serve_crl_refuses_listed_certificates_and_follows_the_file() {
     let out = call_as(&dir, &addr, "laptop", "alice", &alice_secret);
     assert!(!out.status.success(), "{out:?}");
 }
+
+/// `portcullis user add USER --json` against `env`'s registry: the user's secret.
+fn add_user_with(dir: &str, user: &str, env: &[(&str, &str)]) -> String {
+    let out = run_with_env(&["user", "add", user, "--dir", dir, "--json"], env);
+    assert!(out.status.success(), "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    json["secret"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_revoke_against_the_database_closes_a_live_connection_on_another_fleet_member() {
+    let Some(cluster) = portcullis_postgres::testkit::PgCluster::start("cli fleet revocation")
+    else {
+        return;
+    };
+    let url = cluster.database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pc");
+    let d = s(&dir);
+    let env = [("PORTCULLIS_REGISTRY", url.as_str())];
+    let out = run_with_env(&["init", "--dir", d], &env);
+    assert!(out.status.success(), "{}", out.stderr);
+    let alice_secret = add_user_with(d, "alice", &env);
+    let bob_secret = add_user_with(d, "bob", &env);
+    for (device, user) in [("laptop", "alice"), ("desk", "bob")] {
+        let out = run_with_env(
+            &["device", "issue", device, "--user", user, "--dir", d],
+            &env,
+        );
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+    // Three members of a fleet; the live connections are held on the third.
+    let members: Vec<_> = (0..3).map(|_| serve(&dir, &["--registry", &url])).collect();
+    let c = &members[2].1;
+
+    let alice = connected(&client(&dir, "laptop", "alice", &alice_secret), c).await;
+    let caller = call_until_failure(alice);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    run_ok_async(args(&[
+        "device",
+        "revoke",
+        "laptop",
+        "--dir",
+        d,
+        "--registry",
+        &url,
+    ]))
+    .await;
+    closed_after(
+        caller,
+        started,
+        "device revoke against the database, held on C",
+    )
+    .await;
+
+    // The members' listening connections killed by the database: the next revocation still
+    // closes the connection on C (the round tails the change log, and the feeds listen again).
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1",
+            &[&portcullis_postgres::LISTENER_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 3, "one listening connection per member");
+    let bob = connected(&client(&dir, "desk", "bob", &bob_secret), c).await;
+    let caller = call_until_failure(bob);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    run_ok_async(args(&[
+        "device",
+        "revoke",
+        "desk",
+        "--dir",
+        d,
+        "--registry",
+        &url,
+    ]))
+    .await;
+    closed_after(
+        caller,
+        started,
+        "device revoke after the listeners were killed",
+    )
+    .await;
+    drop(admin);
+    let _ = driver.await;
+}
