@@ -284,10 +284,18 @@ impl Failure {
                 server_subject(addr, name, timeout).await.as_deref(),
             )),
             Some(_) => Self::from_tls_io(err, "the handshake failed"),
-            None if err.kind() == io::ErrorKind::UnexpectedEof => Self::Tls(
-                "the server closed the connection during the TLS handshake: is it a TLS                  server, and does it speak TLS 1.3?"
-                    .into(),
-            ),
+            None if matches!(
+                err.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) =>
+            {
+                Self::Tls(
+                    "the server closed the connection during the TLS handshake: is it a TLS \
+                     server, does it speak TLS 1.3, and does it expect this address (a server \
+                     behind a load balancer with PROXY protocol closes direct connections)?"
+                        .into(),
+                )
+            }
             None => Self::from_tls_io(err, "the handshake failed"),
         }
     }
