@@ -227,3 +227,41 @@ async fn the_accept_of_a_service_account_is_audited_once_with_method_device() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn fresh_totp_secs_does_not_hold_back_a_listed_service_account_however_old_its_connection() {
+    tokio::time::timeout(LIMIT, async {
+        let registry = Arc::new(MemoryRegistry::new());
+        let ca = DevCa::generate("service account test CA").unwrap();
+        let clock = Arc::new(portcullis::core::ManualClock::new(SystemClock.now_ms()));
+        let server = common::start_with_policy(
+            ca,
+            registry.clone(),
+            r#"
+            [[rule]]
+            method = "/portcullis.demo.v1.Echo/Say"
+            allow_users = ["deploy-bot"]
+            fresh_totp_secs = 60
+            "#,
+            clock.clone(),
+        )
+        .await;
+        let server = Server { server, registry };
+        server.registry.add_service_user("deploy-bot", 0).unwrap();
+        let device = server.device("deploy-bot");
+        let (bot, _) = server.client("deploy-bot", &device, "000000".into());
+        let channel = bot.connect_lazy(&server.addr_str()).unwrap();
+        let mut echo = EchoClient::new(channel);
+        let say = SayRequest {
+            text: "hello".into(),
+        };
+        echo.say(say.clone()).await.unwrap();
+        // Ten minutes later, on the same connection: still let in (no code could be given).
+        clock.advance_ms(600_000);
+        let reply = echo.say(say).await.unwrap().into_inner();
+        assert_eq!(reply.auth_method, "device");
+        assert_eq!(server.calls.load(Ordering::SeqCst), 2);
+    })
+    .await
+    .unwrap();
+}

@@ -876,3 +876,36 @@ fn a_closed_stdout_is_no_panic() {
         &["alice"],
     );
 }
+
+#[test]
+fn names_that_spoof_listings_or_paths_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let d = s(&dir);
+    add_user(&dir, "alice");
+    for (verb, name, needle) in [
+        ("user", "alice\u{202e}gpj.exe", "bidirectional"),
+        ("user", "zero\u{200b}width", "invisible"),
+        ("user", "ops/root", "path separator"),
+        ("device", ".", "'.' and '..' are not names"),
+        ("device", "../../etc/passwd", "path separator"),
+        ("device", "lap\u{2067}top", "bidirectional"),
+    ] {
+        let out = match verb {
+            "user" => run(&["user", "add", name, "--dir", d]),
+            _ => run(&["device", "issue", name, "--user", "alice", "--dir", d]),
+        };
+        let line = assert_one_line_error(&out, &[needle]);
+        // The error does not repeat the name: its formatting characters would act on the
+        // terminal showing it.
+        assert!(
+            !line.chars().any(portcullis_core::is_hidden_format),
+            "{line:?}"
+        );
+    }
+    // Nothing was written: no such user, no device file outside or inside the directory.
+    let users = run_ok(&["user", "list", "--dir", d]);
+    assert!(!users.contains("gpj") && !users.contains("ops"), "{users}");
+    assert!(!dir.join("devices/...pem").exists());
+    assert!(!tmp.path().join("etc").exists());
+}

@@ -653,6 +653,16 @@ pub fn user_names_follow_check_name(r: &dyn Registry, _run: &dyn Runner) {
         "del\u{7f}".into(),
         "x".repeat(129),
         "é".repeat(65),
+        // Shown as "alicexe.gpj" reversed: a spoofed listing.
+        "alice\u{202e}gpj.exe".into(),
+        "zero\u{200b}width".into(),
+        "isolate\u{2066}d".into(),
+        "bom\u{feff}".into(),
+        "a/b".into(),
+        "../etc".into(),
+        "back\\slash".into(),
+        ".".into(),
+        "..".into(),
     ];
     for name in &refused_names {
         assert!(
@@ -671,6 +681,9 @@ pub fn user_names_follow_check_name(r: &dyn Registry, _run: &dyn Runner) {
         "with space".into(),
         "a.b-c_d@example".into(),
         "émile".into(),
+        "a..b".into(),
+        ".hidden".into(),
+        "عربي".into(),
     ];
     for name in &taken_names {
         assert!(

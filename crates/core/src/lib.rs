@@ -49,7 +49,8 @@ pub use lockout::{LockState, LockoutPolicy};
 pub use memory::MemoryRegistry;
 pub use nonce::{NonceError, NonceStore};
 pub use registry::{
-    DeviceRecord, RegistryError, SessionRecord, UserRecord, check_name, check_role, normalize_roles,
+    DeviceRecord, RegistryError, SessionRecord, UserRecord, check_name, check_role,
+    is_hidden_format, normalize_roles,
 };
 pub use reject::RejectCode;
 pub use store::{

@@ -84,14 +84,56 @@ pub enum RegistryError {
     Backend(String),
 }
 
-/// Checks a user or device name: 1..=128 bytes of UTF-8 without control characters.
+/// Checks a user or device name: 1..=128 bytes of UTF-8, without control characters, without
+/// the bidirectional and invisible formatting characters of [`is_hidden_format`] (a name with
+/// U+202E RIGHT-TO-LEFT OVERRIDE would show as another name in listings and logs), without path
+/// separators (`/`, `\`; device names become file names), and neither `.` nor `..`.
+///
+/// ```
+/// use portcullis_core::check_name;
+/// assert!(check_name("user", "émile").is_ok());
+/// for bad in ["", "a\nb", "evil\u{202e}gpj.exe", "../etc", "a\\b", ".."] {
+///     assert!(check_name("user", bad).is_err(), "{bad:?}");
+/// }
+/// ```
 pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-        return Err(RegistryError::Invalid(format!(
-            "{kind} name: use 1 to 128 bytes of UTF-8 without control characters"
-        )));
-    }
-    Ok(())
+    let problem = if name.is_empty() || name.len() > 128 {
+        "it must be 1 to 128 bytes of UTF-8"
+    } else if name.chars().any(char::is_control) {
+        "it contains a control character"
+    } else if name.chars().any(is_hidden_format) {
+        "it contains a bidirectional or invisible formatting character (such as U+202E)"
+    } else if name.contains(['/', '\\']) {
+        "it contains a path separator ('/' or '\\')"
+    } else if name == "." || name == ".." {
+        "'.' and '..' are not names"
+    } else {
+        return Ok(());
+    };
+    Err(RegistryError::Invalid(format!(
+        "{kind} name: {problem}; use 1 to 128 bytes of UTF-8 without control, bidirectional or \
+         invisible formatting characters and without '/' or '\\'"
+    )))
+}
+
+/// Whether `c` is a formatting character that changes how the text around it shows without
+/// showing itself: the bidirectional marks, embeddings, overrides and isolates (U+061C,
+/// U+200E-U+200F, U+202A-U+202E, U+2066-U+2069), the zero-width and invisible characters
+/// (U+00AD, U+180E, U+200B-U+200D, U+2060-U+2064, U+206A-U+206F, U+FEFF) and the interlinear
+/// annotation controls (U+FFF9-U+FFFB).
+pub fn is_hidden_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
 }
 
 /// Checks a role name: 1..=64 bytes of ASCII letters, digits, `-`, `_`, `.` or `:`.

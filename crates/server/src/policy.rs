@@ -22,9 +22,10 @@
 //! A service account ([`portcullis_core::UserRecord::service`]: no TOTP, its devices are let
 //! in on their key alone) may call only what the policy lists for it: besides the conditions
 //! above, the rule for the call must name the account in `allow_users` or one of its roles in
-//! `roles` ([`Policy::decide_service`]). Without such a rule the call is refused with
+//! `roles` ([`Policy::decide_as_service`]). Without such a rule the call is refused with
 //! PERMISSION_DENIED, `policy_denied: service account NAME may only call the methods its
-//! policy lists`. Condition 4 does not hold a service account back: it has no code to give.
+//! policy lists`. Condition 4 does not hold a service account back, however old its
+//! connection: it has no code to give, and the rule that lists it grants it the method.
 //!
 //! A refusal never reaches the service. It answers with a status whose message starts with
 //! the reason's name, and the metadata `portcullis-reject` carrying that name:
@@ -463,6 +464,32 @@ impl Policy {
         now_ms: u64,
         roles: impl FnOnce() -> Result<Vec<String>, RegistryError>,
     ) -> Result<(), Refusal> {
+        self.check(path, user, Some((totp_time_ms, now_ms)), roles)
+    }
+
+    /// Decides a call of `path` by the service account `user` holding `roles`: conditions 1
+    /// to 3 of the [module](self) as for anyone, not condition 4 (`fresh_totp_secs`: a service
+    /// account has no code to give, and the rule that lists it grants it the method), then
+    /// [`Policy::decide_service`].
+    pub fn decide_as_service(
+        &self,
+        path: &str,
+        user: &str,
+        roles: Result<Vec<String>, RegistryError>,
+    ) -> Result<(), Refusal> {
+        let listed = roles.clone().unwrap_or_default();
+        self.check(path, user, None, || roles)?;
+        self.decide_service(path, user, &listed)
+    }
+
+    /// Conditions 1 to 3, and condition 4 when `fresh` gives the TOTP check's time and now.
+    fn check(
+        &self,
+        path: &str,
+        user: &str,
+        fresh: Option<(u64, u64)>,
+        roles: impl FnOnce() -> Result<Vec<String>, RegistryError>,
+    ) -> Result<(), Refusal> {
         let Some(rule) = self.rule_for(path) else {
             return Ok(());
         };
@@ -488,7 +515,7 @@ impl Policy {
                 )));
             }
         }
-        if let Some(max_age) = rule.fresh_totp {
+        if let (Some(max_age), Some((totp_time_ms, now_ms))) = (rule.fresh_totp, fresh) {
             let max_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
             if now_ms.saturating_sub(totp_time_ms) > max_ms {
                 return Err(Refusal::StepUp { max_age });
@@ -499,8 +526,7 @@ impl Policy {
 }
 
 impl Policy {
-    /// Decides a call of `path` by the service account `user` holding `roles`, after
-    /// [`Policy::decide`] passed it: a service account may call only what a policy lists for
+    /// The listing part of [`Policy::decide_as_service`]: a service account may call only what a policy lists for
     /// it, so the call is allowed only when the rule for `path` names the user in
     /// `allow_users` or one of its roles in `roles`. No rule, or a rule that lets everyone in,
     /// is not enough.
@@ -616,29 +642,27 @@ where
         // Roles the revocation rounds could not confirm for long (the registry does not
         // answer) are not trusted: a call that needs them is refused UNAVAILABLE.
         let roles = auth.roles_confirmed_within(ROLES_MAX_AGE);
-        let decision = shared.policy.decide(
-            path,
-            &auth.user,
-            auth.totp_time_ms,
-            shared.clock.now_ms(),
-            || match &roles {
-                Ok(roles) => Ok(roles.to_vec()),
-                Err(age) => Err(RegistryError::Backend(format!(
-                    "the roles were last read {} s ago",
-                    age.as_secs()
-                ))),
-            },
-        );
+        let held = || match &roles {
+            Ok(roles) => Ok(roles.to_vec()),
+            Err(age) => Err(RegistryError::Backend(format!(
+                "the roles were last read {} s ago",
+                age.as_secs()
+            ))),
+        };
         // A service account may call only the methods a rule grants it by name or role (by
-        // name alone while its roles are not confirmed: fail closed).
-        let decision = decision.and_then(|()| {
-            if auth.service {
-                let roles = roles.as_deref().unwrap_or_default();
-                shared.policy.decide_service(path, &auth.user, roles)
-            } else {
-                Ok(())
-            }
-        });
+        // name alone while its roles are not confirmed: fail closed), however old its
+        // connection.
+        let decision = if auth.service {
+            shared.policy.decide_as_service(path, &auth.user, held())
+        } else {
+            shared.policy.decide(
+                path,
+                &auth.user,
+                auth.totp_time_ms,
+                shared.clock.now_ms(),
+                held,
+            )
+        };
         if let Err(refusal) = decision {
             tracing::info!(
                 target: "portcullis::policy",
