@@ -280,6 +280,9 @@ pub enum ServerCause {
     TooManyPending,
     /// The client certificate is listed in a certificate revocation list (DEVICE_REVOKED).
     CertificateRevoked,
+    /// The client certificate is outside its validity period on a resumed TLS session, which
+    /// rustls does not verify again (DEVICE_REVOKED).
+    CertificateExpired,
     /// No complete Prefix arrived within the deadline (TIMEOUT).
     PrefixTimeout,
     /// The decision did not finish within the deadline (TIMEOUT); nothing was committed.
@@ -319,6 +322,7 @@ impl ServerCause {
             Self::RateLimiterFull => "rate_limiter_full",
             Self::TooManyPending => "too_many_pending",
             Self::CertificateRevoked => "certificate_revoked",
+            Self::CertificateExpired => "certificate_expired",
             Self::PrefixTimeout => "prefix_timeout",
             Self::DecisionTimeout => "decision_timeout",
             Self::GateFailed => "gate_failed",

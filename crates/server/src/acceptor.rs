@@ -435,7 +435,7 @@ async fn handshake(
     tcp: TcpStream,
     deadline: tokio::time::Instant,
     attempt: &mut Attempt,
-) -> Result<(TlsStream<TcpStream>, ConnectionFacts, Protocol), Closed> {
+) -> Result<Up, Closed> {
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -476,15 +476,16 @@ async fn handshake(
         };
         let alpn_ok =
             protocol.is_some() && conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
-        let fingerprint = conn
+        // One parse of the leaf: its fingerprint and its validity period.
+        let leaf = conn
             .peer_certificates()
             .and_then(|certs| certs.first())
-            .and_then(|leaf| portcullis_tls::fingerprint(leaf.as_ref()).ok());
+            .and_then(|leaf| portcullis_tls::LeafFacts::from_der(leaf.as_ref()).ok());
         let exporter = portcullis_tls::exporter(conn).ok();
-        (fingerprint.zip(exporter), protocol, alpn_ok)
+        (leaf.zip(exporter), protocol, alpn_ok)
     };
-    if let Some((fingerprint, _)) = &facts {
-        attempt.device(*fingerprint);
+    if let Some((leaf, _)) = &facts {
+        attempt.device(leaf.fingerprint);
     }
     if let Some(protocol) = protocol {
         attempt.alpn(protocol.as_str());
@@ -509,18 +510,28 @@ async fn handshake(
             Some(format!("ALPN {alpn:?}, version {version:?}")),
         ));
     }
-    let (Some((fingerprint, exporter)), Some(protocol)) = (facts, protocol) else {
+    let (Some((leaf, exporter)), Some(protocol)) = (facts, protocol) else {
         let _ = timeout_at(deadline, tls.shutdown()).await;
         return Err(Closed::new(ServerCause::NoUsableClientCertificate, None));
     };
-    Ok((
+    Ok(Up {
         tls,
-        ConnectionFacts {
+        facts: ConnectionFacts {
             exporter,
-            fingerprint,
+            fingerprint: leaf.fingerprint,
         },
         protocol,
-    ))
+        leaf,
+    })
+}
+
+/// A connection whose TLS handshake passed the checks of PROTOCOL.md section 1.
+struct Up {
+    tls: TlsStream<TcpStream>,
+    facts: ConnectionFacts,
+    protocol: Protocol,
+    /// The client's leaf certificate: fingerprint and validity period.
+    leaf: portcullis_tls::LeafFacts,
 }
 
 /// Answers a connection refused at accept (RATE_LIMITED, OVERLOADED) with its Verdict after
@@ -534,7 +545,7 @@ async fn refuse_early(
     let deadline =
         tokio::time::Instant::from_std(attempt.started() + state.deadline.min(REFUSAL_DEADLINE));
     let (tls, protocol) = match handshake(state, tcp, deadline, &mut attempt).await {
-        Ok((tls, _, protocol)) => (tls, protocol),
+        Ok(up) => (up.tls, up.protocol),
         Err(closed) => {
             // The refusal could not be sent: recorded under its own cause.
             attempt.closed(Some(early.code), early.cause, Some(closed.describe()));
@@ -589,7 +600,12 @@ async fn authenticate(
 ) -> Option<AuthenticatedStream> {
     let peer = attempt.peer();
     let deadline = tokio::time::Instant::from_std(attempt.started() + state.deadline);
-    let (mut tls, facts, protocol) = match handshake(state, tcp, deadline, &mut attempt).await {
+    let Up {
+        mut tls,
+        facts,
+        protocol,
+        leaf,
+    } = match handshake(state, tcp, deadline, &mut attempt).await {
         Ok(up) => up,
         Err(closed) => {
             attempt.closed(None, closed.cause, closed.detail);
@@ -610,8 +626,31 @@ async fn authenticate(
         refuse(tls, protocol, &decision, deadline).await;
         return None;
     }
+    // The validity period, also for a resumed TLS session, which rustls does not verify
+    // again: a certificate that expired since the session was made is refused.
+    let now_ms = state.gate.clock().now_ms();
+    if !leaf.is_valid_at_ms(now_ms) {
+        let hint = format!(
+            "the client certificate is outside its validity period (valid from {} to {}); \
+             issue the device a new certificate",
+            crate::audit::format_time_s(leaf.not_before_unix),
+            crate::audit::format_time_s(leaf.not_after_unix),
+        );
+        let (decision, took) = timed(|| {
+            state.gate.refuse(
+                RejectCode::DeviceRevoked,
+                Cause::Server(ServerCause::CertificateExpired),
+                &hint,
+                None,
+            )
+        });
+        attempt.decided(&decision, took);
+        refuse(tls, protocol, &decision, deadline).await;
+        return None;
+    }
+    let expires_ms = leaf.expires_at_ms();
     if protocol == Protocol::H2 {
-        return standard_client(state, tls, facts, peer, attempt, deadline).await;
+        return standard_client(state, tls, facts, peer, expires_ms, attempt, deadline).await;
     }
 
     let (decision, took) = match timeout_at(deadline, read_frame(&mut tls)).await {
@@ -659,8 +698,12 @@ async fn authenticate(
             }
             let session = identity.session.as_ref().map(|(id, _)| *id);
             Some(
-                AuthenticatedStream::new(tls, AuthContext::new(identity, peer, decision.reference))
-                    .watched(&state.revocation, session),
+                AuthenticatedStream::new(
+                    tls,
+                    AuthContext::new(identity, peer, decision.reference)
+                        .certificate_expiry(expires_ms),
+                )
+                .watched(&state.revocation, session),
             )
         }
         Err(_) => {
@@ -828,6 +871,7 @@ async fn standard_client(
     tls: TlsStream<TcpStream>,
     facts: ConnectionFacts,
     peer: SocketAddr,
+    certificate_expires_ms: u64,
     attempt: Attempt,
     deadline: tokio::time::Instant,
 ) -> Option<AuthenticatedStream> {
@@ -839,7 +883,8 @@ async fn standard_client(
     match decision.outcome {
         Ok(identity) => {
             let session = identity.session.as_ref().map(|(id, _)| *id);
-            let auth = AuthContext::new(identity, peer, decision.reference);
+            let auth = AuthContext::new(identity, peer, decision.reference)
+                .certificate_expiry(certificate_expires_ms);
             Some(AuthenticatedStream::new(tls, auth).watched_session(&state.revocation, session))
         }
         Err(_) => {

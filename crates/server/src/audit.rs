@@ -47,7 +47,7 @@
 //! | `alpn` | the application protocol negotiated: `portcullis/1`, or `h2` for a standard gRPC client (see [`crate::standard`]); `null` before a finished TLS handshake or when the ALPN was refused |
 //! | `device` | the device name, on accept |
 //! | `method` | `totp`, `session` or `device`, on accept |
-//! | `outcome` | `accepted`, `rejected` (a rejecting Verdict was made) or `closed` (closed without a Verdict) |
+//! | `outcome` | `accepted`, `rejected` (a rejecting Verdict was made), `closed` (closed without a Verdict), or `ended` (a live connection accepted before, closed by the server: `ref` is its accepting Verdict's, `cause` one of `device_revoked`, `device_rebound`, `device_unknown`, `certificate_revoked`, `cert_expired`, `session_revoked`, `session_expired`, `registry_unreachable`, `server_stopping`; `accept_us` is then the connection's age) |
 //! | `code` | the reject code's name (`mfa_failed`); for `closed`, the code that could not be sent, if any |
 //! | `cause` | the precise cause (`code_reused`, `alpn_refused`, `tls_handshake_failed`, ...); `null` on accept |
 //! | `detail` | more about the cause when there is more (the TLS error, the codec rule, the clock offset) |
@@ -92,15 +92,21 @@ pub enum AuditOutcome {
     Rejected,
     /// Closed without a Verdict.
     Closed,
+    /// A connection accepted before, closed by the server while it was live: its device,
+    /// certificate or session was revoked, its certificate or session expired, the registry
+    /// could not confirm it under strict revocation, or the server stopped. The record carries
+    /// the REF of the connection's accepting Verdict and the cause.
+    Ended,
 }
 
 impl AuditOutcome {
-    /// `accepted`, `rejected` or `closed`.
+    /// `accepted`, `rejected`, `closed` or `ended`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
             Self::Rejected => "rejected",
             Self::Closed => "closed",
+            Self::Ended => "ended",
         }
     }
 }
@@ -170,6 +176,7 @@ impl AuditRecord {
             AuditOutcome::Accepted => "connection accepted",
             AuditOutcome::Rejected => "connection refused",
             AuditOutcome::Closed => "connection closed",
+            AuditOutcome::Ended => "live connection closed",
         }
     }
 }
@@ -192,6 +199,18 @@ fn rfc3339<S: Serializer>(time_ms: &u64, serializer: S) -> Result<S::Ok, S::Erro
 }
 
 /// `2025-06-01T09:30:12.345Z`; `None` for a time out of the calendar's range.
+/// A time in Unix seconds as RFC 3339 in UTC (`2026-12-03T10:00:00Z`), or the number when it
+/// has no such form.
+pub(crate) fn format_time_s(unix_s: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_s)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("Unix second {unix_s}"))
+}
+
 fn format_time(time_ms: u64) -> Option<String> {
     const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
@@ -333,6 +352,36 @@ impl Auditor {
             metrics: Metrics::new(),
             clock,
         }
+    }
+
+    /// A live connection (accepted as `auth` says, `age` ago) closed by the server for
+    /// `cause`: one [`AuditOutcome::Ended`] record.
+    pub(crate) fn live_closed(
+        &self,
+        auth: &crate::AuthContext,
+        cause: &'static str,
+        detail: &str,
+        age: Duration,
+    ) {
+        let record = AuditRecord {
+            time_ms: self.clock.now_ms(),
+            reference: Some(auth.reference),
+            peer: auth.peer_addr,
+            proxy: None,
+            fingerprint: Some(auth.fingerprint),
+            user: Some(auth.user.clone()),
+            agent: None,
+            alpn: None,
+            device: Some(auth.device_name.clone()),
+            method: Some(auth.method),
+            outcome: AuditOutcome::Ended,
+            code: None,
+            cause: Some(cause),
+            detail: Some(detail.to_owned()),
+            decision_us: None,
+            accept_us: micros(age),
+        };
+        self.emit(&record);
     }
 
     fn emit(&self, record: &AuditRecord) {

@@ -40,6 +40,9 @@ pub struct AuthContext {
     pub reference: Ref,
     /// Whether the user is a service account (method `device`: no second factor).
     pub service: bool,
+    /// The first Unix ms at which the device certificate of the connection is no longer valid
+    /// (its notAfter has passed): the server closes the connection then.
+    pub certificate_expires_ms: Option<u64>,
     /// The user's roles, shared by every request of the connection and kept current by the
     /// server's revocation round.
     roles: LiveRoles,
@@ -85,6 +88,12 @@ impl fmt::Debug for LiveRoles {
 }
 
 impl AuthContext {
+    /// The connection's device certificate stops being valid at `expires_ms`.
+    pub(crate) fn certificate_expiry(mut self, expires_ms: u64) -> Self {
+        self.certificate_expires_ms = Some(expires_ms);
+        self
+    }
+
     pub(crate) fn new(identity: Identity, peer_addr: SocketAddr, reference: Ref) -> Self {
         Self {
             user: identity.user,
@@ -96,6 +105,7 @@ impl AuthContext {
             peer_addr,
             reference,
             service: identity.method == AuthMethod::Device,
+            certificate_expires_ms: None,
             roles: LiveRoles::new(identity.roles),
         }
     }

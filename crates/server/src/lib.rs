@@ -541,7 +541,8 @@ impl Builder {
         let tls = self
             .tls
             .ok_or_else(|| ServerError::Config("a TLS configuration is required".into()))?;
-        let (mut tls, revocation) = self.revocation.finish(tls)?;
+        let auditor = Arc::new(audit::Auditor::new(self.audit_sinks, self.clock.clone()));
+        let (mut tls, revocation) = self.revocation.finish(tls, auditor.clone())?;
         if self.standard_clients && !tls.alpn_protocols.iter().any(|p| p == standard::ALPN_H2) {
             let mut config = (*tls).clone();
             config.alpn_protocols.push(standard::ALPN_H2.to_vec());
@@ -606,7 +607,6 @@ impl Builder {
                 Some(bind_std(addr).map_err(|source| ServerError::HealthListen { addr, source })?)
             }
         };
-        let auditor = Arc::new(audit::Auditor::new(self.audit_sinks, self.clock.clone()));
         let mut gate = Gate::new(self.config, registry, ticket_key, self.clock, self.rng);
         if let Some(policy) = self.policy {
             gate = gate.with_policy(policy);

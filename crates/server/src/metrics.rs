@@ -7,6 +7,7 @@
 //! | metric | type | what |
 //! |---|---|---|
 //! | `portcullis_connection_attempts_total{outcome,code,cause}` | counter | attempts by outcome (`accepted`, `rejected`, `closed`), reject code name and precise cause (both empty on accept) |
+//! | `portcullis_live_connections_closed_total{cause}` | counter | live connections the server closed (`ended` audit records), by cause (`device_revoked`, `cert_expired`, `server_stopping`, ...) |
 //! | `portcullis_accept_duration_seconds` | histogram | from TCP accept to the decision, for every attempt that got a Verdict |
 //! | `portcullis_decision_duration_seconds` | histogram | the decision alone (registry, nonce, code or ticket), for the same attempts |
 //! | `portcullis_authenticating_connections` | gauge | connections being authenticated now ([`crate::PortcullisServer::pending`]) |
@@ -84,10 +85,16 @@ struct AttemptLabels {
     cause: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
 /// The server's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
     attempts: Family<AttemptLabels, Counter>,
+    live_closed: Family<CauseLabel, Counter>,
     accept_seconds: Histogram,
     decision_seconds: Histogram,
     authenticating: Gauge,
@@ -105,6 +112,12 @@ impl Metrics {
             "connection_attempts",
             "Connection attempts by outcome, reject code and cause",
             attempts.clone(),
+        );
+        let live_closed = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "live_connections_closed",
+            "Live connections closed by the server, by cause",
+            live_closed.clone(),
         );
         let accept_seconds = Histogram::new(ACCEPT_BUCKETS);
         registry.register_with_unit(
@@ -149,6 +162,7 @@ impl Metrics {
         Self {
             registry,
             attempts,
+            live_closed,
             accept_seconds,
             decision_seconds,
             authenticating,
@@ -161,6 +175,11 @@ impl Metrics {
 
     /// Counts one attempt.
     pub(crate) fn observe(&self, record: &AuditRecord) {
+        if record.outcome == AuditOutcome::Ended {
+            let cause = record.cause.unwrap_or("");
+            self.live_closed.get_or_create(&CauseLabel { cause }).inc();
+            return;
+        }
         let labels = AttemptLabels {
             outcome: record.outcome.as_str(),
             code: record.code.map_or("", |c| c.name()),

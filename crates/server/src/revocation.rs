@@ -39,6 +39,17 @@
 //! ([`crate::policy::PolicyLayer`]) never reads the registry and still sees a role granted or
 //! taken away within a round.
 //!
+//! ## Expired certificates
+//!
+//! Every round also closes the connections whose device certificate's notAfter has passed (on
+//! the gate's clock or the system's); a resumed TLS session of such a certificate is refused
+//! at accept ([`portcullis_core::ServerCause::CertificateExpired`]).
+//!
+//! Every connection closed here leaves one audit record, outcome
+//! [`crate::AuditOutcome::Ended`], with the REF of its accepting Verdict and the cause
+//! (`device_revoked`, `cert_expired`, `server_stopping`, ...), counted in the metric
+//! `portcullis_live_connections_closed_total`.
+//!
 //! Closing a connection makes its stream fail every read and write from then on (a waiting
 //! read is woken at once); hyper then drops the connection and every request on it fails. The
 //! client sees the connection end; a reconnect is refused with DEVICE_REVOKED.
@@ -98,6 +109,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::ServerError;
 use crate::acceptor::AcceptState;
+use crate::audit::Auditor;
 use crate::context::AuthContext;
 
 /// How often the devices of live connections are checked against the registry.
@@ -128,6 +140,7 @@ enum CloseReason {
     SessionRevoked = 6,
     ServerStopping = 7,
     RegistryUnreachable = 8,
+    CertificateExpired = 9,
 }
 
 impl CloseReason {
@@ -138,6 +151,7 @@ impl CloseReason {
             3 => Self::DeviceUnbound,
             4 => Self::CertificateRevoked,
             5 => Self::SessionExpired,
+            9 => Self::CertificateExpired,
             6 => Self::SessionRevoked,
             7 => Self::ServerStopping,
             8 => Self::RegistryUnreachable,
@@ -156,6 +170,7 @@ impl CloseReason {
             Self::SessionRevoked => "session_revoked",
             Self::ServerStopping => "server_stopping",
             Self::RegistryUnreachable => "registry_unreachable",
+            Self::CertificateExpired => "cert_expired",
         }
     }
 
@@ -172,6 +187,7 @@ impl CloseReason {
             Self::RegistryUnreachable => {
                 "the server could not confirm the device with its registry for too long"
             }
+            Self::CertificateExpired => "the device certificate expired",
         }
     }
 }
@@ -193,6 +209,10 @@ struct LiveEntry {
     checked: AtomicBool,
     /// 0 while open, else a [`CloseReason`].
     closed: AtomicU8,
+    /// Where the record of its closing goes.
+    auditor: Arc<Auditor>,
+    /// When it was handed to tonic.
+    opened: std::time::Instant,
     read: AtomicWaker,
     write: AtomicWaker,
 }
@@ -202,28 +222,26 @@ impl LiveEntry {
         CloseReason::from_u8(self.closed.load(Ordering::Acquire))
     }
 
-    /// Closes the connection (the first reason wins) and wakes whatever waits on it.
-    fn close(&self, reason: CloseReason) {
+    /// Closes the connection (the first reason wins) and wakes whatever waits on it; whether
+    /// this was the first reason.
+    fn close(&self, reason: CloseReason) -> bool {
         if self
             .closed
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            return;
+            return false;
         }
-        let auth = &self.auth;
-        tracing::info!(
-            reference = %auth.reference,
-            peer = %auth.peer_addr,
-            fingerprint = %auth.fingerprint,
-            user = %auth.user,
-            device = %auth.device_name,
-            outcome = "closed",
-            cause = reason.as_str(),
-            "live connection closed"
+        // One audit record (which also goes to the log and the metrics).
+        self.auditor.live_closed(
+            &self.auth,
+            reason.as_str(),
+            reason.hint(),
+            self.opened.elapsed(),
         );
         self.read.wake();
         self.write.wake();
+        true
     }
 }
 
@@ -322,6 +340,7 @@ impl Settings {
     pub(crate) fn finish(
         self,
         tls: Arc<rustls::ServerConfig>,
+        auditor: Arc<Auditor>,
     ) -> Result<(Arc<rustls::ServerConfig>, Revocation), ServerError> {
         let crls =
             match &self.crl_file {
@@ -382,6 +401,7 @@ impl Settings {
                 strict: self.strict,
                 confirmed: Mutex::new(std::time::Instant::now()),
                 tail: Mutex::new(TailState::default()),
+                auditor,
             },
         ))
     }
@@ -469,6 +489,8 @@ pub(crate) struct Revocation {
     confirmed: Mutex<std::time::Instant>,
     /// Where the rounds stand in the registry's change log.
     tail: Mutex<TailState>,
+    /// The audit trail, which records every live connection the server closes.
+    auditor: Arc<Auditor>,
 }
 
 /// Where the rounds stand in the registry's change log ([`GateStore::changes_since`]).
@@ -584,6 +606,8 @@ impl Revocation {
             lives_with_session,
             checked: AtomicBool::new(false),
             closed: AtomicU8::new(0),
+            auditor: self.auditor.clone(),
+            opened: std::time::Instant::now(),
             read: AtomicWaker::new(),
             write: AtomicWaker::new(),
         });
@@ -843,7 +867,19 @@ impl Revocation {
         }
 
         // What the clock alone decides, for every connection, read this round or not.
+        let wall_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         for entry in snapshot.iter().flat_map(|(_, entries)| entries) {
+            // The device certificate's notAfter, on the gate's clock and on the system's (the
+            // one rustls verified it by).
+            if entry
+                .auth
+                .certificate_expires_ms
+                .is_some_and(|at| at <= now || at <= wall_ms)
+            {
+                entry.close(CloseReason::CertificateExpired);
+            }
             let expired = entry.auth.session_expires_ms.is_none_or(|at| at <= now);
             // Standard clients live only as long as the session they were let in on.
             if entry.session.is_some() && entry.lives_with_session && expired {
@@ -880,7 +916,9 @@ fn apply(entry: &LiveEntry, session: Option<SessionId>, read: &portcullis_core::
         Some(_) => None,
     };
     match reason {
-        Some(reason) => entry.close(reason),
+        Some(reason) => {
+            entry.close(reason);
+        }
         None => {
             // A role change reaches the live connection's next call.
             if let Some(user) = &read.user

@@ -59,6 +59,45 @@ pub fn fingerprint(der: &[u8]) -> Result<DeviceFingerprint, CertError> {
     ))
 }
 
+/// What the gate needs of a client's leaf certificate on every connection, from one parse:
+/// its fingerprint and its validity period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafFacts {
+    /// SHA-256 of the SubjectPublicKeyInfo: see [`fingerprint`].
+    pub fingerprint: DeviceFingerprint,
+    /// Start of validity, Unix seconds.
+    pub not_before_unix: i64,
+    /// End of validity, Unix seconds (inclusive).
+    pub not_after_unix: i64,
+}
+
+impl LeafFacts {
+    /// Reads the facts from the DER of a certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, CertError> {
+        let cert = parse(der)?;
+        let validity = cert.validity();
+        Ok(Self {
+            fingerprint: DeviceFingerprint::of_spki(cert.tbs_certificate.subject_pki.raw),
+            not_before_unix: validity.not_before.timestamp(),
+            not_after_unix: validity.not_after.timestamp(),
+        })
+    }
+
+    /// Whether `unix_ms` lies within the validity period (both ends included, RFC 5280; the
+    /// end is the last second of validity).
+    pub fn is_valid_at_ms(&self, unix_ms: u64) -> bool {
+        let s = i64::try_from(unix_ms / 1000).unwrap_or(i64::MAX);
+        self.not_before_unix <= s && s <= self.not_after_unix
+    }
+
+    /// The first Unix millisecond at which the certificate is no longer valid.
+    pub fn expires_at_ms(&self) -> u64 {
+        u64::try_from(self.not_after_unix.saturating_add(1))
+            .unwrap_or(0)
+            .saturating_mul(1000)
+    }
+}
+
 /// What the leaf certificate of a device says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceIdentity {

@@ -29,7 +29,7 @@ mod pem;
 
 pub use crl::{ReloadableClientVerifier, RevokedCertificates};
 pub use hints::CaHintResolver;
-pub use identity::{CertError, DeviceIdentity, distinguished_name, fingerprint};
+pub use identity::{CertError, DeviceIdentity, LeafFacts, distinguished_name, fingerprint};
 pub use pem::{
     PemError, PemErrorKind, load_certs, load_crls, load_key, parse_certs, parse_crls, parse_key,
 };
