@@ -216,3 +216,99 @@ async fn live_connections_closed_by_the_server_are_audited_and_counted() {
     .await;
     server.stop().await;
 }
+
+/// Writes a CRL of `ca` listing `revoked`, with its nextUpdate `next_update_in` seconds from
+/// now (negative: already past).
+fn write_crl(path: &std::path::Path, ca: &DevCa, revoked: &[&Issued], next_update_in: i64) {
+    let now = i64::try_from(SystemClock.now_ms() / 1000).unwrap();
+    let ders: Vec<_> = revoked.iter().map(|i| i.cert_der()).collect();
+    let pem = ca.crl_pem_until(&ders, now + next_update_in).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pem).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One Prefix with the current code on a new raw connection: the Verdict.
+async fn try_code(server: &TestServer, enrolled: &Enrolled) -> portcullis::core::codec::Verdict {
+    let mut tls = server.raw_tls(&enrolled.device, &[ALPN_PCS1]).await;
+    let p = prefix(
+        &tls,
+        &enrolled.user,
+        Factor::Totp(current_code(&enrolled.totp)),
+    );
+    let _ = tls.write_all(&p.encode().unwrap()).await;
+    try_read_verdict(&mut tls).await.expect("a Verdict")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_past_its_next_update_refuses_new_connections_until_a_current_one_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let crl = dir.path().join("clients.crl");
+    let ca = DevCa::generate("test CA").unwrap();
+    let issuer = same_ca(&ca);
+    let spare = issuer.issue_device("spare").unwrap();
+    write_crl(&crl, &issuer, &[&spare], -60);
+    let (seen, sink) = collector();
+    let path = crl.clone();
+    let (server, portcullis) = start_custom(ca, Arc::new(MemoryRegistry::new()), move |b| {
+        b.crl_file(path).audit_sink(sink)
+    })
+    .await;
+    let alice = server.enroll("alice", "laptop");
+    let verdict = try_code(&server, &alice).await;
+    assert_eq!(verdict.reject_code(), Some(RejectCode::Overloaded));
+    let reason = verdict.reason.clone().unwrap();
+    assert!(
+        reason.contains("revocation list is out of date"),
+        "{reason}"
+    );
+    assert!(verdict.retry_after_s.is_some(), "{verdict:?}");
+    let refused = until("the crl_stale record", || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.cause == Some("crl_stale"))
+            .cloned()
+    })
+    .await;
+    assert_eq!(refused.outcome, AuditOutcome::Rejected);
+    assert!(portcullis.metrics_text().contains("portcullis_crl_stale 1"));
+
+    // A current list in the file: let in again.
+    write_crl(&crl, &issuer, &[&spare], 3600);
+    let verifier = portcullis.client_verifier().unwrap().clone();
+    until("the CRL reloaded", || {
+        (verifier.generation() >= 1).then_some(())
+    })
+    .await;
+    let verdict = try_code(&server, &alice).await;
+    assert_eq!(verdict.status, 0, "{verdict:?}");
+    assert!(portcullis.metrics_text().contains("portcullis_crl_stale 0"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_crl_stale_warn_an_out_of_date_crl_stays_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let crl = dir.path().join("clients.crl");
+    let ca = DevCa::generate("test CA").unwrap();
+    let issuer = same_ca(&ca);
+    let lost = issuer.issue_device("lost").unwrap();
+    write_crl(&crl, &issuer, &[&lost], -60);
+    let path = crl.clone();
+    let (server, portcullis) = start_custom(ca, Arc::new(MemoryRegistry::new()), move |b| {
+        b.crl_file(path)
+            .crl_stale(portcullis::server::revocation::CrlStale::Warn)
+    })
+    .await;
+    let alice = server.enroll("alice", "laptop");
+    let verdict = try_code(&server, &alice).await;
+    assert_eq!(verdict.status, 0, "{verdict:?}");
+    assert!(portcullis.metrics_text().contains("portcullis_crl_stale 1"));
+    // What it lists is still refused (in the TLS handshake).
+    let config = server.tls_config(&lost, &[ALPN_PCS1]);
+    if let Ok(mut tls) = tls_with(server.addr, config).await {
+        assert!(try_read_verdict(&mut tls).await.is_none());
+    }
+    server.stop().await;
+}

@@ -11,6 +11,7 @@ use portcullis::demo;
 use portcullis_core::{Registry, SystemClock};
 use portcullis_server::limits::{self, RateLimit};
 use portcullis_server::policy::{Policy, PolicyLayer};
+use portcullis_server::revocation::CrlStale;
 use portcullis_server::{PortcullisServer, TrustedProxies};
 
 use crate::dir::Layout;
@@ -84,6 +85,11 @@ pub(crate) struct ServeArgs {
     /// reloaded, and open connections of newly listed certificates are closed.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
+    /// What a CRL past its nextUpdate means: `refuse` new connections with OVERLOADED until
+    /// the file holds a current one (fail closed), or `warn` and keep using it. Logged once per
+    /// version of the file either way.
+    #[arg(long, value_name = "RULE", value_enum, default_value_t = CrlStaleArg::Refuse)]
+    crl_stale: CrlStaleArg,
     /// Also let in standard gRPC clients (ALPN h2, no Prefix: grpcio, grpc-go, grpcurl, ...)
     /// whose device certificate is bound and holds a live session, earned with a code by
     /// `portcullis login` or a Portcullis client from that device. Others get UNAUTHENTICATED
@@ -106,6 +112,13 @@ pub(crate) struct ServeArgs {
     /// services. A connection from another peer, or without a header, is closed before TLS.
     #[arg(long, value_name = "LIST", value_parser = trusted_proxies)]
     proxy_protocol: Option<TrustedProxies>,
+}
+
+/// `--crl-stale`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CrlStaleArg {
+    Refuse,
+    Warn,
 }
 
 /// `--proxy-protocol`: a list that trusts no one is a mistake, not a setting.
@@ -177,7 +190,10 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         builder = builder.metrics_listen(addr);
     }
     if let Some(path) = &args.crl {
-        builder = builder.crl_file(path);
+        builder = builder.crl_file(path).crl_stale(match args.crl_stale {
+            CrlStaleArg::Refuse => CrlStale::Refuse,
+            CrlStaleArg::Warn => CrlStale::Warn,
+        });
     }
     if let Some(addr) = args.health_listen {
         builder = builder.health_listen(addr);

@@ -530,7 +530,7 @@ fn device_issue_errors() {
             "--dir",
             d,
         ]),
-        &["../escape"],
+        &["device name", "path separator"],
     );
     assert!(!dir.join("escape.pem").exists());
     issue_device(&dir, "laptop", "alice");

@@ -358,3 +358,44 @@ async fn device_revoke_against_the_database_closes_a_live_connection_on_another_
     drop(admin);
     let _ = driver.await;
 }
+
+#[test]
+fn serve_names_a_crl_file_past_its_next_update_and_refuses_until_it_is_current() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let secret = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    issue_device(&dir, "spare", "alice");
+    let ca = DevCa::from_pem(
+        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let spare = portcullis_tls::load_certs(&dir.join("devices/spare.pem"))
+        .unwrap()
+        .remove(0);
+    let crl = tmp.path().join("stale.crl");
+    let past = i64::try_from(unix_now()).unwrap() - 60;
+    std::fs::write(&crl, ca.crl_pem_until(&[spare], past).unwrap()).unwrap();
+
+    let server = Server::start_with(&dir, &[], &["--crl", s(&crl)]);
+    let refused = call_as(&dir, &server.addr, "laptop", "alice", &secret);
+    assert_one_line_error(&refused, &["overloaded", "revocation list is out of date"]);
+    let deadline = Instant::now() + CLOSED_WITHIN;
+    while !server.stderr().contains("past its nextUpdate") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = server.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("past its nextUpdate"))
+        .unwrap_or_else(|| panic!("no log line about the CRL: {log}"));
+    assert!(line.contains("stale.crl"), "{line}");
+    server.stop();
+
+    // --crl-stale warn: the same file is used, with the same log line.
+    let server = Server::start_with(&dir, &[], &["--crl", s(&crl), "--crl-stale", "warn"]);
+    let ok = call_as(&dir, &server.addr, "laptop", "alice", &secret);
+    assert!(ok.status.success(), "{}", ok.stderr);
+    server.stop();
+}

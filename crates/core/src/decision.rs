@@ -283,6 +283,9 @@ pub enum ServerCause {
     /// The client certificate is outside its validity period on a resumed TLS session, which
     /// rustls does not verify again (DEVICE_REVOKED).
     CertificateExpired,
+    /// The server's certificate revocation lists are past their nextUpdate and it refuses
+    /// while they are (OVERLOADED).
+    CrlStale,
     /// No complete Prefix arrived within the deadline (TIMEOUT).
     PrefixTimeout,
     /// The decision did not finish within the deadline (TIMEOUT); nothing was committed.
@@ -323,6 +326,7 @@ impl ServerCause {
             Self::TooManyPending => "too_many_pending",
             Self::CertificateRevoked => "certificate_revoked",
             Self::CertificateExpired => "certificate_expired",
+            Self::CrlStale => "crl_stale",
             Self::PrefixTimeout => "prefix_timeout",
             Self::DecisionTimeout => "decision_timeout",
             Self::GateFailed => "gate_failed",

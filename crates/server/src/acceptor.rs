@@ -47,6 +47,8 @@ const DRAIN_LIMIT: Duration = Duration::from_millis(500);
 const DRAIN_MAX_BYTES: usize = 256 * 1024;
 /// How often expired nonces and quiet rate-limit sources are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(10);
+/// RETRY_AFTER, in seconds, of the OVERLOADED Verdict sent while the CRLs are out of date.
+const CRL_STALE_RETRY_AFTER_S: u32 = 60;
 /// How many authenticated connections wait for tonic to take them.
 const HANDOFF_QUEUE: usize = 128;
 
@@ -626,9 +628,28 @@ async fn authenticate(
         refuse(tls, protocol, &decision, deadline).await;
         return None;
     }
+    let now_ms = state.gate.clock().now_ms();
+    // Out-of-date CRLs (with `CrlStale::Refuse`): nobody's revocation status is known.
+    if let Some(next_update) = state.revocation.refuses_for_stale_crl(now_ms) {
+        let hint = format!(
+            "the server's certificate revocation list is out of date (its nextUpdate was {}); \
+             retry once the server has a current one",
+            crate::audit::format_time_s(next_update)
+        );
+        let (decision, took) = timed(|| {
+            state.gate.refuse(
+                RejectCode::Overloaded,
+                Cause::Server(ServerCause::CrlStale),
+                &hint,
+                Some(CRL_STALE_RETRY_AFTER_S),
+            )
+        });
+        attempt.decided(&decision, took);
+        refuse(tls, protocol, &decision, deadline).await;
+        return None;
+    }
     // The validity period, also for a resumed TLS session, which rustls does not verify
     // again: a certificate that expired since the session was made is refused.
-    let now_ms = state.gate.clock().now_ms();
     if !leaf.is_valid_at_ms(now_ms) {
         let hint = format!(
             "the client certificate is outside its validity period (valid from {} to {}); \

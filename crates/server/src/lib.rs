@@ -269,6 +269,15 @@ impl Builder {
         self
     }
 
+    /// What a CRL past its nextUpdate means (default [`revocation::CrlStale::Refuse`]: new
+    /// connections are refused with OVERLOADED until a current list is in the file; with
+    /// `Warn` the lists stay in use). Either way the server logs it once per version of the
+    /// file, naming it, and the metric `portcullis_crl_stale` says 1.
+    pub fn crl_stale(mut self, rule: revocation::CrlStale) -> Self {
+        self.revocation.crl_stale = rule;
+        self
+    }
+
     /// The client certificate verifier of the TLS configuration, when it is a
     /// [`portcullis_tls::ReloadableClientVerifier`] (made with
     /// [`portcullis_tls::server_config_with_verifier`] for [`Builder::tls_config`]; with

@@ -14,6 +14,7 @@
 //! | `portcullis_refusing_connections` | gauge | early refusals in their TLS handshake now ([`crate::PortcullisServer::refusing`]) |
 //! | `portcullis_live_nonces` | gauge | nonces the gate remembers now |
 //! | `portcullis_nonce_capacity` | gauge | the most nonces it remembers before OVERLOADED |
+//! | `portcullis_crl_stale` | gauge | 1 while the CRLs in force are past their nextUpdate ([`crate::Builder::crl_stale`]) |
 //! | `portcullis_rate_limited_sources` | gauge | source addresses the rate limiter tracks now ([`crate::PortcullisServer::rate_limited_sources`]) |
 //!
 //! The labels take a bounded set of values: reject code names and the causes of
@@ -102,6 +103,7 @@ pub(crate) struct Metrics {
     nonces: Gauge,
     nonce_capacity: Gauge,
     sources: Gauge,
+    crl_stale: Gauge,
 }
 
 impl Metrics {
@@ -159,6 +161,11 @@ impl Metrics {
             "rate_limited_sources",
             "Source addresses the rate limiter tracks now",
         );
+        let crl_stale = gauge(
+            &mut registry,
+            "crl_stale",
+            "1 while the certificate revocation lists in force are past their nextUpdate",
+        );
         Self {
             registry,
             attempts,
@@ -170,6 +177,7 @@ impl Metrics {
             nonces,
             nonce_capacity,
             sources,
+            crl_stale,
         }
     }
 
@@ -203,6 +211,9 @@ impl Metrics {
     pub(crate) fn encode(&self, state: &AcceptState) -> String {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.authenticating.set(gauge(state.pending()));
+        let now_ms = state.gate.clock().now_ms();
+        self.crl_stale
+            .set(i64::from(state.revocation.stale_crl(now_ms).is_some()));
         self.refusing.set(gauge(state.refusing()));
         self.nonces.set(gauge(state.gate.nonces().len()));
         self.nonce_capacity

@@ -312,6 +312,8 @@ pub(crate) struct IdentityParts {
 pub(crate) struct Settings {
     pub(crate) identity: Option<IdentityParts>,
     pub(crate) crl_file: Option<PathBuf>,
+    /// What a CRL past its nextUpdate means ([`crate::Builder::crl_stale`]).
+    pub(crate) crl_stale: CrlStale,
     pub(crate) verifier: Option<Arc<ReloadableClientVerifier>>,
     pub(crate) close_on_session_expiry: bool,
     /// How often a round runs when nothing wakes it ([`REVOCATION_CHECK_INTERVAL`] unless set).
@@ -383,7 +385,11 @@ impl Settings {
         };
         let crl_file = self.crl_file.map(|path| {
             let stamp = Stamp::of(&path);
-            Mutex::new(CrlFile { path, stamp })
+            Mutex::new(CrlFile {
+                path,
+                stamp,
+                warned_stale: None,
+            })
         });
         let generation = verifier.as_ref().map_or(0, |v| v.generation());
         Ok((
@@ -392,6 +398,7 @@ impl Settings {
                 live: Mutex::new(Live::default()),
                 verifier,
                 crl_file,
+                crl_stale: self.crl_stale,
                 close_on_session_expiry: self.close_on_session_expiry,
                 seen_generation: AtomicU64::new(generation),
                 started: AtomicBool::new(false),
@@ -459,6 +466,21 @@ struct CrlFile {
     path: PathBuf,
     /// The version last loaded, or last found unusable.
     stamp: Option<Stamp>,
+    /// The verifier generation whose out-of-date lists were last warned of.
+    warned_stale: Option<u64>,
+}
+
+/// What the server does while its certificate revocation lists are past their nextUpdate (the
+/// issuer may have revoked certificates they do not list) ([`crate::Builder::crl_stale`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CrlStale {
+    /// New connections are refused with OVERLOADED (cause `crl_stale`) until a current list
+    /// is loaded: fail closed. Live connections stay open. The default.
+    #[default]
+    Refuse,
+    /// The lists stay in use, with a warning in the log and the metric
+    /// `portcullis_crl_stale` at 1.
+    Warn,
 }
 
 #[derive(Default)]
@@ -473,6 +495,7 @@ pub(crate) struct Revocation {
     live: Mutex<Live>,
     verifier: Option<Arc<ReloadableClientVerifier>>,
     crl_file: Option<Mutex<CrlFile>>,
+    crl_stale: CrlStale,
     close_on_session_expiry: bool,
     /// The verifier generation the live connections were last checked against.
     seen_generation: AtomicU64,
@@ -573,6 +596,25 @@ impl Revocation {
 
     /// Whether the current CRLs list the leaf certificate of a connection just after its TLS
     /// handshake (full or resumed). `false` when the server checks no CRLs.
+    /// The earliest nextUpdate of the CRLs in force (Unix seconds) when it has passed at
+    /// `now_ms`; `None` when the lists are current, or there are none.
+    pub(crate) fn stale_crl(&self, now_ms: u64) -> Option<i64> {
+        let revoked = self.verifier.as_ref()?.revoked();
+        let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        revoked
+            .is_stale_at(now_s)
+            .then(|| revoked.next_update_unix())
+            .flatten()
+    }
+
+    /// Whether new connections are refused now because the CRLs are out of date.
+    pub(crate) fn refuses_for_stale_crl(&self, now_ms: u64) -> Option<i64> {
+        match self.crl_stale {
+            CrlStale::Refuse => self.stale_crl(now_ms),
+            CrlStale::Warn => None,
+        }
+    }
+
     pub(crate) fn certificate_revoked(&self, conn: &rustls::ServerConnection) -> bool {
         let Some(verifier) = &self.verifier else {
             return false;
@@ -732,6 +774,7 @@ impl Revocation {
     fn check(&self, gate: &Gate) {
         if let (Some(file), Some(verifier)) = (&self.crl_file, &self.verifier) {
             poll_crl_file(file, verifier);
+            self.warn_stale_crl(file, verifier, gate.clock().now_ms());
         }
         let store = gate.store();
         let now = gate.clock().now_ms();
@@ -930,6 +973,39 @@ fn apply(entry: &LiveEntry, session: Option<SessionId>, read: &portcullis_core::
                     "roles of a live connection updated"
                 );
             }
+        }
+    }
+}
+
+impl Revocation {
+    /// Logs once per version of the lists that they are past their nextUpdate, naming the file.
+    fn warn_stale_crl(
+        &self,
+        file: &Mutex<CrlFile>,
+        verifier: &ReloadableClientVerifier,
+        now_ms: u64,
+    ) {
+        let Some(next_update) = self.stale_crl(now_ms) else {
+            return;
+        };
+        let mut file = lock(file);
+        let generation = verifier.generation();
+        if file.warned_stale == Some(generation) {
+            return;
+        }
+        file.warned_stale = Some(generation);
+        let next_update = crate::audit::format_time_s(next_update);
+        match self.crl_stale {
+            CrlStale::Refuse => tracing::error!(
+                file = %file.path.display(),
+                next_update,
+                "certificate revocation list is past its nextUpdate: new connections are refused with OVERLOADED until a current one is in the file (--crl-stale refuse)"
+            ),
+            CrlStale::Warn => tracing::warn!(
+                file = %file.path.display(),
+                next_update,
+                "certificate revocation list is past its nextUpdate and still used (--crl-stale warn): certificates revoked since are not refused"
+            ),
         }
     }
 }

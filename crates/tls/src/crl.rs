@@ -71,6 +71,8 @@ pub struct RevokedCertificates {
     by_issuer: HashMap<Vec<u8>, HashSet<Vec<u8>>>,
     crls: usize,
     serials: usize,
+    /// The earliest nextUpdate of the lists, Unix seconds (`None`: none says when).
+    next_update: Option<i64>,
 }
 
 impl RevokedCertificates {
@@ -117,9 +119,24 @@ impl RevokedCertificates {
                     index.serials += 1;
                 }
             }
+            if let Some(next) = crl.next_update() {
+                let next = next.timestamp();
+                index.next_update = Some(index.next_update.map_or(next, |n| n.min(next)));
+            }
             index.crls += 1;
         }
         Ok(index)
+    }
+
+    /// The earliest nextUpdate of the lists, Unix seconds: after it, the issuer may have
+    /// revoked certificates these lists do not know of. `None` when no list says.
+    pub fn next_update_unix(&self) -> Option<i64> {
+        self.next_update
+    }
+
+    /// Whether a list is past its nextUpdate at `unix_s`.
+    pub fn is_stale_at(&self, unix_s: i64) -> bool {
+        self.next_update.is_some_and(|next| next < unix_s)
     }
 
     /// Whether the CRLs list `cert` (by its issuer and serial number). Fails when `cert` is not

@@ -404,6 +404,17 @@ impl DevCa {
     /// A certificate revocation list signed by this CA that lists `revoked` (certificates this
     /// CA issued), PEM. Valid from an hour ago for [`CRL_VALIDITY_DAYS`].
     pub fn crl_pem(&self, revoked: &[CertificateDer<'_>]) -> Result<String, DevPkiError> {
+        let next = OffsetDateTime::now_utc() + Duration::days(CRL_VALIDITY_DAYS);
+        self.crl_pem_until(revoked, next.unix_timestamp())
+    }
+
+    /// Like [`DevCa::crl_pem`], with the CRL's nextUpdate at `next_update_unix` (Unix
+    /// seconds): in the past, it makes a CRL that is out of date.
+    pub fn crl_pem_until(
+        &self,
+        revoked: &[CertificateDer<'_>],
+        next_update_unix: i64,
+    ) -> Result<String, DevPkiError> {
         let now = OffsetDateTime::now_utc();
         let revoked_certs = revoked
             .iter()
@@ -419,7 +430,7 @@ impl DevCa {
             .collect::<Result<Vec<_>, DevPkiError>>()?;
         let params = CertificateRevocationListParams {
             this_update: now - Duration::seconds(BACKDATE_SECS),
-            next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+            next_update: time_at(next_update_unix)?,
             crl_number: random_serial()?,
             issuing_distribution_point: None,
             revoked_certs,

@@ -305,9 +305,15 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables (e.g. `RUST_LOG`).
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with(dir, env, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables and `serve` flags.
+    pub fn start_with(dir: &Path, env: &[(&str, &str)], extra: &[&str]) -> Self {
         let mut cmd = command();
         cmd.envs(env.iter().copied());
         cmd.args(["serve", "--dir", s(dir), "--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = ChildGuard::new(cmd.spawn().expect("spawn portcullis serve"));
