@@ -471,3 +471,48 @@ async fn refusals_at_accept_are_recorded_with_and_without_a_verdict() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_held_open_cannot_keep_a_scraper_out() {
+    let (_server, portcullis) =
+        start_configured(|b| b.metrics_listen("127.0.0.1:0".parse().unwrap())).await;
+    let addr = portcullis.metrics_addr().expect("metrics address bound");
+    // 24 connections held open: 12 that send nothing, 12 that send half a request and stop.
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        if i % 2 == 1 {
+            tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        held.push(tcp);
+    }
+    // And one that scraped with keep-alive asked for: the server closes it after its answer.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(GUARD, kept.read_to_end(&mut raw))
+        .await
+        .expect("closed after one answer, not kept idle")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+
+    // Every scrape gets through while the others are held (well within their 5 s).
+    let start = std::time::Instant::now();
+    for i in 0..28 {
+        let (status, _, body) = http_get(addr, "/metrics").await;
+        assert!(status.contains(" 200 "), "scrape {i}: {status}");
+        assert!(
+            body.contains("portcullis_authenticating_connections"),
+            "scrape {i}"
+        );
+    }
+    println!(
+        "28 scrapes past 24 held connections in {:?}",
+        start.elapsed()
+    );
+    drop(held);
+}

@@ -382,9 +382,13 @@ async fn read_registry(
 
 /// Serves the health checks on `listener`; the connections end when the task is aborted.
 fn spawn_endpoint(health: Arc<HealthState>, listener: TcpListener) -> AbortHandle {
-    crate::limits::spawn_bounded_endpoint(listener, MAX_HEALTH_CONNECTIONS, "health", move |tcp| {
-        serve_connection(health.clone(), tcp)
-    })
+    crate::limits::spawn_bounded_endpoint(
+        listener,
+        MAX_HEALTH_CONNECTIONS,
+        crate::limits::WhenFull::CloseNew,
+        "health",
+        move |tcp| serve_connection(health.clone(), tcp),
+    )
 }
 
 /// One connection, HTTP/1.1 or HTTP/2 (told apart by the HTTP/2 preface), until the client

@@ -186,15 +186,24 @@ impl<C: Clock> SourceLimiter<C> {
     }
 }
 
-/// Accepts on `listener` until the returned task is aborted, and serves each connection with
-/// `serve` in a task of its own while at most `max` are open: a connection over the cap is
-/// closed at once, so that nobody holds the endpoint with idle connections beyond it. An
-/// accept error is logged (naming `what`) and retried after 50 ms. Aborting the task ends every
-/// connection it serves. For the side endpoints (metrics, health); must be called within a
-/// tokio runtime.
+/// What a side endpoint does with a new connection while `max` are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WhenFull {
+    /// The new connection is closed at once.
+    CloseNew,
+    /// The oldest open connection is closed to make room: whoever holds connections open
+    /// (idle, or sending nothing) cannot keep a newcomer out.
+    ShedOldest,
+}
+
+/// Serves each connection accepted on `listener` with `serve` in a task of its own while at
+/// most `max` are open; beyond that, `full` decides. An accept error is logged (naming `what`)
+/// and retried after 50 ms. Aborting the task ends every connection it serves. For the side
+/// endpoints (metrics, health); must be called within a tokio runtime.
 pub(crate) fn spawn_bounded_endpoint<F, Fut>(
     listener: tokio::net::TcpListener,
     max: usize,
+    full: WhenFull,
     what: &'static str,
     serve: F,
 ) -> tokio::task::AbortHandle
@@ -203,11 +212,13 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
-        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
-        // Dropping the set (when the task is aborted) ends every connection.
+        // Oldest first. Dropping the set (when the task is aborted) ends every connection.
+        let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
+            std::collections::VecDeque::new();
         let mut connections = tokio::task::JoinSet::new();
         loop {
             while connections.try_join_next().is_some() {}
+            open.retain(|task| !task.is_finished());
             let tcp = match listener.accept().await {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
@@ -216,14 +227,18 @@ where
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue;
-            };
-            let served = serve(tcp);
-            connections.spawn(async move {
-                served.await;
-                drop(slot);
-            });
+            open.retain(|task| !task.is_finished());
+            if open.len() >= max.max(1) {
+                match full {
+                    WhenFull::CloseNew => continue,
+                    WhenFull::ShedOldest => {
+                        if let Some(oldest) = open.pop_front() {
+                            oldest.abort();
+                        }
+                    }
+                }
+            }
+            open.push_back(connections.spawn(serve(tcp)));
         }
     })
     .abort_handle()

@@ -302,8 +302,10 @@ impl<B> tower::Service<http::Request<B>> for MetricsService {
 /// [`crate::PortcullisServer::serve_metrics`] or [`crate::Builder::metrics_listen`]; it stops,
 /// and closes its listener and connections, when dropped.
 ///
-/// At most 16 connections are served at once (further ones are closed), each must send its
-/// request headers within 5 s and is closed after 60 s.
+/// One scrape per connection (no keep-alive); at most 16 connections at once, and when 16 are
+/// open a new one closes the oldest, so that connections held open (idle, or sending nothing)
+/// cannot keep a scraper out; each must send its request headers within 5 s and is closed after
+/// 60 s.
 #[derive(Debug)]
 pub struct MetricsEndpoint {
     local_addr: SocketAddr,
@@ -332,6 +334,7 @@ pub(crate) fn spawn_endpoint(
     let task = crate::limits::spawn_bounded_endpoint(
         listener,
         MAX_SCRAPE_CONNECTIONS,
+        crate::limits::WhenFull::ShedOldest,
         "metrics",
         move |tcp| {
             let service = service.clone();
@@ -344,9 +347,11 @@ pub(crate) fn spawn_endpoint(
                     };
                     std::future::ready(Ok::<_, Infallible>(response))
                 });
+                // One scrape per connection: none is kept open idle between scrapes.
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(SCRAPE_HEADER_TIMEOUT)
+                    .keep_alive(false)
                     .serve_connection(TokioIo::new(tcp), answer);
                 let _ = tokio::time::timeout(SCRAPE_CONNECTION_LIMIT, connection).await;
             }
