@@ -68,11 +68,15 @@ pub(crate) struct ServeArgs {
     /// mode 0600 when new). The records also go to the log on stderr.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port); when ready
-    /// prints `metrics on HOST:PORT` after the `listening on` line. No authentication: bind it
-    /// where only your monitoring reaches.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics at http://ADDR/metrics (a bare PORT binds 127.0.0.1:PORT; port
+    /// 0 picks a free one); when ready prints `metrics on HOST:PORT` after the `listening on`
+    /// line. Bind it where only your monitoring reaches, and see --metrics-token.
+    #[arg(long, value_name = "ADDR|PORT", value_parser = metrics_addr)]
     metrics_listen: Option<SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on every scrape, TOKEN being the first line of
+    /// FILE (16 to 256 visible ASCII characters; a file only its owner may read).
+    #[arg(long, value_name = "FILE", requires = "metrics_listen")]
+    metrics_token: Option<PathBuf>,
     /// Answer health checks at ADDR, outside the gate: grpc.health.v1.Health over plaintext
     /// HTTP/2 and GET /healthz over HTTP/1.1 on the same port (port 0 picks a free port); when
     /// ready prints `health on HOST:PORT` after the `listening on` line. NOT_SERVING (503)
@@ -112,6 +116,44 @@ pub(crate) struct ServeArgs {
     /// services. A connection from another peer, or without a header, is closed before TLS.
     #[arg(long, value_name = "LIST", value_parser = trusted_proxies)]
     proxy_protocol: Option<TrustedProxies>,
+}
+
+/// `--metrics-listen`: an address, or a port on loopback.
+fn metrics_addr(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = value.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    value
+        .parse()
+        .map_err(|_| format!("{value:?} is not an address (such as 127.0.0.1:9090) or a port"))
+}
+
+/// The metrics token of `--metrics-token FILE`: its first line, from a file only its owner
+/// may read.
+fn read_metrics_token(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, String> {
+    use portcullis_core::layout::{PrivateFileError, read_private};
+    let text = read_private(path, 4096).map_err(|e| match e {
+        PrivateFileError::Exposed { mode } => format!(
+            "{}: the metrics token file is open to other users (mode {mode:o}); run chmod 600 {}",
+            path.display(),
+            path.display()
+        ),
+        PrivateFileError::TooLarge { max } => {
+            format!(
+                "{}: more than {max} bytes; it holds one token",
+                path.display()
+            )
+        }
+        PrivateFileError::Io(e) => format!("{}: {e}", path.display()),
+    })?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if !(16..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{}: the metrics token must be 16 to 256 visible ASCII characters",
+            path.display()
+        ));
+    }
+    Ok(zeroize::Zeroizing::new(token.to_owned()))
 }
 
 /// `--crl-stale`.
@@ -185,6 +227,9 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
     }
     if let Some(path) = &args.audit_log {
         builder = builder.audit_log(path).map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.metrics_token {
+        builder = builder.metrics_token(read_metrics_token(path)?.as_str());
     }
     if let Some(addr) = args.metrics_listen {
         builder = builder.metrics_listen(addr);

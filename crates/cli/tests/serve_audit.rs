@@ -314,3 +314,63 @@ fn a_bad_trusted_proxy_list_is_one_line() {
         assert_one_line_error(&out, &["--proxy-protocol", needle]);
     }
 }
+
+/// `GET /metrics` with an `Authorization` header (or none): the status line.
+fn scrape_with(addr: &str, authorization: Option<&str>) -> String {
+    let mut tcp = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    tcp.set_read_timeout(Some(COMMAND_DEADLINE)).unwrap();
+    let header = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{header}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+#[test]
+fn metrics_on_a_bare_port_bind_loopback_and_a_token_file_guards_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let token_file = tmp.path().join("metrics.token");
+    let token = "s3cr3t-scrape-token-0123456789";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = serve(
+        &dir,
+        &["--metrics-listen", "0", "--metrics-token", s(&token_file)],
+    );
+    assert!(
+        server.metrics.starts_with("127.0.0.1:"),
+        "a bare port binds loopback: {}",
+        server.metrics
+    );
+    assert!(scrape_with(&server.metrics, None).contains(" 401 "));
+    assert!(scrape_with(&server.metrics, Some("Bearer wrong-token-wrong-token")).contains(" 401 "));
+    assert!(scrape_with(&server.metrics, Some(&format!("Bearer {token}"))).contains(" 200 "));
+
+    // A token file others may read, and a token too short: one line each, never the token.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = |file: &Path| {
+        run(&[
+            "serve",
+            "--dir",
+            s(&dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "0",
+            "--metrics-token",
+            s(file),
+        ])
+    };
+    let line = assert_one_line_error(&args(&token_file), &["metrics.token", "chmod 600"]);
+    assert!(!line.contains(token), "{line}");
+    let short = tmp.path().join("short.token");
+    std::fs::write(&short, "abc\n").unwrap();
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_one_line_error(&args(&short), &["short.token", "16 to 256"]);
+}

@@ -76,6 +76,8 @@ pub(crate) struct AcceptState {
     pub(crate) proxy: Option<Arc<TrustedProxies>>,
     /// Whether a purge of expired nonces and quiet sources is under way.
     pub(crate) purging: AtomicBool,
+    /// The bearer token the metrics need ([`crate::Builder::metrics_token`]).
+    pub(crate) metrics_token: Option<zeroize::Zeroizing<String>>,
 }
 
 /// The application protocol a connection negotiated.

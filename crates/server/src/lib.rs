@@ -178,6 +178,7 @@ pub struct Builder {
     revocation: revocation::Settings,
     standard_clients: bool,
     proxy_protocol: Option<TrustedProxies>,
+    metrics_token: Option<zeroize::Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -221,6 +222,7 @@ impl Builder {
             revocation: revocation::Settings::default(),
             standard_clients: false,
             proxy_protocol: None,
+            metrics_token: None,
         }
     }
 
@@ -512,9 +514,19 @@ impl Builder {
     /// The address is bound by [`Builder::build`] (port 0 picks a free port; read it with
     /// [`PortcullisServer::metrics_addr`]), and served from the first call of
     /// [`PortcullisServer::incoming`] for as long as that [`Incoming`] lives. Put it on an
-    /// address only your monitoring reaches: it has no authentication.
+    /// address only your monitoring reaches, and require a token with
+    /// [`Builder::metrics_token`].
     pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
         self.metrics_listen = Some(addr);
+        self
+    }
+
+    /// The bearer token the metrics need: every scrape of [`Builder::metrics_listen`]'s
+    /// endpoint (and of [`PortcullisServer::metrics_handler`]) must send `Authorization:
+    /// Bearer TOKEN`, or gets 401. The token is compared in constant time and never logged;
+    /// it must be 16 to 256 visible ASCII characters ([`Builder::build`] refuses others).
+    pub fn metrics_token(mut self, token: impl Into<String>) -> Self {
+        self.metrics_token = Some(zeroize::Zeroizing::new(token.into()));
         self
     }
 
@@ -547,6 +559,13 @@ impl Builder {
 
     /// Checks the settings and builds the server.
     pub fn build(self) -> Result<PortcullisServer, ServerError> {
+        if let Some(token) = &self.metrics_token
+            && (!(16..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ServerError::Config(
+                "metrics token: use 16 to 256 visible ASCII characters".into(),
+            ));
+        }
         let tls = self
             .tls
             .ok_or_else(|| ServerError::Config("a TLS configuration is required".into()))?;
@@ -636,6 +655,7 @@ impl Builder {
                 standard_clients: self.standard_clients,
                 proxy: self.proxy_protocol.map(Arc::new),
                 purging: Default::default(),
+                metrics_token: self.metrics_token,
             }),
             metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
             metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),

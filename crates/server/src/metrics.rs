@@ -251,8 +251,22 @@ impl MetricsService {
         self.state.auditor.metrics.encode(&self.state)
     }
 
-    /// The answer to one request.
+    /// The answer to one request. With [`crate::Builder::metrics_token`], a request without
+    /// `Authorization: Bearer TOKEN` (compared in constant time) gets 401.
     pub fn respond<B>(&self, request: &http::Request<B>) -> http::Response<String> {
+        if let Some(token) = &self.state.metrics_token
+            && !bearer_matches(request, token.as_bytes())
+        {
+            let mut response = plain(
+                http::StatusCode::UNAUTHORIZED,
+                "the metrics need Authorization: Bearer with the server's metrics token\n",
+            );
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"portcullis metrics\""),
+            );
+            return response;
+        }
         let method = request.method();
         if method != http::Method::GET && method != http::Method::HEAD {
             return plain(
@@ -272,6 +286,20 @@ impl MetricsService {
         );
         response
     }
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`; the token is compared in
+/// constant time.
+fn bearer_matches<B>(request: &http::Request<B>, token: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len() && bool::from(given.ct_eq(token))
 }
 
 fn plain(status: http::StatusCode, text: &'static str) -> http::Response<String> {
