@@ -339,8 +339,15 @@ async fn say(server: &TestServer, enrolled: &Enrolled) -> Result<String, tonic::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_idle_connections_do_not_keep_valid_clients_out() {
     // The deadline outlasts the test: the idle connections stay open until they are dropped.
-    let (server, portcullis) =
-        start_configured(|b| b.deadline(Duration::from_secs(120)).rate_limit(None)).await;
+    // Every connection comes from 127.0.0.1, and the idle ones stay silent: the caps per
+    // source and on the first TLS byte are lifted, so that it is the cap alone that is tried.
+    let (server, portcullis) = start_configured(|b| {
+        b.deadline(Duration::from_secs(120))
+            .hello_deadline(Duration::from_secs(120))
+            .max_pending_per_source(1024)
+            .rate_limit(None)
+    })
+    .await;
     let users: Vec<Enrolled> = (0..8)
         .map(|i| server.enroll(&format!("user{i}"), &format!("device{i}")))
         .collect();
@@ -478,9 +485,10 @@ async fn over_max_pending_is_overloaded_and_beyond_the_refusal_budget_closed() {
     let (server, portcullis) = start_configured(|b| b.max_pending(2).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
     let config = pcs1(&server, &alice.device);
-    let idle: Vec<TcpStream> = vec![
-        TcpStream::connect(server.addr).await.unwrap(),
-        TcpStream::connect(server.addr).await.unwrap(),
+    // Two connections past their TLS handshake, waiting to send a Prefix: not shed.
+    let idle = vec![
+        server.raw_tls(&alice.device, &[ALPN_PCS1]).await,
+        server.raw_tls(&alice.device, &[ALPN_PCS1]).await,
     ];
     wait_until("two pending", || portcullis.pending() == 2).await;
     let code = current_code(&alice.totp);
@@ -510,7 +518,7 @@ async fn over_max_pending_is_overloaded_and_beyond_the_refusal_budget_closed() {
         start_configured(|b| b.max_pending(1).refusal_budget(0).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
     let config = pcs1(&server, &alice.device);
-    let idle = TcpStream::connect(server.addr).await.unwrap();
+    let idle = server.raw_tls(&alice.device, &[ALPN_PCS1]).await;
     wait_until("one pending", || portcullis.pending() == 1).await;
     let v = guarded("closed at accept", attempt_now(&server, &config, &alice)).await;
     assert!(v.is_none(), "{v:?}");
@@ -519,6 +527,23 @@ async fn over_max_pending_is_overloaded_and_beyond_the_refusal_budget_closed() {
     wait_until("slot free", || portcullis.pending() == 0).await;
     let v = attempt_now(&server, &config, &alice).await;
     assert!(v.unwrap().is_accepted());
+    server.stop().await;
+
+    // Connections still in their TLS handshake (silent after TCP) are shed for a newcomer
+    // when the cap is full: the oldest is closed, the newcomer let in.
+    let (server, portcullis) = start_configured(|b| b.max_pending(2).rate_limit(None)).await;
+    let alice = server.enroll("alice", "laptop");
+    let config = pcs1(&server, &alice.device);
+    let mut oldest = TcpStream::connect(server.addr).await.unwrap();
+    wait_until("one pending", || portcullis.pending() == 1).await;
+    let newer = TcpStream::connect(server.addr).await.unwrap();
+    wait_until("two pending", || portcullis.pending() == 2).await;
+    let v = attempt_now(&server, &config, &alice).await;
+    assert!(v.unwrap().is_accepted(), "the newcomer is let in");
+    let mut buf = [0u8; 1];
+    let closed = guarded("the oldest is shed", oldest.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    drop(newer);
     server.stop().await;
 }
 
@@ -687,8 +712,13 @@ fn rss_kib() -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_mixed_attempts_from_64_tasks_decide_right() {
     const NONCE_CAP: usize = 4096;
-    let (server, portcullis) =
-        start_configured(|b| b.rate_limit(None).nonce_capacity(NONCE_CAP)).await;
+    // All 64 tasks connect from 127.0.0.1: no cap per source.
+    let (server, portcullis) = start_configured(|b| {
+        b.rate_limit(None)
+            .nonce_capacity(NONCE_CAP)
+            .max_pending_per_source(1024)
+    })
+    .await;
     let totp_users: Vec<Enrolled> = (0..200)
         .map(|i| server.enroll(&format!("t{i}"), &format!("t{i}-dev")))
         .collect();

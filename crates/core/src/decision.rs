@@ -278,6 +278,14 @@ pub enum ServerCause {
     RateLimiterFull,
     /// As many connections are being authenticated as allowed (OVERLOADED).
     TooManyPending,
+    /// As many connections from this source are being authenticated as one source may have
+    /// (OVERLOADED).
+    TooManyPendingFromSource,
+    /// The client sent no first TLS byte within the hello deadline: closed.
+    HelloTimeout,
+    /// The server was at its cap of connections being authenticated and closed this one, the
+    /// oldest still in its TLS handshake, to make room for a newer one.
+    Shed,
     /// The client certificate is listed in a certificate revocation list (DEVICE_REVOKED).
     CertificateRevoked,
     /// The client certificate is outside its validity period on a resumed TLS session, which
@@ -324,6 +332,9 @@ impl ServerCause {
             Self::RateLimited => "rate_limited",
             Self::RateLimiterFull => "rate_limiter_full",
             Self::TooManyPending => "too_many_pending",
+            Self::TooManyPendingFromSource => "too_many_pending_from_source",
+            Self::HelloTimeout => "client_hello_timeout",
+            Self::Shed => "shed_for_newer",
             Self::CertificateRevoked => "certificate_revoked",
             Self::CertificateExpired => "certificate_expired",
             Self::CrlStale => "crl_stale",

@@ -76,6 +76,14 @@ pub(crate) struct AcceptState {
     pub(crate) proxy: Option<Arc<TrustedProxies>>,
     /// Whether a purge of expired nonces and quiet sources is under way.
     pub(crate) purging: AtomicBool,
+    /// Connections being authenticated, by source, and how many one source may have.
+    pub(crate) sources: Arc<crate::limits::SourceSlots>,
+    pub(crate) max_pending_per_source: usize,
+    /// How long a new connection has to send its first TLS byte.
+    pub(crate) hello_deadline: Duration,
+    /// Connections in their TLS handshake, oldest first, each with the sender that sheds it.
+    pub(crate) pre_tls: PreTlsMap,
+    pub(crate) next_pre_tls: std::sync::atomic::AtomicU64,
     /// The bearer token the metrics need ([`crate::Builder::metrics_token`]).
     pub(crate) metrics_token: Option<zeroize::Zeroizing<String>>,
 }
@@ -114,12 +122,12 @@ impl AcceptState {
 
     /// The limits checked at TCP accept: the rate limit of the source, then the cap on
     /// connections being authenticated. No registry work is done here.
-    fn admit(&self, peer: SocketAddr) -> Result<OwnedSemaphorePermit, EarlyRefusal> {
+    fn admit(&self, peer: SocketAddr) -> Result<Admitted, Refused> {
         if let Some(limiter) = &self.limiter {
             match limiter.check(peer.ip()) {
                 Ok(()) => {}
                 Err(Limited::Source { retry_after_s }) => {
-                    return Err(EarlyRefusal {
+                    return Err(Refused::Early(EarlyRefusal {
                         code: RejectCode::RateLimited,
                         cause: ServerCause::RateLimited,
                         hint: format!(
@@ -127,35 +135,126 @@ impl AcceptState {
                             peer.ip()
                         ),
                         retry_after_s,
-                    });
+                    }));
                 }
                 Err(Limited::Full) => {
-                    return Err(EarlyRefusal {
+                    return Err(Refused::Early(EarlyRefusal {
                         code: RejectCode::Overloaded,
                         cause: ServerCause::RateLimiterFull,
                         hint: "the server is tracking too many sources of connections; retry \
                                shortly"
                             .into(),
                         retry_after_s: OVERLOADED_RETRY_AFTER_S,
-                    });
+                    }));
                 }
             }
         }
-        self.pending
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EarlyRefusal {
+        let Some(slot) = self.sources.take(peer.ip(), self.max_pending_per_source) else {
+            return Err(Refused::Early(EarlyRefusal {
                 code: RejectCode::Overloaded,
-                cause: ServerCause::TooManyPending,
+                cause: ServerCause::TooManyPendingFromSource,
                 hint: format!(
-                    "the server is at its limit of {} connections being authenticated; retry \
-                     shortly",
-                    self.max_pending
+                    "{} connections from {} are being authenticated already, the most one \
+                     source may have; retry shortly",
+                    self.max_pending_per_source,
+                    peer.ip()
                 ),
                 retry_after_s: OVERLOADED_RETRY_AFTER_S,
-            })
+            }));
+        };
+        match self.pending.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Admitted {
+                _permit: permit,
+                _slot: slot,
+            }),
+            // Full: the oldest connection that has not finished TLS makes room, if there is one.
+            Err(_) if self.shed_oldest() => Err(Refused::Shed(slot)),
+            Err(_) => Err(Refused::Early(self.full())),
+        }
+    }
+
+    /// The refusal of a connection over [`crate::Builder::max_pending`].
+    fn full(&self) -> EarlyRefusal {
+        EarlyRefusal {
+            code: RejectCode::Overloaded,
+            cause: ServerCause::TooManyPending,
+            hint: format!(
+                "the server is at its limit of {} connections being authenticated; retry \
+                 shortly",
+                self.max_pending
+            ),
+            retry_after_s: OVERLOADED_RETRY_AFTER_S,
+        }
+    }
+
+    /// Signals the oldest connection that has not finished its TLS handshake to close; whether
+    /// there was one.
+    fn shed_oldest(&self) -> bool {
+        let mut pre_tls = lock_pre_tls(&self.pre_tls);
+        while let Some((_, shed)) = pre_tls.pop_first() {
+            if shed.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Registers a connection in its TLS handshake: the receiver fires when it is shed.
+    fn enter_pre_tls(self: &Arc<Self>) -> PreTls {
+        let id = self.next_pre_tls.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock_pre_tls(&self.pre_tls).insert(id, tx);
+        PreTls {
+            state: self.clone(),
+            id,
+            shed: rx,
+        }
     }
 }
+
+/// A connection's places in the caps on connections being authenticated, held until tonic has
+/// taken it (or it is refused).
+struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    _slot: crate::limits::SourceSlot,
+}
+
+/// Why [`AcceptState::admit`] did not admit a connection.
+enum Refused {
+    /// Refused before its Prefix.
+    Early(EarlyRefusal),
+    /// The cap was full and the oldest connection in its TLS handshake was told to make room:
+    /// the connection may wait briefly for its place, holding its source's.
+    Shed(crate::limits::SourceSlot),
+}
+
+/// A connection in its TLS handshake, shed by [`AcceptState::shed_oldest`] when the cap on
+/// connections being authenticated is full; unregistered when dropped.
+struct PreTls {
+    state: Arc<AcceptState>,
+    id: u64,
+    shed: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Drop for PreTls {
+    fn drop(&mut self) {
+        lock_pre_tls(&self.state.pre_tls).remove(&self.id);
+    }
+}
+
+type PreTlsMap =
+    std::sync::Mutex<std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>>;
+
+fn lock_pre_tls(
+    map: &PreTlsMap,
+) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>> {
+    // Every change under the lock is one insert or removal.
+    map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long a newcomer waits for the place of a connection shed for it.
+const SHED_WAIT: Duration = Duration::from_millis(250);
 
 /// A refusal decided at TCP accept, before the Prefix.
 struct EarlyRefusal {
@@ -262,7 +361,7 @@ fn dispatch(
     tcp: TcpStream,
     attempt: Attempt,
 ) {
-    match state.admit(attempt.peer()) {
+    let refusal = match state.admit(attempt.peer()) {
         Ok(permit) => {
             let state = state.clone();
             let tx = tx.clone();
@@ -275,30 +374,79 @@ fn dispatch(
                 // answers OVERLOADED.
                 drop(permit);
             });
+            return;
         }
-        Err(refusal) => {
-            if refusal.cause == ServerCause::RateLimiterFull {
-                purge(state);
+        Err(Refused::Shed(slot)) => {
+            // The connection shed for this one gives its place back at once.
+            let state = state.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let waited =
+                    tokio::time::timeout(SHED_WAIT, state.pending.clone().acquire_owned()).await;
+                match waited {
+                    Ok(Ok(permit)) => {
+                        let admitted = Admitted {
+                            _permit: permit,
+                            _slot: slot,
+                        };
+                        if let Some(stream) = authenticate(&state, tcp, attempt).await {
+                            let _ = tx.send(stream).await;
+                        }
+                        drop(admitted);
+                    }
+                    _ => {
+                        drop(slot);
+                        refuse_or_close(&state, tcp, attempt, state.full()).await;
+                    }
+                }
+            });
+            return;
+        }
+        Err(Refused::Early(refusal)) => refusal,
+    };
+    {
+        if refusal.cause == ServerCause::RateLimiterFull {
+            purge(state);
+        }
+        match state.refusing.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    refuse_early(&state, tcp, attempt, refusal).await;
+                    drop(permit);
+                });
             }
-            match state.refusing.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        refuse_early(&state, tcp, attempt, refusal).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    // Not even a handshake can be afforded: closed at once.
-                    attempt.closed(
-                        Some(refusal.code),
-                        refusal.cause,
-                        Some("closed at accept, without a TLS handshake".into()),
-                    );
-                    drop(tcp);
-                }
+            Err(_) => {
+                // Not even a handshake can be afforded: closed at once.
+                attempt.closed(
+                    Some(refusal.code),
+                    refusal.cause,
+                    Some("closed at accept, without a TLS handshake".into()),
+                );
+                drop(tcp);
             }
         }
+    }
+}
+
+/// Answers `refusal` with a Verdict when the refusal budget allows it, or closes the
+/// connection.
+async fn refuse_or_close(
+    state: &Arc<AcceptState>,
+    tcp: TcpStream,
+    attempt: Attempt,
+    refusal: EarlyRefusal,
+) {
+    match state.refusing.clone().try_acquire_owned() {
+        Ok(permit) => {
+            refuse_early(state, tcp, attempt, refusal).await;
+            drop(permit);
+        }
+        Err(_) => attempt.closed(
+            Some(refusal.code),
+            refusal.cause,
+            Some("closed at accept, without a TLS handshake".into()),
+        ),
     }
 }
 
@@ -441,6 +589,18 @@ async fn handshake(
     attempt: &mut Attempt,
 ) -> Result<Up, Closed> {
     let _ = tcp.set_nodelay(true);
+    // The first TLS byte has a deadline of its own: a client sends its ClientHello as soon as
+    // it is connected, so a silent connection gives its place back early.
+    let hello_by = deadline.min(tokio::time::Instant::now() + state.hello_deadline);
+    if timeout_at(hello_by, tcp.peek(&mut [0u8; 1])).await.is_err() {
+        return Err(Closed::new(
+            ServerCause::HelloTimeout,
+            Some(format!(
+                "no TLS byte within {} ms of the connection",
+                state.hello_deadline.as_millis()
+            )),
+        ));
+    }
     let mut tls = match timeout_at(deadline, state.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -609,7 +769,18 @@ async fn authenticate(
         facts,
         protocol,
         leaf,
-    } = match handshake(state, tcp, deadline, &mut attempt).await {
+    } = match {
+        // Until its handshake is done, the connection may be shed for a newer one when the
+        // server is full.
+        let mut pre_tls = state.enter_pre_tls();
+        tokio::select! {
+            up = handshake(state, tcp, deadline, &mut attempt) => up,
+            Ok(()) = &mut pre_tls.shed => Err(Closed::new(
+                ServerCause::Shed,
+                Some("closed in its TLS handshake to make room for a newer connection".into()),
+            )),
+        }
+    } {
         Ok(up) => up,
         Err(closed) => {
             attempt.closed(None, closed.cause, closed.detail);

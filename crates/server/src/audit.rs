@@ -58,7 +58,9 @@
 //! client such as `grpcurl -plaintext`), `tls_handshake_failed`, `tls_handshake_timeout`,
 //! `alpn_refused`, `tls_version_refused`, `no_usable_client_certificate`,
 //! `prefix_read_failed`, the limit that refused it at accept (`rate_limited`,
-//! `too_many_pending`, `rate_limiter_full`), `abandoned` when the server stopped while the
+//! `too_many_pending`, `too_many_pending_from_source`, `rate_limiter_full`),
+//! `client_hello_timeout` (no TLS byte within the hello deadline), `shed_for_newer` (closed in
+//! its TLS handshake to make room while the server was full), `abandoned` when the server stopped while the
 //! attempt was under way, and with PROXY protocol on: `proxy_untrusted` (the peer is not a
 //! trusted balancer), `proxy_header_refused` (no valid v2 header), `proxy_header_timeout`.
 

@@ -179,6 +179,8 @@ pub struct Builder {
     standard_clients: bool,
     proxy_protocol: Option<TrustedProxies>,
     metrics_token: Option<zeroize::Zeroizing<String>>,
+    max_pending_per_source: usize,
+    hello_deadline: Duration,
 }
 
 impl std::fmt::Debug for Builder {
@@ -223,6 +225,8 @@ impl Builder {
             standard_clients: false,
             proxy_protocol: None,
             metrics_token: None,
+            max_pending_per_source: limits::DEFAULT_MAX_PENDING_PER_SOURCE,
+            hello_deadline: limits::DEFAULT_HELLO_DEADLINE,
         }
     }
 
@@ -403,6 +407,25 @@ impl Builder {
     /// [`Builder::refusal_budget`] and the [`limits`] module.
     pub fn max_pending(mut self, max: usize) -> Self {
         self.max_pending = max;
+        self
+    }
+
+    /// The most connections from one source (an IPv4 address, an IPv6 /64) being
+    /// authenticated at once (default [`limits::DEFAULT_MAX_PENDING_PER_SOURCE`], 64; at least
+    /// 1). Beyond it a connection from that source is refused with OVERLOADED at accept, so
+    /// that a few sources holding connections open cannot fill [`Builder::max_pending`] for
+    /// everyone. Raise it for many clients behind one NAT connecting at the same moment.
+    pub fn max_pending_per_source(mut self, max: usize) -> Self {
+        self.max_pending_per_source = max;
+        self
+    }
+
+    /// How long a new connection has to send its first TLS byte (default
+    /// [`limits::DEFAULT_HELLO_DEADLINE`], 2 s; never more than [`Builder::deadline`]). A
+    /// connection silent that long is closed (`client_hello_timeout`) and gives its place in
+    /// the caps back.
+    pub fn hello_deadline(mut self, deadline: Duration) -> Self {
+        self.hello_deadline = deadline;
         self
     }
 
@@ -656,6 +679,11 @@ impl Builder {
                 proxy: self.proxy_protocol.map(Arc::new),
                 purging: Default::default(),
                 metrics_token: self.metrics_token,
+                sources: Default::default(),
+                max_pending_per_source: self.max_pending_per_source.max(1),
+                hello_deadline: self.hello_deadline,
+                pre_tls: Default::default(),
+                next_pre_tls: Default::default(),
             }),
             metrics_addr: metrics_listener.as_ref().map(|(_, addr)| *addr),
             metrics_listener: Arc::new(Mutex::new(metrics_listener.map(|(l, _)| l))),

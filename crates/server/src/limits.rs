@@ -4,12 +4,25 @@
 //! | limit | builder setting | default | answer |
 //! |---|---|---|---|
 //! | absolute deadline for handshake, Prefix and decision | [`crate::Builder::deadline`] | 10 s ([`crate::DEFAULT_DEADLINE`]) | TIMEOUT once TLS is up; closed before that |
+//! | time for the first TLS byte | [`crate::Builder::hello_deadline`] | 2 s ([`DEFAULT_HELLO_DEADLINE`]) | closed (`client_hello_timeout`) |
 //! | connections being authenticated at once | [`crate::Builder::max_pending`] | 1024 ([`DEFAULT_MAX_PENDING`]) | OVERLOADED, RETRY_AFTER [`OVERLOADED_RETRY_AFTER_S`] |
+//! | connections from one source being authenticated at once | [`crate::Builder::max_pending_per_source`] | 64 ([`DEFAULT_MAX_PENDING_PER_SOURCE`]) | OVERLOADED, RETRY_AFTER [`OVERLOADED_RETRY_AFTER_S`] |
 //! | attempts per source address | [`crate::Builder::rate_limit`] | 20/s, burst 40 ([`DEFAULT_RATE_LIMIT`]) | RATE_LIMITED, RETRY_AFTER = seconds until the next permitted attempt |
 //! | early refusals with a TLS handshake at once | [`crate::Builder::refusal_budget`] | 64 ([`DEFAULT_REFUSAL_BUDGET`]) | beyond it: closed at TCP accept |
 //! | time for the PROXY protocol header, with [`crate::Builder::proxy_protocol`] | fixed | [`PROXY_HEADER_DEADLINE`], 2 s (or the deadline, if shorter) | closed before TLS |
 //! | size of the PROXY protocol header | fixed | [`portcullis_proxy::MAX_HEADER_LEN`], 1024 bytes | closed before TLS, refused from its 16-byte fixed part |
 //! | size of the Prefix frame | fixed by PROTOCOL.md section 2 | header + 4096 bytes ([`MAX_PREFIX_FRAME`]) | MALFORMED from the header alone |
+//!
+//! ## Admission under a flood
+//!
+//! Three rules keep connections that are held open (silent after TCP, or a byte now and then)
+//! from filling [`crate::Builder::max_pending`] for everyone: the first TLS byte must come
+//! within [`crate::Builder::hello_deadline`] (2 s); one source may have at most
+//! [`crate::Builder::max_pending_per_source`] (64) connections being authenticated; and when
+//! the cap is full, a new connection closes the oldest connection still in its TLS handshake
+//! (audited `shed_for_newer`) and takes its place, waiting at most 250 ms for it. A valid
+//! client finishes its handshake in milliseconds, so it is never the oldest for long; only
+//! when no connection is in its handshake is the newcomer refused with OVERLOADED.
 //!
 //! ## Early refusals
 //!
@@ -48,6 +61,16 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use portcullis_core::codec::{HEADER_LEN, MAX_BODY_LEN};
+
+/// The default time a new connection has to send its first TLS byte
+/// ([`crate::Builder::hello_deadline`]): a client's ClientHello follows its TCP handshake at
+/// once, so a connection silent for this long is closed well before the whole deadline.
+pub const DEFAULT_HELLO_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The default cap on connections from one source (IPv4 address, IPv6 /64) being
+/// authenticated at once ([`crate::Builder::max_pending_per_source`]): whoever holds
+/// connections open from a few addresses cannot fill the server's cap.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
 
 /// The default cap on connections being authenticated at once ([`crate::Builder::max_pending`]).
 pub const DEFAULT_MAX_PENDING: usize = 1024;
@@ -183,6 +206,45 @@ impl<C: Clock> SourceLimiter<C> {
     /// How many sources are tracked.
     pub(crate) fn len(&self) -> usize {
         self.limiter.len()
+    }
+}
+
+/// Connections being authenticated, counted by source ([`source_key`]).
+#[derive(Debug, Default)]
+pub(crate) struct SourceSlots {
+    counts: dashmap::DashMap<IpAddr, usize>,
+}
+
+/// One connection's place in [`SourceSlots`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct SourceSlot {
+    slots: std::sync::Arc<SourceSlots>,
+    key: IpAddr,
+}
+
+impl SourceSlots {
+    /// A place for a connection from `ip`, unless `max` from its source hold one.
+    pub(crate) fn take(self: &std::sync::Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let mut count = self.counts.entry(key).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        // The entry goes when its count does: the map holds only sources with connections.
+        self.slots.counts.remove_if_mut(&self.key, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
     }
 }
 
