@@ -459,7 +459,9 @@ async fn protocol_mismatches_name_the_other_side() {
 async fn a_server_at_capacity_says_when_to_retry() {
     let (server, portcullis) = start_configured(|b| b.max_pending(1).rate_limit(None)).await;
     let alice = server.enroll("alice", "laptop");
-    let idle = TcpStream::connect(server.addr).await.unwrap();
+    // A connection past its TLS handshake, waiting to send its Prefix, holds the slot (one
+    // still in its handshake would be shed for the newcomer).
+    let idle = server.raw_tls(&alice.device, &[ALPN_PCS1]).await;
     tokio::time::timeout(Duration::from_secs(10), async {
         while portcullis.pending() < 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -195,8 +195,9 @@ pub(super) fn portcullis_gate(
         .map_err(BenchError::setup)?
         .registry(registry)
         // Every client of the benchmark is 127.0.0.1, opening thousands of connections a
-        // second; the per-source limit would refuse them (stock tonic has none).
+        // second; the per-source limits would refuse them (stock tonic has none).
         .rate_limit(None)
+        .max_pending_per_source(portcullis_server::limits::MAX_CONNECTION_CAP)
         .build()
         .map_err(BenchError::setup)
 }

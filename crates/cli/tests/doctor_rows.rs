@@ -403,8 +403,9 @@ fn a_server_at_capacity_says_it_is_busy() {
     let sv = served(&["--max-pending", "1", "--rate-limit", "0"]);
     let (dir, alice, addr) = (sv.dir.as_path(), sv.alice.as_str(), sv.addr.as_str());
 
-    // An idle connection that never starts TLS holds the one slot until the deadline (10 s).
-    let idle = std::net::TcpStream::connect(addr).unwrap();
+    // A connection past its TLS handshake that sends no Prefix holds the one slot until the
+    // deadline (10 s); one still in its handshake would be shed for the newcomer.
+    let idle = tls_without_prefix(dir, addr);
     // The server counts it once it accepted it; the first doctor may come before that.
     let mut r = doctor(dir, addr, "laptop", "alice", &["--secret", alice]);
     for _ in 0..3 {
@@ -416,6 +417,26 @@ fn a_server_at_capacity_says_it_is_busy() {
     }
     assert_fails_at(&r, "device", &["overloaded"], &["busy", "try again in"]);
     drop(idle);
+}
+
+/// A TLS connection of the laptop to `addr`, handshake done, nothing sent after it.
+fn tls_without_prefix(
+    dir: &Path,
+    addr: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let roots = portcullis_tls::load_certs(&dir.join("ca.pem")).unwrap();
+    let chain = portcullis_tls::load_certs(&dir.join("devices/laptop.pem")).unwrap();
+    let key = portcullis_tls::load_key(&dir.join("devices/laptop-key.pem")).unwrap();
+    let config =
+        portcullis_tls::client_config(&roots, chain, key, &[portcullis_core::codec::ALPN_PCS1])
+            .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    rustls::StreamOwned::new(conn, tcp)
 }
 
 /// The report of a probe (`--plaintext`, `--tls12`): two steps, `connect` passed.
