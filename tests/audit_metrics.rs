@@ -516,3 +516,70 @@ async fn connections_held_open_cannot_keep_a_scraper_out() {
     );
     drop(held);
 }
+
+/// A sink that fails while `failing` is set, as a file on a full disk does.
+struct FlakySink {
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl portcullis::server::AuditSink for FlakySink {
+    fn record(&self, _record: &AuditRecord) {}
+
+    fn healthy(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_audit_required_a_failing_sink_refuses_new_connections_until_it_works_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let failing = Arc::new(AtomicBool::new(false));
+    let sink = Arc::new(FlakySink {
+        failing: failing.clone(),
+    });
+    let (seen, collect) = collector();
+    let (server, portcullis) = start_configured(move |b| {
+        b.audit_sink(sink)
+            .audit_sink(collect)
+            .audit_required(true)
+            .rate_limit(None)
+    })
+    .await;
+    let users: Vec<_> = (0..3)
+        .map(|i| server.enroll(&format!("u{i}"), &format!("d{i}")))
+        .collect();
+    let attempt = |u: &Enrolled| {
+        let config = server.tls_config(&u.device, &[ALPN_PCS1]);
+        let user = u.user.clone();
+        let totp = u.totp.clone();
+        let addr = server.addr;
+        async move {
+            let mut tls = tls_with(addr, config).await.unwrap();
+            let p = prefix(&tls, &user, Factor::Totp(current_code(&totp)));
+            tls.write_all(&p.encode().unwrap()).await.unwrap();
+            try_read_verdict(&mut tls).await.expect("a Verdict")
+        }
+    };
+    assert_eq!(attempt(&users[0]).await.status, 0);
+    failing.store(true, Ordering::SeqCst);
+    // The first record after the failure is not kept: counted; from then on, refused.
+    let _ = attempt(&users[1]).await;
+    let refused = attempt(&users[1]).await;
+    assert_eq!(refused.reject_code(), Some(portcullis::core::RejectCode::Overloaded));
+    assert!(
+        refused.reason.as_deref().unwrap().contains("audit trail"),
+        "{refused:?}"
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.cause == Some("audit_unavailable")),
+        "the refusal is recorded where it can be"
+    );
+    let failures = samples(&portcullis.metrics_text())["portcullis_audit_write_failures_total"];
+    assert!(failures >= 1.0, "{failures}");
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(attempt(&users[2]).await.status, 0, "let in again");
+    server.stop().await;
+}

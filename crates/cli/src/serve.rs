@@ -12,7 +12,7 @@ use portcullis_core::{Registry, SystemClock};
 use portcullis_server::limits::{self, RateLimit};
 use portcullis_server::policy::{Policy, PolicyLayer};
 use portcullis_server::revocation::CrlStale;
-use portcullis_server::{PortcullisServer, TrustedProxies};
+use portcullis_server::{AuditFsync, JsonLinesFile, PortcullisServer, TrustedProxies};
 
 use crate::dir::Layout;
 use crate::registry::Location;
@@ -68,6 +68,15 @@ pub(crate) struct ServeArgs {
     /// mode 0600 when new). The records also go to the log on stderr.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// When the audit log is synced to disk: after `always` record, at an `interval` of 1 s,
+    /// or `never` (the kernel writes it back). SIGHUP reopens the file (for logrotate).
+    #[arg(long, value_name = "RULE", value_enum, default_value_t = AuditFsyncArg::Interval,
+          requires = "audit_log")]
+    audit_fsync: AuditFsyncArg,
+    /// Refuse new connections with OVERLOADED while the audit log cannot be written (a full
+    /// disk): no connection is let in without its record.
+    #[arg(long, requires = "audit_log")]
+    audit_required: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (a bare PORT binds 127.0.0.1:PORT; port
     /// 0 picks a free one); when ready prints `metrics on HOST:PORT` after the `listening on`
     /// line. Bind it where only your monitoring reaches, and see --metrics-token.
@@ -156,6 +165,14 @@ fn read_metrics_token(path: &std::path::Path) -> Result<zeroize::Zeroizing<Strin
     Ok(zeroize::Zeroizing::new(token.to_owned()))
 }
 
+/// `--audit-fsync`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AuditFsyncArg {
+    Always,
+    Interval,
+    Never,
+}
+
 /// `--crl-stale`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum CrlStaleArg {
@@ -226,7 +243,17 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         builder = builder.proxy_protocol(trusted.clone());
     }
     if let Some(path) = &args.audit_log {
-        builder = builder.audit_log(path).map_err(|e| e.to_string())?;
+        let fsync = match args.audit_fsync {
+            AuditFsyncArg::Always => AuditFsync::Always,
+            AuditFsyncArg::Interval => portcullis_server::DEFAULT_AUDIT_FSYNC,
+            AuditFsyncArg::Never => AuditFsync::Never,
+        };
+        let file = JsonLinesFile::create(path)
+            .map_err(|e| e.to_string())?
+            .fsync(fsync);
+        builder = builder
+            .audit_sink(Arc::new(file))
+            .audit_required(args.audit_required);
     }
     if let Some(path) = &args.metrics_token {
         builder = builder.metrics_token(read_metrics_token(path)?.as_str());
@@ -271,6 +298,19 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        // SIGHUP: the audit log is opened again (logrotate moved it away).
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut hangup) = signal(SignalKind::hangup()) {
+                let reopen = portcullis.clone();
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        reopen.reopen_audit();
+                    }
+                });
+            }
+        }
         // On a signal, stop accepting and let open connections finish, for at most
         // SHUTDOWN_GRACE: an idle or stuck connection must not keep the process alive.
         portcullis

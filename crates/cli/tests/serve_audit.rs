@@ -374,3 +374,55 @@ fn metrics_on_a_bare_port_bind_loopback_and_a_token_file_guards_them() {
     std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_one_line_error(&args(&short), &["short.token", "16 to 256"]);
 }
+
+#[test]
+fn sighup_reopens_the_audit_log_after_logrotate_moved_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init_dir(&tmp);
+    let secret = add_user(&dir, "alice");
+    issue_device(&dir, "laptop", "alice");
+    let log = tmp.path().join("audit.jsonl");
+    let mut server = serve(
+        &dir,
+        &[
+            "--audit-log",
+            s(&log),
+            "--audit-fsync",
+            "always",
+            "--audit-required",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let ok = call(&dir, &server, &totp(&secret).generate(unix_now()));
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(audit_lines(&log, 1).len(), 1);
+
+    // logrotate: the file is moved away, then the server is told.
+    let rotated = tmp.path().join("audit.jsonl.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let pid = server._child.child().id().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // The next record goes to a new file at the path, mode 0600.
+    std::fs::remove_dir_all(dir.join("sessions")).unwrap();
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    loop {
+        let wrong = call(&dir, &server, &wrong_code(&secret));
+        assert!(!wrong.status.success());
+        if log.exists() || Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let fresh = audit_lines(&log, 1);
+    assert!(!fresh.is_empty(), "a record in the reopened file");
+    assert_eq!(fresh[0]["outcome"], "rejected");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(audit_lines(&rotated, 1).len(), 1, "the old file kept its record");
+}

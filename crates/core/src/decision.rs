@@ -283,6 +283,9 @@ pub enum ServerCause {
     TooManyPendingFromSource,
     /// The client sent no first TLS byte within the hello deadline: closed.
     HelloTimeout,
+    /// The server must keep an audit record of every connection and cannot write its audit
+    /// trail now (OVERLOADED).
+    AuditUnavailable,
     /// The server was at its cap of connections being authenticated and closed this one, the
     /// oldest still in its TLS handshake, to make room for a newer one.
     Shed,
@@ -335,6 +338,7 @@ impl ServerCause {
             Self::TooManyPendingFromSource => "too_many_pending_from_source",
             Self::HelloTimeout => "client_hello_timeout",
             Self::Shed => "shed_for_newer",
+            Self::AuditUnavailable => "audit_unavailable",
             Self::CertificateRevoked => "certificate_revoked",
             Self::CertificateExpired => "certificate_expired",
             Self::CrlStale => "crl_stale",

@@ -81,6 +81,9 @@ pub(crate) struct AcceptState {
     pub(crate) max_pending_per_source: usize,
     /// How long a new connection has to send its first TLS byte.
     pub(crate) hello_deadline: Duration,
+    /// Whether new connections are refused while an audit sink fails
+    /// ([`crate::Builder::audit_required`]).
+    pub(crate) audit_required: bool,
     /// Connections in their TLS handshake, oldest first, each with the sender that sheds it.
     pub(crate) pre_tls: PreTlsMap,
     pub(crate) next_pre_tls: std::sync::atomic::AtomicU64,
@@ -148,6 +151,14 @@ impl AcceptState {
                     }));
                 }
             }
+        }
+        if self.audit_required && !self.auditor.healthy() {
+            return Err(Refused::Early(EarlyRefusal {
+                code: RejectCode::Overloaded,
+                cause: ServerCause::AuditUnavailable,
+                hint: "the server cannot write its audit trail; retry shortly".into(),
+                retry_after_s: OVERLOADED_RETRY_AFTER_S,
+            }));
         }
         let Some(slot) = self.sources.take(peer.ip(), self.max_pending_per_source) else {
             return Err(Refused::Early(EarlyRefusal {

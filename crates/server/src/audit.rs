@@ -244,6 +244,16 @@ fn format_time(time_ms: u64) -> Option<String> {
 pub trait AuditSink: Send + Sync + 'static {
     /// Takes one record.
     fn record(&self, record: &AuditRecord);
+
+    /// Whether the sink keeps its records now (its last write worked). With
+    /// [`crate::Builder::audit_required`] new connections are refused while a sink is not
+    /// healthy. The default: always.
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Opens the sink's file again (after logrotate moved it). The default does nothing.
+    fn reopen(&self) {}
 }
 
 impl<F> AuditSink for F
@@ -266,12 +276,29 @@ pub struct AuditLogError {
     pub source: io::Error,
 }
 
+/// When [`JsonLinesFile`] syncs its records to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditFsync {
+    /// After every record (`fdatasync`): a record the server made survives a power loss.
+    Always,
+    /// At the first record written at least this long after the last sync: a power loss can
+    /// lose the records of at most one interval, plus those written since the last sync when
+    /// none followed.
+    Interval(Duration),
+    /// Never: the kernel writes the records back when it will (a crash of the process loses
+    /// nothing, a power loss may).
+    Never,
+}
+
 /// An [`AuditSink`] that appends each record to a file as one line of JSON.
 ///
 /// The file is opened for appending and, when new, created with mode 0600 (on Unix). Each line
 /// goes to the kernel in one `write` as soon as its record is made (no buffer to lose on a
-/// crash, and lines of several writers do not interleave); it is not synced to disk. A failed
-/// write is reported once as a `tracing` warning, and again after the file worked again.
+/// crash of the process, and lines of several writers do not interleave), and is synced to disk
+/// by the rule of [`JsonLinesFile::fsync`] (by default [`AuditFsync::Interval`] of 1 s).
+/// [`JsonLinesFile::reopen`] opens the path again (for logrotate: call it on SIGHUP, as
+/// `portcullis serve` does). A failed write or sync is reported once as a `tracing` warning,
+/// and again after the file worked again; while it fails [`AuditSink::healthy`] says so.
 ///
 /// ```no_run
 /// # fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -285,35 +312,94 @@ pub struct AuditLogError {
 #[derive(Debug)]
 pub struct JsonLinesFile {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<OpenFile>,
+    fsync: AuditFsync,
     failing: AtomicBool,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    file: File,
+    synced: Instant,
+}
+
+/// The default [`AuditFsync`] of [`JsonLinesFile`].
+pub const DEFAULT_AUDIT_FSYNC: AuditFsync = AuditFsync::Interval(Duration::from_secs(1));
+
+fn open_append(path: &Path) -> Result<File, AuditLogError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map_err(|source| AuditLogError {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl JsonLinesFile {
     /// Opens `path` for appending, creating it (mode 0600) when it does not exist.
     pub fn create(path: impl AsRef<Path>) -> Result<Self, AuditLogError> {
         let path = path.as_ref().to_path_buf();
-        let mut options = std::fs::OpenOptions::new();
-        options.append(true).create(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let file = options.open(&path).map_err(|source| AuditLogError {
-            path: path.clone(),
-            source,
-        })?;
+        let file = open_append(&path)?;
         Ok(Self {
             path,
-            file: Mutex::new(file),
+            file: Mutex::new(OpenFile {
+                file,
+                synced: Instant::now(),
+            }),
+            fsync: DEFAULT_AUDIT_FSYNC,
             failing: AtomicBool::new(false),
         })
+    }
+
+    /// The rule by which records are synced to disk (default [`DEFAULT_AUDIT_FSYNC`]).
+    pub fn fsync(mut self, rule: AuditFsync) -> Self {
+        self.fsync = rule;
+        self
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Opens the path again, creating the file when it is gone (logrotate moved it away), and
+    /// writes the next records there; the old file is synced and closed. On error the old file
+    /// stays in use.
+    pub fn reopen(&self) -> Result<(), AuditLogError> {
+        let file = open_append(&self.path)?;
+        let mut open = self.lock();
+        let _ = open.file.sync_data();
+        open.file = file;
+        open.synced = Instant::now();
+        drop(open);
+        tracing::info!(path = %self.path.display(), "audit log reopened");
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenFile> {
+        self.file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_line(&self, line: &[u8]) -> io::Result<()> {
+        let mut open = self.lock();
+        open.file.write_all(line)?;
+        let sync = match self.fsync {
+            AuditFsync::Always => true,
+            AuditFsync::Interval(every) => open.synced.elapsed() >= every,
+            AuditFsync::Never => false,
+        };
+        if sync {
+            open.file.sync_data()?;
+            open.synced = Instant::now();
+        }
+        Ok(())
     }
 }
 
@@ -321,11 +407,7 @@ impl AuditSink for JsonLinesFile {
     fn record(&self, record: &AuditRecord) {
         let mut line = record.to_json().into_bytes();
         line.push(b'\n');
-        let written = match self.file.lock() {
-            Ok(mut file) => file.write_all(&line),
-            Err(poisoned) => poisoned.into_inner().write_all(&line),
-        };
-        match written {
+        match self.write_line(&line) {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::warn!(path = %self.path.display(), "the audit log can be written again");
@@ -336,6 +418,16 @@ impl AuditSink for JsonLinesFile {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot write the audit log; records are lost until it works again");
                 }
             }
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
+    fn reopen(&self) {
+        if let Err(e) = JsonLinesFile::reopen(self) {
+            tracing::warn!(error = %e, "audit log not reopened; the old file stays in use");
         }
     }
 }
@@ -386,11 +478,26 @@ impl Auditor {
         self.emit(&record);
     }
 
+    /// Whether every sink keeps its records now.
+    pub(crate) fn healthy(&self) -> bool {
+        self.sinks.iter().all(|sink| sink.healthy())
+    }
+
+    /// Asks every sink to open its file again.
+    pub(crate) fn reopen(&self) {
+        for sink in &self.sinks {
+            sink.reopen();
+        }
+    }
+
     fn emit(&self, record: &AuditRecord) {
         self.metrics.observe(record);
         trace(record);
         for sink in &self.sinks {
             sink.record(record);
+            if !sink.healthy() {
+                self.metrics.audit_write_failed();
+            }
         }
         // A server with no audit sink and no `tracing` subscriber would refuse connections
         // without a trace: its refusals go to stderr, one line each, with the REF a client

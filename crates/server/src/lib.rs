@@ -96,7 +96,10 @@ use tokio::net::TcpListener;
 use tower::layer::util::{Identity, Stack};
 
 pub use acceptor::Incoming;
-pub use audit::{AuditLogError, AuditOutcome, AuditRecord, AuditSink, JsonLinesFile};
+pub use audit::{
+    AuditFsync, AuditLogError, AuditOutcome, AuditRecord, AuditSink, DEFAULT_AUDIT_FSYNC,
+    JsonLinesFile,
+};
 pub use context::{AuthContext, PortcullisConnectInfo};
 pub use health::{HealthStatus, NotServingCause};
 pub use layer::{AuthLayer, AuthService};
@@ -181,6 +184,7 @@ pub struct Builder {
     metrics_token: Option<zeroize::Zeroizing<String>>,
     max_pending_per_source: usize,
     hello_deadline: Duration,
+    audit_required: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -227,6 +231,7 @@ impl Builder {
             metrics_token: None,
             max_pending_per_source: limits::DEFAULT_MAX_PENDING_PER_SOURCE,
             hello_deadline: limits::DEFAULT_HELLO_DEADLINE,
+            audit_required: false,
         }
     }
 
@@ -525,6 +530,17 @@ impl Builder {
         self
     }
 
+    /// Refuse new connections with OVERLOADED (cause `audit_unavailable`) while an audit sink
+    /// cannot keep its records ([`AuditSink::healthy`]: a full disk, a failed sync), so that
+    /// no connection is let in without its record. Off by default: the records that cannot be
+    /// written are counted (`portcullis_audit_write_failures_total`) and the gate goes on. The
+    /// refusals are audited too, so the first record that can be written again lets the next
+    /// connections in.
+    pub fn audit_required(mut self, required: bool) -> Self {
+        self.audit_required = required;
+        self
+    }
+
     /// Appends the audit trail to the file at `path`, one JSON line per connection attempt
     /// (a [`JsonLinesFile`]: created with mode 0600 when new, each line written as soon as
     /// its attempt ends).
@@ -682,6 +698,7 @@ impl Builder {
                 sources: Default::default(),
                 max_pending_per_source: self.max_pending_per_source.max(1),
                 hello_deadline: self.hello_deadline,
+                audit_required: self.audit_required,
                 pre_tls: Default::default(),
                 next_pre_tls: Default::default(),
             }),
@@ -795,6 +812,12 @@ impl PortcullisServer {
     /// ([`Builder::crl_file`], [`Builder::client_verifier`]).
     pub fn client_verifier(&self) -> Option<&Arc<portcullis_tls::ReloadableClientVerifier>> {
         self.state.revocation.verifier()
+    }
+
+    /// Asks every audit sink to open its file again ([`JsonLinesFile::reopen`]): call it on
+    /// SIGHUP after logrotate moved the file away.
+    pub fn reopen_audit(&self) {
+        self.state.auditor.reopen();
     }
 
     /// The address of the metrics endpoint of [`Builder::metrics_listen`], when set.

@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `portcullis_connection_attempts_total{outcome,code,cause}` | counter | attempts by outcome (`accepted`, `rejected`, `closed`), reject code name and precise cause (both empty on accept) |
 //! | `portcullis_live_connections_closed_total{cause}` | counter | live connections the server closed (`ended` audit records), by cause (`device_revoked`, `cert_expired`, `server_stopping`, ...) |
+//! | `portcullis_audit_write_failures_total` | counter | audit records a sink could not keep (a full disk, a failed sync) |
 //! | `portcullis_accept_duration_seconds` | histogram | from TCP accept to the decision, for every attempt that got a Verdict |
 //! | `portcullis_decision_duration_seconds` | histogram | the decision alone (registry, nonce, code or ticket), for the same attempts |
 //! | `portcullis_authenticating_connections` | gauge | connections being authenticated now ([`crate::PortcullisServer::pending`]) |
@@ -96,6 +97,7 @@ pub(crate) struct Metrics {
     registry: Registry,
     attempts: Family<AttemptLabels, Counter>,
     live_closed: Family<CauseLabel, Counter>,
+    audit_failures: Counter,
     accept_seconds: Histogram,
     decision_seconds: Histogram,
     authenticating: Gauge,
@@ -120,6 +122,12 @@ impl Metrics {
             "live_connections_closed",
             "Live connections closed by the server, by cause",
             live_closed.clone(),
+        );
+        let audit_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit records a sink could not keep (its write or sync failed)",
+            audit_failures.clone(),
         );
         let accept_seconds = Histogram::new(ACCEPT_BUCKETS);
         registry.register_with_unit(
@@ -170,6 +178,7 @@ impl Metrics {
             registry,
             attempts,
             live_closed,
+            audit_failures,
             accept_seconds,
             decision_seconds,
             authenticating,
@@ -179,6 +188,11 @@ impl Metrics {
             sources,
             crl_stale,
         }
+    }
+
+    /// Counts a record a sink could not keep.
+    pub(crate) fn audit_write_failed(&self) {
+        self.audit_failures.inc();
     }
 
     /// Counts one attempt.
