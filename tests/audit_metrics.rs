@@ -565,7 +565,10 @@ async fn with_audit_required_a_failing_sink_refuses_new_connections_until_it_wor
     // The first record after the failure is not kept: counted; from then on, refused.
     let _ = attempt(&users[1]).await;
     let refused = attempt(&users[1]).await;
-    assert_eq!(refused.reject_code(), Some(portcullis::core::RejectCode::Overloaded));
+    assert_eq!(
+        refused.reject_code(),
+        Some(portcullis::core::RejectCode::Overloaded)
+    );
     assert!(
         refused.reason.as_deref().unwrap().contains("audit trail"),
         "{refused:?}"

@@ -77,6 +77,11 @@ pub(crate) struct ServeArgs {
     /// disk): no connection is let in without its record.
     #[arg(long, requires = "audit_log")]
     audit_required: bool,
+    /// Rotate the audit log by size: a record that would take it past N bytes first moves it
+    /// to FILE.<Unix ms> (never deleted) and starts a new FILE. At least 4096.
+    #[arg(long, value_name = "N", requires = "audit_log",
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    audit_max_bytes: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (a bare PORT binds 127.0.0.1:PORT; port
     /// 0 picks a free one); when ready prints `metrics on HOST:PORT` after the `listening on`
     /// line. Bind it where only your monitoring reaches, and see --metrics-token.
@@ -248,9 +253,12 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
             AuditFsyncArg::Interval => portcullis_server::DEFAULT_AUDIT_FSYNC,
             AuditFsyncArg::Never => AuditFsync::Never,
         };
-        let file = JsonLinesFile::create(path)
+        let mut file = JsonLinesFile::create(path)
             .map_err(|e| e.to_string())?
             .fsync(fsync);
+        if let Some(max) = args.audit_max_bytes {
+            file = file.max_bytes(max);
+        }
         builder = builder
             .audit_sink(Arc::new(file))
             .audit_required(args.audit_required);

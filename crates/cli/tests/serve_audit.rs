@@ -424,5 +424,9 @@ fn sighup_reopens_the_audit_log_after_logrotate_moved_it() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    assert_eq!(audit_lines(&rotated, 1).len(), 1, "the old file kept its record");
+    assert_eq!(
+        audit_lines(&rotated, 1).len(),
+        1,
+        "the old file kept its record"
+    );
 }

@@ -314,6 +314,7 @@ pub struct JsonLinesFile {
     path: PathBuf,
     file: Mutex<OpenFile>,
     fsync: AuditFsync,
+    max_bytes: Option<u64>,
     failing: AtomicBool,
 }
 
@@ -321,6 +322,8 @@ pub struct JsonLinesFile {
 struct OpenFile {
     file: File,
     synced: Instant,
+    /// The file's length, as far as this sink wrote it.
+    len: u64,
 }
 
 /// The default [`AuditFsync`] of [`JsonLinesFile`].
@@ -345,15 +348,26 @@ impl JsonLinesFile {
     pub fn create(path: impl AsRef<Path>) -> Result<Self, AuditLogError> {
         let path = path.as_ref().to_path_buf();
         let file = open_append(&path)?;
+        let len = file.metadata().map_or(0, |m| m.len());
         Ok(Self {
             path,
             file: Mutex::new(OpenFile {
                 file,
                 synced: Instant::now(),
+                len,
             }),
             fsync: DEFAULT_AUDIT_FSYNC,
+            max_bytes: None,
             failing: AtomicBool::new(false),
         })
+    }
+
+    /// Rotates the file by size: a record that would take it past `max` bytes first moves it
+    /// to `PATH.<Unix ms>` (synced; never overwritten, never deleted: removing old files is
+    /// the operator's) and starts a new file at the path. At least 4096.
+    pub fn max_bytes(mut self, max: u64) -> Self {
+        self.max_bytes = Some(max.max(4096));
+        self
     }
 
     /// The rule by which records are synced to disk (default [`DEFAULT_AUDIT_FSYNC`]).
@@ -372,10 +386,12 @@ impl JsonLinesFile {
     /// stays in use.
     pub fn reopen(&self) -> Result<(), AuditLogError> {
         let file = open_append(&self.path)?;
+        let len = file.metadata().map_or(0, |m| m.len());
         let mut open = self.lock();
         let _ = open.file.sync_data();
         open.file = file;
         open.synced = Instant::now();
+        open.len = len;
         drop(open);
         tracing::info!(path = %self.path.display(), "audit log reopened");
         Ok(())
@@ -389,7 +405,15 @@ impl JsonLinesFile {
 
     fn write_line(&self, line: &[u8]) -> io::Result<()> {
         let mut open = self.lock();
+        let size = u64::try_from(line.len()).unwrap_or(u64::MAX);
+        if let Some(max) = self.max_bytes
+            && open.len > 0
+            && open.len.saturating_add(size) > max
+        {
+            self.rotate(&mut open)?;
+        }
         open.file.write_all(line)?;
+        open.len = open.len.saturating_add(size);
         let sync = match self.fsync {
             AuditFsync::Always => true,
             AuditFsync::Interval(every) => open.synced.elapsed() >= every,
@@ -399,6 +423,31 @@ impl JsonLinesFile {
             open.file.sync_data()?;
             open.synced = Instant::now();
         }
+        Ok(())
+    }
+}
+
+impl JsonLinesFile {
+    /// Moves the full file aside and opens a new one at the path.
+    fn rotate(&self, open: &mut OpenFile) -> io::Result<()> {
+        open.file.sync_data()?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut aside = self.path.as_os_str().to_owned();
+        aside.push(format!(".{stamp}"));
+        let aside = PathBuf::from(aside);
+        if aside.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", aside.display()),
+            ));
+        }
+        std::fs::rename(&self.path, &aside)?;
+        open.file = open_append(&self.path).map_err(|e| e.source)?;
+        open.len = 0;
+        open.synced = Instant::now();
+        tracing::info!(path = %self.path.display(), rotated = %aside.display(), "audit log rotated by size");
         Ok(())
     }
 }
@@ -828,5 +877,41 @@ mod tests {
         let err = JsonLinesFile::create(&missing).unwrap_err().to_string();
         assert!(err.contains("no/such/dir/audit.jsonl"), "{err}");
         assert!(err.contains("cannot open the audit log"), "{err}");
+    }
+
+    #[test]
+    fn a_size_limit_rotates_the_file_and_keeps_every_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let file = JsonLinesFile::create(&path)
+            .unwrap()
+            .fsync(AuditFsync::Always)
+            .max_bytes(4096);
+        let line_len = sample().to_json().len() + 1;
+        for _ in 0..60 {
+            file.record(&sample());
+            // A new rotated name every millisecond at most.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(file.healthy());
+        let mut lines = 0;
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            assert!(
+                text.len() <= 4096,
+                "{} holds {} bytes",
+                entry.path().display(),
+                text.len()
+            );
+            assert!(text.ends_with('\n'), "whole lines only");
+            lines += text.lines().count();
+            files += 1;
+        }
+        assert_eq!(lines, 60, "every record once");
+        assert!(files >= (60 * line_len) / 4096, "{files} files");
+        // The newest records are in the file at the path.
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
     }
 }
