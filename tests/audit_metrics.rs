@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -20,33 +20,6 @@ use tokio::net::TcpStream;
 
 /// A generous bound on waits that should end long before it; reaching it fails the test.
 const GUARD: Duration = Duration::from_secs(30);
-
-type Seen = Arc<Mutex<Vec<AuditRecord>>>;
-
-/// A sink that keeps every record.
-fn collector() -> (Seen, Arc<dyn portcullis::server::AuditSink>) {
-    let seen: Seen = Arc::default();
-    let keep = seen.clone();
-    let sink = Arc::new(move |record: &AuditRecord| keep.lock().unwrap().push(record.clone()));
-    (seen, sink)
-}
-
-/// Waits until `n` records have come, and returns them.
-async fn records(seen: &Seen, n: usize) -> Vec<AuditRecord> {
-    let waited = tokio::time::timeout(GUARD, async {
-        while seen.lock().unwrap().len() < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    let got = seen.lock().unwrap().clone();
-    assert!(
-        waited.is_ok(),
-        "expected {n} records, got {}: {got:#?}",
-        got.len()
-    );
-    got
-}
 
 fn by_ref<'a>(records: &'a [AuditRecord], reference: &[u8; 16]) -> &'a AuditRecord {
     let hex = hex::encode(reference);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,22 +13,13 @@ use portcullis::client::CodeSource;
 use portcullis::core::codec::{ALPN_PCS1, Factor};
 use portcullis::core::{Clock, MemoryRegistry, RejectCode, SystemClock};
 use portcullis::demo::{EchoClient, SayRequest};
-use portcullis::server::{AuditOutcome, AuditRecord};
+use portcullis::server::AuditOutcome;
 use portcullis::tls::devpki::{CertProfile, DevCa, Issued};
 use portcullis::tls::rustls::HandshakeKind;
 use tokio::io::AsyncWriteExt;
 
 /// A generous bound on waits that should end long before it.
 const GUARD: Duration = Duration::from_secs(30);
-
-type Seen = Arc<Mutex<Vec<AuditRecord>>>;
-
-fn collector() -> (Seen, Arc<dyn portcullis::server::AuditSink>) {
-    let seen: Seen = Arc::default();
-    let keep = seen.clone();
-    let sink = Arc::new(move |record: &AuditRecord| keep.lock().unwrap().push(record.clone()));
-    (seen, sink)
-}
 
 async fn until<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

@@ -7,14 +7,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use portcullis::client::CodeSource;
 use portcullis::core::RejectCode;
 use portcullis::core::codec::ALPN_PCS1;
-use portcullis::server::{AuditOutcome, AuditRecord, RateLimit, TrustedProxies};
+use portcullis::server::{AuditOutcome, RateLimit, TrustedProxies};
 use proxy_header::{ProxiedAddress, ProxyHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -24,29 +23,6 @@ const GUARD: Duration = Duration::from_secs(30);
 
 /// The balancer's source address towards the server.
 const BALANCER_IP: &str = "127.0.0.2";
-
-type Seen = Arc<Mutex<Vec<AuditRecord>>>;
-
-/// A sink that keeps every record.
-fn collector() -> (Seen, Arc<dyn portcullis::server::AuditSink>) {
-    let seen: Seen = Arc::default();
-    let keep = seen.clone();
-    let sink = Arc::new(move |record: &AuditRecord| keep.lock().unwrap().push(record.clone()));
-    (seen, sink)
-}
-
-/// Waits until `n` records have come, and returns them.
-async fn records(seen: &Seen, n: usize) -> Vec<AuditRecord> {
-    let waited = tokio::time::timeout(GUARD, async {
-        while seen.lock().unwrap().len() < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    let got = seen.lock().unwrap().clone();
-    assert!(waited.is_ok(), "expected {n} records, got {got:#?}");
-    got
-}
 
 /// A TCP connection to `server` from `source` (a second loopback address).
 async fn connect_from(source: &str, server: SocketAddr) -> TcpStream {

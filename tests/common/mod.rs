@@ -61,6 +61,36 @@ impl Echo for CountingEcho {
     }
 }
 
+/// The records an audit sink made by [`collector`] has kept.
+pub type Seen = Arc<std::sync::Mutex<Vec<portcullis::server::AuditRecord>>>;
+
+/// An audit sink that keeps every record, and the records it kept.
+pub fn collector() -> (Seen, Arc<dyn portcullis::server::AuditSink>) {
+    let seen: Seen = Arc::default();
+    let keep = seen.clone();
+    let sink = Arc::new(move |record: &portcullis::server::AuditRecord| {
+        keep.lock().unwrap().push(record.clone())
+    });
+    (seen, sink)
+}
+
+/// Waits (at most 30 s) until `n` records have come, and returns them.
+pub async fn records(seen: &Seen, n: usize) -> Vec<portcullis::server::AuditRecord> {
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.lock().unwrap().len() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let got = seen.lock().unwrap().clone();
+    assert!(
+        waited.is_ok(),
+        "expected {n} records, got {}: {got:#?}",
+        got.len()
+    );
+    got
+}
+
 /// Settings of a test server.
 pub struct Options {
     pub deadline: Duration,

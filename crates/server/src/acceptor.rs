@@ -372,20 +372,15 @@ fn dispatch(
     tcp: TcpStream,
     attempt: Attempt,
 ) {
-    let refusal = match state.admit(attempt.peer()) {
-        Ok(permit) => {
-            let state = state.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Some(stream) = authenticate(&state, tcp, attempt).await {
-                    // The receiver is gone only when the server shuts down.
-                    let _ = tx.send(stream).await;
-                }
-                // Held until tonic has taken the connection: a server that cannot keep up
-                // answers OVERLOADED.
-                drop(permit);
-            });
-            return;
+    match state.admit(attempt.peer()) {
+        Ok(admitted) => {
+            tokio::spawn(serve_admitted(
+                state.clone(),
+                tx.clone(),
+                tcp,
+                attempt,
+                admitted,
+            ));
         }
         Err(Refused::Shed(slot)) => {
             // The connection shed for this one gives its place back at once.
@@ -400,49 +395,44 @@ fn dispatch(
                             _permit: permit,
                             _slot: slot,
                         };
-                        if let Some(stream) = authenticate(&state, tcp, attempt).await {
-                            let _ = tx.send(stream).await;
-                        }
-                        drop(admitted);
+                        serve_admitted(state, tx, tcp, attempt, admitted).await;
                     }
                     _ => {
                         drop(slot);
-                        refuse_or_close(&state, tcp, attempt, state.full()).await;
+                        let refusal = state.full();
+                        refuse_or_close(&state, tcp, attempt, refusal);
                     }
                 }
             });
-            return;
         }
-        Err(Refused::Early(refusal)) => refusal,
-    };
-    {
-        if refusal.cause == ServerCause::RateLimiterFull {
-            purge(state);
-        }
-        match state.refusing.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    refuse_early(&state, tcp, attempt, refusal).await;
-                    drop(permit);
-                });
+        Err(Refused::Early(refusal)) => {
+            if refusal.cause == ServerCause::RateLimiterFull {
+                purge(state);
             }
-            Err(_) => {
-                // Not even a handshake can be afforded: closed at once.
-                attempt.closed(
-                    Some(refusal.code),
-                    refusal.cause,
-                    Some("closed at accept, without a TLS handshake".into()),
-                );
-                drop(tcp);
-            }
+            refuse_or_close(state, tcp, attempt, refusal);
         }
     }
 }
 
-/// Answers `refusal` with a Verdict when the refusal budget allows it, or closes the
-/// connection.
-async fn refuse_or_close(
+/// Authenticates an admitted connection and hands it to tonic; its places in the caps are
+/// held until tonic has taken it, so that a server that cannot keep up answers OVERLOADED.
+async fn serve_admitted(
+    state: Arc<AcceptState>,
+    tx: mpsc::Sender<AuthenticatedStream>,
+    tcp: TcpStream,
+    attempt: Attempt,
+    admitted: Admitted,
+) {
+    if let Some(stream) = authenticate(&state, tcp, attempt).await {
+        // The receiver is gone only when the server shuts down.
+        let _ = tx.send(stream).await;
+    }
+    drop(admitted);
+}
+
+/// Answers `refusal` with a Verdict, in a task of its own, when the refusal budget allows it;
+/// otherwise closes the connection at once.
+fn refuse_or_close(
     state: &Arc<AcceptState>,
     tcp: TcpStream,
     attempt: Attempt,
@@ -450,14 +440,21 @@ async fn refuse_or_close(
 ) {
     match state.refusing.clone().try_acquire_owned() {
         Ok(permit) => {
-            refuse_early(state, tcp, attempt, refusal).await;
-            drop(permit);
+            let state = state.clone();
+            tokio::spawn(async move {
+                refuse_early(&state, tcp, attempt, refusal).await;
+                drop(permit);
+            });
         }
-        Err(_) => attempt.closed(
-            Some(refusal.code),
-            refusal.cause,
-            Some("closed at accept, without a TLS handshake".into()),
-        ),
+        Err(_) => {
+            // Not even a handshake can be afforded: closed at once.
+            attempt.closed(
+                Some(refusal.code),
+                refusal.cause,
+                Some("closed at accept, without a TLS handshake".into()),
+            );
+            drop(tcp);
+        }
     }
 }
 
@@ -798,56 +795,13 @@ async fn authenticate(
             return None;
         }
     };
-    // The current CRLs, also for a resumed TLS session, which rustls does not verify again.
-    if state.revocation.certificate_revoked(tls.get_ref().1) {
+    if let Some((code, cause, hint, retry_after_s)) =
+        certificate_refusal(state, tls.get_ref().1, &leaf)
+    {
         let (decision, took) = timed(|| {
-            state.gate.refuse(
-                RejectCode::DeviceRevoked,
-                Cause::Server(ServerCause::CertificateRevoked),
-                "the client certificate is listed in the server's certificate revocation list",
-                None,
-            )
-        });
-        attempt.decided(&decision, took);
-        refuse(tls, protocol, &decision, deadline).await;
-        return None;
-    }
-    let now_ms = state.gate.clock().now_ms();
-    // Out-of-date CRLs (with `CrlStale::Refuse`): nobody's revocation status is known.
-    if let Some(next_update) = state.revocation.refuses_for_stale_crl(now_ms) {
-        let hint = format!(
-            "the server's certificate revocation list is out of date (its nextUpdate was {}); \
-             retry once the server has a current one",
-            crate::audit::format_time_s(next_update)
-        );
-        let (decision, took) = timed(|| {
-            state.gate.refuse(
-                RejectCode::Overloaded,
-                Cause::Server(ServerCause::CrlStale),
-                &hint,
-                Some(CRL_STALE_RETRY_AFTER_S),
-            )
-        });
-        attempt.decided(&decision, took);
-        refuse(tls, protocol, &decision, deadline).await;
-        return None;
-    }
-    // The validity period, also for a resumed TLS session, which rustls does not verify
-    // again: a certificate that expired since the session was made is refused.
-    if !leaf.is_valid_at_ms(now_ms) {
-        let hint = format!(
-            "the client certificate is outside its validity period (valid from {} to {}); \
-             issue the device a new certificate",
-            crate::audit::format_time_s(leaf.not_before_unix),
-            crate::audit::format_time_s(leaf.not_after_unix),
-        );
-        let (decision, took) = timed(|| {
-            state.gate.refuse(
-                RejectCode::DeviceRevoked,
-                Cause::Server(ServerCause::CertificateExpired),
-                &hint,
-                None,
-            )
+            state
+                .gate
+                .refuse(code, Cause::Server(cause), &hint, retry_after_s)
         });
         attempt.decided(&decision, took);
         refuse(tls, protocol, &decision, deadline).await;
@@ -1063,6 +1017,54 @@ async fn decide_within(
 }
 
 /// Runs `f` and measures how long it took.
+/// The checks of the client certificate that the TLS handshake does not make on a resumed
+/// session (rustls does not verify it again), made on every connection: the current CRLs,
+/// whether they are up to date (with `CrlStale::Refuse`: nobody's revocation status is known
+/// otherwise), and the leaf's validity period on the gate's clock. The refusal, if any: its
+/// code, cause, hint and RETRY_AFTER.
+fn certificate_refusal(
+    state: &AcceptState,
+    conn: &rustls::ServerConnection,
+    leaf: &portcullis_tls::LeafFacts,
+) -> Option<(RejectCode, ServerCause, String, Option<u32>)> {
+    if state.revocation.certificate_revoked(conn) {
+        return Some((
+            RejectCode::DeviceRevoked,
+            ServerCause::CertificateRevoked,
+            "the client certificate is listed in the server's certificate revocation list"
+                .to_owned(),
+            None,
+        ));
+    }
+    let now_ms = state.gate.clock().now_ms();
+    if let Some(next_update) = state.revocation.refuses_for_stale_crl(now_ms) {
+        return Some((
+            RejectCode::Overloaded,
+            ServerCause::CrlStale,
+            format!(
+                "the server's certificate revocation list is out of date (its nextUpdate was \
+                 {}); retry once the server has a current one",
+                crate::audit::format_time_s(next_update)
+            ),
+            Some(CRL_STALE_RETRY_AFTER_S),
+        ));
+    }
+    if !leaf.is_valid_at_ms(now_ms) {
+        return Some((
+            RejectCode::DeviceRevoked,
+            ServerCause::CertificateExpired,
+            format!(
+                "the client certificate is outside its validity period (valid from {} to {}); \
+                 issue the device a new certificate",
+                crate::audit::format_time_s(leaf.not_before_unix),
+                crate::audit::format_time_s(leaf.not_after_unix),
+            ),
+            None,
+        ));
+    }
+    None
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let start = Instant::now();
     let value = f();
