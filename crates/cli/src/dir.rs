@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use portcullis_core::Admin;
 use portcullis_core::layout::DirLayout;
-use portcullis_core::{Clock, Random, SystemClock, SystemRandom, TicketKey};
+use portcullis_core::{Clock, Random, SystemClock, SystemRandom, TicketRing};
 use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
 use portcullis_tls::devpki::DevCa;
 
@@ -84,9 +84,9 @@ impl Layout {
         DevCa::from_pem(&cert, &key).map_err(|e| format!("{}: {e}", self.ca_cert().display()))
     }
 
-    /// Loads the ticket key, if `init` made one.
-    pub(crate) fn load_ticket_key(&self) -> CliResult<Option<TicketKey>> {
-        self.names.load_ticket_key().map_err(|e| e.to_string())
+    /// Loads the ticket keys, if `init` made them.
+    pub(crate) fn load_ticket_ring(&self) -> CliResult<Option<TicketRing>> {
+        self.names.load_ticket_ring().map_err(|e| e.to_string())
     }
 }
 
@@ -295,22 +295,7 @@ fn set_aside(layout: &Layout) -> CliResult<Option<(PathBuf, usize)>> {
         return Ok(None);
     }
     let devices = fs::read_dir(layout.devices()).map_or(0, |entries| entries.count());
-    let stamp = crate::enroll::format_time(SystemClock.now_ms()).replace([':', '-'], "");
-    let mut aside = layout.dir.join(format!("replaced-{stamp}"));
-    let mut n = 1;
-    while aside.exists() {
-        n += 1;
-        aside = layout.dir.join(format!("replaced-{stamp}-{n}"));
-    }
-    let mut builder = fs::DirBuilder::new();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
-        .create(&aside)
-        .map_err(|e| format!("{}: cannot create: {e}", aside.display()))?;
+    let aside = replaced_dir(layout)?;
     let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
     for from in present {
         let to = aside.join(from.file_name().unwrap_or_default());
@@ -328,6 +313,35 @@ fn set_aside(layout: &Layout) -> CliResult<Option<(PathBuf, usize)>> {
         moved.push((from, to));
     }
     Ok(Some((aside, devices)))
+}
+
+/// Creates a new `DIR/replaced-<UTC time>/` (mode 0700), where files that a command replaces
+/// are kept.
+pub(crate) fn replaced_dir(layout: &Layout) -> CliResult<PathBuf> {
+    let stamp = crate::enroll::format_time(SystemClock.now_ms()).replace([':', '-'], "");
+    let mut aside = layout.dir.join(format!("replaced-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = layout.dir.join(format!("replaced-{stamp}-{n}"));
+    }
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(&aside)
+        .map_err(|e| format!("{}: cannot create: {e}", aside.display()))?;
+    Ok(aside)
+}
+
+/// Makes the entries of directory `dir` (files created, renamed or removed in it) durable.
+pub(crate) fn sync_dir(dir: &Path) -> CliResult {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: cannot sync: {e}", dir.display()))
 }
 
 /// `portcullis init --add-key`: a registry key for a directory made before registries were

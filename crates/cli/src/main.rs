@@ -20,6 +20,7 @@ mod connect;
 mod dir;
 mod doctor;
 mod enroll;
+mod keys;
 mod login;
 mod registry;
 mod serve;
@@ -63,12 +64,25 @@ enum Command {
     /// List and revoke the sessions the gate issued.
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Rotate the session-ticket key or replace the registry key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Move a registry between backends.
     #[command(subcommand)]
     Registry(RegistryCommand),
     /// Measure what Portcullis costs.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// A new session-ticket key for new tickets; the old one opens the tickets it sealed until
+    /// they expire (--keep), then it is deleted.
+    RotateTicket(keys::RotateTicketArgs),
+    /// A new registry key (registry.key), with every TOTP secret re-sealed under it in one
+    /// transaction; the old key moves to DIR/replaced-<UTC time>/.
+    Rekey(keys::RekeyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +231,8 @@ fn main() -> ExitCode {
         Command::Session(SessionCommand::List(args)) => session::session_list(&args),
         Command::Session(SessionCommand::Revoke(args)) => session::session_revoke(&args),
         Command::Registry(RegistryCommand::Copy(args)) => registry::copy(&args),
+        Command::Keys(KeysCommand::RotateTicket(args)) => keys::rotate_ticket(&args),
+        Command::Keys(KeysCommand::Rekey(args)) => keys::rekey(&args),
         Command::Bench(BenchCommand::Handshake(args)) => bench::handshake(&args),
         Command::Bench(BenchCommand::Instructions(args)) => bench::instructions(&args),
         Command::Bench(BenchCommand::InstructionsServer(args)) => bench::instructions_server(&args),

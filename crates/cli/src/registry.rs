@@ -126,6 +126,10 @@ impl Layout {
 
     /// The directory's registry key.
     pub(crate) fn load_registry_key(&self) -> CliResult<SecretKey> {
+        let pending = self.registry_key_new();
+        if pending.exists() {
+            return Err(StoreError::RekeyPending { path: pending }.to_string());
+        }
         SecretKey::load(&self.registry_key()).map_err(|e| self.store_error(e))
     }
 

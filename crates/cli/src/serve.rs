@@ -213,7 +213,8 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         None => Policy::default(),
     };
     let policy = PolicyLayer::new(policy, Arc::new(SystemClock));
-    let ticket_key = layout.load_ticket_key()?;
+    // Checked before the log is set up, so that a bad key file is one line on stderr.
+    let has_ticket_key = layout.load_ticket_ring()?.is_some();
 
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
@@ -235,8 +236,10 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         .rate_limit((args.rate_limit > 0).then(|| RateLimit::new(args.rate_limit, args.rate_burst)))
         .standard_clients(args.standard_clients)
         .health_service_name(ECHO_SERVICE);
-    if let Some(key) = ticket_key {
-        builder = builder.ticket_key(key);
+    if has_ticket_key {
+        builder = builder
+            .ticket_keys_from(&layout.dir)
+            .map_err(|e| e.to_string())?;
     }
     if let Some(secs) = args.strict_revocation {
         builder = builder.strict_revocation(Duration::from_secs(secs));

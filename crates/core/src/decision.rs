@@ -22,7 +22,7 @@
 //! runs them itself.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use subtle::ConstantTimeEq;
 
@@ -30,7 +30,7 @@ use crate::codec::{DecodeError, Factor, Prefix, Verdict};
 use crate::store::{Committed, Effects, GateStore, Need, SessionNeed, Snapshot, UserState};
 use crate::{
     Clock, DeviceFingerprint, DeviceRecord, LockState, LockoutPolicy, NonceError, NonceStore,
-    Random, RegistryError, RejectCode, SessionClaims, SessionId, SessionRecord, TicketKey,
+    Random, RegistryError, RejectCode, SessionClaims, SessionId, SessionRecord, TicketRing,
 };
 
 /// A correlation id: 16 random bytes, sent in the Verdict and written in the audit record.
@@ -611,7 +611,7 @@ pub struct Gate {
     config: GateConfig,
     store: Arc<dyn GateStore>,
     nonces: NonceStore,
-    tickets: TicketKey,
+    tickets: RwLock<Arc<TicketRing>>,
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Random>,
     policy: Option<Arc<dyn ConnectionPolicy>>,
@@ -634,7 +634,7 @@ impl Gate {
     pub fn new(
         config: GateConfig,
         store: Arc<dyn GateStore>,
-        tickets: TicketKey,
+        tickets: impl Into<TicketRing>,
         clock: Arc<dyn Clock>,
         rng: Arc<dyn Random>,
     ) -> Self {
@@ -647,7 +647,7 @@ impl Gate {
             nonces: NonceStore::new(config.nonce_capacity, retention),
             config,
             store,
-            tickets,
+            tickets: RwLock::new(Arc::new(tickets.into())),
             clock,
             rng,
             policy: None,
@@ -668,6 +668,20 @@ impl Gate {
     /// The store the gate reads and commits to in [`Gate::authenticate`].
     pub fn store(&self) -> &Arc<dyn GateStore> {
         &self.store
+    }
+
+    /// The ticket keys new tickets are sealed and old ones opened under.
+    pub fn tickets(&self) -> Arc<TicketRing> {
+        self.tickets
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the ticket keys (a key rotated): tickets are sealed under the new ring's
+    /// current key from the next accept on, and opened under any key it holds.
+    pub fn set_tickets(&self, tickets: TicketRing) {
+        *self.tickets.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tickets);
     }
 
     /// The nonce store (for purging and metrics).
@@ -774,10 +788,10 @@ impl Gate {
         }
         let (secret, claims) = match &prefix.factor {
             Factor::Totp(_) => (true, None),
-            Factor::Session(ticket) if self.config.session_ttl_ms.is_some() => {
-                (false, self.tickets.open(ticket))
-            }
-            Factor::Session(_) => (false, None),
+            Factor::Session(ticket) => match self.config.session_ttl_ms {
+                Some(ttl) => (false, self.tickets().open(ticket, now, ttl)),
+                None => (false, None),
+            },
         };
         let session = match &claims {
             Some(c) => SessionNeed::ById(c.id),
@@ -1176,7 +1190,7 @@ impl Gate {
                     expires_ms: now.saturating_add(ttl),
                 };
                 let ticket = self
-                    .tickets
+                    .tickets()
                     .seal(&claims, self.rng.as_ref())
                     .map_err(cannot_issue)?;
                 Some((claims, ticket))

@@ -7,6 +7,9 @@
 //! DIR/portcullis.db               the SQLite registry
 //! DIR/registry.key                the key that seals the registry's TOTP secrets
 //! DIR/ticket.key                  the key that seals session tickets
+//! DIR/ticket-retired/MS.key       ticket keys replaced at Unix ms MS, kept while tickets they
+//!                                 sealed may still be valid (`portcullis keys rotate-ticket`)
+//! DIR/registry.key.new            a registry key being put in place (`portcullis keys rekey`)
 //! DIR/devices/NAME.pem, NAME-key.pem
 //!                                 device certificates and keys
 //! DIR/sessions/DEVICE/USER@NAME@HOST:PORT
@@ -19,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::TicketKey;
+use crate::{TicketKey, TicketRing};
 
 /// The paths of a Portcullis directory (nothing is read until a `load_` method is called).
 ///
@@ -83,6 +86,17 @@ impl DirLayout {
         self.dir.join("ticket.key")
     }
 
+    /// The registry key being put in place by `portcullis keys rekey`: present only while a
+    /// rekey runs, or after one was interrupted.
+    pub fn registry_key_new(&self) -> PathBuf {
+        self.dir.join("registry.key.new")
+    }
+
+    /// The directory of retired ticket keys, one file `<Unix ms of the rotation>.key` each.
+    pub fn retired_ticket_keys(&self) -> PathBuf {
+        self.dir.join("ticket-retired")
+    }
+
     /// The directory of device certificates and keys.
     pub fn devices(&self) -> PathBuf {
         self.dir.join("devices")
@@ -107,26 +121,87 @@ impl DirLayout {
     /// 32 bytes is an error naming it.
     pub fn load_ticket_key(&self) -> io::Result<Option<TicketKey>> {
         let path = self.ticket_key();
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => Zeroizing::new(bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        if !path.exists() {
+            return Ok(None);
+        }
+        load_key_file(&path).map(Some)
+    }
+}
+
+impl DirLayout {
+    /// Loads the ticket keys: `ticket.key` as the current key, and each retired key in
+    /// `ticket-retired/` with the time of its rotation (from its name). `None` when the
+    /// directory has no `ticket.key`. A file that is not a 32-byte key, or a name that is not
+    /// `<Unix ms>.key`, is an error naming it.
+    pub fn load_ticket_ring(&self) -> io::Result<Option<TicketRing>> {
+        let Some(current) = self.load_ticket_key()? else {
+            return Ok(None);
+        };
+        let mut ring = TicketRing::new(current);
+        for (key, retired_ms) in self.load_retired_ticket_keys()? {
+            ring = ring.with_retired(key, retired_ms);
+        }
+        Ok(Some(ring))
+    }
+
+    /// The retired ticket keys and the Unix ms of their rotation, oldest first (none when the
+    /// directory `ticket-retired/` does not exist).
+    pub fn load_retired_ticket_keys(&self) -> io::Result<Vec<(TicketKey, u64)>> {
+        let dir = self.retired_ticket_keys();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("{}: cannot read: {e}", path.display()),
+                    format!("{}: cannot read: {e}", dir.display()),
                 ));
             }
         };
-        TicketKey::from_bytes(&bytes).map(Some).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: a ticket key file holds exactly 32 bytes",
-                    path.display()
-                ),
-            )
-        })
+        let mut keys = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
+                .path();
+            let retired_ms = retired_key_time(&path).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: not a retired ticket key (named <Unix ms>.key); remove it",
+                        path.display()
+                    ),
+                )
+            })?;
+            keys.push((load_key_file(&path)?, retired_ms));
+        }
+        keys.sort_by_key(|(_, at)| *at);
+        Ok(keys)
     }
+}
+
+/// The Unix ms a retired ticket key's file name gives, `None` for another name.
+pub fn retired_key_time(path: &Path) -> Option<u64> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".key")?;
+    if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// A 32-byte ticket key file.
+fn load_key_file(path: &Path) -> io::Result<TicketKey> {
+    let bytes = fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: cannot read: {e}", path.display())))?;
+    TicketKey::from_bytes(&bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: a ticket key file holds exactly 32 bytes",
+                path.display()
+            ),
+        )
+    })
 }
 
 /// Why [`read_private`] refused a file.
@@ -272,6 +347,40 @@ mod tests {
         );
         fs::write(layout.ticket_key(), [7u8; 32]).unwrap();
         assert!(layout.load_ticket_key().unwrap().is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_ring_holds_the_current_key_and_each_retired_one_with_its_time() {
+        let dir = std::env::temp_dir().join(format!("pc-ring-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let layout = DirLayout::new(&dir);
+        assert!(layout.load_ticket_ring().unwrap().is_none());
+        fs::write(layout.ticket_key(), [1u8; 32]).unwrap();
+        let ring = layout.load_ticket_ring().unwrap().unwrap();
+        assert_eq!(ring.retired().count(), 0);
+        fs::create_dir(layout.retired_ticket_keys()).unwrap();
+        fs::write(layout.retired_ticket_keys().join("2000.key"), [2u8; 32]).unwrap();
+        fs::write(layout.retired_ticket_keys().join("1000.key"), [3u8; 32]).unwrap();
+        let ring = layout.load_ticket_ring().unwrap().unwrap();
+        let ids: Vec<_> = ring.retired().collect();
+        let id = |b: u8| TicketKey::from_bytes(&[b; 32]).unwrap().id();
+        assert_eq!(ids, vec![(id(2), 2000), (id(3), 1000)]);
+        assert_eq!(ring.current().id(), id(1));
+        fs::write(layout.retired_ticket_keys().join("notes.txt"), b"x").unwrap();
+        let e = layout.load_ticket_ring().unwrap_err().to_string();
+        assert!(
+            e.ends_with("notes.txt: not a retired ticket key (named <Unix ms>.key); remove it"),
+            "{e}"
+        );
+        fs::remove_file(layout.retired_ticket_keys().join("notes.txt")).unwrap();
+        fs::write(layout.retired_ticket_keys().join("3000.key"), [4u8; 16]).unwrap();
+        let e = layout.load_ticket_ring().unwrap_err().to_string();
+        assert!(
+            e.ends_with("3000.key: a ticket key file holds exactly 32 bytes"),
+            "{e}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -57,5 +57,5 @@ pub use store::{
     Admin, Change, ChangeTail, Committed, Effects, GateStore, MAX_CHANGES_PER_READ, Need, Registry,
     SessionNeed, SessionStore, Snapshot, StoreFuture, UserState,
 };
-pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey};
+pub use ticket::{SessionClaims, SessionId, TicketError, TicketKey, TicketKeyId, TicketRing};
 pub use totp::{TotpAlgorithm, TotpConfig, TotpError};

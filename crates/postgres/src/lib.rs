@@ -35,6 +35,7 @@ mod admin;
 mod error;
 mod gate;
 mod listen;
+mod rekey;
 mod schema;
 #[cfg(feature = "test-util")]
 pub mod testkit;

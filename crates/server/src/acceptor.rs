@@ -54,6 +54,8 @@ const HANDOFF_QUEUE: usize = 128;
 
 pub(crate) struct AcceptState {
     pub(crate) gate: Arc<Gate>,
+    /// The ticket key files reloaded when they change, when the keys came from a directory.
+    pub(crate) tickets: Option<crate::tickets::TicketFiles>,
     pub(crate) tls: TlsAcceptor,
     pub(crate) deadline: Duration,
     pub(crate) blocking_registry: bool,

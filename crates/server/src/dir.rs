@@ -50,7 +50,8 @@ impl Builder {
     /// Everything a directory made by `portcullis init` holds: the server identity
     /// (`server.pem`, `server-key.pem`), the CA device certificates must chain to (`ca.pem`),
     /// the SQLite registry with the key that seals its TOTP secrets (`portcullis.db`,
-    /// `registry.key`) and the session-ticket key (`ticket.key`, when present). The other
+    /// `registry.key`) and the session-ticket keys (`ticket.key` and `ticket-retired/`, when
+    /// present, reloaded when they change: [`Builder::ticket_keys_from`]). The other
     /// settings stay at their defaults and can be changed on the returned builder.
     ///
     /// Fails with one line naming the file: a missing or unreadable file, a registry whose
@@ -71,11 +72,8 @@ impl Builder {
         let mut builder = self
             .identity_files(layout.server_cert(), layout.server_key(), layout.ca_cert())?
             .registry(std::sync::Arc::new(registry));
-        if let Some(key) = layout
-            .load_ticket_key()
-            .map_err(|e| ServerError::Dir(e.to_string()))?
-        {
-            builder = builder.ticket_key(key);
+        if layout.ticket_key().exists() {
+            builder = builder.ticket_keys_from(dir)?;
         }
         Ok(builder)
     }

@@ -79,6 +79,7 @@ pub mod policy;
 pub mod revocation;
 pub mod standard;
 mod stream;
+mod tickets;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,7 +91,7 @@ use std::time::Duration;
 use portcullis_core::codec::ALPN_PCS1;
 use portcullis_core::{
     Clock, ConnectionPolicy, Gate, GateConfig, Random, Registry, SystemClock, SystemRandom,
-    TicketKey,
+    TicketKey, TicketRing,
 };
 use tokio::net::TcpListener;
 use tower::layer::util::{Identity, Stack};
@@ -107,6 +108,7 @@ pub use limits::{DEFAULT_MAX_PENDING, DEFAULT_RATE_LIMIT, DEFAULT_REFUSAL_BUDGET
 pub use metrics::{MetricsEndpoint, MetricsService};
 pub use portcullis_proxy::TrustedProxies;
 pub use stream::AuthenticatedStream;
+pub use tickets::TICKET_KEYS_CHECK_INTERVAL;
 /// The `tonic-health` crate, whose service [`PortcullisServer::health_service`] returns: use it
 /// for the client and the status types at the same version.
 pub use tonic_health;
@@ -166,7 +168,8 @@ pub struct Builder {
     registry: Option<Arc<dyn Registry>>,
     config: GateConfig,
     deadline: Duration,
-    ticket_key: Option<TicketKey>,
+    ticket_key: Option<TicketRing>,
+    ticket_files: Option<portcullis_core::layout::DirLayout>,
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Random>,
     policy: Option<Arc<dyn ConnectionPolicy>>,
@@ -214,6 +217,7 @@ impl Builder {
             config: GateConfig::default(),
             deadline: DEFAULT_DEADLINE,
             ticket_key: None,
+            ticket_files: None,
             clock: Arc::new(SystemClock),
             rng: Arc::new(SystemRandom::new()),
             policy: None,
@@ -477,8 +481,37 @@ impl Builder {
     /// The key that seals session tickets. Default: a new random key, so tickets do not
     /// survive a restart.
     pub fn ticket_key(mut self, key: TicketKey) -> Self {
-        self.ticket_key = Some(key);
+        self.ticket_key = Some(key.into());
+        self.ticket_files = None;
         self
+    }
+
+    /// Session-ticket keys as a ring: the current key seals new tickets, the retired ones open
+    /// the tickets they sealed until those can no longer be valid ([`TicketRing`]).
+    pub fn ticket_ring(mut self, ring: TicketRing) -> Self {
+        self.ticket_key = Some(ring);
+        self.ticket_files = None;
+        self
+    }
+
+    /// Session-ticket keys from the directory `dir` (`ticket.key` and `ticket-retired/`, as
+    /// `portcullis init` and `portcullis keys rotate-ticket` write them), loaded now and again
+    /// within [`TICKET_KEYS_CHECK_INTERVAL`] of every change: a rotated key is in force without
+    /// a restart. A directory without `ticket.key` is an error naming it.
+    pub fn ticket_keys_from(mut self, dir: impl AsRef<Path>) -> Result<Self, ServerError> {
+        let layout = portcullis_core::layout::DirLayout::new(dir);
+        let ring = layout
+            .load_ticket_ring()
+            .map_err(|e| ServerError::Dir(e.to_string()))?
+            .ok_or_else(|| {
+                ServerError::Dir(format!(
+                    "{}: no ticket key; `portcullis init` makes one",
+                    layout.ticket_key().display()
+                ))
+            })?;
+        self.ticket_key = Some(ring);
+        self.ticket_files = Some(layout);
+        Ok(self)
     }
 
     /// The clock (default: the system clock).
@@ -658,10 +691,12 @@ impl Builder {
             ));
         }
         let ticket_key = match self.ticket_key {
-            Some(key) => key,
+            Some(ring) => ring,
             None => TicketKey::generate(self.rng.as_ref())
-                .map_err(|e| ServerError::Config(format!("ticket key: {e}")))?,
+                .map_err(|e| ServerError::Config(format!("ticket key: {e}")))?
+                .into(),
         };
+        let ticket_files = self.ticket_files.map(tickets::TicketFiles::new);
         let metrics_listener = match self.metrics_listen {
             None => None,
             Some(addr) => {
@@ -694,6 +729,7 @@ impl Builder {
                 standard_clients: self.standard_clients,
                 proxy: self.proxy_protocol.map(Arc::new),
                 purging: Default::default(),
+                tickets: ticket_files,
                 metrics_token: self.metrics_token,
                 sources: Default::default(),
                 max_pending_per_source: self.max_pending_per_source.max(1),
@@ -779,6 +815,7 @@ impl PortcullisServer {
     /// runtime.
     pub fn incoming(&self, listener: TcpListener) -> Incoming {
         revocation::start(&self.state);
+        tickets::start(&self.state);
         let mut incoming = acceptor::spawn_accept_loop(self.state.clone(), listener);
         incoming.metrics = self.start_metrics_listen();
         incoming.health = self.health.start(&self.state.gate);

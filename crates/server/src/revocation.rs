@@ -440,7 +440,7 @@ fn with_verifier(
 /// so that a file renamed over the old one is seen even within the file system's time
 /// granularity.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
@@ -448,7 +448,7 @@ struct Stamp {
 
 impl Stamp {
     /// `None` when the file cannot be read (gone, for example).
-    fn of(path: &Path) -> Option<Self> {
+    pub(crate) fn of(path: &Path) -> Option<Self> {
         let meta = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
         let inode = std::os::unix::fs::MetadataExt::ino(&meta);

@@ -106,6 +106,16 @@ pub enum StoreError {
         /// The registry file.
         path: PathBuf,
     },
+    /// A directory holds `registry.key.new`: a `portcullis keys rekey` was interrupted, and
+    /// until it is finished the registry may be sealed under either key.
+    #[error(
+        "{}: an interrupted `portcullis keys rekey` left this new registry key; run `portcullis keys rekey` on this directory again to finish it",
+        path.display()
+    )]
+    RekeyPending {
+        /// The new key file.
+        path: PathBuf,
+    },
     /// [`SecretKey::load`](crate::SecretKey::load) was given a file that does not exist.
     #[error("{}: no registry key file here (it holds the key that seals the TOTP secrets)", path.display())]
     KeyMissing {
@@ -176,6 +186,7 @@ impl StoreError {
             | Self::NeedsKey { path, .. }
             | Self::WrongKey { path }
             | Self::SealedWithoutKey { path }
+            | Self::RekeyPending { path }
             | Self::KeyMissing { path }
             | Self::KeyExposed { path, .. }
             | Self::KeyLength { path, .. }

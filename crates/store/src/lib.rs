@@ -190,7 +190,8 @@ impl SqliteRegistry {
     ///
     /// Unlike [`SqliteRegistry::open_with_key`], an empty registry file is refused
     /// ([`StoreError::Empty`]): a registry that lost its content does not turn into a new,
-    /// empty one. A missing key file is [`StoreError::KeyMissing`], naming it.
+    /// empty one. A missing key file is [`StoreError::KeyMissing`], naming it; a directory
+    /// where a `portcullis keys rekey` was interrupted is [`StoreError::RekeyPending`].
     pub fn open_dir(dir: &Path) -> Result<Self, StoreError> {
         let layout = portcullis_core::layout::DirLayout::new(dir);
         let path = layout.registry();
@@ -201,6 +202,10 @@ impl SqliteRegistry {
                 return Err(StoreError::Missing { path });
             }
             Err(source) => return Err(StoreError::Io { path, source }),
+        }
+        let pending = layout.registry_key_new();
+        if pending.exists() {
+            return Err(StoreError::RekeyPending { path: pending });
         }
         let key = SecretKey::load(&layout.registry_key())?;
         Self::open_with_key(&path, key)
@@ -279,6 +284,65 @@ impl SqliteRegistry {
     /// The registry file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Re-seals every TOTP secret under `key` in one write transaction, and returns how many.
+    /// `progress` is called after each row with (rows done, rows in all).
+    ///
+    /// The transaction commits every row or none: interrupted anywhere (an error, the process
+    /// killed), the registry holds each secret sealed under the key it was opened with, and
+    /// after the commit each secret sealed under `key`; never some of each. The registry is
+    /// consumed: open it again with `key` (keep `key`'s file written before calling this).
+    /// A registry opened without a key, or a secret that does not open under its key, is
+    /// refused and nothing changes.
+    pub fn rekey(
+        self,
+        key: SecretKey,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<usize, RegistryError> {
+        if !self.sealer.is_sealed() {
+            return Err(RegistryError::Backend(format!(
+                "{}: opened without a registry key; open it with its key to re-seal it",
+                self.path.display()
+            )));
+        }
+        let next =
+            sealer(&self.path, Some(key)).map_err(|e| RegistryError::Backend(e.to_string()))?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.backend(e))?;
+        let rows = tx
+            .prepare(
+                "SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL ORDER BY name",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        Zeroizing::new(r.get::<_, Vec<u8>>(1)?),
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| self.backend(e))?;
+        let total = rows.len();
+        for (done, (name, stored)) in rows.into_iter().enumerate() {
+            let secret = Zeroizing::new(self.sealer.open(&name, stored).map_err(|e| {
+                self.damaged(&format!(
+                    "user {name}: its TOTP secret does not open ({e}); nothing was re-sealed"
+                ))
+            })?);
+            let sealed = next
+                .seal(&name, &secret)
+                .map_err(|e| self.damaged(&format!("user {name}: {e}")))?;
+            tx.prepare_cached("UPDATE users SET totp_secret = ?2 WHERE name = ?1")
+                .and_then(|mut stmt| stmt.execute(params![name, &sealed[..]]))
+                .map_err(|e| self.backend(e))?;
+            progress(done + 1, total);
+        }
+        tx.commit().map_err(|e| self.backend(e))?;
+        Ok(total)
     }
 
     /// Whether TOTP secrets are sealed under a key (the registry was opened or created with one).
