@@ -206,6 +206,9 @@ pub enum Cause {
     TicketInvalid,
     /// The ticket has expired.
     TicketExpired,
+    /// The ticket was earned later than the server's clock allows (more than the allowed skew
+    /// ahead of it): the clock went back, and the ticket's age cannot be told.
+    TicketFromTheFuture,
     /// The ticket belongs to another user or device.
     TicketNotForThisDevice,
     /// The ticket was earned before the current device binding.
@@ -244,6 +247,7 @@ impl Cause {
             Self::SessionsDisabled => "sessions_disabled",
             Self::TicketInvalid => "ticket_invalid",
             Self::TicketExpired => "ticket_expired",
+            Self::TicketFromTheFuture => "ticket_from_the_future",
             Self::TicketNotForThisDevice => "ticket_not_for_this_device",
             Self::TicketBeforeBinding => "ticket_before_binding",
             Self::TicketRevoked => "ticket_revoked",
@@ -1095,6 +1099,11 @@ impl Gate {
         if claims.expires_ms <= now {
             return Err(refuse(Cause::TicketExpired));
         }
+        // A server clock set back must not lengthen a session: a ticket earned after "now"
+        // (beyond the skew allowed between servers) cannot be told how old it is.
+        if claims.totp_time_ms > now.saturating_add(self.config.clock_skew_ms) {
+            return Err(refuse(Cause::TicketFromTheFuture));
+        }
         if claims.totp_time_ms < device.created_ms {
             return Err(refuse(Cause::TicketBeforeBinding));
         }
@@ -1292,6 +1301,9 @@ impl Gate {
         }
         if !session.is_live(now) {
             return Err(no_session(Cause::TicketExpired));
+        }
+        if session.totp_time_ms > now.saturating_add(self.config.clock_skew_ms) {
+            return Err(no_session(Cause::TicketFromTheFuture));
         }
         let Some(user) = user else {
             return Err(no_session(Cause::NoFactor));

@@ -812,6 +812,9 @@ impl Model {
                 if t.expires_ms <= now {
                     return mfa_required("ticket_expired");
                 }
+                if t.totp_time_ms > now.saturating_add(self.skew_ms) {
+                    return mfa_required("ticket_from_the_future");
+                }
                 if t.totp_time_ms < device_created {
                     return mfa_required("ticket_before_binding");
                 }
@@ -1444,6 +1447,7 @@ impl Harness {
                     issued.is_some_and(|t| t.user == p.user
                         && t.fingerprint == fp
                         && t.expires_ms > now
+                        && t.totp_time_ms <= now.saturating_add(m.skew_ms)
                         && !t.forgotten
                         && !m.revoked_sessions.contains(&t.id)),
                     "op {i}: accepted a ticket not issued for this user and device, expired or \
