@@ -267,7 +267,7 @@ pub(crate) fn rekey(args: &RekeyArgs) -> CliResult {
     sync_dir(&layout.dir)?;
     // (2) One transaction.
     let progress = |done: usize, total: usize| {
-        if done % PROGRESS_EVERY == 0 && done < total {
+        if done.is_multiple_of(PROGRESS_EVERY) && done < total {
             eprintln!("re-sealed {done} of {total} TOTP secrets");
         }
     };

@@ -298,7 +298,7 @@ impl TicketRing {
     pub fn with_retired(mut self, key: TicketKey, retired_ms: u64) -> Self {
         if key.id != self.current.id && !self.retired.iter().any(|(k, _)| k.id == key.id) {
             self.retired.push((key, retired_ms));
-            self.retired.sort_by(|a, b| b.1.cmp(&a.1));
+            self.retired.sort_by_key(|k| std::cmp::Reverse(k.1));
         }
         self
     }
