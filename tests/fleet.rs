@@ -4,7 +4,8 @@
 //! a session earned on one works on the others until it is revoked, a revocation made through
 //! one instance's registry closes a live connection held on another, a database that is down
 //! refuses new connections with OVERLOADED at once, and the fleet serves again when it comes
-//! back. The round trips per accept are counted in the server's statement log.
+//! back; stopped and restarted while 12 clients connect, it lets no code in twice. The round
+//! trips per accept are counted in the server's statement log.
 //!
 //! Skipped, with the reason printed, where PostgreSQL is not installed; a failure instead with
 //! `PORTCULLIS_REQUIRE_POSTGRES=1` (as in CI). Latencies are printed (`--nocapture`), and bounded
@@ -558,4 +559,135 @@ async fn a_revocation_round_tails_the_change_log_instead_of_reading_every_connec
         let still = tokio::time::timeout(Duration::from_millis(50), read_to_close(tls)).await;
         assert!(still.is_err(), "connection {i} was closed");
     }
+}
+
+/// Outcomes of the load in [`the_database_restarted_and_stopped_under_load_lets_no_code_in_twice`].
+#[derive(Default)]
+struct LoadTally {
+    /// (user, step) of every accept.
+    accepted: Vec<(String, u64)>,
+    /// Refusals by reject code.
+    refused: std::collections::BTreeMap<String, u64>,
+    /// Attempts that got no Verdict (the connection cut).
+    no_verdict: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_restarted_and_stopped_under_load_lets_no_code_in_twice() {
+    let Some(fleet) = fleet("fleet database restarted under load").await else {
+        return;
+    };
+    let fleet = Arc::new(fleet);
+    let tally = Arc::new(std::sync::Mutex::new(LoadTally::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let who = fleet.servers[0].enroll(&format!("load{i}"), &format!("load{i}"));
+        let (fleet, tally, stop) = (fleet.clone(), tally.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                // Round robin over the three members, the current step's code every time.
+                let server = &fleet.servers[n % 3];
+                n += 1;
+                let now = SystemClock.now_ms();
+                let code = who.totp.generate(now / 1000);
+                let got = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut tls = server.try_raw_tls(&who.device, &[ALPN_PCS1]).await.ok()?;
+                    let p = prefix(&tls, &who.user, Factor::Totp(code));
+                    tokio::io::AsyncWriteExt::write_all(&mut tls, &p.encode().unwrap())
+                        .await
+                        .ok()?;
+                    try_read_verdict(&mut tls).await
+                })
+                .await
+                .ok()
+                .flatten();
+                {
+                    let mut t = tally.lock().unwrap();
+                    match got {
+                        Some(v) if v.status == 0 => {
+                            t.accepted.push((who.user.clone(), now / 30_000))
+                        }
+                        Some(v) => {
+                            let code = v.reject_code().map_or("?".into(), |c| format!("{c:?}"));
+                            let reason = v.reason.unwrap_or_default();
+                            // A right code is never called wrong: only "already used" may say so.
+                            let key = if code == "MfaFailed" && !reason.contains("already used") {
+                                format!("MfaFailed (not accepted): {reason}")
+                            } else {
+                                code
+                            };
+                            *t.refused.entry(key).or_default() += 1;
+                        }
+                        None => t.no_verdict += 1,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let began = Instant::now();
+    let phase = |what: &str| println!("{:.1} s: {what}", began.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    phase("stop (immediate)");
+    fleet.cluster.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    phase("start");
+    fleet.cluster.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    phase("restart (immediate stop, start at once)");
+    fleet.cluster.stop();
+    fleet.cluster.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let accepted_before_end = tally.lock().unwrap().accepted.len();
+    // After the last restart every user gets in again within its next step.
+    let deadline = Instant::now() + Duration::from_secs(35);
+    loop {
+        let t = tally.lock().unwrap();
+        let users: std::collections::HashSet<&String> = t.accepted
+            [accepted_before_end.min(t.accepted.len())..]
+            .iter()
+            .map(|(u, _)| u)
+            .collect();
+        if users.len() == 12 {
+            break;
+        }
+        drop(t);
+        assert!(
+            Instant::now() < deadline,
+            "not every user got in again after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let t = tally.lock().unwrap();
+    println!(
+        "{} accepted, refused {:?}, {} without a Verdict",
+        t.accepted.len(),
+        t.refused,
+        t.no_verdict
+    );
+    let distinct: std::collections::HashSet<&(String, u64)> = t.accepted.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        t.accepted.len(),
+        "a code accepted twice: {:?}",
+        t.accepted
+    );
+    assert!(
+        t.refused
+            .keys()
+            .all(|k| !k.starts_with("MfaFailed (not accepted)")),
+        "a right code was refused as wrong: {:?}",
+        t.refused
+    );
+    assert!(
+        t.refused.get("Overloaded").copied().unwrap_or(0) > 0,
+        "the outage was seen: {:?}",
+        t.refused
+    );
 }
