@@ -305,11 +305,16 @@ pub(crate) fn rekey(args: &RekeyArgs) -> CliResult {
 fn settle(target: &Target<'_>) -> CliResult<Settled> {
     let layout = target.layout;
     let pending = layout.registry_key_new();
-    let Ok(new) = SecretKey::load(&pending) else {
-        // Not a whole key (the crash came while it was written): nothing was sealed under it.
-        fs::remove_file(&pending)
-            .map_err(|e| format!("{}: cannot remove: {e}", pending.display()))?;
-        return Ok(Settled::Dropped);
+    let new = match SecretKey::load(&pending) {
+        Ok(key) => key,
+        Err(StoreError::KeyLength { .. }) => {
+            // Not a whole key (the crash came while it was written): nothing was sealed under
+            // it, since the rows change only once the key is whole and durable.
+            fs::remove_file(&pending)
+                .map_err(|e| format!("{}: cannot remove: {e}", pending.display()))?;
+            return Ok(Settled::Dropped);
+        }
+        Err(e) => return Err(layout.store_error(e)),
     };
     let old_path = layout.registry_key();
     if old_path.exists() {

@@ -363,6 +363,11 @@ fn a_rekey_killed_between_rows_leaves_sqlite_under_one_key_and_finishes_when_run
         }
     };
     rekey_survives_a_kill(&dir, &[], &open, &users);
+    // A new key cut short (the crash came while it was written) was never used: dropped.
+    write_private(&dir.join("registry.key.new"), &[7u8; 10]);
+    let out = run(&["keys", "rekey", "--dir", s(&dir)]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("changed nothing"), "{}", out.stdout);
     // The registry is sound.
     let conn = rusqlite::Connection::open(dir.join("portcullis.db")).unwrap();
     let check: String = conn
