@@ -644,16 +644,18 @@ async fn the_database_restarted_and_stopped_under_load_lets_no_code_in_twice() {
     // After the last restart every user gets in again within its next step.
     let deadline = Instant::now() + Duration::from_secs(35);
     loop {
-        let t = tally.lock().unwrap();
-        let users: std::collections::HashSet<&String> = t.accepted
-            [accepted_before_end.min(t.accepted.len())..]
-            .iter()
-            .map(|(u, _)| u)
-            .collect();
-        if users.len() == 12 {
+        let users_in = {
+            let t = tally.lock().unwrap();
+            let users: std::collections::HashSet<&String> = t.accepted
+                [accepted_before_end.min(t.accepted.len())..]
+                .iter()
+                .map(|(u, _)| u)
+                .collect();
+            users.len()
+        };
+        if users_in == 12 {
             break;
         }
-        drop(t);
         assert!(
             Instant::now() < deadline,
             "not every user got in again after the restart"
