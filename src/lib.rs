@@ -95,8 +95,6 @@
 //! | [`store`] | `portcullis-store` | the SQLite registry |
 //! | [`demo`] | (here) | the `portcullis.demo.v1.Echo` service |
 //! | [`bench`](mod@bench) | (here) | the benchmarks of `portcullis bench handshake` and `bench instructions` |
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 #[cfg(feature = "client")]
 pub use portcullis_client as client;

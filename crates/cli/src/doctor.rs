@@ -38,9 +38,6 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The ALPN protocol of standard gRPC clients.
 const ALPN_H2: &[u8] = b"h2";
 
-/// The RFC 9266 exporter label.
-const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
-
 /// `portcullis doctor`.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("probe").args(["standard", "plaintext", "tls12"])))]
@@ -690,7 +687,7 @@ async fn walk(env: &Env, factor: Factor, report: &mut Report) {
     let presented = seen.lock().ok().and_then(|s| s.clone());
     pass_server_certificate(env, presented, report);
 
-    let binding = match conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None) {
+    let binding = match portcullis_tls::exporter(conn) {
         Ok(b) => b,
         Err(e) => {
             report.fail(

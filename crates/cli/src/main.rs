@@ -3,7 +3,6 @@
 //!
 //! Every command exits 0 on success, and non-zero with a one-line message on a bad argument, a
 //! missing file or a broken certificate.
-#![forbid(unsafe_code)]
 
 /// Prints a line to stdout. A stdout that was closed early (`portcullis device list | head -1`)
 /// ends the output quietly instead of panicking.

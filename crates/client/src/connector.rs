@@ -27,9 +27,6 @@ use crate::error::{ConnectFailure, Failure, Rejection, wrong_alpn, wrong_version
 use crate::log::{ConnLog, ConnState};
 use crate::stream::PcsStream;
 
-/// The RFC 9266 exporter label.
-const EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
-
 /// One channel's server: where to connect, and the record of its connections.
 pub(crate) struct Target {
     pub(crate) client: Arc<ClientInner>,
@@ -306,8 +303,7 @@ async fn open(
     if conn.alpn_protocol() != Some(ALPN_PCS1) {
         return Err(Failure::Tls(wrong_alpn(conn.alpn_protocol())));
     }
-    prefix.binding = conn
-        .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+    prefix.binding = portcullis_tls::exporter(conn)
         .map_err(|e| Failure::Tls(format!("could not compute the channel binding: {e}")))?;
     client
         .rng

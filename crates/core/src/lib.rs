@@ -20,8 +20,6 @@
 //!
 //! The I/O lives elsewhere: `portcullis-tls` (rustls), `portcullis-server` (the acceptor in front
 //! of tonic), `portcullis-client` (the tonic connector), `portcullis-store` (SQLite).
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod codec;
 #[cfg(feature = "test-util")]

@@ -36,8 +36,6 @@
 //! assert_eq!(done.len, 28);
 //! ```
 
-#![forbid(unsafe_code)]
-
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;

@@ -64,8 +64,6 @@
 //! says there only whether it is serving: `NOT_SERVING` (503) while its registry does not
 //! answer reads. [`PortcullisServer::health_service`] serves the same status behind the gate.
 //! See the [`health`] module.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod acceptor;
 pub mod audit;

@@ -98,8 +98,6 @@
 //! second of that time. Revoking a session,
 //! a device or a user marks the records revoked; revoking a device or a user does so in the
 //! same transaction as the device bindings.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod checkpoint;
 mod error;

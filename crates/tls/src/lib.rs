@@ -15,8 +15,6 @@
 //!   authorities the server said it accepts, to explain a refused device certificate;
 //! - `devpki` (feature `devpki`, on rcgen): a small certificate authority for development and
 //!   tests (ECDSA P-256).
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use std::sync::{Arc, OnceLock};
 

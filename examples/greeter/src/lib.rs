@@ -3,7 +3,6 @@
 //! binaries differ in the lines the README shows.
 //!
 //! Both take the directory `portcullis init` made (default `pc`) and the address as arguments.
-#![forbid(unsafe_code)]
 
 /// The generated helloworld messages, client and server.
 pub mod pb {
