@@ -11,7 +11,7 @@ use std::time::Duration;
 use portcullis::AuthContext;
 use portcullis::client::{Client, CodeSource};
 use portcullis::core::codec::{
-    ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
+    ALPN_PCS1, Factor, FrameKind, FrameReader, Prefix, Progress, Verdict,
 };
 use portcullis::core::{
     Clock, DeviceFingerprint, MemoryRegistry, Registry, SystemClock, TotpAlgorithm, TotpConfig,
@@ -499,10 +499,12 @@ pub async fn tls_with(
 
 /// Reads one Verdict, or `None` when the connection ends (or fails) before a whole one came.
 pub async fn try_read_verdict(tls: &mut (impl AsyncRead + Unpin)) -> Option<Verdict> {
-    let mut header = [0u8; HEADER_LEN];
-    tls.read_exact(&mut header).await.ok()?;
-    let h = FrameHeader::parse(&header, FrameKind::Verdict).ok()?;
-    let mut body = vec![0u8; h.body_len];
-    tls.read_exact(&mut body).await.ok()?;
-    Verdict::decode_body(&body).ok()
+    let mut reader = FrameReader::new(FrameKind::Verdict);
+    loop {
+        let want = reader.unfilled().len();
+        tls.read_exact(reader.unfilled()).await.ok()?;
+        if reader.filled(want).ok()? == Progress::Done {
+            return Verdict::decode_body(reader.body()).ok();
+        }
+    }
 }

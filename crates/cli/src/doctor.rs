@@ -14,7 +14,7 @@ use clap::Args;
 use portcullis::demo::{EchoClient, SayReply, SayRequest};
 use portcullis_core::RejectCode;
 use portcullis_core::codec::{
-    ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
+    ALPN_PCS1, Factor, FrameKind, FrameReader, Prefix, Progress, Verdict,
 };
 use portcullis_tls::{CaHintResolver, DeviceIdentity};
 use rustls::client::WebPkiServerVerifier;
@@ -737,13 +737,14 @@ async fn walk(env: &Env, factor: Factor, report: &mut Report) {
     let verdict = tokio::time::timeout(STEP_TIMEOUT, async {
         tls.write_all(&encoded).await?;
         tls.flush().await?;
-        let mut header = [0u8; HEADER_LEN];
-        tls.read_exact(&mut header).await?;
-        Ok::<_, std::io::Error>(header)
+        // The header first: a refused client certificate shows up on this read.
+        let mut reader = FrameReader::new(FrameKind::Verdict);
+        tls.read_exact(reader.unfilled()).await?;
+        Ok::<_, std::io::Error>(reader)
     })
     .await;
-    let header = match verdict {
-        Ok(Ok(header)) => header,
+    let reader = match verdict {
+        Ok(Ok(reader)) => reader,
         Ok(Err(e)) => {
             client_cert_refused(env, &e, resolver.expected_issuers(), report);
             return;
@@ -758,7 +759,7 @@ async fn walk(env: &Env, factor: Factor, report: &mut Report) {
         }
     };
     let received_ms = env.clock_ms();
-    let verdict = match read_verdict(&mut tls, &header).await {
+    let verdict = match read_verdict(&mut tls, reader).await {
         Ok(v) => v,
         Err(e) => {
             report.fail(
@@ -969,17 +970,20 @@ fn pass_server_certificate(
     );
 }
 
+/// The rest of a Verdict whose header `reader` holds, unchecked yet.
 async fn read_verdict(
     tls: &mut TlsStream<TcpStream>,
-    header: &[u8; HEADER_LEN],
+    mut reader: FrameReader,
 ) -> Result<Verdict, String> {
-    let parsed = FrameHeader::parse(header, FrameKind::Verdict).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; parsed.body_len];
-    tokio::time::timeout(STEP_TIMEOUT, tls.read_exact(&mut body))
-        .await
-        .map_err(|_| "the Verdict was cut short".to_owned())?
-        .map_err(|e| e.to_string())?;
-    Verdict::decode_body(&body).map_err(|e| e.to_string())
+    let mut got = reader.unfilled().len();
+    while reader.filled(got).map_err(|e| e.to_string())? == Progress::More {
+        got = reader.unfilled().len();
+        tokio::time::timeout(STEP_TIMEOUT, tls.read_exact(reader.unfilled()))
+            .await
+            .map_err(|_| "the Verdict was cut short".to_owned())?
+            .map_err(|e| e.to_string())?;
+    }
+    Verdict::decode_body(reader.body()).map_err(|e| e.to_string())
 }
 
 async fn handshake_failed(

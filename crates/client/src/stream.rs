@@ -44,7 +44,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use portcullis_core::RejectCode;
-use portcullis_core::codec::{FrameHeader, FrameKind, HEADER_LEN, Verdict};
+use portcullis_core::codec::{FrameKind, FrameReader, Progress, Verdict};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -64,13 +64,8 @@ const MAX_SLICES: usize = 64;
 type Redial = Pin<Box<dyn Future<Output = Result<Reopened, Failure>> + Send>>;
 
 enum Phase {
-    /// Reading the Verdict's header.
-    Header {
-        buf: [u8; HEADER_LEN],
-        filled: usize,
-    },
-    /// Reading exactly the Verdict's body.
-    Body { buf: Vec<u8>, filled: usize },
+    /// Reading exactly the Verdict (header, then body).
+    Verdict(FrameReader),
     /// Accepted: bytes pass through.
     Open,
     /// Refused or broken before the Verdict was accepted.
@@ -78,15 +73,12 @@ enum Phase {
 }
 
 impl Phase {
-    fn header() -> Self {
-        Self::Header {
-            buf: [0; HEADER_LEN],
-            filled: 0,
-        }
+    fn verdict() -> Self {
+        Self::Verdict(FrameReader::new(FrameKind::Verdict))
     }
 
     fn awaiting_verdict(&self) -> bool {
-        matches!(self, Self::Header { .. } | Self::Body { .. })
+        matches!(self, Self::Verdict(_))
     }
 }
 
@@ -178,7 +170,7 @@ impl PcsStream {
             io,
             unsent: Unsent::new(prefix),
             flush_due: false,
-            phase: Phase::header(),
+            phase: Phase::verdict(),
             replay,
             redial: None,
             code,
@@ -244,7 +236,7 @@ impl PcsStream {
                 self.unsent = Unsent::new(reopened.frame);
                 self.flush_due = false;
                 self.code = Some(reopened.code);
-                self.phase = Phase::header();
+                self.phase = Phase::verdict();
                 self.write_error = None;
                 self.arm_deadline();
                 self.wake_all();
@@ -339,48 +331,35 @@ impl PcsStream {
                 self.write_error = Some(e);
             }
             let Self { io, phase, .. } = self;
-            let (buf, filled): (&mut [u8], &mut usize) = match phase {
+            let reader = match phase {
                 Phase::Open => return Poll::Ready(Ok(())),
                 Phase::Failed(f) => return Poll::Ready(Err(f.io_error())),
-                Phase::Header { buf, filled } => (buf, filled),
-                Phase::Body { buf, filled } => (buf, filled),
+                Phase::Verdict(reader) => reader,
             };
-            if *filled < buf.len() {
-                let mut rb = ReadBuf::new(&mut buf[*filled..]);
-                match ready!(Pin::new(io).poll_read(cx, &mut rb)) {
-                    Err(e) => {
-                        let failure =
-                            Failure::from_read_error(&e, &self.guard.target.client.ca_hints);
-                        self.fail(failure);
-                        continue;
-                    }
-                    Ok(()) if rb.filled().is_empty() => {
-                        self.fail(Failure::Io {
-                            kind: io::ErrorKind::UnexpectedEof,
-                            detail: "the server closed the connection before its verdict".into(),
-                        });
-                        continue;
-                    }
-                    Ok(()) => *filled += rb.filled().len(),
+            let mut rb = ReadBuf::new(reader.unfilled());
+            let read = ready!(Pin::new(io).poll_read(cx, &mut rb)).map(|()| rb.filled().len());
+            match read {
+                Err(e) => {
+                    let failure = Failure::from_read_error(&e, &self.guard.target.client.ca_hints);
+                    self.fail(failure);
                 }
-            }
-            if *filled < buf.len() {
-                continue;
-            }
-            match std::mem::replace(&mut self.phase, Phase::Open) {
-                Phase::Header { buf, .. } => match FrameHeader::parse(&buf, FrameKind::Verdict) {
-                    Ok(header) => {
-                        self.phase = Phase::Body {
-                            buf: vec![0; header.body_len],
-                            filled: 0,
+                Ok(0) => self.fail(Failure::Io {
+                    kind: io::ErrorKind::UnexpectedEof,
+                    detail: "the server closed the connection before its verdict".into(),
+                }),
+                Ok(n) => match reader.filled(n) {
+                    Ok(Progress::More) => {}
+                    Ok(Progress::Done) => {
+                        if let Phase::Verdict(reader) =
+                            std::mem::replace(&mut self.phase, Phase::Open)
+                        {
+                            self.on_verdict(reader.body());
                         }
                     }
                     Err(e) => self.fail(Failure::Protocol(format!(
                         "the server's verdict is malformed: {e}"
                     ))),
                 },
-                Phase::Body { buf, .. } => self.on_verdict(&buf),
-                other => self.phase = other,
             }
         }
     }
@@ -444,7 +423,7 @@ impl PcsStream {
             self.deadline = None;
             self.unsent.clear();
             self.redial = Some(Box::pin(redial(target.clone(), replay.sent, rejection)));
-            self.phase = Phase::header();
+            self.phase = Phase::verdict();
             return;
         }
         self.fail(Failure::Rejected(rejection));
@@ -481,7 +460,7 @@ impl PcsStream {
                     }
                     return self.poll_write_behind_unsent(cx, bufs);
                 }
-                Phase::Header { .. } | Phase::Body { .. } => {}
+                Phase::Verdict(_) => {}
             }
             let full = self
                 .replay
@@ -592,7 +571,7 @@ impl AsyncWrite for PcsStream {
                     ready!(this.poll_send_unsent(cx))?;
                     return Pin::new(&mut this.io).poll_flush(cx);
                 }
-                Phase::Header { .. } | Phase::Body { .. } => {}
+                Phase::Verdict(_) => {}
             }
             if this.write_error.is_some() {
                 ready!(this.writer_waits(cx))?;

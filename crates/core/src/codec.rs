@@ -10,6 +10,9 @@ use std::fmt;
 
 use crate::RejectCode;
 
+mod reader;
+pub use reader::{FrameReader, Progress};
+
 /// The magic of version 1: `PCS1`.
 pub const MAGIC: [u8; 4] = *b"PCS1";
 /// Length of a frame header: magic (4), kind (1), length (2).

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use portcullis_core::codec::{ALPN_PCS1, FrameHeader, FrameKind, HEADER_LEN};
+use portcullis_core::codec::{ALPN_PCS1, FrameKind, FrameReader, Progress as FrameProgress};
 use portcullis_core::{
     Cause, Committed, ConnectionFacts, Decision, Gate, Plan, Planned, RegistryError, RejectCode,
     ServerCause, Snapshot,
@@ -910,18 +910,19 @@ enum ReadError {
 
 /// Reads exactly one Prefix frame: the header, then exactly the body it announces. A length
 /// over the limit is refused from the header alone, so the buffer is never larger than
-/// [`crate::limits::MAX_PREFIX_FRAME`].
+/// [`crate::limits::MAX_PREFIX_FRAME`]. The frame holds the code or the ticket: wiped when
+/// dropped.
 async fn read_frame(tls: &mut TlsStream<TcpStream>) -> Result<Zeroizing<Vec<u8>>, ReadError> {
-    let mut header = [0u8; HEADER_LEN];
-    tls.read_exact(&mut header).await.map_err(ReadError::Io)?;
-    let parsed = FrameHeader::parse(&header, FrameKind::Prefix).map_err(ReadError::Decode)?;
-    // The frame holds the code or the ticket: wiped when dropped.
-    let mut frame = Zeroizing::new(vec![0u8; HEADER_LEN + parsed.body_len]);
-    frame[..HEADER_LEN].copy_from_slice(&header);
-    tls.read_exact(&mut frame[HEADER_LEN..])
-        .await
-        .map_err(ReadError::Io)?;
-    Ok(frame)
+    let mut reader = FrameReader::new(FrameKind::Prefix);
+    loop {
+        let want = reader.unfilled().len();
+        tls.read_exact(reader.unfilled())
+            .await
+            .map_err(ReadError::Io)?;
+        if reader.filled(want).map_err(ReadError::Decode)? == FrameProgress::Done {
+            return Ok(reader.into_frame());
+        }
+    }
 }
 
 /// Phases 2 to 4 of the gate for a plan, under the connection's deadline: one fetch, the

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portcullis_core::RejectCode;
 use portcullis_core::codec::{
-    ALPN_PCS1, Factor, FrameHeader, FrameKind, HEADER_LEN, Prefix, Verdict,
+    ALPN_PCS1, Factor, FrameKind, FrameReader, HEADER_LEN, Prefix, Progress, Verdict,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -416,13 +416,20 @@ async fn gate(
     {
         return;
     }
-    let header =
-        FrameHeader::parse(&front[..HEADER_LEN].try_into().unwrap(), FrameKind::Prefix).unwrap();
-    let prefix_len = HEADER_LEN + header.body_len;
-    read_at_least(&mut tls, &mut front, prefix_len)
-        .await
-        .unwrap();
-    let prefix = Prefix::decode_body(&front[HEADER_LEN..prefix_len]).unwrap();
+    // The frame reader takes the header from what came, then says how long the Prefix is.
+    let mut reader = FrameReader::new(FrameKind::Prefix);
+    reader.unfilled().copy_from_slice(&front[..HEADER_LEN]);
+    if reader.filled(HEADER_LEN).unwrap() == Progress::More {
+        let prefix_len = HEADER_LEN + reader.unfilled().len();
+        read_at_least(&mut tls, &mut front, prefix_len)
+            .await
+            .unwrap();
+        let body = &front[HEADER_LEN..prefix_len];
+        reader.unfilled().copy_from_slice(body);
+        assert_eq!(reader.filled(body.len()).unwrap(), Progress::Done);
+    }
+    let prefix_len = reader.frame().len();
+    let prefix = Prefix::decode_body(reader.body()).unwrap();
     state.prefix_read.notify_one();
     let preface_in_prefix_record =
         first_record.get(prefix_len..prefix_len + H2_PREFACE.len()) == Some(H2_PREFACE.as_slice());
