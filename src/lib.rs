@@ -82,7 +82,8 @@
 //! Cargo features: `client`, `server` and `sqlite` (the SQLite registry, and `from_dir` for
 //! the server) are on by default; a client-only application takes
 //! `default-features = false, features = ["client"]` and compiles neither the server nor
-//! SQLite. `bench` adds the benchmark harness of `portcullis bench`.
+//! SQLite. The benchmark harness of `portcullis bench` is a crate of its own
+//! (`crates/bench`, `portcullis-bench`, not published).
 //!
 //! This crate gathers the workspace's crates:
 //!
@@ -94,7 +95,6 @@
 //! | [`client`] | `portcullis-client` | the tonic connector with the pipelined Prefix |
 //! | [`store`] | `portcullis-store` | the SQLite registry |
 //! | [`demo`] | (here) | the `portcullis.demo.v1.Echo` service |
-//! | [`bench`](mod@bench) | (here) | the benchmarks of `portcullis bench handshake` and `bench instructions` |
 
 #[cfg(feature = "client")]
 pub use portcullis_client as client;
@@ -119,9 +119,6 @@ pub use portcullis_server::policy::{Policy, PolicyLayer};
 pub use portcullis_server::{AuthContext, Builder as ServerBuilder, PortcullisServer};
 #[cfg(feature = "sqlite")]
 pub use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
-
-#[cfg(feature = "bench")]
-pub mod bench;
 
 #[cfg(feature = "server")]
 pub mod demo {

@@ -4,8 +4,8 @@
 use std::io::{IsTerminal, Write};
 
 use clap::Args;
-use portcullis::bench::instructions::{self, ServerCommand};
-use portcullis::bench::{Options, Progress};
+use portcullis_bench::instructions::{self, ServerCommand};
+use portcullis_bench::{Options, Progress};
 
 use crate::CliResult;
 
@@ -88,7 +88,7 @@ pub(crate) fn handshake(args: &HandshakeArgs) -> CliResult {
     }
     let terminal = std::io::stderr().is_terminal();
     let report =
-        portcullis::bench::run_on(&options, gate_registry, &mut progress_indicator(terminal))
+        portcullis_bench::run_on(&options, gate_registry, &mut progress_indicator(terminal))
             .map_err(|e| e.to_string())?;
     if terminal {
         eprint!("\r\x1b[2K");

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
 
 use super::BenchError;
-use crate::demo::{self, Echo, EchoClient, EchoServer, SayReply, SayRequest};
+use portcullis::demo::{self, Echo, EchoClient, EchoServer, SayReply, SayRequest};
 
 /// Users kept for session clients (one per address and resumption setting).
 const SESSION_USERS: usize = 6;

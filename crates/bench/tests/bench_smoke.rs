@@ -1,7 +1,7 @@
 //! The benchmark harness runs end to end with tiny settings and reports every figure. Nothing
 //! here is timed: it checks that each phase measured something.
 
-use portcullis::bench::{Options, Scenario, run};
+use portcullis_bench::{Options, Scenario, run};
 
 #[test]
 fn every_phase_reports_its_figures() {

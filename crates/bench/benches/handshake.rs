@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use portcullis::bench::{Fixture, Scenario};
+use portcullis_bench::{Fixture, Scenario};
 
 /// Distinct TOTP users: each code is good once per user and 30 s step, and criterion decides
 /// the iteration count itself (about 4,000 at most with the times below).

@@ -14,10 +14,10 @@
 //! instructions per accepted connection under valgrind, is in [`instructions`].
 //!
 //! ```no_run
-//! let options = portcullis::bench::Options { connections: 50, ..Default::default() };
-//! let report = portcullis::bench::run(&options, &mut |_| {})?;
+//! let options = portcullis_bench::Options { connections: 50, ..Default::default() };
+//! let report = portcullis_bench::run(&options, &mut |_| {})?;
 //! println!("{}", report.table());
-//! # Ok::<(), portcullis::bench::BenchError>(())
+//! # Ok::<(), portcullis_bench::BenchError>(())
 //! ```
 
 mod cpu;
@@ -36,7 +36,7 @@ use serde::Serialize;
 pub use fixture::{BenchChannel, Fixture, Scenario};
 pub use stats::{Summary, median, median_ratio, quantile};
 
-use crate::demo::SayRequest;
+use portcullis::demo::SayRequest;
 
 /// Why the benchmark could not run.
 #[derive(Debug, thiserror::Error)]

@@ -29,8 +29,8 @@
 //! `portcullis-session` (a session ticket earned during the warm-up).
 //!
 //! ```no_run
-//! use portcullis::bench::instructions::{Options, ServerCommand, run};
-//! // A program that calls `portcullis::bench::instructions::serve` when given these arguments
+//! use portcullis_bench::instructions::{Options, ServerCommand, run};
+//! // A program that calls `portcullis_bench::instructions::serve` when given these arguments
 //! // followed by `--dir DIR --scenario NAME`.
 //! let server = ServerCommand {
 //!     program: "target/release/portcullis".into(),
@@ -38,7 +38,7 @@
 //! };
 //! let report = run(&Options::default(), &server, &mut |_| {})?;
 //! println!("{}", report.table());
-//! # Ok::<(), portcullis::bench::BenchError>(())
+//! # Ok::<(), portcullis_bench::BenchError>(())
 //! ```
 
 use std::collections::BTreeMap;
@@ -62,7 +62,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::fixture::{self, BaselineEcho, BenchUser};
 use super::{BenchChannel, BenchError, Progress, Scenario};
-use crate::demo::{self, EchoClient, EchoServer, SayRequest};
+use portcullis::demo::{self, EchoClient, EchoServer, SayRequest};
 
 /// The scenarios counted, in report order.
 pub const SCENARIOS: [Scenario; 3] = [
