@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Args;
 use portcullis::demo::{EchoClient, SayReply, SayRequest};
 use portcullis_core::RejectCode;
+use portcullis_core::advice::advice;
 use portcullis_core::codec::{
     ALPN_PCS1, Factor, FrameKind, FrameReader, Prefix, Progress, Verdict,
 };
@@ -1259,8 +1260,10 @@ fn interpret(
             report.fail(
                 "channel_binding",
                 saw,
-                "a TLS-terminating proxy or load balancer sits between client and server: let \
-                 it pass TLS through (TCP mode) to the Portcullis server",
+                format!(
+                    "a TLS-terminating proxy or load balancer sits between client and server: {}",
+                    advice(reject).fix
+                ),
             );
         }
         RejectCode::ClockSkew => {
@@ -1349,7 +1352,7 @@ fn interpret(
             report.fail(
                 "echo",
                 saw,
-                "the server's policy file refuses this user or device",
+                format!("{}: {}", advice(reject).cause, advice(reject).fix),
             );
         }
         _ => {
@@ -1360,7 +1363,7 @@ fn interpret(
                         verdict.retry_after_s.unwrap_or(1)
                     )
                 }
-                _ => "update this client to the server's version".to_owned(),
+                other => advice(other).fix.to_owned(),
             };
             report.fail("device", format!("the server answered {saw}"), fix);
         }

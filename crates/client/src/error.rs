@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_core::RejectCode;
+use portcullis_core::advice::{Advice, advice};
 use portcullis_tls::CaHintResolver;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
@@ -116,7 +117,7 @@ impl Rejection {
             }
         };
         match advice {
-            Some(a) if !a.markers.iter().any(|m| base.contains(m)) => {
+            Some(a) if !a.stated_in(&base) => {
                 format!("{base}; {}", self.fix_text(&a))
             }
             _ => base,
@@ -320,128 +321,6 @@ impl Failure {
             kind: err.kind(),
             detail: format!("the connection failed before the server's verdict: {err}"),
         }
-    }
-}
-
-/// What the client tells about a reject code: the cause when the server gave no REASON, and the
-/// fix, which is added to a REASON that lacks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Advice {
-    /// The cause, in a few words.
-    pub(crate) cause: &'static str,
-    /// What to do.
-    pub(crate) fix: &'static str,
-    /// A REASON containing one of these phrases already states the fix (the phrases are
-    /// fixes, not single words, so that a REASON merely naming the subject does not count).
-    markers: &'static [&'static str],
-    /// Whether the fix mentions the Verdict's RETRY_AFTER.
-    retry: bool,
-}
-
-/// The client's advice for each reject code.
-pub(crate) const fn advice(code: RejectCode) -> Advice {
-    const fn a(cause: &'static str, fix: &'static str, markers: &'static [&'static str]) -> Advice {
-        Advice {
-            cause,
-            fix,
-            markers,
-            retry: false,
-        }
-    }
-    const fn retry(mut advice: Advice) -> Advice {
-        advice.retry = true;
-        advice
-    }
-    match code {
-        RejectCode::Malformed => a(
-            "the server could not decode the Prefix",
-            "use a client that speaks PCS1 version 1 (update portcullis)",
-            &["update portcullis"],
-        ),
-        RejectCode::Unsupported => a(
-            "the server does not support this PCS version",
-            "use a client and a server of the same PCS version (update portcullis)",
-            &["update portcullis"],
-        ),
-        RejectCode::DeviceUnknown => a(
-            "this device certificate is bound to no user",
-            "bind the device to the user with `portcullis device bind`",
-            &["device bind"],
-        ),
-        RejectCode::DeviceRevoked => a(
-            "the binding of this device was revoked",
-            "ask an administrator to bind this device again, or use another bound device",
-            &["ask an administrator"],
-        ),
-        RejectCode::UserMismatch => a(
-            "this device is bound to another user",
-            "connect as the user the device is bound to, or bind the device to this user",
-            &["use the user", "connect as the user"],
-        ),
-        RejectCode::MfaFailed => a(
-            "the one-time code was wrong, already used, or the user has no factor",
-            "enter the current code of this user's authenticator (a code is accepted once; \
-             wait for the next one); if every code fails, check the authenticator's clock",
-            &["current code", "wait for the next one"],
-        ),
-        RejectCode::MfaRequired => a(
-            "the session is expired, revoked or not valid for this device",
-            "connect with a one-time code (portcullis login) to start a new session",
-            &[
-                "connect with a one-time code",
-                "send a one-time code",
-                "run portcullis login",
-                "use a Portcullis client",
-            ],
-        ),
-        RejectCode::ClockSkew => a(
-            "this machine's clock differs from the server's by more than the allowed skew",
-            "sync this machine's clock (NTP, e.g. `timedatectl set-ntp true`)",
-            &["NTP"],
-        ),
-        RejectCode::Replay => a(
-            "the server saw this connection's NONCE before",
-            "do not replay connections; if this client did not, report a bug in its random source",
-            &["random source"],
-        ),
-        RejectCode::BindingMismatch => a(
-            "the TLS connection the server sees is not the client's: something between them \
-             terminates TLS (a TLS-terminating proxy or load balancer)",
-            "connect to the Portcullis server directly, or make the proxy pass TCP through \
-             (TLS passthrough) instead of terminating TLS",
-            &["connect directly", "pass TCP through", "passthrough"],
-        ),
-        RejectCode::LockedOut => retry(a(
-            "too many failed codes for this user",
-            "wait for the lockout to end, then enter a correct code",
-            &["wait for the lockout"],
-        )),
-        RejectCode::RateLimited => retry(a(
-            "too many connection attempts from this address",
-            "connect less often (reuse the channel)",
-            &["less often"],
-        )),
-        RejectCode::Overloaded => retry(a(
-            "the server is at its limit of connections being authenticated",
-            "retry shortly",
-            &["retry shortly"],
-        )),
-        RejectCode::Timeout => a(
-            "the Prefix did not reach the server within its deadline",
-            "check the network between client and server (slow link, stalled proxy)",
-            &["check the network"],
-        ),
-        RejectCode::PolicyDenied => a(
-            "the server's policy refuses this user or device",
-            "ask an administrator about the policy",
-            &["ask an administrator"],
-        ),
-        // A code of a newer protocol revision than this client knows.
-        _ => a(
-            "the server refused the connection for a reason this client does not know",
-            "update portcullis",
-            &["update portcullis"],
-        ),
     }
 }
 

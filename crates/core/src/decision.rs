@@ -1086,7 +1086,10 @@ impl Gate {
             Refusal::new(
                 RejectCode::MfaRequired,
                 cause,
-                "the session is expired, revoked or not valid for this device; send a one-time code",
+                format!(
+                    "{}; send a one-time code",
+                    crate::advice::advice(RejectCode::MfaRequired).cause
+                ),
             )
         };
         if self.config.session_ttl_ms.is_none() {

@@ -21,6 +21,7 @@
 //! The I/O lives elsewhere: `portcullis-tls` (rustls), `portcullis-server` (the acceptor in front
 //! of tonic), `portcullis-client` (the tonic connector), `portcullis-store` (SQLite).
 
+pub mod advice;
 pub mod codec;
 #[cfg(feature = "test-util")]
 pub mod conformance;
