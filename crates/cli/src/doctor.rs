@@ -1227,7 +1227,7 @@ fn interpret(
                 "session",
                 format!(
                     "the stored session is live, valid until {}",
-                    crate::enroll::format_time(until)
+                    crate::text::format_time(until)
                 ),
             );
             return true;
@@ -1238,7 +1238,7 @@ fn interpret(
                 "session",
                 format!(
                     "session ticket issued, valid until {}",
-                    crate::enroll::format_time(*expires)
+                    crate::text::format_time(*expires)
                 ),
             ),
             None => report.fail(
@@ -1565,5 +1565,5 @@ fn client_accepted(env: &Env) -> String {
 
 /// A certificate time (Unix seconds) as RFC 3339; times before 1970 as the epoch.
 fn format_unix_s(secs: i64) -> String {
-    crate::enroll::format_time(u64::try_from(secs).unwrap_or(0).saturating_mul(1000))
+    crate::text::format_time(u64::try_from(secs).unwrap_or(0).saturating_mul(1000))
 }

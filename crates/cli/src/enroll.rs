@@ -14,6 +14,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::dir::Layout;
+use crate::text::format_time;
 use crate::{CliResult, DirArg};
 
 const ISSUER: &str = "Portcullis";
@@ -436,18 +437,6 @@ pub(crate) struct DeviceListArgs {
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
-}
-
-/// A Unix time in ms as RFC 3339 (UTC, whole seconds).
-pub(crate) fn format_time(ms: u64) -> String {
-    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
 }
 
 fn device_json(d: &DeviceRecord, service: Option<bool>) -> serde_json::Value {

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use crate::CliResult;
 use crate::connect::{ConnectArgs, check_code, describe_status, host_of, runtime};
 use crate::dir::Layout;
-use crate::enroll::format_time;
+use crate::text::format_time;
 
 /// `portcullis login`.
 #[derive(Debug, Args)]

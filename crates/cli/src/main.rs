@@ -19,11 +19,13 @@ mod connect;
 mod dir;
 mod doctor;
 mod enroll;
+mod init;
 mod keys;
 mod login;
 mod registry;
 mod serve;
 mod session;
+mod text;
 
 use std::process::ExitCode;
 
@@ -40,7 +42,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a dev CA, a server certificate and an empty registry in DIR.
-    Init(dir::InitArgs),
+    Init(init::InitArgs),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -209,7 +211,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Init(args) => dir::init(&args),
+        Command::Init(args) => init::init(&args),
         Command::User(UserCommand::Add(args)) => enroll::user_add(&args),
         Command::User(UserCommand::Set(args)) => enroll::user_set(&args),
         Command::User(UserCommand::List(args)) => enroll::user_list(&args),

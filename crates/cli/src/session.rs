@@ -5,7 +5,7 @@ use portcullis_core::{Clock, DeviceRecord, SessionId, SessionRecord, SystemClock
 use serde_json::json;
 
 use crate::dir::Layout;
-use crate::enroll::format_time;
+use crate::text::format_time;
 use crate::{CliResult, DirArg};
 
 /// `portcullis session list`.

@@ -55,7 +55,7 @@ const HANDOFF_QUEUE: usize = 128;
 pub(crate) struct AcceptState {
     pub(crate) gate: Arc<Gate>,
     /// The ticket key files reloaded when they change, when the keys came from a directory.
-    pub(crate) tickets: Option<crate::tickets::TicketFiles>,
+    pub(crate) tickets: Option<Arc<crate::tickets::TicketFiles>>,
     pub(crate) tls: TlsAcceptor,
     pub(crate) deadline: Duration,
     pub(crate) blocking_registry: bool,
@@ -1101,5 +1101,29 @@ async fn standard_client(
             refuse(tls, Protocol::H2, &decision, deadline).await;
             None
         }
+    }
+}
+
+impl crate::metrics::MetricsSource for AcceptState {
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.auditor.metrics
+    }
+
+    fn gauges(&self) -> crate::metrics::Gauges {
+        crate::metrics::Gauges {
+            authenticating: self.pending(),
+            crl_stale: self
+                .revocation
+                .stale_crl(self.gate.clock().now_ms())
+                .is_some(),
+            refusing: self.refusing(),
+            nonces: self.gate.nonces().len(),
+            nonce_capacity: self.gate.nonces().capacity(),
+            sources: self.limiter.as_ref().map_or(0, |l| l.len()),
+        }
+    }
+
+    fn metrics_token(&self) -> Option<&str> {
+        self.metrics_token.as_ref().map(|t| t.as_str())
     }
 }

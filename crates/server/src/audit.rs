@@ -540,7 +540,21 @@ impl Auditor {
     }
 
     fn emit(&self, record: &AuditRecord) {
-        self.metrics.observe(record);
+        if record.outcome == AuditOutcome::Ended {
+            self.metrics.observe_closed(record.cause.unwrap_or(""));
+        } else {
+            self.metrics.observe_attempt(&crate::metrics::Attempt {
+                outcome: record.outcome.as_str(),
+                code: record.code.map_or("", |c| c.name()),
+                cause: if record.outcome == AuditOutcome::Accepted {
+                    ""
+                } else {
+                    record.cause.unwrap_or("")
+                },
+                accept_us: record.reference.is_some().then_some(record.accept_us),
+                decision_us: record.decision_us,
+            });
+        }
         trace(record);
         for sink in &self.sinks {
             sink.record(record);

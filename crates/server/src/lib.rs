@@ -75,6 +75,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod revocation;
+mod stamp;
 pub mod standard;
 mod stream;
 mod tickets;
@@ -694,7 +695,9 @@ impl Builder {
                 .map_err(|e| ServerError::Config(format!("ticket key: {e}")))?
                 .into(),
         };
-        let ticket_files = self.ticket_files.map(tickets::TicketFiles::new);
+        let ticket_files = self
+            .ticket_files
+            .map(|layout| Arc::new(tickets::TicketFiles::new(layout)));
         let metrics_listener = match self.metrics_listen {
             None => None,
             Some(addr) => {
@@ -812,8 +815,10 @@ impl PortcullisServer {
     /// `serve_with_incoming` / `serve_with_incoming_shutdown`. Must be called within a tokio
     /// runtime.
     pub fn incoming(&self, listener: TcpListener) -> Incoming {
-        revocation::start(&self.state);
-        tickets::start(&self.state);
+        revocation::start(&self.state.revocation, &self.state.gate);
+        if let Some(files) = &self.state.tickets {
+            tickets::start(files, &self.state.gate);
+        }
         let mut incoming = acceptor::spawn_accept_loop(self.state.clone(), listener);
         incoming.metrics = self.start_metrics_listen();
         incoming.health = self.health.start(&self.state.gate);
@@ -899,7 +904,8 @@ impl PortcullisServer {
 
     /// The metrics (see the [`metrics`] module) as OpenMetrics text, with the gauges read now.
     pub fn metrics_text(&self) -> String {
-        self.state.auditor.metrics.encode(&self.state)
+        use metrics::MetricsSource;
+        self.state.metrics().encode(&self.state.gauges())
     }
 
     /// A `tower::Service` answering `GET` requests with the metrics, to mount in an HTTP server

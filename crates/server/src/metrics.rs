@@ -45,9 +45,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
-use crate::acceptor::AcceptState;
-use crate::audit::{AuditOutcome, AuditRecord};
-
 /// The `Content-Type` of the metrics text.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -195,45 +192,36 @@ impl Metrics {
         self.audit_failures.inc();
     }
 
+    /// Counts one live connection the server closed, by cause.
+    pub(crate) fn observe_closed(&self, cause: &'static str) {
+        self.live_closed.get_or_create(&CauseLabel { cause }).inc();
+    }
+
     /// Counts one attempt.
-    pub(crate) fn observe(&self, record: &AuditRecord) {
-        if record.outcome == AuditOutcome::Ended {
-            let cause = record.cause.unwrap_or("");
-            self.live_closed.get_or_create(&CauseLabel { cause }).inc();
-            return;
-        }
+    pub(crate) fn observe_attempt(&self, attempt: &Attempt) {
         let labels = AttemptLabels {
-            outcome: record.outcome.as_str(),
-            code: record.code.map_or("", |c| c.name()),
-            cause: if record.outcome == AuditOutcome::Accepted {
-                ""
-            } else {
-                record.cause.unwrap_or("")
-            },
+            outcome: attempt.outcome,
+            code: attempt.code,
+            cause: attempt.cause,
         };
         self.attempts.get_or_create(&labels).inc();
-        if record.reference.is_some() {
-            self.accept_seconds
-                .observe(record.accept_us as f64 / 1_000_000.0);
-            if let Some(us) = record.decision_us {
+        if let Some(accept_us) = attempt.accept_us {
+            self.accept_seconds.observe(accept_us as f64 / 1_000_000.0);
+            if let Some(us) = attempt.decision_us {
                 self.decision_seconds.observe(us as f64 / 1_000_000.0);
             }
         }
     }
 
-    /// The metrics as OpenMetrics text, with the gauges read from `state` now.
-    pub(crate) fn encode(&self, state: &AcceptState) -> String {
+    /// The metrics as OpenMetrics text, with `gauges` read just now.
+    pub(crate) fn encode(&self, gauges: &Gauges) -> String {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.authenticating.set(gauge(state.pending()));
-        let now_ms = state.gate.clock().now_ms();
-        self.crl_stale
-            .set(i64::from(state.revocation.stale_crl(now_ms).is_some()));
-        self.refusing.set(gauge(state.refusing()));
-        self.nonces.set(gauge(state.gate.nonces().len()));
-        self.nonce_capacity
-            .set(gauge(state.gate.nonces().capacity()));
-        self.sources
-            .set(gauge(state.limiter.as_ref().map_or(0, |l| l.len())));
+        self.authenticating.set(gauge(gauges.authenticating));
+        self.crl_stale.set(i64::from(gauges.crl_stale));
+        self.refusing.set(gauge(gauges.refusing));
+        self.nonces.set(gauge(gauges.nonces));
+        self.nonce_capacity.set(gauge(gauges.nonce_capacity));
+        self.sources.set(gauge(gauges.sources));
         let mut text = String::new();
         // Writing into a String does not fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -241,12 +229,53 @@ impl Metrics {
     }
 }
 
+/// One connection attempt as the metrics count it (the audit trail makes it from its record).
+pub(crate) struct Attempt {
+    /// `accepted` or `rejected`.
+    pub(crate) outcome: &'static str,
+    /// The reject code's name, or empty.
+    pub(crate) code: &'static str,
+    /// The refusal's cause, or empty.
+    pub(crate) cause: &'static str,
+    /// The time to the Verdict, for attempts that got one.
+    pub(crate) accept_us: Option<u64>,
+    /// The time of the decision, when there was one.
+    pub(crate) decision_us: Option<u64>,
+}
+
+/// The gauges, read at a scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Gauges {
+    /// Connections being authenticated.
+    pub(crate) authenticating: usize,
+    /// Whether the CRLs in force are past their nextUpdate.
+    pub(crate) crl_stale: bool,
+    /// Connections being refused in their TLS handshake.
+    pub(crate) refusing: usize,
+    /// Nonces remembered, and how many may be.
+    pub(crate) nonces: usize,
+    /// The nonce store's capacity.
+    pub(crate) nonce_capacity: usize,
+    /// Sources the rate limiter tracks.
+    pub(crate) sources: usize,
+}
+
+/// What the metrics endpoint reads: the counters, the gauges now, and the token it asks for.
+pub(crate) trait MetricsSource: Send + Sync {
+    /// The counters.
+    fn metrics(&self) -> &Metrics;
+    /// The gauges, now.
+    fn gauges(&self) -> Gauges;
+    /// The bearer token scrapes must send, if any.
+    fn metrics_token(&self) -> Option<&str>;
+}
+
 /// A `tower::Service` that answers every `GET` or `HEAD` request with the server's metrics
 /// (and anything else with 405), whatever the path: mount it where you want it. Made by
 /// [`crate::PortcullisServer::metrics_handler`]; cheap to clone.
 #[derive(Clone)]
 pub struct MetricsService {
-    state: Arc<AcceptState>,
+    source: Arc<dyn MetricsSource>,
 }
 
 impl std::fmt::Debug for MetricsService {
@@ -256,19 +285,19 @@ impl std::fmt::Debug for MetricsService {
 }
 
 impl MetricsService {
-    pub(crate) fn new(state: Arc<AcceptState>) -> Self {
-        Self { state }
+    pub(crate) fn new(source: Arc<dyn MetricsSource>) -> Self {
+        Self { source }
     }
 
     /// The metrics as OpenMetrics text.
     pub fn render(&self) -> String {
-        self.state.auditor.metrics.encode(&self.state)
+        self.source.metrics().encode(&self.source.gauges())
     }
 
     /// The answer to one request. With [`crate::Builder::metrics_token`], a request without
     /// `Authorization: Bearer TOKEN` (compared in constant time) gets 401.
     pub fn respond<B>(&self, request: &http::Request<B>) -> http::Response<String> {
-        if let Some(token) = &self.state.metrics_token
+        if let Some(token) = self.source.metrics_token()
             && !bearer_matches(request, token.as_bytes())
         {
             let mut response = plain(

@@ -94,7 +94,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
@@ -108,9 +108,9 @@ use portcullis_tls::{CertificateDer, PrivateKeyDer, ReloadableClientVerifier};
 use tokio::time::MissedTickBehavior;
 
 use crate::ServerError;
-use crate::acceptor::AcceptState;
 use crate::audit::Auditor;
 use crate::context::AuthContext;
+use crate::stamp::Stamp;
 
 /// How often the devices of live connections are checked against the registry.
 pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -434,32 +434,6 @@ fn with_verifier(
         verifier,
         &[portcullis_core::codec::ALPN_PCS1],
     )?)
-}
-
-/// What identifies a version of the CRL file: its modification time, size and (on Unix) inode,
-/// so that a file renamed over the old one is seen even within the file system's time
-/// granularity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-impl Stamp {
-    /// `None` when the file cannot be read (gone, for example).
-    pub(crate) fn of(path: &Path) -> Option<Self> {
-        let meta = std::fs::metadata(path).ok()?;
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Some(Self {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-            inode,
-        })
-    }
 }
 
 struct CrlFile {
@@ -1045,15 +1019,17 @@ fn poll_crl_file(file: &Mutex<CrlFile>, verifier: &ReloadableClientVerifier) {
     }
 }
 
-/// Starts the background task of a server's revocation checks, once. It stops when the server
-/// is gone.
-pub(crate) fn start(state: &Arc<AcceptState>) {
-    if state.revocation.started.swap(true, Ordering::AcqRel) {
+/// Starts the background task of a server's revocation checks, once. It holds weak handles: it
+/// stops when the revocation state (the server and its last live connection) or the gate is
+/// gone.
+pub(crate) fn start(revocation: &Arc<Revocation>, gate: &Arc<Gate>) {
+    if revocation.started.swap(true, Ordering::AcqRel) {
         return;
     }
-    let weak: Weak<AcceptState> = Arc::downgrade(state);
-    let interval = state.revocation.interval;
-    let wake = state.revocation.wake.clone();
+    let interval = revocation.interval;
+    let wake = revocation.wake.clone();
+    let (revocation, gate): (Weak<Revocation>, Weak<Gate>) =
+        (Arc::downgrade(revocation), Arc::downgrade(gate));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -1069,18 +1045,18 @@ pub(crate) fn start(state: &Arc<AcceptState>) {
                     tick.tick().await;
                 }
             }
-            let Some(state) = weak.upgrade() else {
+            let (Some(revocation), Some(gate)) = (revocation.upgrade(), gate.upgrade()) else {
                 break;
             };
-            if !state.revocation.has_work() {
+            if !revocation.has_work() {
                 // Nothing held depends on the registry (a new connection needs it to be let
                 // in): strict revocation counts from here.
-                *lock(&state.revocation.confirmed) = std::time::Instant::now();
+                *lock(&revocation.confirmed) = std::time::Instant::now();
                 continue;
             }
             // File and registry I/O: off the runtime's workers. Rounds never overlap.
             let round = tokio::task::spawn_blocking(move || {
-                state.revocation.check(&state.gate);
+                revocation.check(&gate);
             });
             if round.await.is_err() {
                 tracing::error!("a revocation round failed; the next one runs as planned");

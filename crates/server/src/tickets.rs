@@ -17,8 +17,7 @@ use portcullis_core::Gate;
 use portcullis_core::layout::DirLayout;
 use tokio::time::MissedTickBehavior;
 
-use crate::acceptor::AcceptState;
-use crate::revocation::Stamp;
+use crate::stamp::Stamp;
 
 /// How often the ticket key files are looked at for a change.
 pub const TICKET_KEYS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -86,29 +85,22 @@ impl TicketFiles {
     }
 }
 
-/// Starts the task that reloads the ticket keys, once. It stops when the server is gone.
-pub(crate) fn start(state: &Arc<AcceptState>) {
-    let Some(files) = &state.tickets else {
-        return;
-    };
+/// Starts the task that reloads `files` into `gate`, once. It stops when the gate is gone.
+pub(crate) fn start(files: &Arc<TicketFiles>, gate: &Arc<Gate>) {
     if files.started.swap(true, Ordering::AcqRel) {
         return;
     }
-    let weak: Weak<AcceptState> = Arc::downgrade(state);
+    let (files, gate): (Arc<TicketFiles>, Weak<Gate>) = (files.clone(), Arc::downgrade(gate));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICKET_KEYS_CHECK_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Some(state) = weak.upgrade() else {
+            let Some(gate) = gate.upgrade() else {
                 break;
             };
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Some(files) = &state.tickets {
-                    files.check(&state.gate);
-                }
-            })
-            .await;
+            let files = files.clone();
+            let _ = tokio::task::spawn_blocking(move || files.check(&gate)).await;
         }
     });
 }
