@@ -16,8 +16,9 @@ use tonic::transport::Channel;
 use tower::{BoxError, ServiceExt};
 
 use crate::ClientError;
-use crate::client::{Client, ClientInner};
-use crate::connector::{Target, fetch_code_for};
+use crate::connector::connect_with_code;
+use crate::dial::ClientInner;
+use crate::dial::{Target, fetch_code_for};
 use crate::error::{REJECT_METADATA, find_connect_failure, io_messages};
 
 /// The most request bytes a channel keeps to send a call again after `step_up_required`
@@ -227,7 +228,7 @@ async fn step_up(
         return Err(StepUpFailed::GiveUp);
     }
     tracing::debug!(addr = %target.addr, "step-up required; connecting with a new code");
-    let (channel, new_target) = Client::connect_with_code(client.clone(), &target.addr, code)
+    let (channel, new_target) = connect_with_code(client, &target.addr, code)
         .await
         .map_err(|e| StepUpFailed::Error(client_error_status(e)))?;
     let mut current = shared.current();

@@ -3,25 +3,21 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use portcullis_core::codec::{ALPN_PCS1, Verdict};
+use portcullis_core::codec::ALPN_PCS1;
 use portcullis_core::layout::DirLayout;
 use portcullis_core::{Clock, SystemClock, SystemRandom};
 use portcullis_tls::CaHintResolver;
 use rustls::pki_types::ServerName;
-use subtle::ConstantTimeEq;
 use tokio_rustls::TlsConnector;
-use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
 use crate::channel::PortcullisChannel;
 use crate::code::check_code;
-use crate::connector::{PcsConnector, Target};
-use crate::error::{chain_text, find_connect_failure, io_messages};
-use crate::log::{ConnLog, ConnState};
+use crate::connector::{PcsConnector, connect_target};
+use crate::dial::{ClientInner, target};
 use crate::session::{SessionFiles, SessionInfo, TicketCache, VerdictInfo};
 use crate::{ClientError, CodeSource};
 
@@ -33,71 +29,6 @@ pub const SECRET_ENV: &str = "PORTCULLIS_TOTP_SECRET";
 
 /// How long [`ClientBuilder::connect_timeout`] waits by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What every channel of a client shares.
-pub(crate) struct ClientInner {
-    pub(crate) tls: TlsConnector,
-    pub(crate) server_name: Option<String>,
-    pub(crate) user: String,
-    pub(crate) codes: CodeSource,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) agent: String,
-    pub(crate) rng: SystemRandom,
-    pub(crate) tickets: TicketCache,
-    pub(crate) connect_timeout: Duration,
-    /// Around the TLS config's client certificate resolver: the CAs the server last named, for
-    /// the message of a refused device certificate.
-    pub(crate) ca_hints: Arc<CaHintResolver>,
-    last_verdict: Mutex<Option<VerdictInfo>>,
-    /// Per server (TLS server name and address, as the ticket cache): the last code it accepted
-    /// from this client, wiped when replaced or dropped.
-    spent_codes: Mutex<HashMap<(String, String), SpentCode>>,
-}
-
-/// A code a server accepted: spent there.
-struct SpentCode {
-    code: Zeroizing<String>,
-    /// The acceptance came with a session ticket: the code was checked as a TOTP code (a
-    /// service account's device is let in without a session, its placeholder code unspent).
-    earned_session: bool,
-}
-
-impl ClientInner {
-    pub(crate) fn record_verdict(&self, verdict: &Verdict) {
-        *self.last_verdict.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(VerdictInfo::of(verdict));
-    }
-
-    /// Remembers `code` as the last code the server `(server_name, addr)` accepted; the
-    /// previous one is wiped.
-    pub(crate) fn remember_spent_code(
-        &self,
-        server_name: &str,
-        addr: &str,
-        code: Zeroizing<String>,
-        earned_session: bool,
-    ) {
-        self.spent_codes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                (server_name.to_owned(), addr.to_owned()),
-                SpentCode {
-                    code,
-                    earned_session,
-                },
-            );
-    }
-
-    /// Whether `code` is the last code the server `(server_name, addr)` accepted from this
-    /// client, and if so whether that acceptance earned a session. Sending it again could only
-    /// fail (a server accepts a code once) and count towards the user's lockout.
-    pub(crate) fn spent_code(&self, server_name: &str, addr: &str, code: &str) -> Option<bool> {
-        let spent = self.spent_codes.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = spent.get(&(server_name.to_owned(), addr.to_owned()))?;
-        bool::from(entry.code.as_bytes().ct_eq(code.as_bytes())).then_some(entry.earned_session)
-    }
-}
 
 /// A Portcullis client: one user, one device (the client certificate in the TLS config), one
 /// source of codes, and the session ticket they earn.
@@ -307,40 +238,16 @@ impl fmt::Debug for ClientBuilder {
     }
 }
 
-/// `host:port` from a tonic-style URI (`https://host:port`, `http://host:port/`), or `addr`
-/// itself. The connection is TLS whatever the scheme says: PCS1 has no plain-text form.
-fn authority(addr: &str) -> &str {
-    let rest = ["https://", "http://"]
-        .iter()
-        .find_map(|scheme| {
-            addr.get(..scheme.len())
-                .filter(|s| s.eq_ignore_ascii_case(scheme))
-                .map(|_| &addr[scheme.len()..])
-        })
-        .unwrap_or(addr);
-    rest.strip_suffix('/').unwrap_or(rest)
-}
-
-/// The host part of `host:port` (`[v6]:port` for IPv6).
-fn host_of(addr: &str) -> Result<&str, ClientError> {
-    let bad = || ClientError::Config(format!("`{addr}` is not host:port"));
-    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
-        let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
-        (host, port)
-    } else {
-        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-        if host.contains(':') {
-            return Err(bad());
-        }
-        (host, port)
-    };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(bad());
-    }
-    Ok(host)
-}
-
 impl Client {
+    /// A new target of this client for `addr` (for the crate's tests).
+    #[cfg(test)]
+    pub(crate) fn target(
+        &self,
+        addr: &str,
+    ) -> Result<(Arc<crate::dial::Target>, tonic::transport::Endpoint), ClientError> {
+        target(&self.inner, addr)
+    }
+
     /// A builder with no settings.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
@@ -399,27 +306,6 @@ impl Client {
             .build()
     }
 
-    pub(crate) fn target(&self, addr: &str) -> Result<(Arc<Target>, Endpoint), ClientError> {
-        let addr = authority(addr);
-        let host = host_of(addr)?;
-        let name = self.inner.server_name.as_deref().unwrap_or(host).to_owned();
-        let server_name = ServerName::try_from(name.clone())
-            .map_err(|_| ClientError::Config(format!("`{name}` is not a valid TLS server name")))?;
-        // The connector does TLS itself: tonic sees plain `http://`.
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::Config(format!("`{addr}` is not a valid address: {e}")))?
-            .connect_timeout(self.inner.connect_timeout);
-        let target = Arc::new(Target {
-            client: self.inner.clone(),
-            addr: addr.to_owned(),
-            server_name,
-            log: ConnLog::default(),
-            calls: AtomicU64::new(0),
-            preset_code: Mutex::new(None),
-        });
-        Ok((target, endpoint))
-    }
-
     /// Connects to `addr` (`host:port`, or a URI `https://host:port` as tonic's `Channel`
     /// takes it) now and waits for the server's Verdict.
     ///
@@ -427,57 +313,9 @@ impl Client {
     /// would report; TLS problems are [`ClientError::Tls`]. Later connections of the channel
     /// (after a disconnect) are made on demand and use the session ticket when there is one.
     pub async fn connect(&self, addr: &str) -> Result<PortcullisChannel, ClientError> {
-        let (target, endpoint) = self.target(addr)?;
-        let channel = self.connect_target(&target, endpoint).await?;
+        let (target, endpoint) = target(&self.inner, addr)?;
+        let channel = connect_target(&target, endpoint).await?;
         Ok(PortcullisChannel::new(channel, target))
-    }
-
-    /// A new connection to `addr` whose Prefix carries `code` (a step-up: never the session
-    /// ticket), once the server has accepted it.
-    pub(crate) async fn connect_with_code(
-        client: Arc<ClientInner>,
-        addr: &str,
-        code: Zeroizing<String>,
-    ) -> Result<(Channel, Arc<Target>), ClientError> {
-        let client = Client { inner: client };
-        let (target, endpoint) = client.target(addr)?;
-        *target.preset_code.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
-        let channel = client.connect_target(&target, endpoint).await?;
-        Ok((channel, target))
-    }
-
-    /// Connects the endpoint through `target`'s connector and waits for the first Verdict.
-    async fn connect_target(
-        &self,
-        target: &Arc<Target>,
-        endpoint: Endpoint,
-    ) -> Result<Channel, ClientError> {
-        let channel = endpoint
-            .connect_with_connector(PcsConnector {
-                target: target.clone(),
-            })
-            .await
-            .map_err(|e| {
-                // The connector's own error, or (when the HTTP/2 handshake already hit the
-                // refused connection) the failure recorded for it.
-                let failure = find_connect_failure(&e)
-                    .cloned()
-                    .or_else(|| target.log.attribute(0, &io_messages(&e)));
-                match failure {
-                    Some(failure) => failure.into_client_error(),
-                    None => ClientError::Transport(chain_text(&e)),
-                }
-            })?;
-        // The channel's first connection has id 1; its Verdict is read by the HTTP/2 task.
-        let timeout = self.inner.connect_timeout;
-        match tokio::time::timeout(timeout, target.log.wait_settled(1)).await {
-            Ok(Some(ConnState::Accepted)) => Ok(channel),
-            Ok(Some(ConnState::Failed(failure))) => Err(failure.into_client_error()),
-            Ok(Some(ConnState::Pending) | None) => Err(ClientError::Transport(
-                "the first connection was lost without a verdict".into(),
-            )),
-            Err(_) => Err(ClientError::Timeout(timeout)),
-        }
     }
 
     /// A channel to `addr` (`host:port` or `https://host:port`) that connects on its first RPC. Must be called
@@ -488,7 +326,7 @@ impl Client {
                 "connect_lazy must be called within a tokio runtime".into(),
             ));
         }
-        let (target, endpoint) = self.target(addr)?;
+        let (target, endpoint) = target(&self.inner, addr)?;
         let channel = endpoint.connect_with_connector_lazy(PcsConnector {
             target: target.clone(),
         });
@@ -529,37 +367,5 @@ impl fmt::Debug for Client {
             .field("code_source", &self.inner.codes)
             .field("session", &self.session())
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uris_give_their_authority() {
-        assert_eq!(authority("https://localhost:50051"), "localhost:50051");
-        assert_eq!(authority("HTTP://[::1]:50051/"), "[::1]:50051");
-        assert_eq!(authority("localhost:1"), "localhost:1");
-        // Anything after the authority is left for `host_of` to refuse.
-        assert!(host_of(authority("https://h:1/path")).is_err());
-        assert!(host_of(authority("ftp://h:1")).is_err());
-    }
-
-    #[test]
-    fn addresses() {
-        assert_eq!(host_of("localhost:443").unwrap(), "localhost");
-        assert_eq!(host_of("127.0.0.1:1").unwrap(), "127.0.0.1");
-        assert_eq!(host_of("[::1]:8443").unwrap(), "::1");
-        for bad in [
-            "localhost",
-            "::1:80",
-            ":80",
-            "host:port",
-            "[::1]",
-            "h:70000",
-        ] {
-            assert!(host_of(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -1,99 +1,26 @@
-//! The connector tonic calls for each new connection: TCP, TLS 1.3, the Prefix.
+//! The connector tonic calls for each new connection ([`PcsConnector`]), and connecting a
+//! channel through it.
 //!
-//! The connector encodes the Prefix and returns the stream at once, without writing it and
-//! without waiting for the Verdict: the [`PcsStream`] sends the Prefix in the same TLS record
-//! and system call as hyper's first bytes, the HTTP/2 preface (pipelining, PROTOCOL.md
-//! section 3), and consumes the Verdict on its first reads.
+//! The connector opens the connection ([`crate::dial`]) and returns the stream at once,
+//! without writing the Prefix and without waiting for the Verdict: the [`PcsStream`] sends the
+//! Prefix in the same TLS record and system call as hyper's first bytes, the HTTP/2 preface
+//! (pipelining, PROTOCOL.md section 3), and consumes the Verdict on its first reads.
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
-use portcullis_core::Random;
-use portcullis_core::codec::{ALPN_PCS1, Factor, Prefix};
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
+use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
-use crate::CodeSource;
-use crate::client::ClientInner;
-use crate::code::check_code;
-use crate::error::{ConnectFailure, Failure, Rejection, wrong_alpn, wrong_version};
-use crate::log::{ConnLog, ConnState};
+use crate::ClientError;
+use crate::dial::{ClientInner, ConnGuard, Target, open_first, target};
+use crate::error::{ConnectFailure, chain_text, find_connect_failure, io_messages};
+use crate::log::ConnState;
 use crate::stream::PcsStream;
-
-/// One channel's server: where to connect, and the record of its connections.
-pub(crate) struct Target {
-    pub(crate) client: Arc<ClientInner>,
-    /// `host:port`, as the caller gave it.
-    pub(crate) addr: String,
-    /// The TLS server name the server's certificate is verified against.
-    pub(crate) server_name: ServerName<'static>,
-    pub(crate) log: ConnLog,
-    /// How many calls the channel has taken (see [`ConnLog::failed_since`]).
-    pub(crate) calls: AtomicU64,
-    /// A code fetched ahead for the channel's next connection (a step-up), used instead of
-    /// the session ticket or a new code.
-    pub(crate) preset_code: std::sync::Mutex<Option<Zeroizing<String>>>,
-}
-
-impl Target {
-    /// The verified TLS server name as text: half of the session-ticket cache key.
-    pub(crate) fn server_name_text(&self) -> Cow<'_, str> {
-        self.server_name.to_str()
-    }
-}
-
-/// What a connection's Prefix proved the second factor with.
-pub(crate) enum Proof {
-    /// A session ticket (kept to drop exactly it on MFA_REQUIRED, and for the replay).
-    Ticket(Zeroizing<Vec<u8>>),
-    /// A code from the code source (remembered as accepted if the Verdict accepts it).
-    Code(Zeroizing<String>),
-}
-
-/// Records the outcome of one connection; a connection dropped before its Verdict is recorded
-/// as failed, so nobody waits for it forever.
-pub(crate) struct ConnGuard {
-    pub(crate) target: Arc<Target>,
-    pub(crate) id: u64,
-    settled: bool,
-}
-
-impl ConnGuard {
-    pub(crate) fn begin(target: Arc<Target>, calls: u64) -> Self {
-        let id = target.log.begin(calls);
-        Self {
-            target,
-            id,
-            settled: false,
-        }
-    }
-
-    pub(crate) fn settle(&mut self, state: ConnState) {
-        self.settled = true;
-        self.target.log.settle(self.id, state);
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.target.log.settle(
-                self.id,
-                ConnState::Failed(Failure::Io {
-                    kind: std::io::ErrorKind::ConnectionAborted,
-                    detail: "the connection was closed before the server's verdict".into(),
-                }),
-            );
-        }
-    }
-}
 
 /// The `tower::Service<Uri>` tonic's endpoint calls to open a connection.
 #[derive(Clone)]
@@ -135,199 +62,48 @@ impl tower::Service<http::Uri> for PcsConnector {
     }
 }
 
-/// The first connection of a [`PcsStream`]: with the session ticket when the cache has a live
-/// one for this server name and address, else with a code. Returns the TLS stream, its encoded
-/// Prefix (not yet written) and what the Prefix carries.
-async fn open_first(
-    target: &Target,
-) -> Result<(TlsStream<TcpStream>, Zeroizing<Vec<u8>>, Proof), Failure> {
-    let client = &target.client;
-    let preset = target
-        .preset_code
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(code) = preset {
-        let (tls, prefix) = open(target, Factor::Totp(code.to_string()), &[]).await?;
-        return Ok((tls, prefix, Proof::Code(code)));
-    }
-    let ticket = client.tickets.valid_for(
-        &target.server_name_text(),
-        &target.addr,
-        client.clock.now_ms(),
-    );
-    match ticket {
-        Some(ticket) => {
-            let (tls, prefix) = open(target, Factor::Session(ticket.to_vec()), &[]).await?;
-            Ok((tls, prefix, Proof::Ticket(ticket)))
-        }
-        None => {
-            let (code, spent) = fetch_code_for(target).await?;
-            // A code spent on a session there: a service account's placeholder code, accepted
-            // without a session, may go again.
-            if spent == Some(true) {
-                // Sent again it could only be refused as reused.
-                return Err(Failure::Code(
-                    "it gave the code the server already accepted from this client, and a code \
-                     is accepted once: give the next code (the session ticket that would have \
-                     spared it is gone: expired, refused or forgotten)"
-                        .into(),
-                ));
-            }
-            let (tls, prefix) = open(target, Factor::Totp(code.to_string()), &[]).await?;
-            Ok((tls, prefix, Proof::Code(code)))
-        }
-    }
+/// A new connection to `addr` whose Prefix carries `code` (a step-up: never the session
+/// ticket), once the server has accepted it.
+pub(crate) async fn connect_with_code(
+    client: &Arc<ClientInner>,
+    addr: &str,
+    code: Zeroizing<String>,
+) -> Result<(Channel, Arc<Target>), ClientError> {
+    let (target, endpoint) = target(client, addr)?;
+    *target.preset_code.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+    let channel = connect_target(&target, endpoint).await?;
+    Ok((channel, target))
 }
 
-/// A replacement connection, open and with its Prefix and the replayed bytes ready to go.
-pub(crate) struct Reopened {
-    pub(crate) tls: TlsStream<TcpStream>,
-    /// The encoded Prefix followed by the replayed bytes, not yet written.
-    pub(crate) frame: Zeroizing<Vec<u8>>,
-    /// The code the Prefix carries.
-    pub(crate) code: Zeroizing<String>,
-}
-
-/// A replacement connection after `refusal` (MFA_REQUIRED): a fresh code, then the bytes hyper
-/// already wrote on the refused connection (sent by the [`PcsStream`] right behind the
-/// Prefix).
-///
-/// A code equal to the last one a server accepted from this client (a fixed code, or a TOTP
-/// secret still in the same time step) is not sent: the server would refuse it as reused and
-/// count the attempt towards the user's lockout. The refusal is reported instead. The whole
-/// attempt is bounded by the connect timeout.
-pub(crate) async fn redial(
-    target: Arc<Target>,
-    replay: Zeroizing<Vec<u8>>,
-    refusal: Arc<Rejection>,
-) -> Result<Reopened, Failure> {
-    let timeout = target.client.connect_timeout;
-    let attempt = async {
-        let (code, spent) = fetch_code_for(&target).await?;
-        if spent.is_some() {
-            return Err(Failure::Rejected(refusal));
-        }
-        let (tls, frame) = open(&target, Factor::Totp(code.to_string()), &replay).await?;
-        Ok(Reopened { tls, frame, code })
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(Failure::Io {
-            kind: std::io::ErrorKind::TimedOut,
-            detail: format!(
-                "could not reopen the connection within {} s",
-                timeout.as_secs_f64()
-            ),
-        }),
-    }
-}
-
-/// A code from the code source for a connection to `target`, and whether the server there
-/// already accepted that very code from this client (`Some`; `Some(true)` when it earned a
-/// session with it): such a code is not to be sent again.
-pub(crate) async fn fetch_code_for(
-    target: &Target,
-) -> Result<(Zeroizing<String>, Option<bool>), Failure> {
-    let code = fetch_code(&target.client).await?;
-    let spent = target
-        .client
-        .spent_code(&target.server_name_text(), &target.addr, &code);
-    if spent.is_some() {
-        tracing::debug!("the code source gave the code this server already accepted");
-    }
-    Ok((code, spent))
-}
-
-/// Asks the code source for a code; a callback runs on the blocking pool.
-pub(crate) async fn fetch_code(client: &Arc<ClientInner>) -> Result<Zeroizing<String>, Failure> {
-    let now_ms = client.clock.now_ms();
-    let code = match &client.codes {
-        CodeSource::Callback(_) => {
-            let client = client.clone();
-            tokio::task::spawn_blocking(move || client.codes.raw_code(now_ms))
-                .await
-                .map_err(|_| Failure::Code("the code callback panicked".into()))?
-        }
-        other => other.raw_code(now_ms),
-    }
-    .map_err(Failure::Code)?;
-    check_code(&code).map_err(Failure::Code)?;
-    Ok(code)
-}
-
-/// TCP, TLS 1.3 with ALPN `portcullis/1`, then the Prefix for `factor` encoded, followed by
-/// `trailer`. Nothing is written: the [`PcsStream`] sends these bytes in front of hyper's.
-async fn open(
-    target: &Target,
-    factor: Factor,
-    trailer: &[u8],
-) -> Result<(TlsStream<TcpStream>, Zeroizing<Vec<u8>>), Failure> {
-    let client = &target.client;
-    // The factor wipes itself when this is dropped, on every path out of here.
-    let mut prefix = Prefix {
-        user: client.user.clone(),
-        factor,
-        nonce: [0u8; 16],
-        time_ms: 0,
-        binding: [0u8; 32],
-        agent: Some(client.agent.clone()),
-    };
-    let tcp = TcpStream::connect(target.addr.as_str())
+/// Connects the endpoint through `target`'s connector and waits for the first Verdict.
+pub(crate) async fn connect_target(
+    target: &Arc<Target>,
+    endpoint: Endpoint,
+) -> Result<Channel, ClientError> {
+    let channel = endpoint
+        .connect_with_connector(PcsConnector {
+            target: target.clone(),
+        })
         .await
-        .map_err(|e| Failure::Io {
-            kind: e.kind(),
-            detail: format!("could not connect to {}: {e}", target.addr),
+        .map_err(|e| {
+            // The connector's own error, or (when the HTTP/2 handshake already hit the
+            // refused connection) the failure recorded for it.
+            let failure = find_connect_failure(&e)
+                .cloned()
+                .or_else(|| target.log.attribute(0, &io_messages(&e)));
+            match failure {
+                Some(failure) => failure.into_client_error(),
+                None => ClientError::Transport(chain_text(&e)),
+            }
         })?;
-    tcp.set_nodelay(true).map_err(|e| Failure::Io {
-        kind: e.kind(),
-        detail: format!("could not set TCP_NODELAY: {e}"),
-    })?;
-    let tls = match client.tls.connect(target.server_name.clone(), tcp).await {
-        Ok(tls) => tls,
-        Err(e) => {
-            return Err(Failure::from_handshake(
-                &e,
-                &target.addr,
-                target.server_name.clone(),
-                client.connect_timeout,
-            )
-            .await);
-        }
-    };
-
-    let (_, conn) = tls.get_ref();
-    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-        return Err(Failure::Tls(wrong_version(conn.protocol_version())));
+    // The channel's first connection has id 1; its Verdict is read by the HTTP/2 task.
+    let timeout = target.client.connect_timeout;
+    match tokio::time::timeout(timeout, target.log.wait_settled(1)).await {
+        Ok(Some(ConnState::Accepted)) => Ok(channel),
+        Ok(Some(ConnState::Failed(failure))) => Err(failure.into_client_error()),
+        Ok(Some(ConnState::Pending) | None) => Err(ClientError::Transport(
+            "the first connection was lost without a verdict".into(),
+        )),
+        Err(_) => Err(ClientError::Timeout(timeout)),
     }
-    if conn.alpn_protocol() != Some(ALPN_PCS1) {
-        return Err(Failure::Tls(wrong_alpn(conn.alpn_protocol())));
-    }
-    prefix.binding = portcullis_tls::exporter(conn)
-        .map_err(|e| Failure::Tls(format!("could not compute the channel binding: {e}")))?;
-    client
-        .rng
-        .fill(&mut prefix.nonce)
-        .map_err(|_| Failure::Random)?;
-    prefix.time_ms = client.clock.now_ms();
-    let encoded = Zeroizing::new(
-        prefix
-            .encode()
-            .map_err(|e| Failure::Protocol(format!("could not encode the Prefix: {e}")))?,
-    );
-    let frame = if trailer.is_empty() {
-        encoded
-    } else {
-        // Sized once, so that no copy of the Prefix is left behind by a reallocation.
-        let mut frame = Zeroizing::new(Vec::with_capacity(encoded.len() + trailer.len()));
-        frame.extend_from_slice(&encoded);
-        frame.extend_from_slice(trailer);
-        frame
-    };
-    tracing::debug!(
-        addr = %target.addr,
-        session = matches!(prefix.factor, Factor::Session(_)),
-        "PCS1 Prefix ready"
-    );
-    Ok((tls, frame))
 }

@@ -46,6 +46,7 @@ mod channel;
 mod client;
 mod code;
 mod connector;
+mod dial;
 mod error;
 mod log;
 mod session;

@@ -51,7 +51,7 @@ use tokio::time::Sleep;
 use tokio_rustls::client::TlsStream;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::connector::{ConnGuard, Proof, Reopened, redial};
+use crate::dial::{ConnGuard, Proof, Reopened, redial};
 use crate::error::{Failure, Rejection};
 use crate::log::ConnState;
 
@@ -631,7 +631,7 @@ mod tests {
     }
 
     /// Reads the state of the channel's first connection.
-    struct ConnGuardProbe(Arc<crate::connector::Target>);
+    struct ConnGuardProbe(Arc<crate::dial::Target>);
 
     impl ConnGuardProbe {
         fn first(&self) -> Option<ConnState> {
