@@ -7,6 +7,9 @@ use portcullis_core::RegistryError;
 
 use crate::SCHEMA_VERSION;
 
+/// The length of a registry key and of its file, in bytes ([`SecretKey::LEN`](crate::SecretKey::LEN)).
+pub(crate) const KEY_LEN: usize = 32;
+
 /// Why [`SqliteRegistry`](crate::SqliteRegistry) could not open or create a registry file.
 ///
 /// Every message is one line that starts with the file it is about.
@@ -139,7 +142,7 @@ pub enum StoreError {
     #[error(
         "{}: a registry key file holds exactly {} bytes, this one holds {len}",
         path.display(),
-        crate::SecretKey::LEN
+        KEY_LEN
     )]
     KeyLength {
         /// The key file.

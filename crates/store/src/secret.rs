@@ -63,7 +63,7 @@ impl fmt::Debug for SecretKey {
 
 impl SecretKey {
     /// The length of a key, and of a key file, in bytes.
-    pub const LEN: usize = 32;
+    pub const LEN: usize = crate::error::KEY_LEN;
 
     /// A key from its bytes (for keys kept elsewhere than in a file). Wipe your copy.
     pub fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
