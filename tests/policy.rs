@@ -368,3 +368,31 @@ fn a_policy_file_with_an_unknown_key_is_a_clear_error() {
     );
     assert!(!err.contains('\n'), "{err}");
 }
+
+#[tokio::test]
+async fn a_method_policy_given_to_the_builder_guards_every_service_of_server() {
+    let policy = Policy::from_toml_str(
+        r#"
+            [[rule]]
+            service = "*"
+            deny_users = ["mallory"]
+        "#,
+    )
+    .unwrap();
+    let (server, _) = common::start_configured(move |b| b.method_policy(policy)).await;
+    let alice = server.enroll("alice", "laptop");
+    let mallory = server.enroll("mallory", "desk");
+    let reply = tokio::time::timeout(LIMIT, server.say(&server.secret_client(&alice)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.user, "alice");
+    let refused = tokio::time::timeout(LIMIT, server.say(&server.secret_client(&mallory)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_denied(&refused, "mallory");
+    // Refused before the service.
+    assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    server.stop().await;
+}

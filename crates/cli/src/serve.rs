@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::Args;
 use portcullis::demo;
-use portcullis_core::{Registry, SystemClock};
+use portcullis_core::Registry;
 use portcullis_server::limits::{self, RateLimit};
-use portcullis_server::policy::{Policy, PolicyLayer};
+use portcullis_server::policy::Policy;
 use portcullis_server::revocation::CrlStale;
 use portcullis_server::{AuditFsync, JsonLinesFile, PortcullisServer, TrustedProxies};
 
@@ -212,7 +212,6 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
         Some(path) => Policy::from_toml_file(path).map_err(|e| e.to_string())?,
         None => Policy::default(),
     };
-    let policy = PolicyLayer::new(policy, Arc::new(SystemClock));
     // Checked before the log is set up, so that a bad key file is one line on stderr.
     let has_ticket_key = layout.load_ticket_ring()?.is_some();
 
@@ -228,6 +227,7 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
 
     let mut builder = builder
         .registry(registry)
+        .method_policy(policy)
         .clock_skew(Duration::from_secs(args.clock_skew))
         .session_ttl((args.session_ttl > 0).then(|| Duration::from_secs(args.session_ttl)))
         .deadline(Duration::from_secs(args.deadline))
@@ -329,7 +329,6 @@ pub(crate) fn serve(args: &ServeArgs) -> CliResult {
                 |stop| {
                     portcullis
                         .server()
-                        .layer(policy)
                         .add_service(demo::service())
                         .add_service(reflection)
                         .add_service(health)

@@ -112,6 +112,11 @@ pub use tickets::TICKET_KEYS_CHECK_INTERVAL;
 /// for the client and the status types at the same version.
 pub use tonic_health;
 
+/// The layers [`PortcullisServer::server`] puts in front of every service: the Portcullis
+/// layer, then the per-method policy when there is one.
+pub type ServerLayers =
+    Stack<tower::util::Either<policy::PolicyLayer, Identity>, Stack<AuthLayer, Identity>>;
+
 /// Why a server could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -172,6 +177,7 @@ pub struct Builder {
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Random>,
     policy: Option<Arc<dyn ConnectionPolicy>>,
+    method_policy: Option<policy::Policy>,
     blocking_registry: bool,
     max_pending: usize,
     refusal_budget: usize,
@@ -220,6 +226,7 @@ impl Builder {
             clock: Arc::new(SystemClock),
             rng: Arc::new(SystemRandom::new()),
             policy: None,
+            method_policy: None,
             blocking_registry: false,
             max_pending: DEFAULT_MAX_PENDING,
             refusal_budget: DEFAULT_REFUSAL_BUDGET,
@@ -535,6 +542,24 @@ impl Builder {
         self
     }
 
+    /// A per-method policy (docs/POLICY.md: step-up, roles, user lists), checked call by call
+    /// on the gate's clock: [`PortcullisServer::server`] puts its layer after the Portcullis
+    /// layer, so that no service is reachable without it.
+    ///
+    /// ```
+    /// # fn f(builder: portcullis_server::Builder) -> Result<portcullis_server::Builder, Box<dyn std::error::Error>> {
+    /// use portcullis_server::policy::Policy;
+    /// let policy = Policy::from_toml_str(
+    ///     "[[rule]]\nservice = \"*\"\ndeny_users = [\"mallory\"]\n",
+    /// )?;
+    /// Ok(builder.method_policy(policy))
+    /// # }
+    /// ```
+    pub fn method_policy(mut self, policy: policy::Policy) -> Self {
+        self.method_policy = Some(policy);
+        self
+    }
+
     /// Whether the store's snapshot and commit block their thread for long (a synchronous store
     /// on a slow disk or a network). When set, each of the two runs on tokio's blocking pool, at
     /// the cost of a thread hand-off each. Default `false`: they run in the connection's task;
@@ -710,11 +735,15 @@ impl Builder {
                 Some(bind_std(addr).map_err(|source| ServerError::HealthListen { addr, source })?)
             }
         };
+        let method_policy = self
+            .method_policy
+            .map(|p| policy::PolicyLayer::new(p, self.clock.clone()));
         let mut gate = Gate::new(self.config, registry, ticket_key, self.clock, self.rng);
         if let Some(policy) = self.policy {
             gate = gate.with_policy(policy);
         }
         Ok(PortcullisServer {
+            method_policy,
             state: Arc::new(acceptor::AcceptState {
                 gate: Arc::new(gate),
                 tls: tokio_rustls::TlsAcceptor::from(tls),
@@ -762,6 +791,8 @@ fn bind_std(addr: SocketAddr) -> std::io::Result<(std::net::TcpListener, SocketA
 #[derive(Clone)]
 pub struct PortcullisServer {
     state: Arc<acceptor::AcceptState>,
+    /// The layer of [`Builder::method_policy`], which [`PortcullisServer::server`] puts in.
+    method_policy: Option<policy::PolicyLayer>,
     /// The address bound for [`Builder::metrics_listen`].
     metrics_addr: Option<SocketAddr>,
     /// Its listener, until [`PortcullisServer::incoming`] starts serving it.
@@ -1000,9 +1031,12 @@ impl PortcullisServer {
         AuthLayer
     }
 
-    /// `tonic::transport::Server::builder()` with [`PortcullisServer::layer`] in place: add
-    /// services and serve with [`PortcullisServer::incoming`].
-    pub fn server(&self) -> tonic::transport::Server<Stack<AuthLayer, Identity>> {
-        tonic::transport::Server::builder().layer(AuthLayer)
+    /// `tonic::transport::Server::builder()` with [`PortcullisServer::layer`] in place, and
+    /// after it the layer of [`Builder::method_policy`] when one was given: add services and
+    /// serve with [`PortcullisServer::incoming`].
+    pub fn server(&self) -> tonic::transport::Server<ServerLayers> {
+        tonic::transport::Server::builder()
+            .layer(AuthLayer)
+            .layer(tower::util::option_layer(self.method_policy.clone()))
     }
 }
