@@ -17,7 +17,6 @@ use std::fs;
 use std::path::PathBuf;
 
 use clap::Args;
-use portcullis_core::layout::retired_key_time;
 use portcullis_core::{Clock, Random, SystemClock, SystemRandom, TicketKey};
 use portcullis_postgres::{PgError, PgRegistry};
 use portcullis_store::{SecretKey, SqliteRegistry, StoreError};
@@ -108,7 +107,14 @@ pub(crate) fn rotate_ticket(args: &RotateTicketArgs) -> CliResult {
     sync_dir(&layout.dir)?;
     let keep_ms = args.keep.saturating_mul(1000);
     let mut dropped = 0;
-    for (path, retired_ms) in retired_files(&layout)? {
+    // Other names are left alone here; the server refuses them, naming them.
+    let retired_files = layout
+        .retired_ticket_key_files()
+        .map_err(|e| e.to_string())?;
+    for (path, retired_ms) in retired_files {
+        let Some(retired_ms) = retired_ms else {
+            continue;
+        };
         if retired_ms.saturating_add(keep_ms) <= now {
             fs::remove_file(&path)
                 .map_err(|e| format!("{}: cannot remove: {e}", path.display()))?;
@@ -135,23 +141,6 @@ pub(crate) fn rotate_ticket(args: &RotateTicketArgs) -> CliResult {
         portcullis_server::TICKET_KEYS_CHECK_INTERVAL.as_secs()
     );
     Ok(())
-}
-
-/// The retired ticket key files and their times (other names are left alone here; the server
-/// refuses them, naming them).
-fn retired_files(layout: &Layout) -> CliResult<Vec<(PathBuf, u64)>> {
-    let dir = layout.retired_ticket_keys();
-    let entries = fs::read_dir(&dir).map_err(|e| format!("{}: cannot read: {e}", dir.display()))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let path = entry
-            .map_err(|e| format!("{}: cannot read: {e}", dir.display()))?
-            .path();
-        if let Some(at) = retired_key_time(&path) {
-            files.push((path, at));
-        }
-    }
-    Ok(files)
 }
 
 /// Writes a new key file, owner only, and makes it durable.

@@ -147,23 +147,9 @@ impl DirLayout {
     /// The retired ticket keys and the Unix ms of their rotation, oldest first (none when the
     /// directory `ticket-retired/` does not exist).
     pub fn load_retired_ticket_keys(&self) -> io::Result<Vec<(TicketKey, u64)>> {
-        let dir = self.retired_ticket_keys();
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("{}: cannot read: {e}", dir.display()),
-                ));
-            }
-        };
         let mut keys = Vec::new();
-        for entry in entries {
-            let path = entry
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
-                .path();
-            let retired_ms = retired_key_time(&path).ok_or_else(|| {
+        for (path, retired_ms) in self.retired_ticket_key_files()? {
+            let retired_ms = retired_ms.ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
@@ -177,10 +163,35 @@ impl DirLayout {
         keys.sort_by_key(|(_, at)| *at);
         Ok(keys)
     }
+
+    /// The files of `ticket-retired/`, each with the Unix ms of its rotation when its name is
+    /// `<Unix ms>.key` (`None` for another name); none when the directory does not exist.
+    pub fn retired_ticket_key_files(&self) -> io::Result<Vec<(PathBuf, Option<u64>)>> {
+        let dir = self.retired_ticket_keys();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: cannot read: {e}", dir.display()),
+                ));
+            }
+        };
+        let mut files = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
+                .path();
+            let retired_ms = retired_key_time(&path);
+            files.push((path, retired_ms));
+        }
+        Ok(files)
+    }
 }
 
 /// The Unix ms a retired ticket key's file name gives, `None` for another name.
-pub fn retired_key_time(path: &Path) -> Option<u64> {
+fn retired_key_time(path: &Path) -> Option<u64> {
     let stem = path.file_name()?.to_str()?.strip_suffix(".key")?;
     if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -173,7 +173,7 @@ pub struct Builder {
     config: GateConfig,
     deadline: Duration,
     ticket_key: Option<TicketRing>,
-    ticket_files: Option<portcullis_core::layout::DirLayout>,
+    ticket_files: Option<Arc<tickets::TicketFiles>>,
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Random>,
     policy: Option<Arc<dyn ConnectionPolicy>>,
@@ -506,6 +506,9 @@ impl Builder {
     /// a restart. A directory without `ticket.key` is an error naming it.
     pub fn ticket_keys_from(mut self, dir: impl AsRef<Path>) -> Result<Self, ServerError> {
         let layout = portcullis_core::layout::DirLayout::new(dir);
+        // The files' versions are taken before they are read: a change in between is loaded
+        // by the first check.
+        let files = Arc::new(tickets::TicketFiles::new(layout.clone()));
         let ring = layout
             .load_ticket_ring()
             .map_err(|e| ServerError::Dir(e.to_string()))?
@@ -516,7 +519,7 @@ impl Builder {
                 ))
             })?;
         self.ticket_key = Some(ring);
-        self.ticket_files = Some(layout);
+        self.ticket_files = Some(files);
         Ok(self)
     }
 
@@ -720,9 +723,7 @@ impl Builder {
                 .map_err(|e| ServerError::Config(format!("ticket key: {e}")))?
                 .into(),
         };
-        let ticket_files = self
-            .ticket_files
-            .map(|layout| Arc::new(tickets::TicketFiles::new(layout)));
+        let ticket_files = self.ticket_files;
         let metrics_listener = match self.metrics_listen {
             None => None,
             Some(addr) => {

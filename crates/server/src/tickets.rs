@@ -30,7 +30,7 @@ pub(crate) struct TicketFiles {
 }
 
 impl TicketFiles {
-    /// The files of `layout`, as loaded now by the caller.
+    /// The files of `layout`, their versions taken now: call it before loading them.
     pub(crate) fn new(layout: DirLayout) -> Self {
         let seen = Self::stamps(&layout);
         Self {
